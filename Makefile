@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` and `make test`. Each creates/updates .venv by itself.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bnfold-installed
+
+.PHONY: demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch/torchvision pinned together: these builds lie on this machine's disk (no multi-GB download).
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[onnx,tvm,test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bnfold demo
+
+test: $(STAMP)
+	$(PY) -m ruff check bnfold tests bench
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	BNFOLD_SLOW=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

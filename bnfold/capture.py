@@ -1,0 +1,94 @@
+"""Capture an ``nn.Module`` as a ``torch.fx.GraphModule``: by ``torch.fx.symbolic_trace`` (module structure
+kept, conv/linear/BN as ``call_module``) or by ``torch.export`` (aten ops, works through most Python control
+flow). ``"auto"`` tries symbolic tracing first and falls back to export. Every pass works on both.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx
+from torch import nn
+
+from bnfold.errors import CaptureError
+from bnfold.graph import propagate_shapes
+from bnfold.passes.detect import is_stock_batchnorm
+from bnfold.passes.linear_ops import _module_kind
+
+__all__ = ["BnfoldTracer", "CaptureMode", "Captured", "capture"]
+
+log = logging.getLogger(__name__)
+
+CaptureMode = Literal["symbolic", "export", "auto"]
+
+
+class BnfoldTracer(torch.fx.Tracer):
+    """``symbolic_trace`` tracer that keeps stock conv/linear/BN modules (and their plain subclasses, such as
+    torchvision's ``Conv3DSimple``) as leaves, and traces *through* subclasses that override ``forward``
+    (a BN that also applies an activation shows up as ``F.batch_norm`` followed by the activation)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_stock_batchnorm(m) or _module_kind(m) is not None:
+            return True
+        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd | nn.Linear):
+            return False  # overridden forward: trace through it
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class Captured:
+    module: torch.fx.GraphModule
+    mode: Literal["symbolic", "export"]
+    example_inputs: tuple[torch.Tensor, ...]
+
+
+def _symbolic(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = BnfoldTracer()
+    graph = tracer.trace(model)
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+    ep = torch.export.export(model, inputs, strict=False)
+    gm = ep.module()
+    assert isinstance(gm, torch.fx.GraphModule)
+    return gm
+
+
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+            mode: CaptureMode = "auto", *, copy_model: bool = True) -> Captured:
+    """Turn ``model`` into a GraphModule with shapes recorded on every node.
+
+    The model is deep-copied first (``copy_model``), so nothing bnfold does touches the caller's module.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = tuple(example_inputs)
+    if mode not in ("symbolic", "export", "auto"):
+        raise CaptureError(f"unknown capture mode {mode!r}", hint="use 'symbolic', 'export' or 'auto'")
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+        mode = "export" if mode == "auto" else mode
+    if copy_model:
+        model = copy.deepcopy(model)
+    errors: list[str] = []
+    order: list[Literal["symbolic", "export"]] = ["symbolic", "export"] if mode == "auto" else [mode]
+    for m in order:
+        try:
+            gm = _symbolic(model) if m == "symbolic" else _export(model, inputs)
+            propagate_shapes(gm, inputs)
+            return Captured(gm, m, inputs)
+        except Exception as exc:
+            log.debug("capture by %s failed: %s", m, exc)
+            errors.append(f"{m}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    raise CaptureError(
+        f"could not capture {type(model).__name__} as a graph ({'; '.join(errors)})",
+        hint="try capture='export' for data-dependent Python control flow, or check the example inputs' "
+             "shapes and dtypes",
+    )

@@ -1,0 +1,25 @@
+"""Errors meant for people: each says what was wrong, where, and what to do next."""
+
+from __future__ import annotations
+
+__all__ = ["BnfoldError", "CaptureError", "InputError"]
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises on purpose.
+
+    ``str(err)`` is a complete sentence for a user; ``hint`` (optional) says what to do about it.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+
+class CaptureError(BnfoldError):
+    """The model could not be turned into a torch.fx graph."""
+
+
+class InputError(BnfoldError):
+    """A file, shape or argument given by the user is unusable."""

@@ -1,0 +1,38 @@
+"""Graph passes. ``fold_pipeline()`` is the default fixed-point pipeline; ``finalize_pipeline()`` runs once
+after it (lowering leftovers, dropping dead state)."""
+
+from __future__ import annotations
+
+from bnfold.passes.base import Change, Pass, PassResult, Pipeline, PipelineResult, Rejection
+from bnfold.passes.canonicalize import Candidate, Canonicalize
+from bnfold.passes.cleanup import DropDeadState, LowerAffines
+from bnfold.passes.constant_fold import ConstantFold
+from bnfold.passes.fold import FoldIntoConsumer, FoldIntoProducer, MergeAffines
+
+__all__ = [
+    "Candidate",
+    "Canonicalize",
+    "Change",
+    "ConstantFold",
+    "DropDeadState",
+    "FoldIntoConsumer",
+    "FoldIntoProducer",
+    "LowerAffines",
+    "MergeAffines",
+    "Pass",
+    "PassResult",
+    "Pipeline",
+    "PipelineResult",
+    "Rejection",
+    "fold_passes",
+    "finalize_passes",
+]
+
+
+def fold_passes() -> list[Pass]:
+    """canonicalize → merge → fold (producer, consumer), run to a fixed point."""
+    return [ConstantFold(), Canonicalize(), MergeAffines(), FoldIntoProducer(), FoldIntoConsumer()]
+
+
+def finalize_passes() -> list[Pass]:
+    return [LowerAffines(), DropDeadState()]

@@ -1,0 +1,129 @@
+"""The arithmetic of folding, as pure functions on tensors (no graphs).
+
+Notation: a per-channel affine ``A(x) = a ⊙ x + b`` acts on channel axis ``c`` of ``x``.
+All functions take and return float64 tensors; callers cast the result once to the parameter's dtype.
+
+BatchNorm at inference::
+
+    BN(x) = γ ⊙ (x − μ) / √(σ² + ε) + β = a ⊙ x + b,   a = γ / √(σ² + ε),   b = β − μ ⊙ a
+
+Fold into the *producer* (``A(op(x))``; output channel ``o``)::
+
+    conv / linear:   W'[o] = a[o] · W[o],           b'[o] = a[o] · b[o] + b_A[o]
+    conv-transpose:  W'[i, j] = a[g(i)·O_g + j] · W[i, j]   (weight is (in, out/groups, k…), g(i) = i // I_g)
+
+Fold into the *consumer* (``op(A(x))``; input channel ``i``)::
+
+    linear:          W'[:, i] = W[:, i] · a[i],     b' = b + W · b_A
+    conv:            W'[o, i] = W[o, i] · a[g(o)·I_g + i],  b'[o] = b[o] + Σ_{i,k} W[o, i, k] · b_A[g(o)·I_g + i]
+                     (the shift term is exact only when the conv never reads padding zeros)
+    conv-transpose:  W'[i] = a[i] · W[i]            (scale only; its shift is not constant at the borders)
+
+Composition: ``A2(A1(x)) = (a2 a1) ⊙ x + (a2 b1 + b2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "OpKind",
+    "bn_affine",
+    "compose",
+    "fold_into_consumer",
+    "fold_into_producer",
+]
+
+OpKind = Literal["conv", "conv_transpose", "linear"]
+
+f64 = torch.float64
+
+
+def bn_affine(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``BN(x) = a ⊙ x + b``: ``a = γ/√(σ²+ε)``, ``b = β − μ·a`` (float64)."""
+    mean = running_mean.detach().to(f64)
+    var = running_var.detach().to(f64)
+    gamma = torch.ones_like(mean) if weight is None else weight.detach().to(f64)
+    beta = torch.zeros_like(mean) if bias is None else bias.detach().to(f64)
+    a = gamma / torch.sqrt(var + float(eps))
+    return a, beta - mean * a
+
+
+def compose(
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A2 ∘ A1``: ``a = a2·a1``, ``b = a2·b1 + b2``."""
+    return a2 * a1, a2 * b1 + b2
+
+
+def _per_weight_scale(weight: torch.Tensor, scale_2d: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (dim0, dim1) scale table over the kernel dims of ``weight``."""
+    return scale_2d.reshape(*scale_2d.shape, *([1] * (weight.dim() - 2)))
+
+
+def fold_into_producer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    kind: OpKind,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A(op(x)) = op'(x)``: scale the producer's output channels by ``a`` and add ``b`` to its bias."""
+    w = weight.detach().to(f64)
+    out_bias = torch.zeros_like(a) if bias is None else bias.detach().to(f64)
+    if kind == "conv_transpose":
+        in_ch, out_g = w.shape[0], w.shape[1]
+        in_g = in_ch // groups
+        group_of_input = torch.arange(in_ch) // in_g
+        table = a.reshape(groups, out_g)[group_of_input]  # (in, out/groups)
+        w = w * _per_weight_scale(w, table)
+    else:  # conv and linear: output channels on dim 0
+        w = w * a.reshape(-1, *([1] * (w.dim() - 1)))
+    return w, a * out_bias + b
+
+
+def fold_into_consumer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    *,
+    kind: OpKind,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``op(A(x)) = op'(x)``: scale the consumer's input channels by ``a``; fold shift ``b`` into its bias.
+
+    ``b=None`` folds only the scale (the caller keeps the shift). Returns ``(W', bias')``; ``bias'`` is
+    ``None`` only when both ``bias`` and ``b`` are.
+    """
+    w = weight.detach().to(f64)
+    new_bias = None if bias is None else bias.detach().to(f64)
+    if kind == "linear":
+        w_scaled = w * a.reshape(1, -1)
+        if b is not None:
+            shift = w @ b
+            new_bias = shift if new_bias is None else new_bias + shift
+        return w_scaled, new_bias
+    if kind == "conv_transpose":
+        if b is not None:
+            raise ValueError("a conv-transpose consumer cannot absorb a shift exactly")
+        return w * a.reshape(-1, *([1] * (w.dim() - 1))), new_bias
+    out_ch, in_g = w.shape[0], w.shape[1]
+    group_of_output = torch.arange(out_ch) // (out_ch // groups)
+    table = a.reshape(groups, in_g)[group_of_output]  # (out, in/groups)
+    w_scaled = w * _per_weight_scale(w, table)
+    if b is not None:
+        b_table = b.reshape(groups, in_g)[group_of_output]
+        shift = (w * _per_weight_scale(w, b_table)).flatten(1).sum(1)
+        new_bias = shift if new_bias is None else new_bias + shift
+    return w_scaled, new_bias

@@ -1,0 +1,103 @@
+"""Constant folding in float64.
+
+A node whose inputs are all constants (``get_attr`` tensors, Python scalars) is evaluated once, with every
+floating-point constant promoted to float64, and each value that non-constant code reads is replaced by a
+single ``get_attr`` cast once to the dtype the original graph produced. This turns parameter arithmetic that
+tracing exposes (a frozen BatchNorm's ``w * (rv + eps).rsqrt()``, weight reshapes) into plain constants that
+the folding rules can read, and makes that arithmetic exact to float64 before the one final cast.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+
+from bnfold.graph import add_constant, fetch_attr, node_dtype
+from bnfold.passes.base import Change, PassResult
+
+__all__ = ["ConstantFold"]
+
+log = logging.getLogger(__name__)
+
+_IMPURE_WORDS = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "manual_seed", "_assert",
+                 "copy_", "set_", "print")
+
+
+def _is_pure(node: torch.fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.is_impure():
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    name = str(name)
+    if name.endswith("_") and not name.endswith("__"):  # in-place methods
+        return False
+    return not any(w in name for w in _IMPURE_WORDS)
+
+
+def _promote(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.detach().to(torch.float64)
+    return v
+
+
+class ConstantFold:
+    """Evaluate constant sub-graphs in float64 and replace them by one constant each."""
+
+    name = "constant_fold"
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        values: dict[torch.fx.Node, Any] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                v = fetch_attr(gm, str(node.target))
+                if isinstance(v, torch.Tensor):
+                    values[node] = _promote(v)
+                continue
+            if not _is_pure(node):
+                continue
+            inputs = node.all_input_nodes
+            if not inputs or not all(n in values for n in inputs):
+                continue
+            args = map_aggregate(node.args, lambda a: values[a] if isinstance(a, torch.fx.Node) else a)
+            kwargs = map_aggregate(node.kwargs, lambda a: values[a] if isinstance(a, torch.fx.Node) else a)
+            try:
+                with torch.no_grad():
+                    if node.op == "call_method":
+                        out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                    else:
+                        out = node.target(*args, **kwargs)  # type: ignore[operator]
+            except Exception as exc:  # not evaluable in float64: leave as is
+                log.debug("constant fold skipped %s: %s", node.name, exc)
+                continue
+            if isinstance(out, torch.Tensor):
+                values[node] = out
+
+        changes: list[Change] = []
+        for node, value in list(values.items()):
+            if node.op == "get_attr" or not node.users:
+                continue
+            if all(u in values and u.op != "get_attr" for u in node.users):
+                continue  # interior of a constant sub-graph
+            dtype = node_dtype(node)
+            if dtype is None:  # shapes not propagated: the original dtype is unknown
+                continue
+            const = add_constant(gm, value.to(dtype), f"const_{node.name}", before=node)
+            node.replace_all_uses_with(const)
+            changes.append(Change(self.name, node.name, f"constant expression folded (float64) into {const.target}"))
+        if changes:
+            for node in reversed(list(gm.graph.nodes)):
+                if node in values and node.op != "get_attr" and not node.users:
+                    gm.graph.erase_node(node)
+            _drop_unused_get_attrs(gm)
+        return PassResult(bool(changes), changes)
+
+
+def _drop_unused_get_attrs(gm: torch.fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)

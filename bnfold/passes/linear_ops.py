@@ -1,0 +1,220 @@
+"""A uniform view of the ops a normalization folds into: Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear.
+
+They appear as modules (``call_module``, after ``symbolic_trace``), as functional calls
+(``F.conv2d``, ``F.linear``) or as aten ops (``aten.conv2d``, ``aten.convolution``, ``aten.linear`` after
+``torch.export``). :func:`match_linear_op` recognises all of them by what they *are* (isinstance on modules
+whose ``forward`` is the stock one, aten overload or function identity), never by node names, and
+:func:`replace_params` writes folded parameters back with clone-on-fold semantics: a module or constant
+used at another site is never overwritten in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from bnfold.graph import add_constant, fetch_attr, get_constant, unique_attr_name
+from bnfold.passes.affine_math import OpKind
+
+__all__ = ["LinearOp", "NotFoldable", "match_linear_op", "replace_params"]
+
+aten = torch.ops.aten
+
+# function/overload -> (kind, transposed-known)
+_FUNCTIONS: dict[Any, OpKind] = {
+    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv",
+    torch.conv1d: "conv", torch.conv2d: "conv", torch.conv3d: "conv",
+    F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+    F.conv_transpose3d: "conv_transpose",
+    F.linear: "linear",
+    aten.conv1d.default: "conv", aten.conv2d.default: "conv", aten.conv3d.default: "conv",
+    aten.conv1d.padding: "conv", aten.conv2d.padding: "conv", aten.conv3d.padding: "conv",
+    aten.conv_transpose1d.default: "conv_transpose", aten.conv_transpose2d.input: "conv_transpose",
+    aten.conv_transpose3d.input: "conv_transpose",
+    aten.linear.default: "linear",
+}
+_CONVOLUTION = {aten.convolution.default, aten._convolution.default}
+
+
+@dataclass(frozen=True)
+class NotFoldable:
+    """The node is a conv/linear, but its parameters cannot be rewritten (``reason`` says why)."""
+
+    node: torch.fx.Node
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """A conv / conv-transpose / linear node with constant parameters.
+
+    ``channel_axis_out`` / ``channel_axis_in`` are the axes of the output / input tensor that index
+    output / input channels (1 for convolutions, -1 for linear).
+    """
+
+    node: torch.fx.Node
+    kind: OpKind
+    input: torch.fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    groups: int
+    padding: tuple[int, ...] | str
+    padding_mode: str
+    kernel: tuple[int, ...]
+    module: nn.Module | None = None
+
+    @property
+    def channel_axis(self) -> int:
+        return -1 if self.kind == "linear" else 1
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[1] * self.groups
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[0]
+        return self.weight.shape[1] * (self.groups if self.kind == "conv" else 1)
+
+    def reads_padding_zeros(self) -> bool:
+        """True when the op may read zero padding (which a per-channel shift would not commute with)."""
+        if self.kind == "linear":
+            return False
+        if self.padding_mode != "zeros":
+            return False
+        if isinstance(self.padding, str):
+            return self.padding != "valid" and any(k != 1 for k in self.kernel)
+        return any(p != 0 for p in self.padding)
+
+    def describe(self) -> str:
+        name = type(self.module).__name__ if self.module is not None else _target_name(self.node)
+        return f"{name} '{self.node.name}'"
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"aten.{t.__name__}"
+    return getattr(t, "__name__", str(t))
+
+
+def _module_kind(m: nn.Module) -> OpKind | None:
+    """Kind of a leaf module whose forward is the stock torch.nn one (subclasses included)."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        stock = type(m).forward in (nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward,
+                                    nn.ConvTranspose3d.forward)
+        return "conv_transpose" if stock else None
+    if isinstance(m, nn.modules.conv._ConvNd):
+        stock = type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        return "conv" if stock else None
+    if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+        return "linear"
+    return None
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(int(x) for x in v)
+
+
+def match_linear_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp | NotFoldable | None:
+    """A :class:`LinearOp` view of ``node``; :class:`NotFoldable` when it is one with non-constant
+    parameters; ``None`` when it is not a conv/linear at all."""
+    if node.op == "call_module":
+        m = fetch_attr(gm, str(node.target))
+        kind = _module_kind(m)
+        if kind is None:
+            return None
+        if not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return NotFoldable(node, "its input is not a graph value")
+        spatial = m.weight.dim() - 2
+        return LinearOp(
+            node=node, kind=kind, input=node.args[0], weight=m.weight, bias=m.bias,
+            groups=int(getattr(m, "groups", 1)),
+            padding=m.padding if isinstance(m.padding, str) else _tuple(getattr(m, "padding", 0), spatial),
+            padding_mode=str(getattr(m, "padding_mode", "zeros")),
+            kernel=tuple(m.weight.shape[2:]), module=m,
+        )
+    if node.op != "call_function":
+        return None
+    if node.target in _CONVOLUTION:
+        kwargs = _kwargs(gm, node)
+        kind = "conv_transpose" if kwargs["transposed"] else "conv"
+    elif node.target in _FUNCTIONS:
+        kind = _FUNCTIONS[node.target]
+        kwargs = _kwargs(gm, node)
+    else:
+        return None
+    weight = get_constant(gm, kwargs.get("weight"))
+    if weight is None:
+        return NotFoldable(node, "its weight is computed in the graph, not a constant parameter")
+    bias_arg = kwargs.get("bias")
+    bias = get_constant(gm, bias_arg)
+    if bias_arg is not None and bias is None:
+        return NotFoldable(node, "its bias is computed in the graph, not a constant parameter")
+    x = kwargs.get("input")
+    if not isinstance(x, torch.fx.Node):
+        return NotFoldable(node, "its input is not a graph value")
+    spatial = weight.dim() - 2
+    padding = kwargs.get("padding", 0)
+    return LinearOp(
+        node=node, kind=kind, input=x, weight=weight, bias=bias,
+        groups=int(kwargs.get("groups", 1) or 1),
+        padding=padding if isinstance(padding, str) else _tuple(padding, max(spatial, 0)),
+        padding_mode="zeros", kernel=tuple(weight.shape[2:]),
+    )
+
+
+def _kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any]:
+    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    if pair is None:
+        raise ValueError(f"cannot normalize the arguments of {node.format_node()}")
+    return dict(pair.kwargs)
+
+
+def replace_params(
+    gm: torch.fx.GraphModule, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None
+) -> str:
+    """Give ``op`` new parameters (cast once to the old weight's dtype/device); return where they went.
+
+    Clone-on-fold: a module called from several sites is copied for this site, and a functional op gets
+    fresh constants, so no other user of the old parameters ever sees the folded values. Tied parameters
+    elsewhere stay tied.
+    """
+    dtype, device = op.weight.dtype, op.weight.device
+    new_w = weight.to(dtype=dtype, device=device)
+    new_b = None if bias is None else bias.to(dtype=dtype, device=device)
+    node = op.node
+    if op.module is not None:
+        target = str(node.target)
+        sites = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+        module = op.module
+        if len(sites) > 1:
+            module = copy.deepcopy(module)
+            target = unique_attr_name(gm, f"{target}_bnfold")
+            gm.add_submodule(target, module)
+            node.target = target
+        module.weight = nn.Parameter(new_w, requires_grad=False)
+        module.bias = None if new_b is None else nn.Parameter(new_b, requires_grad=False)
+        return target
+    kwargs = _kwargs(gm, node)
+    old_w, old_b = kwargs.get("weight"), kwargs.get("bias")
+    kwargs["weight"] = add_constant(gm, new_w, f"{node.name}_weight", before=node, parameter=True)
+    kwargs["bias"] = (
+        None if new_b is None else add_constant(gm, new_b, f"{node.name}_bias", before=node, parameter=True)
+    )
+    node.args, node.kwargs = (), kwargs
+    for old in (old_w, old_b):
+        if isinstance(old, torch.fx.Node) and not old.users:
+            gm.graph.erase_node(old)
+    return node.name

@@ -1,0 +1,135 @@
+"""The fold report: every normalization candidate appears once, as folded (into what, by which rule) or
+skipped (the rule that declined and a reason a user can act on), plus pass timings and parity.
+
+``FoldReport.to_dict()`` is the JSON form; ``str(report)`` is a terminal table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["FoldReport", "FoldedEntry", "SkippedEntry", "format_table"]
+
+
+@dataclass(frozen=True)
+class FoldedEntry:
+    id: str
+    kind: str
+    path: str
+    rule: str
+    into: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    id: str
+    kind: str
+    path: str
+    rule: str
+    reason: str
+
+
+@dataclass
+class FoldReport:
+    """What a fold did. ``folded``/``skipped`` partition the candidates; ``changes`` counts all rewrites."""
+
+    capture: str
+    folded: list[FoldedEntry] = field(default_factory=list)
+    skipped: list[SkippedEntry] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    rounds: int = 0
+    parity: dict[str, Any] | None = None
+    dry_run: bool = False
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "capture": self.capture,
+            "dry_run": self.dry_run,
+            "candidates": len(self.folded) + len(self.skipped),
+            "folded": [asdict(e) for e in self.folded],
+            "skipped": [asdict(e) for e in self.skipped],
+            "changes": self.changes,
+            "passes": self.passes,
+            "rounds": self.rounds,
+            "parity": self.parity,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str, **kwargs)
+
+    def __str__(self) -> str:
+        return self.render(explain=True)
+
+    def render(self, *, explain: bool = True) -> str:
+        n = len(self.folded) + len(self.skipped)
+        verb = "would fold" if self.dry_run else "folded"
+        lines = [f"bnfold ({self.capture} capture): {n} normalization candidates, {len(self.folded)} {verb}, "
+                 f"{len(self.skipped)} left"]
+        if self.folded:
+            lines.append("")
+            lines.append(format_table(["candidate", "kind", "rule", "into"],
+                                      [[e.path, e.kind, e.rule, e.into] for e in self.folded]))
+        if self.skipped:
+            lines.append("")
+            rows = [[e.path, e.kind, e.rule, e.reason if explain else _short(e.reason)] for e in self.skipped]
+            lines.append(format_table(["left alone", "kind", "rule", "why"], rows))
+        if self.parity:
+            lines.append("")
+            lines.append(_render_parity(self.parity))
+        if self.passes:
+            timing = ", ".join(f"{p['name']} {p['seconds'] * 1000:.0f} ms" for p in self.passes if p["runs"])
+            lines.append("")
+            lines.append(f"passes ({self.rounds} rounds): {timing}")
+        return "\n".join(lines)
+
+
+def _short(reason: str, width: int = 60) -> str:
+    return reason if len(reason) <= width else reason[: width - 1] + "…"
+
+
+def _render_parity(p: dict[str, Any]) -> str:
+    verdict = "PASS" if p.get("passed") else "FAIL"
+    parts = [f"parity {verdict}: max abs {p.get('max_abs', float('nan')):.3g}, "
+             f"max rel {p.get('max_rel', float('nan')):.3g}, cosine {p.get('cosine', float('nan')):.9f}"]
+    if "rmse_vs_fp64" in p:
+        parts.append(f"rmse vs fp64: folded {p['rmse_vs_fp64']:.3g}, original {p['reference_rmse_vs_fp64']:.3g}")
+    return "; ".join(parts)
+
+
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A plain fixed-width table (no dependencies), long cells wrapped to 70 columns."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [min(max(len(r[i]) for r in cells), 70) for i in range(len(header))]
+    out = []
+    for k, r in enumerate(cells):
+        wrapped = [_wrap(c, w) for c, w in zip(r, widths)]
+        height = max(len(w) for w in wrapped)
+        for line in range(height):
+            out.append("  ".join((w[line] if line < len(w) else "").ljust(widths[i])
+                                 for i, w in enumerate(wrapped)).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    if len(text) <= width:
+        return [text]
+    words, lines, cur = text.split(" "), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    if cur:
+        lines.append(cur)
+    return lines
