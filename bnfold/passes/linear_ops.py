@@ -138,10 +138,11 @@ def match_linear_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp |
         if not node.args or not isinstance(node.args[0], torch.fx.Node):
             return NotFoldable(node, "its input is not a graph value")
         spatial = m.weight.dim() - 2
+        padding = getattr(m, "padding", 0)
         return LinearOp(
             node=node, kind=kind, input=node.args[0], weight=m.weight, bias=m.bias,
             groups=int(getattr(m, "groups", 1)),
-            padding=m.padding if isinstance(m.padding, str) else _tuple(getattr(m, "padding", 0), spatial),
+            padding=padding if isinstance(padding, str) else _tuple(padding, spatial),
             padding_mode=str(getattr(m, "padding_mode", "zeros")),
             kernel=tuple(m.weight.shape[2:]), module=m,
         )

@@ -1,0 +1,59 @@
+"""The ``bnfold`` command line. Library code never prints; this module owns the terminal.
+
+Exit codes: 0 success, 1 a check failed (parity), 2 bad input or usage, 3 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from bnfold import __version__
+from bnfold.errors import BnfoldError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bnfold.commands import COMMANDS
+
+    parser = argparse.ArgumentParser(prog="bnfold", description="Fold normalization layers into conv/linear "
+                                     "ops exactly, recalibrate, compile and verify.")
+    parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS:
+        cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BnfoldError as err:
+        print(f"bnfold {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as err:
+        print(f"bnfold {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnfold: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug in bnfold, not the user's fault: say so, keep the trace for -v
+        logging.getLogger("bnfold").debug("internal error", exc_info=True)
+        print(f"bnfold {args.command}: internal error: {type(err).__name__}: {err}\n"
+              "  this is a bnfold bug; rerun with -vv for the traceback and report it", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""``bnfold inspect MODEL`` (dry run) and ``bnfold fold MODEL -o OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bnfold.api import fold, inspect
+from bnfold.commands.common import add_model_args, load_with_inputs
+from bnfold.io import save_exported
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show which normalizations would fold, and why the others would not")
+    add_model_args(p)
+    p.add_argument("--explain", action="store_true", help="print the full reason for every candidate left")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("fold", help="fold normalizations and save the result as .pt2")
+    add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
+    p.add_argument("--until", help="stop after this pass (debugging)")
+    p.add_argument("--dump-ir", action="store_true", help="print the folded graph")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_fold)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    loaded, inputs = load_with_inputs(args)
+    report = inspect(loaded.module, inputs, capture=args.capture)
+    print(report.to_json() if args.json else report.render(explain=args.explain))
+    return 0
+
+
+def _fold(args: argparse.Namespace) -> int:
+    loaded, inputs = load_with_inputs(args)
+    result = fold(loaded.module, inputs, capture=args.capture, until=args.until)
+    if args.dump_ir:
+        print(result.module.graph, file=sys.stderr)
+    save_exported(result.module, inputs, args.output, protect=[args.model])
+    print(result.report.to_json() if args.json else result.report)
+    if not args.json:
+        print(f"\nwrote {args.output}")
+    parity = result.report.parity or {}
+    return 0 if parity.get("passed", True) else 1

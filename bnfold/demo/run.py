@@ -1,0 +1,77 @@
+"""``bnfold demo``: the whole available pipeline on the embedded DigitsNet, as a list of stages.
+
+Each stage takes the shared :class:`DemoContext`, does its job, and returns the lines it wants printed.
+Later capabilities add a stage to :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.api import fold
+from bnfold.demo.data import DigitsData, load_digits
+from bnfold.demo.model import load_pretrained
+from bnfold.parity import compare
+from bnfold.report import format_table
+
+__all__ = ["STAGES", "DemoContext", "accuracy", "run_demo"]
+
+
+@dataclass
+class DemoContext:
+    data: DigitsData
+    original: nn.Module
+    folded: nn.Module | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    accuracy_rows: list[list[str]] = field(default_factory=list)
+
+
+def accuracy(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` (anything callable on a batch tensor)."""
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _stage_fold(ctx: DemoContext) -> list[str]:
+    example = (ctx.data.x_test[:8],)
+    result = fold(ctx.original, example)
+    ctx.folded = result.module
+    parity = compare(ctx.original, result.module, (ctx.data.x_test,))
+    ctx.results["fold"] = {"report": result.report.to_dict(), "parity_test_set": parity.to_dict()}
+    acc_before = accuracy(ctx.original, ctx.data.x_test, ctx.data.y_test)
+    acc_after = accuracy(result.module, ctx.data.x_test, ctx.data.y_test)
+    ctx.accuracy_rows.append(["original", f"{acc_before:.4f}"])
+    ctx.accuracy_rows.append(["folded", f"{acc_after:.4f}"])
+    s = parity.summary()
+    return [
+        "== fold ==",
+        str(result.report),
+        "",
+        f"parity on all {len(ctx.data.y_test)} held-out digits: {'PASS' if parity.passed else 'FAIL'} "
+        f"(max abs {s['max_abs']:.3g}, rmse vs fp64 {s.get('rmse_vs_fp64', float('nan')):.3g} "
+        f"≤ bound {s.get('bound', float('nan')):.3g})",
+    ]
+
+
+Stage = Callable[[DemoContext], list[str]]
+STAGES: list[tuple[str, Stage]] = [("fold", _stage_fold)]
+
+
+def run_demo(emit: Callable[[str], None] = print) -> DemoContext:
+    """Run every stage, emitting its lines as it finishes; return the context with all results."""
+    ctx = DemoContext(data=load_digits(), original=load_pretrained())
+    emit(f"bnfold demo: DigitsNet on the shipped digits ({len(ctx.data.y_train)} train / "
+         f"{len(ctx.data.y_test)} held-out images)")
+    for _name, stage in STAGES:
+        emit("")
+        for line in stage(ctx):
+            emit(line)
+    emit("")
+    emit("== held-out accuracy ==")
+    emit(format_table(["model", "top-1"], ctx.accuracy_rows))
+    return ctx

@@ -1,0 +1,39 @@
+"""Helpers shared by tests (import as ``from helpers import randomize_bn``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["count_batchnorm", "randomize_bn"]
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters (default stats hide bugs:
+    mean 0 / var 1 make folding nearly an identity). Returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2.0 + 0.1)
+                if m.weight is not None:
+                    m.weight.copy_(torch.randn(c, generator=g))
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                # torchvision FrozenBatchNorm2d keeps all four as buffers
+                if type(m).__name__ == "FrozenBatchNorm2d":
+                    t = getattr(m, name)
+                    if name == "running_var":
+                        t.copy_(torch.rand(t.shape, generator=g) * 2.0 + 0.1)
+                    else:
+                        t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def count_batchnorm(gm: torch.fx.GraphModule) -> int:
+    """BatchNorm ops (any form) still in a graph."""
+    from bnfold.passes.detect import find_batchnorm_sites
+
+    return len(find_batchnorm_sites(gm))
