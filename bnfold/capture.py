@@ -5,9 +5,10 @@ flow). ``"auto"`` tries symbolic tracing first and falls back to export. Every p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,9 +48,27 @@ class Captured:
     example_inputs: tuple[torch.Tensor, ...]
 
 
+@contextlib.contextmanager
+def _traceable_batchnorm() -> Iterator[None]:
+    """Make ``_BatchNorm.forward`` symbolically traceable when a subclass calls ``super().forward``: its input
+    checks (``input.dim()``, ``input.size(1)``) branch on tensor values, which symbolic tracing cannot do.
+    The checks are validation only; shapes are checked again when the traced graph runs."""
+    classes = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
+    saved = [(cls, name, cls.__dict__[name]) for cls in classes
+             for name in ("_check_input_dim", "_check_non_zero_input_channels") if name in cls.__dict__]
+    try:
+        for cls, name, _ in saved:
+            setattr(cls, name, lambda self, input: None)
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
 def _symbolic(model: nn.Module) -> torch.fx.GraphModule:
     tracer = BnfoldTracer()
-    graph = tracer.trace(model)
+    with _traceable_batchnorm():
+        graph = tracer.trace(model)
     name = model.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
 

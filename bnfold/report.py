@@ -110,7 +110,7 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     widths = [min(max(len(r[i]) for r in cells), 70) for i in range(len(header))]
     out = []
     for k, r in enumerate(cells):
-        wrapped = [_wrap(c, w) for c, w in zip(r, widths)]
+        wrapped = [_wrap(c, w) for c, w in zip(r, widths, strict=True)]
         height = max(len(w) for w in wrapped)
         for line in range(height):
             out.append("  ".join((w[line] if line < len(w) else "").ljust(widths[i])

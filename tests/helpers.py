@@ -37,3 +37,22 @@ def count_batchnorm(gm: torch.fx.GraphModule) -> int:
     from bnfold.passes.detect import find_batchnorm_sites
 
     return len(find_batchnorm_sites(gm))
+
+
+def fold_and_check(model: nn.Module, inputs: tuple[torch.Tensor, ...], capture: str, *, folded: int,
+                   left: int = 0, rtol: float = 1e-4, atol: float = 1e-5):
+    """Fold, assert the candidate counts, and check parity against the unfolded model and float64."""
+    import bnfold
+    from bnfold.parity import compare
+
+    result = bnfold.fold(model, inputs, capture=capture)
+    report = result.report
+    assert len(report.folded) == folded, report
+    assert len(report.skipped) == left, report
+    with torch.no_grad():
+        expected = model(*inputs)
+        got = result.module(*inputs)
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+    parity = compare(model, result.module, inputs)
+    assert parity.passed, parity.to_dict()
+    return result

@@ -8,6 +8,7 @@ from bnfold.passes.canonicalize import Candidate, Canonicalize
 from bnfold.passes.cleanup import DropDeadState, LowerAffines
 from bnfold.passes.constant_fold import ConstantFold
 from bnfold.passes.fold import FoldIntoConsumer, FoldIntoProducer, MergeAffines
+from bnfold.passes.propagate import Propagate
 
 __all__ = [
     "Candidate",
@@ -23,15 +24,16 @@ __all__ = [
     "PassResult",
     "Pipeline",
     "PipelineResult",
+    "Propagate",
     "Rejection",
-    "fold_passes",
     "finalize_passes",
+    "fold_passes",
 ]
 
 
 def fold_passes() -> list[Pass]:
-    """canonicalize → merge → fold (producer, consumer), run to a fixed point."""
-    return [ConstantFold(), Canonicalize(), MergeAffines(), FoldIntoProducer(), FoldIntoConsumer()]
+    """canonicalize → merge → fold (producer, consumer) → propagate, run to a fixed point."""
+    return [ConstantFold(), Canonicalize(), MergeAffines(), FoldIntoProducer(), FoldIntoConsumer(), Propagate()]
 
 
 def finalize_passes() -> list[Pass]:

@@ -19,7 +19,7 @@ from bnfold.passes.affine_math import bn_affine
 from bnfold.passes.affine_view import affine_view
 from bnfold.passes.base import Change, PassResult, Rejection
 from bnfold.passes.detect import BatchNormSite, find_batchnorm_sites
-from bnfold.passes.ops import channel_affine
+from bnfold.passes.ops import channel_affine, is_channel_affine
 
 __all__ = ["Candidate", "Canonicalize", "insert_affine"]
 
@@ -85,9 +85,10 @@ class Canonicalize:
 
     def _replace_batchnorm(self, gm: torch.fx.GraphModule, site: BatchNormSite, result: PassResult) -> None:
         assert site.running_mean is not None and site.running_var is not None and site.output is not None
-        assert isinstance(site.input, torch.fx.Node)
+        x = site.node.args[0] if site.node.args else site.node.kwargs.get("input")  # current, not as detected
+        assert isinstance(x, torch.fx.Node)
         a, b = bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
-        affine = insert_affine(gm, site.input, a, b, 1, before=site.node, sources=(site.id,), hint=site.id)
+        affine = insert_affine(gm, x, a, b, 1, before=site.node, sources=(site.id,), hint=site.id)
         site.output.replace_all_uses_with(affine)
         if site.output is not site.node:
             gm.graph.erase_node(site.output)
@@ -98,7 +99,7 @@ class Canonicalize:
     def _mark_traced_norm(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         """A traced-through norm module (e.g. FrozenBatchNorm2d: ``x * scale + shift``) is a candidate too."""
         cls = module_class(node)
-        if not cls or not _NORM_CLASS.search(cls) or node.meta.get("bnfold_sources"):
+        if is_channel_affine(node) or not cls or not _NORM_CLASS.search(cls) or node.meta.get("bnfold_sources"):
             return
         if affine_view(gm, node) is None:
             return

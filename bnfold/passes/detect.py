@@ -134,11 +134,12 @@ def _functional_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNorm
         eps=float(kw.get("eps", 1e-5)), problem=problem,
     )
     if site.problem is None:
-        if training:
+        if kw.get("running_mean") is None or kw.get("running_var") is None:
+            site.problem = (f"batch norm at '{site.path}' has no running statistics (track_running_stats=False), "
+                            "so it always normalizes with batch statistics and cannot be folded")
+        elif training:
             site.problem = (f"batch norm at '{site.path}' runs in training mode (batch statistics); "
                             "call model.eval() before capture")
-        elif kw.get("running_mean") is None or kw.get("running_var") is None:
-            site.problem = f"batch norm at '{site.path}' has no running statistics (track_running_stats=False)"
         elif site.running_mean is None or site.running_var is None:
             site.problem = (f"batch norm at '{site.path}' reads running statistics computed in the graph, "
                             "not constant buffers")

@@ -1,0 +1,123 @@
+"""Issue 2 acceptance: bnfold.fold on real torchvision architectures, both capture modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import count_batchnorm, randomize_bn
+from torch import nn
+
+import bnfold
+
+MODELS = {
+    "resnet18": (lambda: torchvision.models.resnet18(), (1, 3, 64, 64)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), (1, 3, 64, 64)),
+    "r3d_18": (lambda: torchvision.models.video.r3d_18(), (1, 3, 4, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fold_torchvision_leaves_no_batchnorm(name: str, capture_mode: str) -> None:
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_bn(build())
+    x = torch.randn(shape)
+    result = bnfold.fold(model, (x,), capture=capture_mode)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert result.report.capture == capture_mode
+    assert len(result.report.folded) == n_bn, result.report
+    assert result.report.skipped == []
+    assert count_batchnorm(result.module) == 0
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.module.modules())
+    # parity: vs the unfolded fp32 model and the float64 reference
+    assert result.report.parity is not None and result.report.parity["passed"], result.report.parity
+    with torch.no_grad():
+        ref = model(x)
+        got = result.module(x)
+        ref64 = model.double()(x.double())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    err_folded = (got.double() - ref64).pow(2).mean().sqrt()
+    err_orig = (ref.double() - ref64).pow(2).mean().sqrt()
+    assert err_folded <= 2 * err_orig + 1e-6 * ref64.pow(2).mean().sqrt()
+
+
+def test_fold_does_not_modify_the_callers_model() -> None:
+    model = randomize_bn(torchvision.models.resnet18())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bnfold.fold(model, (torch.randn(1, 3, 32, 32),))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class SharedConv(nn.Module):
+    """conv output feeds a BN *and* another op: the BN must stay (folding would change the other path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + torch.sigmoid(y)
+
+
+def test_multi_user_producer_keeps_its_bn(capture_mode: str) -> None:
+    model = randomize_bn(SharedConv())
+    x = torch.randn(2, 3, 10, 10)
+    result = bnfold.fold(model, (x,), capture=capture_mode)
+    assert result.report.folded == []
+    (skipped,) = result.report.skipped
+    assert "also feeds" in skipped.reason
+    assert result.report.parity and result.report.parity["passed"]
+    torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_training_mode_bn_is_left_with_reason() -> None:
+    model = randomize_bn(ConvBN())
+    model.bn.train()
+    report = bnfold.inspect(model, (torch.randn(2, 3, 8, 8),), capture="symbolic")
+    assert report.folded == []
+    (skipped,) = report.skipped
+    assert "training mode" in skipped.reason and "eval()" in skipped.reason
+
+
+def test_track_running_stats_false_is_left_with_reason(capture_mode: str) -> None:
+    model = ConvBN().eval()
+    model.bn = nn.BatchNorm2d(8, track_running_stats=False).eval()
+    report = bnfold.inspect(model, (torch.randn(2, 3, 8, 8),), capture=capture_mode)
+    assert report.folded == []
+    (skipped,) = report.skipped
+    assert "running stat" in skipped.reason or "track_running_stats" in skipped.reason
+
+
+def test_report_formats() -> None:
+    model = randomize_bn(ConvBN())
+    result = bnfold.fold(model, (torch.randn(2, 3, 8, 8),))
+    d = result.report.to_dict()
+    assert d["candidates"] == 1 and len(d["folded"]) == 1 and d["skipped"] == []
+    text = str(result.report)
+    assert "1 folded" in text and "bn" in text and "parity PASS" in text
+    module, report = result  # tuple-unpacking convenience
+    assert module is result.module and report is result.report
+
+
+def test_second_fold_changes_nothing(capture_mode: str) -> None:
+    model = randomize_bn(torchvision.models.resnet18())
+    x = torch.randn(1, 3, 32, 32)
+    once = bnfold.fold(model, (x,), capture=capture_mode).module
+    again = bnfold.fold(once, (x,), capture=capture_mode)
+    assert again.report.folded == [] and again.report.skipped == []
+    assert not again.report.modified, again.report.changes
