@@ -13,7 +13,7 @@ from torch import nn
 from bnfold.capture import CaptureMode, capture
 from bnfold.graph import propagate_shapes
 from bnfold.parity import compare
-from bnfold.passes import Canonicalize, Pipeline, finalize_passes, fold_passes
+from bnfold.passes import Candidate, Pipeline, finalize_passes, fold_passes
 from bnfold.passes.base import Change, PipelineResult, Rejection
 from bnfold.report import FoldedEntry, FoldReport, SkippedEntry
 
@@ -55,14 +55,13 @@ def fold(
     captured = _capture(model, inputs, capture)
     gm = captured.module
     passes = fold_passes()
-    canonicalize = next(p for p in passes if isinstance(p, Canonicalize))
     main = Pipeline(passes, after_modify=lambda g: propagate_shapes(g, inputs), until=until).run(gm)
     final = None
     if until is None:
         final = Pipeline(finalize_passes(), max_rounds=1).run(gm)
         gm.graph.lint()
         gm.recompile()
-    report = _build_report(captured.mode, canonicalize, main, final)
+    report = _build_report(captured.mode, _candidates(passes), main, final)
     if check:
         parity = compare(_reference(model), gm, inputs)
         report.parity = parity.summary()
@@ -91,7 +90,16 @@ def _reference(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _build_report(mode: str, canonicalize: Canonicalize, main: PipelineResult,
+def _candidates(passes: list) -> list[Candidate]:
+    """Every candidate any pass registered, in discovery order."""
+    found: dict[str, Candidate] = {}
+    for p in passes:
+        for cid, cand in getattr(p, "candidates", {}).items():
+            found.setdefault(cid, cand)
+    return list(found.values())
+
+
+def _build_report(mode: str, candidates: list[Candidate], main: PipelineResult,
                   final: PipelineResult | None) -> FoldReport:
     report = FoldReport(capture=mode, rounds=main.rounds)
     changes: list[Change] = list(main.changes) + (list(final.changes) if final else [])
@@ -109,7 +117,7 @@ def _build_report(mode: str, canonicalize: Canonicalize, main: PipelineResult,
     for r in main.rejections:
         for s in r.sources:
             reasons.setdefault(s, []).append(r)
-    for cand in canonicalize.candidates.values():
+    for cand in candidates:
         if cand.id in folded_by and cand.id not in lowered:
             c = folded_by[cand.id]
             report.folded.append(FoldedEntry(cand.id, cand.kind, cand.path, c.rule, c.into or "", c.detail))
@@ -121,6 +129,6 @@ def _build_report(mode: str, canonicalize: Canonicalize, main: PipelineResult,
         else:
             reason, rule = "no fold rule applied", "-"
         if cand.id in lowered:
-            reason += "; kept as one multiply-add"
+            reason += "; " + lowered[cand.id].detail.removeprefix("left unfolded; ")
         report.skipped.append(SkippedEntry(cand.id, cand.kind, cand.path, rule, reason))
     return report

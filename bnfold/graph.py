@@ -48,7 +48,7 @@ def get_constant(gm: torch.fx.GraphModule, arg: Any) -> torch.Tensor | None:
 
 def unique_attr_name(gm: torch.nn.Module, hint: str) -> str:
     """An attribute name derived from ``hint`` that ``gm`` does not use yet."""
-    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint).strip("_") or "const"
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint).rstrip("_") or "const"
     if base[0].isdigit():
         base = f"_{base}"
     name, k = base, 0

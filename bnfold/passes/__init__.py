@@ -9,6 +9,7 @@ from bnfold.passes.cleanup import DropDeadState, LowerAffines
 from bnfold.passes.constant_fold import ConstantFold
 from bnfold.passes.fold import FoldIntoConsumer, FoldIntoProducer, MergeAffines
 from bnfold.passes.propagate import Propagate
+from bnfold.passes.split_norms import SplitNormAffine
 
 __all__ = [
     "Candidate",
@@ -26,14 +27,16 @@ __all__ = [
     "PipelineResult",
     "Propagate",
     "Rejection",
+    "SplitNormAffine",
     "finalize_passes",
     "fold_passes",
 ]
 
 
 def fold_passes() -> list[Pass]:
-    """canonicalize → merge → fold (producer, consumer) → propagate, run to a fixed point."""
-    return [ConstantFold(), Canonicalize(), MergeAffines(), FoldIntoProducer(), FoldIntoConsumer(), Propagate()]
+    """canonicalize (BN) → split norm affines → merge → fold (producer, consumer) → propagate, to a fixed point."""
+    return [ConstantFold(), Canonicalize(), SplitNormAffine(), MergeAffines(), FoldIntoProducer(), FoldIntoConsumer(),
+            Propagate()]
 
 
 def finalize_passes() -> list[Pass]:

@@ -19,6 +19,7 @@ from bnfold.passes.affine_view import affine_view
 from bnfold.passes.base import Change, PassResult
 from bnfold.passes.fold import erase_affine
 from bnfold.passes.ops import is_channel_affine
+from bnfold.passes.split_norms import merge_back
 
 __all__ = ["DropDeadState", "LowerAffines"]
 
@@ -34,6 +35,12 @@ class LowerAffines:
         result = PassResult(False)
         for node in list(gm.graph.nodes):
             if not is_channel_affine(node):
+                continue
+            sources = tuple(node.meta.get("bnfold_sources", ()))
+            whole = merge_back(gm, node)
+            if whole is not None:
+                result.changes.append(Change(self.name, node.name, "left unfolded; merged back into its norm",
+                                             sources, into=whole.name))
                 continue
             view = affine_view(gm, node)
             if view is None:
@@ -91,5 +98,8 @@ class DropDeadState:
                 del owner._buffers[attr]
             dropped.append(name)
         gm.delete_all_unused_submodules()
-        changes = [Change(self.name, "-", f"dropped {len(dropped)} unused parameters/buffers")] if dropped else []
-        return PassResult(bool(dropped), changes)
+        # constants that passes created and abandoned in this run are temporaries, not a change to report
+        user_state = [d for d in dropped if not d.startswith("_bnfold_")]
+        changes = [Change(self.name, "-", f"dropped {len(user_state)} unused parameters/buffers: "
+                          + ", ".join(user_state[:5]) + (" …" if len(user_state) > 5 else ""))] if user_state else []
+        return PassResult(bool(changes), changes)

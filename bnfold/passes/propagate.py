@@ -90,7 +90,7 @@ class Propagate:
                                                           and len(back.placements) > 1)):
                 self._apply_back(gm, view, back, result)
                 continue
-            fwd = self._push(gm, view, aff)
+            fwd = self.push_target(gm, view, aff)
             if isinstance(fwd, tuple):
                 self._apply_forward(gm, view, fwd, result)
                 continue
@@ -181,7 +181,7 @@ class Propagate:
         result.changes.append(Change(self.name, view.node.name, detail, sources))
 
     # -- push forward ----------------------------------------------------------------------------------------
-    def _push(self, gm: torch.fx.GraphModule, view: AffineView, aff: Affine
+    def push_target(self, gm: torch.fx.GraphModule, view: AffineView, aff: Affine
               ) -> tuple[torch.fx.Node, Affine] | str:
         node = view.node
         for _ in range(self.max_depth):
