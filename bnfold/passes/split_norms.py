@@ -1,6 +1,6 @@
 """Split the affine part off sample-dependent normalizations so it can fold into the next linear op(s).
 
-LayerNorm, RMSNorm (affine on the last axis) and GroupNorm, InstanceNorm (affine on the channel axis)::
+LayerNorm, RMSNorm (affine on the last axis) and GroupNorm, InstanceNorm (affine on the channel axis, axis 1)::
 
     LN(x; γ, β) = γ ⊙ n(x) + β    with n the parameter-free normalization
                 = channel_affine(n(x), γ, β, axis)
@@ -37,7 +37,7 @@ f64 = torch.float64
 class NormSplit:
     """How to rebuild a split norm: ``kind`` and the arguments of its parameter-free form."""
 
-    kind: str  # "layer_norm" | "rms_norm" | "group_norm"
+    kind: str  # "layer_norm" | "rms_norm" | "group_norm" | "instance_norm"
     arg: Any  # normalized_shape or num_groups
     eps: float | None
     path: str
@@ -46,6 +46,7 @@ class NormSplit:
 _LN = {F.layer_norm: "layer_norm", aten.layer_norm.default: "layer_norm",
        F.group_norm: "group_norm", aten.group_norm.default: "group_norm"}
 _RMS = {aten.rms_norm.default}
+_IN = {F.instance_norm, aten.instance_norm.default}
 if hasattr(F, "rms_norm"):
     _RMS.add(F.rms_norm)
 
@@ -67,6 +68,12 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
             if not m.affine:
                 return None
             return NormSplit("group_norm", m.num_groups, m.eps, str(node.target)), x, m.weight, m.bias, 1
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and type(m).forward is type(m).__mro__[1].forward:
+            if not m.affine:
+                return None
+            if m.track_running_stats and not m.training:
+                return f"{type(m).__name__} '{node.target}' normalizes with running statistics; not supported"
+            return NormSplit("instance_norm", None, m.eps, str(node.target)), x, m.weight, m.bias, 1
         if hasattr(nn, "RMSNorm") and type(m) is nn.RMSNorm:
             if m.weight is None:
                 return None
@@ -75,7 +82,8 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
             return NormSplit("rms_norm", tuple(m.normalized_shape), m.eps, str(node.target)), x, m.weight, \
                 None, -1
         return None
-    if node.op != "call_function" or (node.target not in _LN and node.target not in _RMS):
+    if node.op != "call_function" or (node.target not in _LN and node.target not in _RMS
+                                      and node.target not in _IN):
         return None
     pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
     if pair is None:
@@ -89,6 +97,10 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
     if w is None or (b_node is not None and b is None):
         return f"the norm at '{path}' takes its weight/bias from computed values"
     x = kw.get("input")
+    if node.target in _IN:
+        if not kw.get("use_input_stats", True):
+            return f"the InstanceNorm at '{path}' normalizes with running statistics; not supported"
+        return NormSplit("instance_norm", None, kw.get("eps", 1e-5), path), x, w, b, 1
     if node.target in _RMS:
         shape = tuple(kw["normalized_shape"])
         if len(shape) != 1:
@@ -109,6 +121,8 @@ def _bare_norm(split: NormSplit, x: torch.fx.Node, weight: Any = None, bias: Any
         return aten.layer_norm.default, (x, list(split.arg), weight, bias, split.eps)
     if split.kind == "rms_norm":
         return aten.rms_norm.default, (x, list(split.arg), weight, split.eps)
+    if split.kind == "instance_norm":
+        return aten.instance_norm.default, (x, weight, bias, None, None, True, 0.1, split.eps, False)
     return aten.group_norm.default, (x, split.arg, weight, bias, split.eps)
 
 
@@ -207,7 +221,7 @@ def merge_back(gm: torch.fx.GraphModule, affine: torch.fx.Node) -> torch.fx.Node
     split = bare.meta.get("bnfold_split")
     if not isinstance(split, NormSplit):
         return None
-    norm_axis = 1 if split.kind == "group_norm" else view.rank - 1
+    norm_axis = 1 if split.kind in ("group_norm", "instance_norm") else view.rank - 1
     if len(bare.users) != 1 or view.axis != norm_axis:
         return None
     if split.kind == "rms_norm" and bool((view.b != 0).any()):

@@ -61,6 +61,14 @@ def test_groupnorm_into_pointwise_conv(capture_mode: str) -> None:
     fold_and_check(model, (torch.randn(2, 4, 5, 5),), capture_mode, folded=1)
 
 
+def test_instancenorm_into_pointwise_conv(capture_mode: str) -> None:
+    model = nn.Sequential(nn.InstanceNorm2d(4, affine=True), nn.Conv2d(4, 6, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.normal_()
+        model[0].bias.normal_()
+    fold_and_check(model, (torch.randn(2, 4, 5, 5),), capture_mode, folded=1)
+
+
 def test_groupnorm_into_zero_padded_conv_stays_whole(capture_mode: str) -> None:
     model = randomize_norms(nn.Sequential(nn.GroupNorm(2, 4), nn.Conv2d(4, 6, 3, padding=1)))
     result = fold_and_check(model, (torch.randn(2, 4, 5, 5),), capture_mode, folded=0, left=1)
