@@ -91,7 +91,9 @@ class Canonicalize:
         affine = insert_affine(gm, x, a, b, 1, before=site.node, sources=(site.id,), hint=site.id)
         site.output.replace_all_uses_with(affine)
         if site.output is not site.node:
-            gm.graph.erase_node(site.output)
+            for u in list(site.node.users):  # the output getitem and unused saved-statistics getitems
+                if not u.users:
+                    gm.graph.erase_node(u)
         gm.graph.erase_node(site.node)
         result.changes.append(Change(self.name, site.id, f"{site.kind} at '{site.path}' → channel_affine",
                                      (site.id,)))

@@ -120,7 +120,7 @@ def _functional_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNorm
     problem: str | None = None
     if returns_tuple:
         firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-        others = [u for u in node.users if u not in firsts]
+        others = [u for u in node.users if u not in firsts and (u.users or u.target is not operator.getitem)]
         output = firsts[0] if len(firsts) == 1 else None
         if others or len(firsts) > 1:
             problem = "its saved mean/invstd outputs are used by other nodes"

@@ -40,6 +40,7 @@ _FUNCTIONS: dict[Any, OpKind] = {
     aten.linear.default: "linear",
 }
 _CONVOLUTION = {aten.convolution.default, aten._convolution.default}
+_MATMUL = {aten.addmm.default, aten.mm.default}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class LinearOp:
     padding_mode: str
     kernel: tuple[int, ...]
     module: nn.Module | None = None
+    matmul: bool = False  # aten.addmm / aten.mm: weight stored transposed, as (in, out)
 
     @property
     def channel_axis(self) -> int:
@@ -148,6 +150,8 @@ def match_linear_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp |
         )
     if node.op != "call_function":
         return None
+    if node.target in _MATMUL:
+        return _match_matmul(gm, node)
     if node.target in _CONVOLUTION:
         kwargs = _kwargs(gm, node)
         kind = "conv_transpose" if kwargs["transposed"] else "conv"
@@ -174,6 +178,25 @@ def match_linear_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp |
         padding=padding if isinstance(padding, str) else _tuple(padding, max(spatial, 0)),
         padding_mode="zeros", kernel=tuple(weight.shape[2:]),
     )
+
+
+def _match_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp | NotFoldable | None:
+    """``addmm(bias, x, Wᵀ)`` / ``mm(x, Wᵀ)``: a Linear after ``run_decompositions`` (weight transposed)."""
+    kw = _kwargs(gm, node)
+    if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1:
+        return NotFoldable(node, "its addmm scales by alpha/beta")
+    w_t = get_constant(gm, kw.get("mat2"))
+    if w_t is None or w_t.dim() != 2:
+        return None  # a matmul of two activations, not a linear layer
+    bias_arg = kw.get("input")  # aten's "self", renamed by normalize_function
+    bias = get_constant(gm, bias_arg)
+    if bias_arg is not None and (bias is None or bias.dim() != 1 or bias.numel() != w_t.shape[1]):
+        return NotFoldable(node, "its bias is not a constant vector")
+    x = kw.get("mat1")
+    if not isinstance(x, torch.fx.Node):
+        return NotFoldable(node, "its input is not a graph value")
+    return LinearOp(node=node, kind="linear", input=x, weight=w_t.t(), bias=bias, groups=1, padding=(),
+                    padding_mode="zeros", kernel=(), matmul=True)
 
 
 def _kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any]:
@@ -208,6 +231,8 @@ def replace_params(
         module.weight = nn.Parameter(new_w, requires_grad=False)
         module.bias = None if new_b is None else nn.Parameter(new_b, requires_grad=False)
         return target
+    if op.matmul:
+        return _replace_matmul(gm, op, new_w, new_b)
     kwargs = _kwargs(gm, node)
     old_w, old_b = kwargs.get("weight"), kwargs.get("bias")
     kwargs["weight"] = add_constant(gm, new_w, f"{node.name}_weight", before=node, parameter=True)
@@ -218,4 +243,19 @@ def replace_params(
     for old in (old_w, old_b):
         if isinstance(old, torch.fx.Node) and not old.users:
             gm.graph.erase_node(old)
+    return node.name
+
+
+def _replace_matmul(gm: torch.fx.GraphModule, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    node = op.node
+    old = [a for a in node.all_input_nodes if a.op == "get_attr"]
+    w_t = add_constant(gm, weight.t().contiguous(), f"{node.name}_weight", before=node, parameter=True)
+    if bias is None:
+        node.target, node.args, node.kwargs = aten.mm.default, (op.input, w_t), {}
+    else:
+        b = add_constant(gm, bias, f"{node.name}_bias", before=node, parameter=True)
+        node.target, node.args, node.kwargs = aten.addmm.default, (b, op.input, w_t), {}
+    for o in old:
+        if not o.users:
+            gm.graph.erase_node(o)
     return node.name

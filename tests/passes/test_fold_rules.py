@@ -372,3 +372,18 @@ def test_second_run_changes_nothing(capture_mode: str) -> None:
     once = bnfold.fold(model, (x,), capture=capture_mode).module
     again = bnfold.fold(once, (x,), capture=capture_mode)
     assert not again.report.modified and again.report.folded == [] and again.report.skipped == []
+
+
+def test_decomposed_export_program() -> None:
+    """A .pt2 saved after run_decompositions(): _native_batch_norm_legit_no_training, convolution, addmm."""
+    model = randomize_bn(Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5),
+                             nn.BatchNorm1d(5)))
+    x = torch.randn(2, 3, 6, 6)
+    ep = torch.export.export(model, (x,)).run_decompositions()
+    kinds = {str(n.target) for n in ep.graph.nodes}
+    assert any("_native_batch_norm_legit_no_training" in k for k in kinds) and any("addmm" in k for k in kinds)
+    result = bnfold.fold(ep, (x,), capture="export")
+    assert len(result.report.folded) == 2 and result.report.skipped == [], result.report
+    assert count_batchnorm(result.module) == 0
+    torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert result.report.parity["passed"]
