@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from zoo import ZOO, format_rows, run_model  # noqa: E402
+from zoo import ZOO, format_rows, run_model
 
 
 def main() -> None:
