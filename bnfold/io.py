@@ -123,7 +123,8 @@ def atomic_output(dest: str | os.PathLike[str], *, protect: Sequence[str | os.Pa
     parent = d.parent if str(d.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"output folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{d.name}.", suffix=".tmp", dir=parent)
+    # keep the real suffix last: some writers (torch.export.save) check it
+    fd, tmp = tempfile.mkstemp(prefix=f".{d.stem}.", suffix=f".partial{d.suffix}", dir=parent)
     os.close(fd)
     try:
         yield Path(tmp)

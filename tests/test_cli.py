@@ -86,7 +86,7 @@ def test_bad_input_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], con
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
     assert not out.exists()
-    assert not list(tmp_path.glob(".out.pt2.*"))  # no half-written temp file left behind
+    assert not list(tmp_path.glob(".out.*"))  # no half-written temp file left behind
 
 
 def test_truncated_pt2(pt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

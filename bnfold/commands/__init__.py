@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from bnfold.commands import demo, fold_cmd
+from bnfold.commands import check_cmd, compile_cmd, demo, fold_cmd, optimize_cmd, recalibrate_cmd
 
-COMMANDS = [fold_cmd, demo]
+COMMANDS = [fold_cmd, check_cmd, demo, recalibrate_cmd, compile_cmd, optimize_cmd]

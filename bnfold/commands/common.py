@@ -29,3 +29,15 @@ def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch
     if inputs is None:
         raise InputError(f"{args.model} stores no example inputs", hint="pass --input-shape, e.g. 1,3,224,224")
     return loaded, inputs
+
+
+def load_batches(args: argparse.Namespace, data: str | None) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]] | None]:
+    """Load ``args.model`` and, when ``data`` is given, its input batches (see ``bnfold recalibrate``)."""
+    if data is None:
+        return load_model(args.model, trusted_pickle=args.trust_pickle), None
+    from bnfold.commands.recalibrate_cmd import _load
+
+    ns = argparse.Namespace(**{**vars(args), "data": data})
+    for name in ("batch_size", "num_samples", "num_batches", "key"):
+        setattr(ns, name, getattr(args, name, None))
+    return _load(ns)

@@ -15,6 +15,7 @@ from torch import nn
 
 from bnfold.api import fold
 from bnfold.demo.data import DigitsData, load_digits
+from bnfold.demo.drift_stage import stage_drift
 from bnfold.demo.model import load_pretrained
 from bnfold.parity import compare
 from bnfold.report import format_table
@@ -58,8 +59,41 @@ def _stage_fold(ctx: DemoContext) -> list[str]:
     ]
 
 
+def _stage_onnx(ctx: DemoContext) -> list[str]:
+    """Export the folded model to ONNX (onnxsim), run it with ONNX Runtime, check it against the original."""
+    import tempfile
+    from pathlib import Path
+
+    from bnfold.errors import BnfoldError
+
+    if ctx.folded is None:
+        return ["== onnx ==", "skipped: no folded model"]
+    try:
+        from bnfold.targets.onnx import OnnxRuntimeModel, export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="bnfold-demo-") as tmp:
+            out = export_onnx(ctx.folded, (ctx.data.x_test[:8],), Path(tmp) / "digits_folded.onnx")
+            runtime = OnnxRuntimeModel(out.path)
+            parity = compare(ctx.original, runtime, (ctx.data.x_test,))
+            acc = accuracy(runtime, ctx.data.x_test, ctx.data.y_test)
+    except BnfoldError as err:
+        return ["== onnx ==", f"skipped: {err}"]
+    ctx.results["onnx"] = {"build_info": out.build_info, "parity_test_set": parity.to_dict()}
+    ctx.accuracy_rows.append(["onnx (ONNX Runtime)", f"{acc:.4f}"])
+    s = parity.summary()
+    ops = ", ".join(f"{k} {v}" for k, v in out.build_info["op_types"].items())
+    return [
+        "== onnx ==",
+        f"exported the folded model: {out.build_info['nodes']} ONNX nodes ({ops}), opset "
+        f"{out.build_info['opset']}, simplified by onnxsim",
+        f"ONNX Runtime vs original on all {len(ctx.data.y_test)} held-out digits: "
+        f"{'PASS' if parity.passed else 'FAIL'} (max abs {s['max_abs']:.3g}, rmse vs fp64 "
+        f"{s.get('rmse_vs_fp64', float('nan')):.3g} ≤ bound {s.get('bound', float('nan')):.3g})",
+    ]
+
+
 Stage = Callable[[DemoContext], list[str]]
-STAGES: list[tuple[str, Stage]] = [("fold", _stage_fold)]
+STAGES: list[tuple[str, Stage]] = [("drift", stage_drift), ("fold", _stage_fold), ("onnx", _stage_onnx)]
 
 
 def run_demo(emit: Callable[[str], None] = print) -> DemoContext:

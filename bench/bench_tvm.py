@@ -1,0 +1,216 @@
+"""bnfold + TVM (tuned) against PyTorch eager (unfolded, folded) and ONNX Runtime: batch 1, fp32, 224×224.
+
+    nohup nice -n 10 .venv/bin/python bench/bench_tvm.py --trials-per-kernel 32 \\
+        --json bench/tvm_results.json > bench_tvm.log 2>&1 &
+
+For each model (random weights, randomized BatchNorm statistics, seeded):
+
+1. fold it with :func:`bnfold.fold`;
+2. export the folded model to ONNX (``bnfold.targets.onnx`` when present, else ``torch.onnx.export``) and open an
+   ONNX Runtime session;
+3. ``bnfold.compile(folded, x, tune_trials=N)`` with a fresh tuning database (``--cache-dir``), ``N`` =
+   ``--trials-per-kernel`` × the number of kernels (counted first with :func:`bnfold.targets.tvm.tuning_tasks`)
+   or ``--trials model=N,...``; records the tuning time;
+4. compiles again with the same database (the "second compile": nothing left to tune) and times it;
+5. checks parity of the TVM artifact against the folded model (bnfold's fp64-reference rule);
+6. times all engines on the same input in interleaved rounds (``--rounds`` × ``--per-round`` calls each, after a
+   warm-up), so a burst of load from other processes hits every engine alike; reports the median and the
+   minimum per call.
+
+Every engine gets the same thread budget: the usable cores (PyTorch ``set_num_threads``, ORT
+``intra_op_num_threads``, TVM ``TVM_NUM_THREADS``). Results print as a Markdown table (paste into
+BENCHMARKS.md) and, with ``--json``, as a JSON file.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Shared machine: idle worker threads must sleep, not spin (a spinning pool under load made a 1 ms PyTorch
+# conv take 70-130 ms here). Same rule for every engine: OpenMP (PyTorch) passive, ORT without spinning,
+# TVM with a zero spin count (bnfold's default). Must be set before torch starts its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.targets.tvm import UntunedKernelsWarning, configure_threads, tuning_tasks
+from bnfold.targets.tvm_target import usable_cores
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import randomize_bn
+
+log = logging.getLogger("bench_tvm")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _onnx_runner(folded: nn.Module, x: torch.Tensor, workdir: Path, threads: int) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    path = workdir / "model.onnx"
+    try:
+        from bnfold.targets.onnx import export_onnx
+
+        export_onnx(folded, (x,), path, dynamic_batch=False)
+        how = "bnfold.targets.onnx.export_onnx"
+    except ImportError:
+        torch.onnx.export(folded, (x,), str(path), dynamo=True)
+        how = "torch.onnx.export"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if os.environ.get(
+        "OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "1")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    feed = {name: x.numpy()}
+    log.info("ONNX model exported with %s", how)
+    return lambda: sess.run(None, feed)
+
+
+def _time_interleaved(engines: dict[str, Callable[[], Any]], rounds: int, per_round: int,
+                      warmup: int) -> dict[str, dict[str, float]]:
+    samples: dict[str, list[float]] = {k: [] for k in engines}
+    with torch.inference_mode():
+        for fn in engines.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for name, fn in engines.items():
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - t)
+    return {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v),
+                "p90_ms": 1e3 * float(np.percentile(v, 90)), "calls": len(v)} for k, v in samples.items()}
+
+
+def bench_model(arch: str, args: argparse.Namespace, cache_dir: Path, threads: int) -> dict[str, Any]:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(torchvision.models, arch)()).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    folded = bnfold.fold(model, (x,)).module
+    kernels = tuning_tasks(folded, (x,), prepack=args.prepack, layout=args.layout)
+    per_model = dict(kv.split("=") for kv in args.trials.split(",")) if args.trials else {}
+    trials = int(per_model[arch]) if arch in per_model else args.trials_per_kernel * len(kernels)
+    log.info("%s: %d kernels to tune, budget %d trials", arch, len(kernels), trials)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntunedKernelsWarning)
+        t0 = time.perf_counter()
+        art = bnfold.compile(folded, (x,), tune_trials=trials, cache_dir=cache_dir, prepack=args.prepack,
+                             layout=args.layout, progress=False)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        art2 = bnfold.compile(folded, (x,), tune_trials=trials, cache_dir=cache_dir, prepack=args.prepack,
+                              layout=args.layout, progress=False)
+        second_s = time.perf_counter() - t0
+    for w in caught:
+        log.warning("%s", w.message)
+    tuning = art.build_info["tuning"]
+    parity = bnfold.compare(folded, art, (x,)).summary()
+    same = bool(torch.equal(art(x), art2(x)))
+    with tempfile.TemporaryDirectory(prefix="bench-tvm-") as tmp:
+        ort_run = _onnx_runner(folded, x, Path(tmp), threads)
+        engines = {
+            "pytorch eager (unfolded)": lambda: model(x),
+            "pytorch eager (folded)": lambda: folded(x),
+            "onnx runtime (folded)": ort_run,
+            "bnfold + tvm (tuned)": lambda: art(x),
+        }
+        timings = _time_interleaved(engines, args.rounds, args.per_round, args.warmup)
+    return {
+        "model": arch, "input": [1, 3, args.size, args.size], "kernels": len(kernels),
+        "trials_budget": trials, "trials_run": tuning["trials_run"], "tuning_s": tuning["seconds"],
+        "first_compile_s": round(first_s, 1), "second_compile_s": round(second_s, 1),
+        "second_compile_trials_run": art2.build_info["tuning"]["trials_run"], "second_compile_same_output": same,
+        "untuned": tuning["untuned"], "parity_vs_folded": parity, "timings": timings,
+        "per_task": tuning["tasks"],
+    }
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = ["| model | engine | median ms | min ms | TVM speed-up (median) |",
+             "|---|---|---:|---:|---:|"]
+    for r in results:
+        tvm_ms = r["timings"]["bnfold + tvm (tuned)"]["median_ms"]
+        for engine, t in r["timings"].items():
+            ratio = t["median_ms"] / tvm_ms
+            lines.append(f"| {r['model']} | {engine} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | "
+                         f"{'—' if engine.startswith('bnfold') else f'{ratio:.2f}×'} |")
+    lines += ["", "| model | kernels | trial budget | trials run | tuning time | first compile | second compile "
+              "(cached db) | untuned kernels | parity vs folded |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        p = r["parity_vs_folded"]
+        lines.append(f"| {r['model']} | {r['kernels']} | {r['trials_budget']} | {r['trials_run']} | "
+                     f"{r['tuning_s'] / 60:.1f} min | {r['first_compile_s'] / 60:.1f} min | "
+                     f"{r['second_compile_s']:.1f} s | {len(r['untuned'])} | "
+                     f"{'PASS' if p['passed'] else 'FAIL'} (max abs {p['max_abs']:.2g}) |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,mobilenet_v2")
+    ap.add_argument("--trials-per-kernel", type=int, default=32, help="budget = this × kernels (default 32)")
+    ap.add_argument("--trials", help="total budget per model, e.g. resnet18=576,mobilenet_v2=384 (overrides "
+                                     "--trials-per-kernel for the models it names)")
+    ap.add_argument("--cache-dir", help="tuning database root (default: a fresh temporary folder)")
+    ap.add_argument("--no-prepack", dest="prepack", action="store_false", help="tune without weight prepacking")
+    ap.add_argument("--layout", choices=["NCHW", "NHWC"], help="convolution layout for TVM (default NCHW)")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--json", help="write results as JSON here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    configure_threads(threads)
+    cache = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="bench-tvm-cache-"))
+    log.info("threads %d, cache %s, load average at start %s", threads, cache, os.getloadavg())
+    results = []
+    for arch in args.models.split(","):
+        results.append(bench_model(arch.strip(), args, cache, threads))
+        log.info("%s done:\n%s", arch, _table(results[-1:]))
+    import onnxruntime
+    import tvm
+
+    meta = {"machine": platform.machine(), "cpu": _cpu_name(), "threads": threads, "torch": torch.__version__,
+            "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "load_average_end": os.getloadavg(),
+            "prepack": args.prepack, "layout": args.layout or "NCHW",
+            "wait_policy": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT")}}
+    print(_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,526 @@
+"""Measure what every BatchNorm layer sees: per-channel count, Σx and Σx², accumulated in float64.
+
+The engine behind :func:`bnfold.recalibrate` and :func:`bnfold.diagnose`.
+
+**Which layers.** A GraphModule's layers come from :func:`bnfold.passes.detect.find_batchnorm_sites` (module,
+functional and aten BatchNorm, including ``aten.batch_norm`` from ``torch.export`` whose running statistics are
+``get_attr`` buffers); a plain ``nn.Module``'s are its ``_BatchNorm`` submodules that track running statistics.
+A layer is identified by the running-mean *tensor* it reads, so several call sites of one layer are one layer.
+
+**How calls are caught.** One :class:`torch.overrides.TorchFunctionMode` sees every torch call of the forward;
+batch-norm calls (``F.batch_norm``, ``torch.batch_norm`` and the aten overloads) whose running mean is a tracked
+buffer are answered by the engine, everything else runs untouched. One mechanism for every form of BatchNorm,
+no graph surgery, no per-module hooks to forget to remove, and the model's code is never changed.
+
+**The math.** For a layer input ``x`` of shape ``(N, C, *)`` and each channel ``c``::
+
+    n   += N · ∏(*)                    (values per channel)
+    S_c += Σ x[:, c, ...]              (float64)
+    Q_c += Σ x[:, c, ...]²             (float64)
+
+    mean_c = S_c / n,    var_c = (Q_c − S_c · mean_c) / (n − 1)      (unbiased, like BatchNorm's running_var)
+
+The sums add across batches of any size and across processes, so the result is the exact population mean and
+variance of everything the layer saw: count-weighted, and under ``torch.distributed`` one all-reduce of the
+packed ``(n, S, Q)`` makes every rank equal to one process over the union of the data.
+
+**What a layer normalizes with** while the data flows (:data:`Use`): ``"batch"`` — the statistics of the current
+batch, as in training (biased variance; the output is then ``(x − mean_b) / √(var_b + eps) · γ + β``);
+``"new"`` — the layer's freshly measured statistics (sequential recalibration); ``"stored"`` — its running
+statistics as they are (diagnosis). Every other module stays in eval mode: dropout is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from bnfold.errors import InputError
+from bnfold.passes.detect import find_batchnorm_sites
+
+__all__ = [
+    "BatchNormLayer",
+    "Moments",
+    "Pass",
+    "Use",
+    "agree_on_order",
+    "all_reduce_layers",
+    "as_call",
+    "batch_count",
+    "channel_sums",
+    "eval_mode",
+    "find_layers",
+    "limited_calls",
+    "moments_to_stats",
+    "progress_bar",
+    "restore_stats",
+    "run_pass",
+    "snapshot_stats",
+    "world",
+]
+
+log = logging.getLogger(__name__)
+
+Use = Literal["batch", "new", "stored"]
+
+# Largest float64 working copy made at once (elements, 2 MB): bounded memory, and measured to be as fast as one
+# whole-tensor copy for small activations and several times faster for large ones (no page faults).
+_CHUNK = 1 << 18
+
+
+# --------------------------------------------------------------------------------------------- the math
+
+
+def channel_sums(x: torch.Tensor, channels: int) -> tuple[int, torch.Tensor]:
+    """``(n, sums)`` of one batch: ``n`` values per channel and ``sums = [Σx; Σx²]`` (shape ``(2, C)``, float64)
+    over every dim but 1.
+
+    The input is up-cast chunk by chunk along dim 0, so the float64 copy stays small (~2 MB).
+    """
+    if x.dim() < 2 or x.shape[1] != channels:
+        raise InputError(f"a BatchNorm of {channels} channels received a tensor of shape {tuple(x.shape)}",
+                         hint="BatchNorm normalizes dim 1 of an (N, C, ...) input")
+    if x.numel() == 0:
+        return 0, torch.zeros(2, channels, dtype=torch.float64, device=x.device)
+    batch = x.shape[0]
+    rows = x.reshape(batch, channels, -1)
+    step = max(1, _CHUNK // (rows.shape[2] * channels))
+    parts = []
+    for i in range(0, batch, step):
+        chunk = rows[i:i + step].to(torch.float64, copy=True)
+        parts.append(chunk.sum((0, 2)))
+        parts.append(chunk.square_().sum((0, 2)))
+    sums = torch.stack(parts).view(-1, 2, channels).sum(0) if len(parts) > 2 else torch.stack(parts)
+    return batch * rows.shape[2], sums
+
+
+def moments_to_stats(n: int, sums: torch.Tensor, *, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``sums = [S; Q]``: ``mean = S / n``, ``var = (Q − S·mean) / (n − 1)`` (``/ n`` when not ``unbiased``),
+    clamped at 0."""
+    total, total_sq = sums[0], sums[1]
+    mean = total / n
+    var = torch.addcmul(total_sq, total, mean, value=-1.0).div_(n - 1 if unbiased else n)
+    return mean, var.clamp_min_(0.0)
+
+
+@dataclass
+class Moments:
+    """Running ``(n, [S; Q])`` of one layer: float64 sums on the layer's device. Batches are appended and summed
+    once, when the result is needed (fewer small operations inside the forward)."""
+
+    count: int
+    parts: list[torch.Tensor]
+
+    @classmethod
+    def zeros(cls, like: torch.Tensor) -> Moments:
+        return cls(0, [torch.zeros(2, like.numel(), dtype=torch.float64, device=like.device)])
+
+    def add(self, n: int, sums: torch.Tensor) -> None:
+        self.count += n
+        self.parts.append(sums)
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """``[S; Q]``, shape ``(2, C)``."""
+        if len(self.parts) > 1:
+            self.parts = [torch.stack(self.parts).sum(0)]
+        return self.parts[0]
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Population mean and unbiased variance (needs ``count ≥ 2``)."""
+        return moments_to_stats(self.count, self.sums)
+
+    def pack(self) -> torch.Tensor:
+        sums = self.sums
+        return torch.cat([sums.new_tensor([float(self.count)]), sums.reshape(-1)])
+
+    def unpack(self, packed: torch.Tensor) -> None:
+        self.count = round(float(packed[0]))
+        self.parts = [packed[1:].reshape(2, -1).clone()]
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+@dataclass(eq=False)
+class BatchNormLayer:
+    """One BatchNorm layer (possibly called at several sites) and what was measured at its input."""
+
+    name: str
+    kind: str
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    eps: float
+    sites: int = 1
+    moments: Moments = field(init=False)
+    new_mean: torch.Tensor | None = None  # float64, set once the layer is final
+    new_var: torch.Tensor | None = None
+    first_call: float = math.inf  # position of its first call in a forward (execution order)
+    calls_per_forward: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.moments = Moments.zeros(self.running_mean)
+
+    @property
+    def channels(self) -> int:
+        return self.running_mean.numel()
+
+    @property
+    def calls(self) -> int:
+        """Largest number of calls in one forward (> 1: the layer is reused)."""
+        return max(self.calls_per_forward, default=0)
+
+    def finalize(self) -> None:
+        if self.moments.count >= 2:
+            self.new_mean, self.new_var = self.moments.stats()
+
+
+def find_layers(model: nn.Module) -> list[BatchNormLayer]:
+    """Every BatchNorm layer of ``model`` that has running statistics to recalibrate, in graph/module order."""
+    layers: dict[int, BatchNormLayer] = {}
+    if isinstance(model, torch.fx.GraphModule):
+        for site in find_batchnorm_sites(model):
+            rm, rv = site.running_mean, site.running_var
+            if rm is None or rv is None:
+                log.debug("BatchNorm at %s has no constant running statistics; not recalibrated", site.path)
+                continue
+            layer = layers.get(id(rm))
+            if layer is None:
+                layers[id(rm)] = BatchNormLayer(site.path, site.kind, rm, rv, site.eps)
+            else:
+                layer.sites += 1
+    else:
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \
+                    and m.running_var is not None:
+                layers[id(m.running_mean)] = BatchNormLayer(name, type(m).__name__, m.running_mean, m.running_var,
+                                                            float(m.eps))
+    return list(layers.values())
+
+
+# --------------------------------------------------------------------------------------------- catching calls
+
+
+@dataclass(frozen=True)
+class _CallSpec:
+    """Argument names of one batch-norm function, to bind ``(args, kwargs)`` to a flat positional list."""
+
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any]
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any] | None:
+        values = list(args) + [inspect.Parameter.empty] * (len(self.names) - len(args))
+        for key, value in kwargs.items():
+            if key not in self.names:
+                return None
+            values[self.names.index(key)] = value
+        for i, name in enumerate(self.names):
+            if values[i] is inspect.Parameter.empty:
+                if name not in self.defaults:
+                    return None
+                values[i] = self.defaults[name]
+        return values
+
+    def index(self, name: str) -> int | None:
+        return self.names.index(name) if name in self.names else None
+
+
+def _spec_of_op(op: Any) -> _CallSpec:
+    args = op._schema.arguments
+    return _CallSpec(tuple(a.name for a in args), {a.name: a.default_value for a in args if a.has_default_value()})
+
+
+def _spec_of_function(fn: Any) -> _CallSpec:
+    params = inspect.signature(fn).parameters.values()
+    return _CallSpec(tuple(p.name for p in params),
+                     {p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+
+
+def _call_specs() -> dict[Any, _CallSpec]:
+    aten = torch.ops.aten
+    torch_names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                   "cudnn_enabled")
+    specs: dict[Any, _CallSpec] = {F.batch_norm: _spec_of_function(F.batch_norm),
+                                   torch.batch_norm: _CallSpec(torch_names, {})}
+    for op in (aten.batch_norm.default, aten.native_batch_norm.default, aten._native_batch_norm_legit.default,
+               aten._native_batch_norm_legit_no_training.default,
+               aten._native_batch_norm_legit_functional.default):
+        specs[op] = _spec_of_op(op)
+    return specs
+
+
+_SPECS = _call_specs()
+
+
+class _StopForward(BaseException):  # BaseException: a model's `except Exception` must not swallow it
+    """Raised after the last call of the layer a sequential pass measures: the rest of the forward is not needed."""
+
+
+@dataclass
+class Pass:
+    """What each layer does during one pass over the data."""
+
+    default: Use
+    record: set[BatchNormLayer]
+    use: dict[BatchNormLayer, Use] = field(default_factory=dict)
+    stop_after: tuple[BatchNormLayer, int] | None = None  # (layer, its number of calls per forward)
+
+
+class _Interceptor(TorchFunctionMode):
+    """Answers the batch-norm calls of tracked layers according to the current :class:`Pass`."""
+
+    def __init__(self, layers: list[BatchNormLayer], plan: Pass) -> None:
+        super().__init__()
+        self._by_buffer = {id(layer.running_mean): layer for layer in layers}
+        self._layers = layers  # keeps the buffers (and so their ids) alive
+        self.plan = plan
+        self._calls: dict[BatchNormLayer, int] = {}
+        self._order = 0
+
+    def begin_forward(self) -> None:
+        self._calls = {}
+
+    def end_forward(self) -> None:
+        for layer, n in self._calls.items():
+            layer.calls_per_forward.add(n)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        spec = _SPECS.get(func)
+        if spec is None:
+            return func(*args, **kwargs)
+        values = spec.bind(args, kwargs)
+        if values is None:
+            return func(*args, **kwargs)
+        rm_at = spec.index("running_mean")
+        rm = values[rm_at] if rm_at is not None else None
+        layer = self._by_buffer.get(id(rm)) if isinstance(rm, torch.Tensor) else None
+        if layer is None or layer.running_mean is not rm:
+            return func(*args, **kwargs)
+        return self._answer(layer, func, spec, values)
+
+    def _answer(self, layer: BatchNormLayer, func: Any, spec: _CallSpec, values: list[Any]) -> Any:
+        calls = self._calls.get(layer, 0) + 1
+        self._calls[layer] = calls
+        if layer.first_call == math.inf:
+            layer.first_call = self._order
+        self._order += 1
+        plan = self.plan
+        use = plan.use.get(layer, plan.default)
+        x = values[spec.names.index("input")]
+        sums = None
+        if layer in plan.record or use == "batch":
+            sums = channel_sums(x, layer.channels)
+        if layer in plan.record and sums is not None:
+            layer.moments.add(*sums)
+        mean, var = _normalizing_stats(layer, use, sums)
+        values[spec.names.index("running_mean")] = mean
+        values[spec.names.index("running_var")] = var
+        training_at = spec.index("training")
+        if training_at is not None:
+            values[training_at] = False
+        out = func(*values)
+        if plan.stop_after is not None and plan.stop_after == (layer, calls):
+            raise _StopForward
+        return out
+
+
+def _normalizing_stats(layer: BatchNormLayer, use: Use,
+                       sums: tuple[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, var) a layer normalizes with in this call, as tensors of its buffers' dtype."""
+    if use == "new" and layer.new_mean is not None and layer.new_var is not None:
+        return layer.new_mean.to(layer.running_mean.dtype), layer.new_var.to(layer.running_var.dtype)
+    if use == "batch" and sums is not None:
+        n, batch_sums = sums
+        if n >= 2:  # biased variance, as training-mode BatchNorm normalizes with
+            mean, var = moments_to_stats(n, batch_sums, unbiased=False)
+        elif layer.moments.count >= 2:  # one value per channel: use the best estimate so far
+            mean, var = layer.moments.stats()
+        else:
+            return layer.running_mean, layer.running_var
+        return mean.to(layer.running_mean.dtype), var.to(layer.running_var.dtype)
+    return layer.running_mean, layer.running_var
+
+
+# --------------------------------------------------------------------------------------------- running passes
+
+
+def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch as call arguments: a tensor is the only input, a tuple/list the positional inputs, a dict keywords."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    raise InputError(f"a calibration batch is a {type(batch).__name__}; expected a tensor, a tuple of tensors "
+                     "(positional inputs) or a dict (keyword inputs)",
+                     hint="for a DataLoader of (inputs, labels) pass (x for x, _ in loader)")
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, torch.Tensor):
+            return int(t.shape[0]) if t.dim() else 1
+    raise InputError("a calibration batch holds no tensor", hint="each batch must contain the model's inputs")
+
+
+def _truncate(args: tuple[Any, ...], kwargs: dict[str, Any], size: int,
+              keep: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def cut(v: Any) -> Any:
+        return v[:keep] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def limited_calls(batches: Iterable[Any], *, num_batches: int | None,
+                  num_samples: int | None) -> Iterator[tuple[Call, int]]:
+    """``(call arguments, samples)`` for each batch, stopping after ``num_batches`` batches or exactly
+    ``num_samples`` samples (the last batch is cut to fit). Empty batches are skipped."""
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise InputError(f"batches is a single {type(batches).__name__}; expected an iterable of batches",
+                         hint="wrap one batch in a list: [x]")
+    seen = taken = 0
+    for batch in batches:
+        if num_batches is not None and taken >= num_batches:
+            return
+        args, kwargs = as_call(batch)
+        size = _batch_size(args, kwargs)
+        if num_samples is not None and seen + size > num_samples:
+            args, kwargs = _truncate(args, kwargs, size, num_samples - seen)
+            size = num_samples - seen
+        if size <= 0:
+            continue
+        yield (args, kwargs), size
+        seen += size
+        taken += 1
+        if num_samples is not None and seen >= num_samples:
+            return
+
+
+def run_pass(model: nn.Module, layers: list[BatchNormLayer], plan: Pass, calls: Iterable[tuple[Call, int]],
+             bar: Any, keep: list[tuple[Call, int]] | None = None) -> tuple[int, int]:
+    """Run ``model`` on every batch with its BatchNorm calls answered according to ``plan``; return
+    (batches, samples). ``keep`` (if given) collects the batches, for another pass."""
+    interceptor = _Interceptor(layers, plan)
+    batches = samples = 0
+    with interceptor:
+        for call, size in calls:
+            args, kwargs = call
+            interceptor.begin_forward()
+            with contextlib.suppress(_StopForward):
+                model(*args, **kwargs)
+            interceptor.end_forward()
+            if keep is not None:
+                keep.append((call, size))
+            batches += 1
+            samples += size
+            bar.update(1)
+            bar.set_postfix(samples=samples, refresh=False)
+    return batches, samples
+
+
+def batch_count(batches: Iterable[Any], limit: int | None) -> int | None:
+    """How many batches a pass will see, when it can be told without consuming ``batches``."""
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return limit
+    return n if limit is None else min(n, limit)
+
+
+def progress_bar(progress: bool | None, *, total: int | None, desc: str) -> Any:
+    """A tqdm bar on stderr; off when ``progress`` is False, when stderr is not a terminal (``None``) and on
+    every rank but 0."""
+    from tqdm import tqdm
+
+    show = progress if progress is not None else sys.stderr.isatty()
+    show = show and world()[1] == 0
+    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not show, leave=False,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------- state and ranks
+
+
+def world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the default process group, ``(1, 0)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_reduce_layers(layers: list[BatchNormLayer], extra: list[float] | None = None) -> list[float]:
+    """Sum every layer's ``(n, S, Q)`` (and ``extra`` counters) over all ranks in one all-reduce.
+
+    Every rank must pass the same layers in the same order (they come from the same model).
+    """
+    extra = list(extra or [])
+    if world()[0] == 1 or not layers:
+        return extra
+    device = layers[0].running_mean.device
+    packed = torch.cat([layer.moments.pack() for layer in layers] +
+                       [torch.tensor(extra, dtype=torch.float64, device=device)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    at = 0
+    for layer in layers:
+        size = 1 + 2 * layer.channels
+        layer.moments.unpack(packed[at:at + size])
+        at += size
+    return [float(v) for v in packed[at:]]
+
+
+def agree_on_order(layers: list[BatchNormLayer]) -> None:
+    """Make ``first_call`` the minimum over ranks, so every rank measures the layers in the same order."""
+    if world()[0] == 1 or not layers:
+        return
+    device = layers[0].running_mean.device
+    first = torch.tensor([layer.first_call for layer in layers], dtype=torch.float64, device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    for layer, value in zip(layers, first.tolist(), strict=True):
+        layer.first_call = value
+
+
+def snapshot_stats(layers: list[BatchNormLayer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every layer's running statistics (see :func:`restore_stats`)."""
+    return [(layer.running_mean.detach().clone(), layer.running_var.detach().clone()) for layer in layers]
+
+
+def restore_stats(layers: list[BatchNormLayer], snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for layer, (mean, var) in zip(layers, snapshot, strict=True):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (dropout off, BN reading its statistics) for the block; flags restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(False)
+    except NotImplementedError:  # torch.export's unlifted module refuses train(); its graph is fixed anyway
+        for m, _ in flags:
+            m.training = False
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training

@@ -1,0 +1,227 @@
+"""The pre-deployment step: one call from a model to folded, recalibrated, compiled, verified artifacts.
+
+::
+
+    original ─► recalibrate (optional, BEFORE folding) ─► fold ─► folded.pt2 ─► model.onnx (onnxsim, ORT)
+                                                                             └► tvm/ (llvm | cuda)
+    parity of every stage against the previous one and against the original (or the recalibrated model,
+    whose change is intended), on the user's validation data; the report names where a divergence starts.
+
+Everything is built in a staging folder next to ``out_dir`` and renamed into place at the end, so a failure
+never leaves a half-written output. A stage that fails (an exporter error, a compile error) is recorded in the
+report and the later stages still run where they can; ``OptimizeResult.passed`` is False then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.api import fold
+from bnfold.capture import CaptureMode
+from bnfold.errors import BnfoldError, InputError
+from bnfold.io import save_exported
+from bnfold.report import FoldReport, format_table
+
+__all__ = ["OptimizeResult", "optimize"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` produced. ``artifacts`` maps a name to its path inside ``out_dir``."""
+
+    out_dir: Path
+    fold: FoldReport | None
+    recalibration: Any | None
+    stages: Any | None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.errors and self.stages is not None and bool(self.stages.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "out_dir": str(self.out_dir),
+            "artifacts": self.artifacts,
+            "errors": self.errors,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
+            "fold": None if self.fold is None else self.fold.to_dict(),
+            "stages": None if self.stages is None else self.stages.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"bnfold optimize → {self.out_dir}: {'PASS' if self.passed else 'FAIL'}", ""]
+        if self.recalibration is not None:
+            lines += [str(self.recalibration), ""]
+        if self.fold is not None:
+            lines += [self.fold.render(explain=False), ""]
+        if self.stages is not None:
+            lines += [str(self.stages), ""]
+        rows = [[name, path] for name, path in self.artifacts.items()]
+        lines.append(format_table(["artifact", "path"], rows))
+        for stage, err in self.errors.items():
+            lines.append(f"ERROR in {stage}: {err}")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _timed(result: OptimizeResult, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    except BnfoldError as err:
+        log.warning("%s failed: %s", stage, err)
+        result.errors[stage] = str(err)
+    finally:
+        result.seconds[stage] = time.perf_counter() - start
+
+
+def _staging_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise InputError(f"{out} exists and is not empty", hint="choose a new output folder or pass --force")
+    if not out.parent.exists():
+        raise InputError(f"output folder's parent {out.parent} does not exist")
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out`` (replacing an old one only after success)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    out_dir: str | Path,
+    *,
+    calibration: Iterable[Any] | None = None,
+    validation: Iterable[Any] | None = None,
+    capture: CaptureMode = "auto",
+    recalibrate_mode: str = "batch",
+    onnx: bool = True,
+    tvm_target: str | None = "llvm",
+    arch: str | None = None,
+    tune_trials: int = 0,
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    protect: Sequence[str | Path] = (),
+) -> OptimizeResult:
+    """Recalibrate (when ``calibration`` batches are given), fold, export and compile ``model``; check parity of
+    every stage on ``validation`` batches (default: the calibration batches, else ``example_inputs``); write
+    ``folded.pt2``, ``model.onnx``, ``tvm/``, ``report.json`` and ``report.txt`` into ``out_dir``.
+
+    ``tvm_target``: ``"llvm"`` (this CPU), ``"cuda"`` (with ``arch``, e.g. ``"sm_90a"``; compiled here, run only
+    where a GPU is) or ``None`` to skip TVM. The caller's model is never modified.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    out = Path(out_dir)
+    staging = _staging_dir(out, overwrite)
+    result = OptimizeResult(out, None, None, None)
+    try:
+        _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
+             tvm_target, arch, tune_trials, cache_dir, protect)
+        (staging / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        result.artifacts["report"] = "report.json"
+        (staging / "report.txt").write_text(str(result) + "\n")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """Re-chunk validation batches to the example batch size: exported and compiled stages have a static batch.
+    A remainder smaller than one batch is dropped."""
+    from bnfold.data import split_batches
+
+    norm = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
+    size = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+    chunks = split_batches(norm, size)
+    full = [c for c in chunks if int(c[0].shape[0]) == size]
+    if not full:
+        raise InputError(f"the validation data holds fewer samples than one batch ({size})",
+                         hint="give more validation samples or smaller example inputs")
+    return full
+
+
+def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,
+         calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
+         recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
+         cache_dir: str | Path | None, protect: Sequence[str | Path]) -> None:
+    from bnfold.stages import StageTracker
+
+    original = model
+    calib = list(calibration) if calibration is not None else None
+    check_data = _fixed_batches(list(validation) if validation is not None else (calib[:8] if calib else [inputs]),
+                                inputs)
+    tracker = StageTracker(check_data)
+    tracker.add("original", original)
+
+    work = original
+    if calib:
+        from bnfold.recalibrate import recalibrate
+
+        with _timed(result, "recalibrate"):
+            work = copy.deepcopy(original)
+            result.recalibration = recalibrate(work, calib, mode=recalibrate_mode)  # type: ignore[arg-type]
+            tracker.add("recalibrated", work, expected_change=True)
+
+    folded = None
+    with _timed(result, "fold"):
+        fr = fold(work, inputs, capture=capture, check=False)
+        folded, result.fold = fr.module, fr.report
+        tracker.add("folded", folded)
+        save_exported(folded, inputs, staging / "folded.pt2", protect=protect)
+        result.artifacts["folded"] = "folded.pt2"
+    if folded is None:
+        result.stages = tracker.report()
+        return
+
+    if onnx:
+        from bnfold.targets.onnx import OnnxRuntimeModel, export_onnx
+
+        with _timed(result, "onnx"):
+            exported = export_onnx(folded, inputs, staging / "model.onnx", protect=protect)
+            result.artifacts["onnx"] = "model.onnx"
+            tracker.add("onnx", OnnxRuntimeModel(exported.path))
+
+    if tvm_target:
+        from bnfold.targets.tvm import compile as tvm_compile
+
+        with _timed(result, "tvm"):
+            artifact = tvm_compile(folded, inputs, target=tvm_target, arch=arch, tune_trials=tune_trials,
+                                   cache_dir=cache_dir, progress=False)
+            artifact.save(staging / "tvm")
+            result.artifacts["tvm"] = "tvm/"
+            if artifact.runnable:
+                tracker.add("tvm", artifact)
+            else:
+                tracker.report().notes.append(f"tvm ({tvm_target}) artifact not run: no matching device here")
+    result.stages = tracker.report()

@@ -1,0 +1,309 @@
+"""ONNX target: ``torch.export`` → ``torch.onnx.export`` → onnxsim → ONNX Runtime.
+
+Lowering only (the model is folded before it gets here):
+
+1. The module is exported with ``torch.export.export(strict=False)``, dimension 0 of every input marked
+   ``Dim.AUTO`` (a batch of 1 is doubled first so it is not specialized); if that fails the batch stays fixed
+   (``build_info["dynamic_batch"] = False``). A ``torch.export`` GraphModule's ``_guards_fn`` (which restates
+   the shapes it was captured with) is dropped from a copy first. The caller's module is never changed.
+2. ``torch.onnx.export(exported_program, dynamo=True)`` translates it. The TorchScript exporter
+   (``dynamo=False``) is not used: with torch 2.14 it fails on both kinds of GraphModule bnfold produces
+   (symbolic-traced: ``'Graph' object has no attribute 'outputs'``; ``ExportedProgram.module()``:
+   ``Calling train() is not supported``).
+3. onnxsim simplifies it, checking the result on a random input (``check_n=1``); a failed check is an error.
+4. ``onnx.checker`` validates the model; it is written atomically (temporary file + rename), with how it was
+   built stored as JSON in the metadata property ``bnfold.build_info``.
+
+:class:`OnnxRuntimeModel` runs the file with ONNX Runtime and is callable on torch tensors, so
+:func:`bnfold.parity.compare` judges it like any module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from bnfold.errors import BnfoldError, InputError
+from bnfold.io import atomic_output
+
+__all__ = ["OnnxExport", "OnnxRuntimeModel", "OnnxTarget", "export_onnx"]
+
+log = logging.getLogger(__name__)
+
+_METADATA_KEY = "bnfold.build_info"
+_MAX_PROTO_BYTES = 2**31 - 1
+
+
+def _require(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise BnfoldError(f"the ONNX target needs the '{module}' package, which is not installed",
+                          hint="pip install 'bnfold[onnx]'") from None
+
+
+@dataclass
+class OnnxExport:
+    """Where :func:`export_onnx` wrote the model and how it was built."""
+
+    path: Path
+    build_info: dict[str, Any]
+
+
+def _without_guards(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with any ``torch.export`` shape guards removed — a copy when anything changes."""
+    guards = isinstance(module, torch.fx.GraphModule) and any(
+        n.op == "call_module" and n.target == "_guards_fn" for n in module.graph.nodes)
+    if not guards and not module.training:
+        return module
+    module = copy.deepcopy(module).eval()
+    if guards:
+        assert isinstance(module, torch.fx.GraphModule)
+        for n in list(module.graph.nodes):
+            if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+                module.graph.erase_node(n)
+        module.recompile()
+    return module
+
+
+def _dynamic_batch(ep: torch.export.ExportedProgram) -> bool:
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    return any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
+               and not isinstance(n.meta["val"].shape[0], int) for n in user)
+
+
+def _export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
+                    ) -> tuple[torch.export.ExportedProgram, bool]:
+    if dynamic_batch and inputs and all(t.dim() > 0 for t in inputs):
+        batch = inputs
+        if all(t.shape[0] == 1 for t in inputs):  # Dim.AUTO specializes a size of 1; show it two samples
+            batch = tuple(torch.cat([t, t]) for t in inputs)
+        dims = tuple({0: torch.export.Dim.AUTO} for _ in batch)
+        try:
+            ep = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
+            return ep, _dynamic_batch(ep)
+        except Exception as exc:
+            log.warning("exporting with a dynamic batch dimension failed (%s: %s); the ONNX model will have a "
+                        "fixed batch size", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return torch.export.export(module, inputs, strict=False), False
+
+
+def _name_batch_dim(model: Any) -> None:
+    """Rename the exporter's symbol for dimension 0 of the inputs (``s77``) to ``batch`` everywhere."""
+    symbols = {i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input
+               if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param}
+    if len(symbols) != 1:
+        return
+    old = symbols.pop()
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param == old:
+                d.dim_param = "batch"
+
+
+def export_onnx(module: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor],
+                path: str | os.PathLike[str], *, simplify: bool = True, dynamic_batch: bool = True,
+                opset: int | None = None, protect: Sequence[str | os.PathLike[str]] = ()) -> OnnxExport:
+    """Export ``module`` to an ONNX file at ``path`` (steps in the module docstring).
+
+    ``example_inputs``: one batch of positional inputs (a batch dimension first when ``dynamic_batch``).
+    ``protect``: paths that must not be overwritten (the user's input files).
+    """
+    onnx = _require("onnx")
+    inputs = tuple(example_inputs)
+    with atomic_output(path, protect=protect) as tmp:  # checks the destination before the (slow) export
+        model, dynamic = _to_onnx(module, inputs, dynamic_batch, opset)
+        simplified = False
+        if simplify:
+            model, simplified = _simplify(model, inputs)
+        onnx.checker.check_model(model)
+        info = _build_info(model, dynamic, simplified, opset)
+        meta = model.metadata_props.add()
+        meta.key, meta.value = _METADATA_KEY, json.dumps(info)
+        if model.ByteSize() > _MAX_PROTO_BYTES:
+            raise BnfoldError("the ONNX model is larger than 2 GB, which a single .onnx file cannot hold",
+                              hint="use torch.onnx.export with external_data=True directly")
+        onnx.save(model, str(tmp))
+    log.info("wrote %s (%d nodes, opset %s)", path, len(model.graph.node), info["opset"])
+    return OnnxExport(Path(path), info)
+
+
+def _to_onnx(module: nn.Module | torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+             dynamic_batch: bool, opset: int | None) -> tuple[Any, bool]:
+    """The exporter's ModelProto, and whether its batch dimension is dynamic."""
+    if isinstance(module, torch.export.ExportedProgram):
+        ep, dynamic = module, _dynamic_batch(module)
+    else:
+        ep, dynamic = _export_program(_without_guards(module), inputs, dynamic_batch)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(ep, (), None, dynamo=True, external_data=False, optimize=True,
+                                        opset_version=opset, verbose=False)
+    except Exception as exc:
+        raise BnfoldError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                          hint="run with -vv for the exporter's traceback; ops without an ONNX translation need "
+                               "a custom_translation_table") from exc
+    model = program.model_proto
+    if dynamic:
+        _name_batch_dim(model)
+    return model, dynamic
+
+
+def _simplify(model: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, bool]:
+    onnxsim = _require("onnxsim")
+    shapes = {i.name: list(t.shape) for i, t in zip(model.graph.input, inputs, strict=False)}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            simplified, ok = onnxsim.simplify(model, check_n=1, test_input_shapes=shapes)
+    except Exception as exc:
+        raise BnfoldError(f"onnxsim could not simplify the model: {type(exc).__name__}: {exc}",
+                          hint="export with simplify=False (--no-simplify)") from exc
+    if not ok:
+        raise BnfoldError("onnxsim's check failed: the simplified model computes something else than the exported one",
+                          hint="export with simplify=False (--no-simplify) and report the model to onnxsim")
+    return simplified, True
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:
+        return None
+
+
+def _build_info(model: Any, dynamic: bool, simplified: bool, opset: int | None) -> dict[str, Any]:
+    default = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    return {
+        "target": "onnx",
+        "exporter": "torch.export + torch.onnx.export(dynamo=True)",
+        "opset": default,
+        "dynamic_batch": dynamic,
+        "simplified": simplified,
+        "nodes": len(model.graph.node),
+        "op_types": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
+        "versions": {m: _version(m) for m in ("torch", "onnx", "onnxsim", "onnxruntime", "onnxscript")},
+    }
+
+
+class OnnxRuntimeModel:
+    """An ONNX file run by ONNX Runtime, callable on torch tensors: ``model(*tensors)`` returns a tensor (one
+    output) or a tuple of tensors, on the CPU.
+
+    Inputs must have the dtypes the model declares (no silent casts). A model exported with a fixed batch size
+    ``b`` also accepts ``N = k·b`` samples: it runs ``k`` chunks and concatenates the outputs along dimension 0.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> None:
+        ort = _require("onnxruntime")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:
+            raise InputError(f"{self.path} could not be loaded by ONNX Runtime: {type(exc).__name__}: {exc}",
+                             hint="is it an ONNX model file? was it truncated?") from None
+        self._inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in self._inputs]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.build_info: dict[str, Any] = json.loads(meta[_METADATA_KEY]) if _METADATA_KEY in meta else {
+            "target": "onnx", "exporter": "unknown (not written by bnfold)"}
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
+
+    def _fixed_batch(self) -> int | None:
+        dims = [i.shape[0] for i in self._inputs if i.shape]
+        return dims[0] if dims and all(isinstance(d, int) for d in dims) and len(set(dims)) == 1 else None
+
+    def _feed(self, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+        import numpy as np
+
+        feed = {}
+        for spec, t in zip(self._inputs, inputs, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"ONNX input '{spec.name}' got a {type(t).__name__}, not a tensor")
+            if t.dtype == torch.bfloat16:
+                raise InputError(f"ONNX input '{spec.name}' got bfloat16, which numpy cannot hold")
+            array = t.detach().cpu().contiguous().numpy()
+            expected = _ORT_TYPES.get(spec.type)
+            if expected is not None and array.dtype != np.dtype(expected):
+                raise InputError(f"ONNX input '{spec.name}' expects {expected}, got {array.dtype}",
+                                 hint=f"cast the input, e.g. x.to(torch.{expected})")
+            feed[spec.name] = array
+        return feed
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self._inputs):
+            raise InputError(f"{self.path.name} takes {len(self._inputs)} inputs ({', '.join(self.input_names)}), "
+                             f"got {len(inputs)}")
+        b = self._fixed_batch()
+        n = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+        if b is not None and n is not None and n != b and n % b == 0 \
+                and all(t.dim() and t.shape[0] == n for t in inputs):
+            chunks = [self._run([t[i:i + b] for t in inputs]) for i in range(0, n, b)]
+            outs = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+        else:
+            outs = self._run(list(inputs))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        try:
+            results = self.session.run(None, self._feed(inputs))
+        except InputError:
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise InputError(f"ONNX Runtime failed on {self.path.name}: {type(exc).__name__}: {first}",
+                             hint="check the input shapes against the model's: "
+                                  + ", ".join(f"{i.name} {i.shape}" for i in self._inputs)) from None
+        return [torch.from_numpy(r) for r in results]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Copy the model file to ``path`` (atomically)."""
+        with atomic_output(path, protect=[self.path]) as tmp:
+            shutil.copyfile(self.path, tmp)
+        return Path(path)
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+class OnnxTarget:
+    """The :class:`~bnfold.targets.Target` for ONNX. ``options``: ``path`` (default: a new temporary folder),
+    ``simplify`` (True), ``dynamic_batch`` (True), ``opset`` (exporter default), ``providers`` (CPU)."""
+
+    name = "onnx"
+
+    def lower(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+              options: Mapping[str, Any] | None = None) -> OnnxRuntimeModel:
+        opts = dict(options or {})
+        path = opts.get("path") or Path(tempfile.mkdtemp(prefix="bnfold-onnx-")) / "model.onnx"
+        export_onnx(gm, example_inputs, path, simplify=bool(opts.get("simplify", True)),
+                    dynamic_batch=bool(opts.get("dynamic_batch", True)), opset=opts.get("opset"))
+        return OnnxRuntimeModel(path, providers=opts.get("providers"))

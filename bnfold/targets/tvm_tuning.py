@@ -1,0 +1,325 @@
+"""MetaSchedule tuning with a persistent, shared database.
+
+* **Tasks** are the fused TIR kernels of the model (:func:`extract_tasks`); their cost is
+  ``flops × occurrences``, which :mod:`bnfold.targets.tvm_budget` uses to split the trial budget.
+* **The database** lives in ``cache_dir/<target>-tvm<version>/`` (:class:`TuningCache`): one per target and
+  TVM version, shared by every model. Workloads are matched structurally, so a new model with the same
+  convolution shapes reuses earlier results. A side file records how many trials each workload has had;
+  a task is tuned again only when the new budget asks for more than that.
+* **Tuning** runs in a private work directory and is merged (best record per workload) into the shared
+  database under a file lock, so concurrent compiles never corrupt it.
+* **Speed**: MetaSchedule's stock builder starts two fresh Python+TVM worker processes for *every* batch of
+  candidates (seconds each on a busy 2-core machine); :class:`PooledBuilder` keeps its workers and recycles
+  them every 64 builds instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.analysis import estimate_tir_flops
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.builder import local_builder as _local_builder
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+from bnfold.targets.tvm_budget import allocate_trials, group_by_budget
+from bnfold.targets.tvm_target import TargetSpec
+
+__all__ = ["PooledBuilder", "TaskInfo", "TuningCache", "TuningProgress", "TuningSummary", "default_cache_dir",
+           "extract_tasks", "tune"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[["TuningProgress"], None]
+
+
+def default_cache_dir() -> Path:
+    """``$BNFOLD_CACHE_DIR/tvm``, else ``$XDG_CACHE_HOME/bnfold/tvm``, else ``~/.cache/bnfold/tvm``."""
+    if os.environ.get("BNFOLD_CACHE_DIR"):
+        return Path(os.environ["BNFOLD_CACHE_DIR"]) / "tvm"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bnfold" / "tvm"
+
+
+@dataclass
+class TaskInfo:
+    """One tuning task: a fused kernel, how often the model runs it, and its FLOPs per run."""
+
+    name: str
+    flops: float
+    weight: int
+    task: Any = field(repr=False)  # ms.ExtractedTask
+
+    @property
+    def cost(self) -> float:
+        return self.flops * self.weight
+
+    @property
+    def workload(self) -> tvm.IRModule:
+        return self.task.dispatched[0]
+
+
+def _is_pure_reshape(task: Any) -> bool:
+    funcs = [f for _, f in task.dispatched[0].functions_items()]
+    return len(funcs) == 1 and bool(relax.analysis.has_reshape_pattern(funcs[0]))
+
+
+def extract_tasks(mod: tvm.IRModule, spec: TargetSpec) -> list[TaskInfo]:
+    """The tuning tasks of a legalized, fused Relax module, costliest first.
+
+    Pure reshapes are left out: the Relax VM turns them into views, so they never run as kernels.
+    """
+    tasks = ms.relax_integration.extract_tasks(mod, spec.target)
+    infos = []
+    for t in tasks:
+        if _is_pure_reshape(t):
+            continue
+        try:
+            flops = float(estimate_tir_flops(t.dispatched[0]))
+        except Exception:  # some kernels (pure data movement) have no FLOP estimate
+            flops = 0.0
+        infos.append(TaskInfo(str(t.task_name), flops, int(t.weight), t))
+    return sorted(infos, key=lambda t: (-t.cost, t.name))
+
+
+@dataclass
+class TuningProgress:
+    """Counts trials across all passes; ``eta_s`` extrapolates from the rate so far."""
+
+    total: int
+    done: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.done == 0:
+            return None
+        return self.elapsed_s / self.done * max(0, self.total - self.done)
+
+
+@derived_object
+class _ProgressCallback(PyMeasureCallback):
+    """Advances a :class:`TuningProgress` after every measured batch and reports it."""
+
+    def __init__(self, progress: TuningProgress, report: ProgressFn) -> None:
+        super().__init__()
+        self.progress = progress
+        self.report = report
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Sequence[Any],
+              builder_results: Sequence[Any], runner_results: Sequence[Any]) -> None:
+        p = self.progress
+        p.done += len(measure_candidates)
+        for b, r in zip(builder_results, runner_results, strict=False):
+            msg = b.error_msg or r.error_msg
+            if msg is not None:
+                p.errors += 1
+                if p.first_error is None:
+                    p.first_error = str(msg)
+                    log.warning("a tuning trial failed (later failures are only counted): %s", msg[-2000:])
+        self.report(p)
+
+
+@derived_object
+class PooledBuilder(PyBuilder):
+    """MetaSchedule's local builder, but with worker processes kept across batches (see module docstring)."""
+
+    def __init__(self, max_workers: int, timeout_sec: float = 60.0, max_uses: int = 64) -> None:
+        super().__init__()
+        self.timeout_sec = timeout_sec
+        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=max_uses)
+
+    def build(self, build_inputs: list[Any]) -> list[Any]:
+        args = [(None, None, b.mod, b.target, _local_builder._serialize_params(b.params)) for b in build_inputs]
+        results = []
+        for r in self.pool.map_with_error_catching(lambda a: _local_builder._worker_func(*a), args):
+            if r.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(r.value, None))
+            elif r.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, f"build failed: {r.value}"))
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class TuningCache:
+    """The shared tuning database of one target (see module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str], spec: TargetSpec) -> None:
+        self.dir = Path(root) / spec.cache_key()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def open(self) -> ms.Database:
+        """The database (read it while holding :meth:`locked` if another process may be merging)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return ms.database.JSONDatabase(work_dir=str(self.dir), module_equality="structural")
+
+    def _trials_path(self) -> Path:
+        return self.dir / "trials.json"
+
+    def trials_spent(self) -> dict[str, int]:
+        p = self._trials_path()
+        if not p.exists():
+            return {}
+        try:
+            return {str(k): int(v) for k, v in json.loads(p.read_text()).items()}
+        except (ValueError, AttributeError):
+            log.warning("ignoring unreadable %s", p)
+            return {}
+
+    def merge(self, run_db: ms.Database, spent: dict[str, int]) -> None:
+        """Copy the best record per workload of ``run_db`` in, and add ``spent`` trials (hold the lock)."""
+        shared = self.open()
+        run_db.dump_pruned(shared)
+        totals = self.trials_spent()
+        for k, v in spent.items():
+            totals[k] = totals.get(k, 0) + v
+        tmp = self._trials_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(totals, indent=1, sort_keys=True))
+        os.replace(tmp, self._trials_path())
+
+
+def workload_key(task: TaskInfo) -> str:
+    return str(tvm_ffi.structural_hash(task.workload))
+
+
+@dataclass
+class TuningSummary:
+    """What tuning did; embedded in the artifact manifest."""
+
+    database: str | None
+    trials_requested: int
+    trials_run: int = 0
+    seconds: float = 0.0
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    untuned: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _strategy(budget: int) -> Any:
+    """Evolutionary search sized to the budget: its default 512-candidate population evolved 4 times costs
+    seconds per round, which dominates when a task only gets a few dozen trials."""
+    if budget >= 128:
+        return "evolutionary"
+    return ms.search_strategy.EvolutionarySearch(population_size=256, genetic_num_iters=3)
+
+
+def _per_iter(budget: int) -> int:
+    """Candidates per search round: two rounds or more, so the cost model learns before the last round."""
+    return max(1, min(64, (budget + 1) // 2))
+
+
+def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: TuningCache, *,
+         progress: ProgressFn | None = None, retune: bool = False, seed: int | None = None) -> TuningSummary:
+    """Tune ``tasks`` with ``total_trials`` split by cost (:func:`allocate_trials`), merge into ``cache``.
+
+    Tasks whose workload already had at least its allotted trials (per the cache) are skipped unless
+    ``retune``. Returns the summary (per-task budgets; ``trials_run`` counts measured candidates).
+    """
+    alloc = allocate_trials([t.cost for t in tasks], total_trials)
+    spent = cache.trials_spent()
+    todo = [i for i, t in enumerate(tasks) if retune or spent.get(workload_key(t), 0) < alloc[i]]
+    summary = TuningSummary(str(cache.dir), total_trials)
+    summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": alloc[i],
+                      "from_cache": i not in todo} for i, t in enumerate(tasks)]
+    if not todo:
+        summary.note = "every task already tuned with this budget: database reused"
+        return summary
+    budget = {i: alloc[i] for i in todo}
+    tracker = TuningProgress(total=sum(budget.values()))
+    report = progress or (lambda p: None)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_runs_dir(cache)))
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    user_level = ms_log.level
+    builder = PooledBuilder(spec.num_cores)
+    try:
+        with _tvm_env(spec.num_cores):
+            runner = ms.runner.LocalRunner(timeout_sec=60.0)
+            run_db = ms.database.JSONDatabase(work_dir=str(run_dir), module_equality="structural")
+            cost_model = ms.CostModel.create("xgb", num_tuning_cores=spec.num_cores)
+            callbacks = [*ms.MeasureCallback.create("default"), _ProgressCallback(tracker, report)]
+            for level, idx in group_by_budget([budget.get(i, 0) for i in range(len(tasks))]):
+                group = [tasks[i] for i in idx]
+                log.info("tuning %d task(s) with %d trials each", len(group), level)
+                # MetaSchedule's console handler takes the logger's level (DEBUG if unset) at each setup
+                ms_log.setLevel(user_level or logging.WARNING)
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    [t.task for t in group], str(run_dir), strategy=_strategy(level),
+                    num_threads=spec.num_cores, seed=seed)
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(run_dir),
+                              max_trials_global=level * len(group), max_trials_per_task=level,
+                              num_trials_per_iter=_per_iter(level), builder=builder, runner=runner,
+                              database=run_db, cost_model=cost_model, measure_callbacks=callbacks)
+        with cache.locked():
+            cache.merge(run_db, {workload_key(tasks[i]): budget[i] for i in todo})
+    except BaseException:
+        log.warning("tuning failed; its logs are kept in %s", run_dir)
+        raise
+    finally:
+        builder.close()
+        ms_log.setLevel(user_level)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary.trials_run = tracker.done
+    summary.seconds = round(tracker.elapsed_s, 1)
+    return summary
+
+
+def _runs_dir(cache: TuningCache) -> Path:
+    d = cache.dir / "runs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def _tvm_env(num_cores: int) -> Iterator[None]:
+    """Worker processes inherit these: kernels measured with the thread count they will run with."""
+    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
+    os.environ["TVM_NUM_THREADS"] = str(num_cores)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,96 @@
+"""The pre-deployment step: bnfold.optimize / `bnfold optimize` on the embedded digits CNN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnfold.cli import main
+from bnfold.demo import load_digits, load_pretrained, shift_images
+from bnfold.errors import InputError
+from bnfold.optimize import optimize
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_optimize_writes_verified_artifacts(tmp_path: Path, digits) -> None:
+    model = load_pretrained()
+    calib = [(shift_images(digits.x_train[i:i + 128]),) for i in range(0, 512, 128)]
+    val = [(shift_images(digits.x_test, seed=1),)]
+    out = tmp_path / "deploy"
+    result = optimize(model, (digits.x_test[:16],), out, calibration=calib, validation=val)
+    assert result.passed, str(result)
+    assert sorted(p.name for p in out.iterdir()) == ["folded.pt2", "model.onnx", "report.json", "report.txt", "tvm"]
+    names = [s.name for s in result.stages.stages]
+    assert names == ["original", "recalibrated", "folded", "onnx", "tvm"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["fold"]["candidates"] == 4 and len(report["fold"]["folded"]) == 4
+    assert report["recalibration"] is not None
+    # the caller's model is untouched (recalibration works on a copy)
+    fresh = load_pretrained()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(),
+                                                 strict=True))
+    # the folded artifact on disk reproduces the recalibrated, folded model
+    folded = torch.export.load(str(out / "folded.pt2")).module()
+    x = shift_images(digits.x_test[:16], seed=2)
+    stage = result.stages.stages[1]
+    assert stage.name == "recalibrated" and stage.expected_change
+    recal = load_pretrained()
+    from bnfold.recalibrate import recalibrate
+
+    recalibrate(recal, calib)
+    torch.testing.assert_close(folded(x), recal(x), rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_refuses_non_empty_output(tmp_path: Path, digits) -> None:
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(InputError, match="not empty"):
+        optimize(load_pretrained(), (digits.x_test[:8],), out, onnx=False, tvm_target=None)
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_failed_stage_is_reported_not_hidden(tmp_path: Path, digits) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    out = tmp_path / "deploy"
+    result = optimize(Broken(), (digits.x_test[:8],), out, onnx=False, tvm_target=None)
+    assert not result.passed and "fold" in result.errors and "boom" in result.errors["fold"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["stages"]["first_divergence"]["stage"] == "original"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy"]  # no staging folder left
+
+
+def test_interrupted_run_leaves_no_partial_output(tmp_path: Path, digits) -> None:
+    def calibration():
+        yield (shift_images(digits.x_train[:64]),)
+        raise RuntimeError("data loader died")
+
+    out = tmp_path / "deploy"
+    with pytest.raises(RuntimeError, match="data loader died"):
+        optimize(load_pretrained(), (digits.x_test[:8],), out, calibration=calibration(), tvm_target=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_optimize_cli(tmp_path: Path, digits, capsys: pytest.CaptureFixture[str]) -> None:
+    model = load_pretrained()
+    pt2 = tmp_path / "digits.pt2"
+    torch.export.save(torch.export.export(model, (digits.x_test[:16],)), str(pt2))
+    np.savez(tmp_path / "calib.npz", x=shift_images(digits.x_train[:512]).numpy())
+    out = tmp_path / "out"
+    code = main(["optimize", str(pt2), "--data", str(tmp_path / "calib.npz"), "-o", str(out), "--target", "none"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "stages PASS" in text and (out / "folded.pt2").exists() and (out / "model.onnx").exists()
+    assert main(["optimize", str(pt2), "-o", str(out), "--target", "none"]) == 2  # exists: refuses
+    assert "not empty" in capsys.readouterr().err

@@ -1,0 +1,495 @@
+"""bnfold.recalibrate / bnfold.diagnose: exact statistics, semantics of the modes, safety, CLI, demo claims.
+
+References are computed independently of the engine: forward pre-hooks on the BatchNorm modules of a plain
+copy of the model capture every BatchNorm input, and the float64 statistics of all of them concatenated (one
+full pass, ``torch.var_mean``) are what recalibration must reproduce.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_bn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnfold
+from bnfold import bnstats
+from bnfold.capture import capture
+from bnfold.cli import main as cli_main
+from bnfold.demo.model import DigitsNet
+from bnfold.drift import drift_metrics
+from bnfold.errors import InputError
+
+BN = nn.modules.batchnorm._BatchNorm
+UNEVEN = (7, 64, 33, 2, 100, 1)  # batch sizes, including a single sample
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The machine is shared; one intra-op thread keeps timings and results stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digits_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(DigitsNet(width=8), seed=seed)
+
+
+def _batches(sizes: tuple[int, ...] = UNEVEN, seed: int = 0, shape: tuple[int, ...] = (1, 8, 8),
+             offset: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand((n, *shape), generator=g) * 3 + offset for n in sizes]
+
+
+def _bn_inputs(model: nn.Module, batches: list[torch.Tensor], *, bn_train: bool) -> dict[str, torch.Tensor]:
+    """Every BatchNorm input of a plain forward (BN in training mode when ``bn_train``), channel-major, float64."""
+    ref = copy.deepcopy(model).eval()
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, m in ref.named_modules():
+        if isinstance(m, BN):
+            m.train(bn_train)
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, inp, name=name: seen.setdefault(name, []).append(inp[0].detach().clone())))
+    with torch.no_grad():
+        for x in batches:
+            ref(x)
+    for h in handles:
+        h.remove()
+    return {name: torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in ts], 1).double()
+            for name, ts in seen.items()}
+
+
+def _reference_stats(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(inputs, dim=1, correction=1)
+    return mean, var
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()).abs() / b.double().abs()).max())
+
+
+def _stats_of(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in model.named_modules() if isinstance(m, BN)}
+
+
+# --------------------------------------------------------------------------------------------- the math
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(1, 5), hw=st.sampled_from([(), (1,), (3,), (2, 3)]),
+       chunk=st.sampled_from([1, 7, 64, 1 << 18]), scale=st.floats(1e-3, 1e3), offset=st.floats(-1e3, 1e3))
+def test_channel_sums_are_float64_sums(n: int, c: int, hw: tuple[int, ...], chunk: int, scale: float,
+                                       offset: float) -> None:
+    x = (torch.randn(n, c, *hw) * scale + offset).float()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bnstats, "_CHUNK", chunk)  # exercise the chunk boundaries
+        count, sums = bnstats.channel_sums(x, c)
+    x64 = x.double().transpose(0, 1).reshape(c, -1)
+    assert count == x64.shape[1] and sums.dtype == torch.float64
+    torch.testing.assert_close(sums[0], x64.sum(1), rtol=1e-12, atol=1e-12 * float(x64.abs().sum()))
+    torch.testing.assert_close(sums[1], x64.square().sum(1), rtol=1e-12, atol=0.0)
+
+
+def test_moments_give_population_mean_and_unbiased_variance() -> None:
+    x = torch.randn(3, 1000, dtype=torch.float64) * 0.01 + 1e3  # mean/std = 1e5: cancellation-prone
+    moments = bnstats.Moments.zeros(x[:, 0])
+    for part in x.split([1, 10, 989], dim=1):
+        moments.add(part.shape[1], torch.stack((part.sum(1), part.square().sum(1))))
+    mean, var = moments.stats()
+    assert _rel(mean, x.mean(1)) < 1e-12
+    assert _rel(var, x.var(1)) < 1e-5  # float64 sum/sumsq at a 1e10 cancellation factor
+
+
+def test_drift_metrics_zero_for_identical_stats_and_signed_for_shrinking_variance() -> None:
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    d, r, kl = drift_metrics(mean, var, mean, var, 1e-5)
+    assert float(d.abs().max()) == 0.0 and float(r.abs().max()) == 0.0 and float(kl.max()) == 0.0
+    d, r, kl = drift_metrics(mean, var, mean + var.sqrt(), var / 4, 0.0)
+    torch.testing.assert_close(d, torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(r, torch.full((4,), -math.log(4), dtype=torch.float64))
+    torch.testing.assert_close(kl, 0.5 * (0.25 - 1 + math.log(4) + 1) * torch.ones(4, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------- exactness
+
+
+def test_batch_mode_first_layer_equals_float64_full_pass_with_uneven_batches() -> None:
+    """No BatchNorm upstream: its inputs are bit-identical to a plain forward's, so statistics must match the
+    float64 reference to far below 1e-6."""
+    model, batches = _digits_net(), _batches()
+    mean, var = _reference_stats(_bn_inputs(model, batches, bn_train=False)["features.1"])
+    report = bnfold.recalibrate(model, batches)
+    bn = model.features[1]
+    assert _rel(bn.running_mean, mean) <= 1e-6 and _rel(bn.running_var, var) <= 1e-6
+    entry = report.layer("features.1")
+    assert _rel(entry.mean, mean) < 1e-12 and _rel(entry.var, var) < 1e-12  # the float64 result itself
+    assert report.samples == sum(UNEVEN) and report.batches == len(UNEVEN)
+    assert entry.count == sum(UNEVEN) * 64
+
+
+def test_batch_mode_matches_training_semantics_of_every_layer() -> None:
+    """Later layers see activations normalized with batch statistics, as torch's training-mode BatchNorm does
+    (float32 rounding of the normalization differs slightly: the tolerance is 1e-5 of the spread)."""
+    model, batches = _digits_net(), _batches(UNEVEN[:-1])  # torch's training BN refuses a single-sample BN1d batch
+    inputs = _bn_inputs(model, batches, bn_train=True)
+    report = bnfold.recalibrate(model, batches, mode="batch")
+    for name, x in inputs.items():
+        mean, var = _reference_stats(x)
+        entry = report.layer(name)
+        assert float(((entry.mean - mean).abs() / var.sqrt()).max()) < 1e-5, name
+        assert _rel(entry.var, var) < 1e-5, name
+
+
+@pytest.mark.parametrize("form", ["module", "symbolic", "export"])
+def test_sequential_mode_is_inference_exact(form: str) -> None:
+    """After sequential recalibration, what every layer receives at inference (eval forward with the new
+    statistics) has exactly the statistics it stores: ≤ 1e-6 relative to the float64 full pass, all layers."""
+    model, batches = _digits_net(seed=1), _batches(seed=1)
+    target = _as_form(model, batches, form)
+    report = bnfold.recalibrate(target, batches, mode="sequential")
+    assert report.passes == 4 and report.mode == "sequential"
+    _copy_stats(target, model, form)
+    for name, x in _bn_inputs(model, batches, bn_train=False).items():
+        mean, var = _reference_stats(x)
+        assert _rel(report.layer(name).mean, mean) <= 1e-6, name
+        assert _rel(report.layer(name).var, var) <= 1e-6, name
+    assert bnfold.diagnose(model, batches).worst.score < 1e-5
+
+
+@pytest.mark.parametrize("form", ["symbolic", "export"])
+def test_graph_modules_give_the_same_statistics_as_the_module(form: str) -> None:
+    model, batches = _digits_net(seed=2), _batches(seed=2)
+    expected = bnfold.recalibrate(copy.deepcopy(model), batches)
+    target = _as_form(model, batches, form)
+    got = bnfold.recalibrate(target, batches)
+    assert [e.name for e in got.layers] == [e.name for e in expected.layers]
+    for a, b in zip(got.layers, expected.layers, strict=True):
+        assert _rel(a.mean, b.mean) <= 1e-6 and _rel(a.var, b.var) <= 1e-6, a.name
+    if form == "export":
+        assert all(e.kind.startswith("aten.batch_norm") for e in got.layers)
+
+
+def _as_form(model: nn.Module, batches: list[torch.Tensor], form: str) -> nn.Module:
+    if form == "module":
+        return model
+    if form == "symbolic":
+        return capture(model, (batches[1],), "symbolic").module
+    ep = torch.export.export(copy.deepcopy(model), (batches[1],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return ep.module()
+
+
+def _copy_stats(source: nn.Module, dest: nn.Module, form: str) -> None:
+    if form == "module":
+        return
+    buffers = dict(source.named_buffers())
+    with torch.no_grad():
+        for name, buf in dest.named_buffers():
+            if "running_" in name:
+                buf.copy_(buffers[name])
+
+
+def test_functional_batchnorm_in_a_traced_subclass_is_recalibrated() -> None:
+    class BNReLU(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(super().forward(x))
+
+    torch.manual_seed(3)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3), BNReLU(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
+    batches = _batches(seed=3)
+    gm = capture(model, (batches[0],), "symbolic").module
+    assert any(n.target is F.batch_norm for n in gm.graph.nodes)
+    got = bnfold.recalibrate(gm, batches, mode="sequential")
+    expected = bnfold.recalibrate(model, batches, mode="sequential")
+    assert len(got.recalibrated) == 2
+    for a, b in zip(got.layers, expected.layers, strict=True):
+        assert _rel(a.var, b.var) <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------- semantics
+
+
+class _DropoutThenBN(nn.Module):
+    """A BatchNorm behind dropout: if dropout ran, the BN input would have zeros and ×2 values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.drop(self.fc(x)))
+
+
+def test_dropout_is_off_during_recalibration_and_training_flags_are_restored() -> None:
+    torch.manual_seed(4)
+    model = _DropoutThenBN().train()  # the user left it in training mode
+    batches = _batches((32, 17, 50), seed=4, shape=(6,))
+    with torch.no_grad():
+        clean = torch.cat([model.fc(x) for x in batches]).double()
+    for mode in ("batch", "sequential"):
+        bnfold.recalibrate(model, batches, mode=mode)
+        assert _rel(model.bn.running_var, clean.var(0)) <= 1e-6, mode  # dropout would inflate it ~2x
+        assert _rel(model.bn.running_mean, clean.mean(0)) <= 1e-6, mode
+        assert all(m.training for m in model.modules()), "training flags must be restored"
+    # the contrast: torch's update_bn runs dropout, and its statistics are far off
+    swa = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, swa)
+    assert _rel(swa.bn.running_var, clean.var(0)) > 0.1
+
+
+def test_layer_reused_at_two_sites_is_pooled_and_reported() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 3, 3), nn.Conv2d(1, 3, 3)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.a(x)) + self.bn(self.b(x))
+
+    torch.manual_seed(5)
+    model = randomize_bn(Twice())
+    batches = _batches((9, 4), seed=5)
+    pooled = _bn_inputs(model, batches, bn_train=False)["bn"]
+    mean, var = _reference_stats(pooled)
+    for target in (model, capture(model, (batches[0],), "symbolic").module):
+        report = bnfold.recalibrate(target, batches)
+        assert report.reused == ["bn"] and report.layers[0].calls == 2
+        assert "pooled over 2 call sites" in report.layers[0].status
+        assert _rel(report.layers[0].mean, mean) <= 1e-6 and _rel(report.layers[0].var, var) <= 1e-6
+
+
+def test_layer_that_saw_no_data_keeps_its_statistics_and_is_reported() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+            self.used, self.unused = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.used(y) if x.shape[0] > 0 else self.unused(y)
+
+    torch.manual_seed(6)
+    model = randomize_bn(Branchy())
+    before = model.unused.running_var.clone()
+    report = bnfold.recalibrate(model, _batches((5, 3), seed=6))
+    assert report.no_data == ["unused"] and report.recalibrated == ["used"]
+    assert torch.equal(model.unused.running_var, before)
+    assert "no data" in str(report)
+
+
+def test_num_samples_cuts_exactly_and_does_not_overconsume() -> None:
+    model, batches = _digits_net(seed=7), _batches((32, 32, 32, 32), seed=7)
+    pulled = []
+
+    def stream() -> Iterator[torch.Tensor]:
+        for x in batches:
+            pulled.append(x)
+            yield x
+
+    report = bnfold.recalibrate(model, stream(), num_samples=50)
+    assert report.samples == 50 and report.batches == 2 and len(pulled) == 2
+    mean, var = _reference_stats(_bn_inputs(_digits_net(seed=7), [torch.cat(batches)[:50]], bn_train=False)
+                                 ["features.1"])
+    assert _rel(model.features[1].running_var, var) <= 1e-6
+    assert _rel(model.features[1].running_mean, mean) <= 1e-6
+    assert bnfold.recalibrate(model, batches, num_batches=3).batches == 3
+
+
+def test_tuple_and_dict_batches() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn(x + y)
+
+    model = TwoInputs()
+    x, y = torch.randn(10, 3), torch.randn(10, 3)
+    bnfold.recalibrate(model, [(x, y)])
+    assert _rel(model.bn.running_mean, (x + y).double().mean(0)) <= 1e-6
+    bnfold.recalibrate(model, [{"x": x, "y": 2 * y}])
+    assert _rel(model.bn.running_mean, (x + 2 * y).double().mean(0)) <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------- safety
+
+
+def _failing(batches: list[torch.Tensor], after: int, exc: BaseException) -> Iterator[torch.Tensor]:
+    for i, x in enumerate(batches):
+        if i == after:
+            raise exc
+        yield x
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("loader broke"), KeyboardInterrupt()])
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_failure_or_interrupt_restores_statistics(exc: BaseException, mode: str) -> None:
+    model = _digits_net(seed=8).train()
+    before = _stats_of(model)
+    with pytest.raises(type(exc)):
+        bnfold.recalibrate(model, _failing(_batches(seed=8), 3, exc), mode=mode)
+    for name, (mean, var) in _stats_of(model).items():
+        assert torch.equal(mean, before[name][0]) and torch.equal(var, before[name][1])
+    assert all(m.training for m in model.modules())
+
+
+def test_statistics_changed_by_the_forward_itself_are_restored_on_failure() -> None:
+    """The engine writes only at the end; the snapshot also undoes what the model's own forward wrote."""
+
+    class SelfUpdating(nn.BatchNorm1d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.running_mean.add_(1.0)
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Linear(3, 4), SelfUpdating(4))
+    before = model[1].running_mean.clone()
+    batches = [torch.randn(8, 3) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="loader broke"):
+        bnfold.recalibrate(model, _failing(batches, 2, RuntimeError("loader broke")))
+    assert torch.equal(model[1].running_mean, before)
+
+
+def test_non_finite_activations_are_refused_and_nothing_changes() -> None:
+    model = _digits_net(seed=9)
+    before = _stats_of(model)
+    batches = _batches(seed=9)
+    batches[2][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="non-finite"):
+        bnfold.recalibrate(model, batches)
+    assert all(torch.equal(m, before[n][0]) for n, (m, _) in _stats_of(model).items())
+
+
+def test_bad_arguments_are_input_errors() -> None:
+    model = _digits_net()
+    with pytest.raises(InputError, match="mode"):
+        bnfold.recalibrate(model, _batches(), mode="ema")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="num_samples"):
+        bnfold.recalibrate(model, _batches(), num_samples=0)
+    with pytest.raises(InputError, match="no BatchNorm"):
+        bnfold.recalibrate(nn.Linear(2, 2), [torch.randn(3, 2)])
+    with pytest.raises(InputError, match="empty"):
+        bnfold.recalibrate(model, [])
+    with pytest.raises(InputError, match="iterable of batches"):
+        bnfold.recalibrate(model, torch.randn(4, 1, 8, 8))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="labels"):
+        bnfold.recalibrate(model, [object()])
+
+
+def test_progress_bar_goes_to_stderr_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    bnfold.recalibrate(_digits_net(), _batches(), progress=True)
+    assert "recalibrate" in capsys.readouterr().err
+    bnfold.recalibrate(_digits_net(), _batches(), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------------------------- diagnose
+
+
+def test_diagnose_ranks_layers_and_gives_a_verdict_without_changing_the_model() -> None:
+    model = _digits_net(seed=10)
+    batches = _batches(seed=10)
+    before = _stats_of(model)
+    drifted = bnfold.diagnose(model, batches)
+    assert all(torch.equal(m, before[n][0]) for n, (m, _) in _stats_of(model).items())
+    assert drifted.verdict == "recalibrate" and drifted.should_recalibrate
+    scores = [layer.score for layer in drifted.ranking]
+    assert scores == sorted(scores, reverse=True) and drifted.worst.score == scores[0]
+    assert drifted.to_dict()["threshold"] == drifted.threshold
+    bnfold.recalibrate(model, batches, mode="sequential")
+    calm = bnfold.diagnose(model, batches)
+    assert calm.verdict == "ok" and calm.worst.score < 1e-5
+    assert "OK" in str(calm) and json.loads(calm.to_json())["verdict"] == "ok"
+
+
+def test_diagnose_threshold_must_be_positive() -> None:
+    with pytest.raises(InputError, match="threshold"):
+        bnfold.diagnose(_digits_net(), _batches(), threshold=0)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> tuple[Path, Path, nn.Module]:
+    model = _digits_net(seed=11)
+    x = _batches((16,), seed=11)[0]
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    model_path = tmp_path / "model.pt2"
+    torch.export.save(ep, str(model_path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=torch.cat(_batches(seed=12)).numpy(), y=np.zeros(207))
+    return model_path, calib, model
+
+
+def test_cli_recalibrate_writes_a_new_model_and_never_the_input(exported: tuple[Path, Path, nn.Module],
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    model_path, calib, model = exported
+    original = model_path.read_bytes()
+    out = tmp_path / "recal.pt2"
+    code = cli_main(["recalibrate", str(model_path), "--data", str(calib), "--key", "x", "-o", str(out),
+                     "--batch-size", "50", "--mode", "sequential", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 207 and summary["mode"] == "sequential"
+    assert model_path.read_bytes() == original
+    reloaded = torch.export.load(str(out)).module()
+    data = torch.from_numpy(np.load(calib)["x"])
+    expected = copy.deepcopy(model)
+    bnfold.recalibrate(expected, data.split(50), mode="sequential")
+    assert _rel(dict(reloaded.named_buffers())["head.1.running_var"], expected.head[1].running_var) <= 1e-6
+    assert cli_main(["recalibrate", str(model_path), "--data", str(calib), "--key", "x",
+                     "-o", str(model_path)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert model_path.read_bytes() == original
+
+
+def test_cli_diagnose(exported: tuple[Path, Path, nn.Module], capsys: pytest.CaptureFixture[str]) -> None:
+    model_path, calib, _ = exported
+    assert cli_main(["diagnose", str(model_path), "--data", str(calib), "--key", "x"]) == 0
+    assert "drift verdict: RECALIBRATE" in capsys.readouterr().out
+    assert cli_main(["diagnose", str(model_path), "--data", str(calib), "--key", "x", "--check"]) == 1
+    capsys.readouterr()
+    assert cli_main(["diagnose", str(model_path), "--data", str(calib), "--key", "x", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "recalibrate"
+    assert cli_main(["diagnose", str(model_path), "--data", str(calib)]) == 2  # x and y: which is the input?
+    assert "--key" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_stage_recovers_at_least_half_of_the_lost_accuracy() -> None:
+    from bnfold.demo.data import load_digits
+    from bnfold.demo.drift_stage import stage_drift
+    from bnfold.demo.model import load_pretrained
+    from bnfold.demo.run import DemoContext
+
+    ctx = DemoContext(data=load_digits(), original=load_pretrained())
+    lines = stage_drift(ctx)
+    result = ctx.results["drift"]
+    assert result["clean"] - result["shifted"] > 0.5  # the shift really hurts
+    assert result["diagnosis"]["verdict"] == "recalibrate"
+    repaired = result["repaired"]
+    for mode in ("batch", "sequential"):
+        assert repaired[f"recalibrate ({mode})"]["recovered"] >= 0.5
+    assert repaired["recalibrate (sequential)"]["residual_drift"] < 1e-5
+    assert "update_bn" in repaired and any("update_bn" in line for line in lines)
