@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 import torch
+import torch.fx
 
+from bnfold.data import load_tensors
 from bnfold.errors import InputError
 from bnfold.io import LoadedModel, load_model, parse_shapes
 
-__all__ = ["add_model_args", "load_with_inputs"]
+__all__ = ["add_model_args", "dynamic_shapes", "fixed_batch", "load_batches", "load_with_inputs"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,13 +35,68 @@ def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch
     return loaded, inputs
 
 
-def load_batches(args: argparse.Namespace, data: str | None) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]] | None]:
-    """Load ``args.model`` and, when ``data`` is given, its input batches (see ``bnfold recalibrate``)."""
+
+def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]]]:
+    opt = {name: getattr(args, name, None) for name in ("batch_size", "num_samples", "num_batches", "top", "key")}
+    for name, value in opt.items():
+        if name != "key" and value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle)
+    example = loaded.example_inputs
+    dtype = next((t.dtype for t in example or () if t.is_floating_point()), torch.float32)
+    fixed = fixed_batch(loaded.module)
+    batch_size = opt["batch_size"] or fixed or 64
+    if fixed is not None and batch_size != fixed:
+        raise InputError(f"{args.model} was exported with a fixed batch size of {fixed}; --batch-size {batch_size} "
+                         "cannot run", hint=f"use --batch-size {fixed}, or re-export the model with a dynamic "
+                                            "batch dimension (torch.export.Dim)")
+    num_samples = opt["num_samples"]
+    if fixed is not None and num_samples is not None and num_samples % fixed:
+        raise InputError(f"--num-samples {num_samples} is not a multiple of the model's fixed batch size {fixed}")
+    batches = load_tensors(data, keys=opt["key"], batch_size=batch_size, dtype=dtype)
+    if example is not None and len(batches[0]) != len(example):
+        raise InputError(f"{data} gives {len(batches[0])} input tensors per batch but the model takes "
+                         f"{len(example)}", hint="choose the model inputs with --key NAME (labels do not belong "
+                                                 "in calibration data)")
+    if fixed is not None and batches[-1][0].shape[0] != fixed:
+        print(f"bnfold: note: dropping the last {batches[-1][0].shape[0]} samples (the model's batch size is fixed "
+              f"at {fixed})", file=sys.stderr)
+        batches = batches[:-1]
+        if not batches:
+            raise InputError(f"{data} holds fewer samples than the model's fixed batch size {fixed}")
+    return loaded, batches
+
+
+def _input_values(module: torch.nn.Module) -> list[Any]:
+    if not isinstance(module, torch.fx.GraphModule):
+        return []
+    return [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
+
+
+def fixed_batch(module: torch.nn.Module) -> int | None:
+    """The batch size a torch.export graph was specialized to, or None when dynamic/unknown."""
+    values = [v for v in _input_values(module) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not values:
+        return None
+    first = values[0].shape[0]
+    return first if isinstance(first, int) else None
+
+
+def dynamic_shapes(module: torch.nn.Module) -> tuple[dict[int, Any], ...] | None:
+    """Keep the dynamic dimensions of a loaded .pt2 when it is exported again."""
+    values = _input_values(module)
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    shapes = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(v.shape) if not isinstance(d, int)}
+                   for v in values)
+    return shapes if any(shapes) else None
+
+
+def load_batches(args: argparse.Namespace, data: str | None
+                 ) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]] | None]:
+    """Load ``args.model`` and, when ``data`` is given, its input batches: cast to the model's input dtype and
+    cut to its batch size (a .pt2 exported with a fixed batch drops a last partial batch, with a note).
+    Reads ``args.key``/``batch_size``/``num_samples``/``num_batches`` when the command defines them."""
     if data is None:
         return load_model(args.model, trusted_pickle=args.trust_pickle), None
-    from bnfold.commands.recalibrate_cmd import _load
-
-    ns = argparse.Namespace(**{**vars(args), "data": data})
-    for name in ("batch_size", "num_samples", "num_batches", "key"):
-        setattr(ns, name, getattr(args, name, None))
-    return _load(ns)
+    return _load_with_data(args, data)
