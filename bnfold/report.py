@@ -101,6 +101,10 @@ def _render_parity(p: dict[str, Any]) -> str:
              f"max rel {p.get('max_rel', float('nan')):.3g}, cosine {p.get('cosine', float('nan')):.9f}"]
     if "rmse_vs_fp64" in p:
         parts.append(f"rmse vs fp64: folded {p['rmse_vs_fp64']:.3g}, original {p['reference_rmse_vs_fp64']:.3g}")
+    if p.get("batch_independent") is False:
+        parts.append("output depends on the rest of the batch (a BatchNorm still uses batch statistics?)")
+    if p.get("diverging_node"):
+        parts.append(f"first diverging node: {p['diverging_node']}")
     return "; ".join(parts)
 
 

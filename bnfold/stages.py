@@ -165,8 +165,8 @@ class StageReport:
                              f"{s.seconds:.2f}s" if first else ""])
                 first = False
         source = "your data" if self.inputs == "user" else "RANDOM inputs"
-        lines = [f"stages {'PASS' if self.passed else 'FAIL'}: {self.batches} batch(es), {self.samples} samples of "
-                 f"{source}", "",
+        lines = [f"stages {'PASS' if self.passed else 'FAIL'}: {self.samples} samples of {source} "
+                 f"({self.batches} batch{'es' if self.batches != 1 else ''})", "",
                  format_table(["stage", "vs", "verdict", "max abs", "cosine", "SQNR dB", "top-1", "time"], rows)]
         for s in self.stages:
             bi = s.batch_independence

@@ -149,8 +149,14 @@ def _shapes(specs: list[str]) -> list[list[int]]:
     return [list(t.shape) for t in tensors]
 
 
-def _fit_batches(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]:
+def _fit_batches(batches: list[Batch], models: list[Loaded], notes: list[str]) -> list[Batch]:
     """A ``.pt2`` exported with a fixed batch size only runs that size: re-split the data when it must."""
+    for loaded in models:
+        batches = _fit_one(batches, loaded, notes)
+    return batches
+
+
+def _fit_one(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]:
     ex = ref.example_inputs
     if not ex or not batches or ex[0].dim() == 0:
         return batches
@@ -183,7 +189,7 @@ def _check(args: argparse.Namespace) -> int:
     shapes: list[list[int]] | None = None
     if args.data:
         inputs = load_tensors(args.data, keys=args.data_key, batch_size=args.batch_size, dtype=_dtype(args.dtype))
-        inputs = _fit_batches(inputs, ref, notes)
+        inputs = _fit_batches(inputs, [ref, cand], notes)
     elif args.input_shape:
         shapes = _shapes(args.input_shape)
     elif ref.example_inputs is None and cand.example_inputs is None:

@@ -17,6 +17,7 @@ from bnfold.api import fold
 from bnfold.demo.data import DigitsData, load_digits
 from bnfold.demo.drift_stage import stage_drift
 from bnfold.demo.model import load_pretrained
+from bnfold.demo.tvm_stage import stage_tvm
 from bnfold.parity import compare
 from bnfold.report import format_table
 
@@ -93,7 +94,8 @@ def _stage_onnx(ctx: DemoContext) -> list[str]:
 
 
 Stage = Callable[[DemoContext], list[str]]
-STAGES: list[tuple[str, Stage]] = [("drift", stage_drift), ("fold", _stage_fold), ("onnx", _stage_onnx)]
+STAGES: list[tuple[str, Stage]] = [("drift", stage_drift), ("fold", _stage_fold), ("onnx", _stage_onnx),
+                                   ("tvm", stage_tvm)]
 
 
 def run_demo(emit: Callable[[str], None] = print) -> DemoContext:
