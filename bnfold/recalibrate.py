@@ -38,7 +38,6 @@ from torch import nn
 
 from bnfold.bnstats import (
     BatchNormLayer,
-    Moments,
     Pass,
     agree_on_order,
     all_reduce_layers,
@@ -227,7 +226,7 @@ def _measure_sequential(model: nn.Module, layers: list[BatchNormLayer], batches:
         bar.update(len(kept))
         for k, target in enumerate(order[1:], start=1):
             bar.set_description(f"recalibrate {k + 1}/{len(order)}")
-            target.moments = Moments.zeros(target.running_mean)
+            target.reset_moments()
             calls_per_forward = target.calls_per_forward
             stop = (target, next(iter(calls_per_forward))) if len(calls_per_forward) == 1 else None
             plan = Pass(default="batch", record={target}, use=dict.fromkeys(order[:k], "new"), stop_after=stop)

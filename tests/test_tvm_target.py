@@ -29,7 +29,7 @@ from bnfold.targets.tvm_isa import LLVM_TO_CPUINFO, IsaMismatchError, check_host
 torchvision = pytest.importorskip("torchvision")
 
 HAS_GPU = bool(tvm.cuda(0).exist)
-_USER_ENV = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS")}
+_USER_ENV = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
 HAS_NVCC = shutil.which("nvcc") is not None
 
 
@@ -108,6 +108,17 @@ def test_host_cpu_flags_parses_cpuinfo():
     assert host_cpu_flags("model name : x\n") is None
 
 
+def test_host_cpu_model_features_hidden_by_a_vm_are_switched_off():
+    from bnfold.targets.tvm_target import _hidden_host_features
+
+    config = {"kind": "llvm", "mcpu": "skylake-avx512"}
+    avx2_only = {"sse", "sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2",
+                 "popcnt", "abm", "movbe"}
+    hidden = _hidden_host_features(config, avx2_only)
+    assert "avx512f" in hidden and "avx2" not in hidden
+    assert _hidden_host_features(config, avx2_only | {LLVM_TO_CPUINFO[f] for f in hidden}) == []
+
+
 def test_cuda_arch_rule():
     assert check_cuda_arch("sm_90a", (9, 0)) is None
     assert "only on compute capability 9.0" in check_cuda_arch("sm_90a", (10, 0))
@@ -146,13 +157,15 @@ def test_manifest_records_versions_target_isa_and_signature(small_artifact):
 def test_tvm_uses_all_usable_cores_without_pinning(small_artifact, small):
     from bnfold.targets.tvm_target import usable_cores
 
-    if _USER_ENV["TVM_NUM_THREADS"] is not None or _USER_ENV["TVM_BIND_THREADS"] is not None:
+    if any(v is not None for v in _USER_ENV.values()):
         pytest.skip("the user configured TVM's threads: bnfold leaves them alone")
     small_artifact(small[1])
-    # TVM's own default would be hardware_concurrency/2 threads (1 on a 2-vCPU machine), pinned to cores
+    # TVM's own default would be hardware_concurrency/2 threads (1 on a 2-vCPU machine), pinned to cores,
+    # spinning 300000 times after each kernel
     assert tvm.get_global_func("runtime.NumThreads")() == usable_cores()
     assert small_artifact.build_info["target"]["num_cores"] == usable_cores()
     assert os.environ["TVM_BIND_THREADS"] == "0"
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
@@ -178,6 +191,31 @@ def test_outputs_are_fresh_tensors_and_odd_inputs_work(small_artifact, small):
     assert torch.allclose(small_artifact(odd), gm(odd), atol=1e-5, rtol=1e-4)
     unaligned = torch.randn(2 * 3 * 16 * 16 + 1)[1:].view(2, 3, 16, 16)  # 4-byte offset: not 64-aligned
     assert torch.allclose(small_artifact(unaligned), gm(unaligned), atol=1e-5, rtol=1e-4)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        f = self.conv(x).mean((2, 3))
+        return f * s, {"logits": self.fc(f)}
+
+
+def test_several_inputs_and_nested_outputs_keep_their_structure(tmp_path):
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    args = (torch.randn(2, 3, 8, 8), torch.randn(2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntunedKernelsWarning)
+        art = compile(model, args, cache_dir=tmp_path)
+    out = art(*args)
+    ref = model(*args)
+    assert isinstance(out, tuple) and isinstance(out[1], dict) and set(out[1]) == {"logits"}
+    assert torch.allclose(out[0], ref[0], atol=1e-5) and torch.allclose(out[1]["logits"], ref[1]["logits"], atol=1e-5)
+    assert bnfold.compare(model, art, args).passed
 
 
 def test_wrong_inputs_are_refused_clearly(small_artifact):
@@ -384,3 +422,7 @@ def test_tiny_budget_tunes_every_kernel_and_second_compile_reuses_the_database(s
     assert second.build_info["tuning"]["trials_run"] == 0  # nothing left to tune
     assert "reused" in second.build_info["tuning"]["note"]
     assert second.build_info["tuning"]["untuned"] == []
+    more = compile(gm, (x,), tune_trials=16, cache_dir=cache, progress=False)  # a bigger budget tops up
+    assert 0 < more.build_info["tuning"]["trials_run"] <= 16 - tuning["trials_run"] + len(tuning["tasks"])
+    assert "topped up" in more.build_info["tuning"]["note"]
+    assert bnfold.compare(gm, more, (x,)).passed

@@ -11,6 +11,7 @@ Facts this module encodes (measured on TVM 0.27 / LLVM 22):
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,9 +20,11 @@ import tvm
 import tvm.target.codegen as codegen
 
 from bnfold.errors import InputError
-from bnfold.targets.tvm_isa import required_features
+from bnfold.targets.tvm_isa import LLVM_TO_CPUINFO, host_cpu_flags, required_features
 
 __all__ = ["TargetKind", "TargetSpec", "cpu_target", "cuda_target", "make_target", "usable_cores"]
+
+log = logging.getLogger(__name__)
 
 TargetKind = Literal["llvm", "cuda"]
 
@@ -84,8 +87,22 @@ def cpu_target(mcpu: str | None = None, num_cores: int | None = None) -> TargetS
     cores = num_cores or usable_cores()
     if cores < 1:
         raise InputError(f"num_cores must be positive, got {cores}")
-    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores})
-    return TargetSpec(target, "llvm", cpu, cores)
+    config: dict[str, Any] = {"kind": "llvm", "mcpu": cpu, "num-cores": cores}
+    if mcpu is None:
+        hidden = _hidden_host_features(config)
+        if hidden:  # e.g. a VM that hides AVX-512 from a CPU model that has it
+            log.info("host CPU %s lacks %s here: compiling without them", cpu, ", ".join(hidden))
+            config["mattr"] = [f"-{f}" for f in hidden]
+    return TargetSpec(tvm.target.Target(config), "llvm", cpu, cores)
+
+
+def _hidden_host_features(config: dict[str, Any], flags: set[str] | None = None) -> list[str]:
+    """Extensions LLVM assumes for the host's CPU model that this host (``flags``: its cpuinfo) does not report."""
+    flags = host_cpu_flags() if flags is None else flags
+    if flags is None:
+        return []
+    features = required_features(codegen.llvm_get_cpu_features(tvm.target.Target(config)))
+    return [f for f in features if LLVM_TO_CPUINFO[f] not in flags]
 
 
 def cuda_target(arch: str | None, *, num_cores: int | None = None) -> TargetSpec:

@@ -228,6 +228,7 @@ class TuningSummary:
     seconds: float = 0.0
     tasks: list[dict[str, Any]] = field(default_factory=list)
     untuned: list[str] = field(default_factory=list)
+    estimated_kernel_ms: float | None = None  # Σ occurrences × best measured time, from the database
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,19 +252,23 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
          progress: ProgressFn | None = None, retune: bool = False, seed: int | None = None) -> TuningSummary:
     """Tune ``tasks`` with ``total_trials`` split by cost (:func:`allocate_trials`), merge into ``cache``.
 
-    Tasks whose workload already had at least its allotted trials (per the cache) are skipped unless
-    ``retune``. Returns the summary (per-task budgets; ``trials_run`` counts measured candidates).
+    Tasks whose workload already had at least its allotted trials (per the cache) are skipped; the others get
+    the trials they lack, starting from the database's best schedules (``retune``: the full allotment, for
+    every task). Returns the summary (per-task budgets; ``trials_run`` counts measured candidates).
     """
     alloc = allocate_trials([t.cost for t in tasks], total_trials)
-    spent = cache.trials_spent()
-    todo = [i for i, t in enumerate(tasks) if retune or spent.get(workload_key(t), 0) < alloc[i]]
+    spent = {i: 0 if retune else cache.trials_spent().get(workload_key(t), 0) for i, t in enumerate(tasks)}
+    todo = [i for i in range(len(tasks)) if spent[i] < alloc[i]]
     summary = TuningSummary(str(cache.dir), total_trials)
     summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": alloc[i],
-                      "from_cache": i not in todo} for i, t in enumerate(tasks)]
+                      "trials_now": alloc[i] - spent[i] if i in todo else 0, "from_cache": i not in todo}
+                     for i, t in enumerate(tasks)]
     if not todo:
         summary.note = "every task already tuned with this budget: database reused"
         return summary
-    budget = {i: alloc[i] for i in todo}
+    budget = {i: alloc[i] - spent[i] for i in todo}
+    if any(spent[i] for i in todo):
+        summary.note = "topped up tasks tuned before, starting from the database's best schedules"
     tracker = TuningProgress(total=sum(budget.values()))
     report = progress or (lambda p: None)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_runs_dir(cache)))
@@ -274,6 +279,7 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
         with _tvm_env(spec.num_cores):
             runner = ms.runner.LocalRunner(timeout_sec=60.0)
             run_db = ms.database.JSONDatabase(work_dir=str(run_dir), module_equality="structural")
+            _warm_start(run_db, cache, [tasks[i] for i in todo])
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=spec.num_cores)
             callbacks = [*ms.MeasureCallback.create("default"), _ProgressCallback(tracker, report)]
             for level, idx in group_by_budget([budget.get(i, 0) for i in range(len(tasks))]):
@@ -300,6 +306,22 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     summary.trials_run = tracker.done
     summary.seconds = round(tracker.elapsed_s, 1)
     return summary
+
+
+def _warm_start(run_db: ms.Database, cache: TuningCache, tasks: Sequence[TaskInfo], top_k: int = 8) -> None:
+    """Copy the shared database's best records of ``tasks`` into the run's database: the evolutionary search
+    starts from them instead of from scratch."""
+    if not (cache.dir / "database_workload.json").exists():
+        return
+    with cache.locked():
+        shared = cache.open()
+    for t in tasks:
+        if not shared.has_workload(t.workload):
+            continue
+        target = run_db.commit_workload(t.workload)
+        for rec in shared.get_top_k(shared.commit_workload(t.workload), top_k):
+            run_db.commit_tuning_record(ms.database.TuningRecord(rec.trace, target, rec.run_secs, rec.target,
+                                                                 rec.args_info))
 
 
 def _runs_dir(cache: TuningCache) -> Path:
