@@ -1,6 +1,6 @@
 """Throughput of :func:`bnfold.recalibrate` against a plain ``torch.no_grad()`` eval forward over the same batches.
 
-    nice -n 10 .venv/bin/python bench/bench_recalibrate.py [--repeats 9] [--threads 1] [--json out.json]
+    nice -n 10 .venv/bin/python bench/bench_recalibrate.py [--repeats 15] [--threads 1] [--json out.json]
 
 For each model, the same list of batches is run
 
@@ -8,14 +8,16 @@ For each model, the same list of batches is run
 * ``recalibrate``: ``bnfold.recalibrate(model, batches)`` (batch mode, one pass, no progress bar);
 * ``update_bn``: ``torch.optim.swa_utils.update_bn(batches, model)`` (context: the usual tool);
 
-alternately, ``--repeats`` times after a warm-up, timed in CPU seconds of this process (a shared machine makes
-wall time unreliable; with one intra-op thread CPU time is the work done). The speed ratio is
-``t_eval / t_recalibrate`` of the medians: 1.0 = as fast as inference, the acceptance bar is ≥ 0.9.
-Sequential mode is timed once and expressed in full-forward equivalents.
+back to back, ``--repeats`` times after a warm-up, timed in CPU seconds of this process (a shared machine makes
+wall time unreliable; with one intra-op thread CPU time is the work done). The speed ratio is the median over the
+repeats of ``t_eval / t_recalibrate`` (each pair measured back to back, so slow phases of the machine cancel),
+with the interquartile range: 1.0 = as fast as inference, the acceptance bar is ≥ 0.9. Sequential mode is timed
+once and expressed in full-forward equivalents.
 
-``stats alone`` is the cost of the float64 sums by themselves (:func:`bnfold.bnstats.channel_sums` on every
-BatchNorm input, captured beforehand), as a fraction of the eval forward: measuring needs at least this much
-extra work, so ``1 / (1 + stats alone)`` bounds the speed ratio any exact float64 recalibration can reach here.
+``stats alone`` is the cost of measuring by itself (:meth:`bnfold.bnstats.BatchNormLayer.measure` on every
+BatchNorm input that batch-mode recalibration sees, captured beforehand), as a fraction of the eval forward:
+``1 / (1 + stats alone)`` bounds the speed ratio when everything else (interception, normalization, bookkeeping)
+were free.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import bnfold
-from bnfold.bnstats import batch_mean, shifted_sums
+from bnfold.bnstats import BatchNormLayer, Workspace
 from bnfold.demo.data import load_digits, shift_images
 from bnfold.demo.model import load_pretrained
 
@@ -89,33 +91,44 @@ def bench(name: str, make_model: Callable[[], nn.Module], batches: list[torch.Te
         times["update_bn"].append(_cpu_seconds(lambda swa=swa: update_bn(batches, swa)))
     t_seq = _cpu_seconds(lambda: bnfold.recalibrate(copy.deepcopy(model), batches, mode="sequential",
                                                     progress=False))
-    inputs = [(x, batch_mean(x)) for x in _bn_inputs(model, batches)]
+    inputs = _bn_inputs(model, batches)
 
-    def stats_alone() -> None:
-        for x, shift in inputs:  # results dropped at once, as in recalibration (no fresh pages for every layer)
-            shifted_sums(x, shift)
+    def stats_alone() -> None:  # what measuring costs by itself: every BatchNorm input, as the engine measures it
+        layers = {m: BatchNormLayer("", "", m.running_mean, m.running_var, m.eps) for m, _ in inputs}
+        workspace = Workspace()
+        for m, x in inputs:
+            layers[m].measure(x, workspace)
 
     t_stats = statistics.median(_cpu_seconds(stats_alone) for _ in range(repeats))
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = sorted(e / r for e, r in zip(times["eval"], times["recalibrate"], strict=True))
+    iqr = (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])
     layers = len(bnfold.recalibrate(copy.deepcopy(model), batches[:1], progress=False).layers)
     row = {"model": name, "bn_layers": layers, "eval_s": med["eval"], "recalibrate_s": med["recalibrate"],
-           "update_bn_s": med["update_bn"], "ratio": med["eval"] / med["recalibrate"],
-           "ratio_update_bn": med["eval"] / med["update_bn"], "sequential_s": t_seq,
-           "sequential_forwards": t_seq / med["eval"], "stats_alone": t_stats / med["eval"]}
+           "update_bn_s": med["update_bn"], "ratio": statistics.median(ratios), "ratio_iqr": iqr,
+           "ratio_update_bn": statistics.median(e / u for e, u in zip(times["eval"], times["update_bn"], strict=True)),
+           "sequential_s": t_seq, "sequential_forwards": t_seq / med["eval"], "stats_alone": t_stats / med["eval"]}
     print(f"| {name} | {layers} | {med['eval'] * 1e3:.1f} | {med['recalibrate'] * 1e3:.1f} | **{row['ratio']:.2f}** "
-          f"| {row['stats_alone']:.0%} → ≤ {1 / (1 + row['stats_alone']):.2f} "
+          f"({iqr[0]:.2f}–{iqr[1]:.2f}) | {row['stats_alone']:.0%} → ≤ {1 / (1 + row['stats_alone']):.2f} "
           f"| {med['update_bn'] * 1e3:.1f} ({row['ratio_update_bn']:.2f}) | {row['sequential_forwards']:.1f} |",
           flush=True)
     return row
 
 
-def _bn_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    handles = [m.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
-               for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _bn_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Every BatchNorm input of a batch-mode pass (BatchNorm normalizing with batch statistics, dropout off), with
+    the module of the original model it belongs to."""
+    probe = copy.deepcopy(model).eval()
+    originals = dict(zip(probe.modules(), model.modules(), strict=True))
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    handles = []
+    for m in probe.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            handles.append(m.register_forward_pre_hook(lambda m, inp: seen.append((originals[m], inp[0]))))
     with torch.no_grad():
         for x in batches:
-            model(x)
+            probe(x)
     for h in handles:
         h.remove()
     return seen
@@ -123,7 +136,7 @@ def _bn_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--only", help="run only the cases whose name contains this text")
     parser.add_argument("--json", help="write the rows to this file")
@@ -131,7 +144,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), median of {args.repeats}, "
           "CPU ms per pass over all batches\n")
-    print("| model, data | BN layers | eval forward | recalibrate | speed ratio | stats alone → bound "
+    print("| model, data | BN layers | eval forward | recalibrate | speed ratio (IQR) | stats alone → bound "
           "| update_bn (ratio) | sequential (forwards) |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [bench(name, make, data(), args.repeats) for name, make, data in _cases()

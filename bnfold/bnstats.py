@@ -1,4 +1,4 @@
-"""Measure what every BatchNorm layer sees: per-channel count, Σx and Σx², accumulated in float64.
+"""Measure what every BatchNorm layer sees: per-channel count, Σ(x − K) and Σ(x − K)², added up in float64.
 
 The engine behind :func:`bnfold.recalibrate` and :func:`bnfold.diagnose`.
 
@@ -12,17 +12,30 @@ batch-norm calls (``F.batch_norm``, ``torch.batch_norm`` and the aten overloads)
 buffer are answered by the engine, everything else runs untouched. One mechanism for every form of BatchNorm,
 no graph surgery, no per-module hooks to forget to remove, and the model's code is never changed.
 
-**The math.** For a layer input ``x`` of shape ``(N, C, *)`` and each channel ``c``::
+**The math.** For a layer input ``x`` of shape ``(N, C, *)``, a per-channel shift ``K`` near the channel means,
+and each channel ``c``::
 
     n   += N · ∏(*)                    (values per channel)
-    S_c += Σ x[:, c, ...]              (float64)
-    Q_c += Σ x[:, c, ...]²             (float64)
+    S_c += Σ (x[:, c, ...] − K_c)      (float32 per row x[n, c, :], rows added in float64)
+    Q_c += Σ (x[:, c, ...] − K_c)²     (the same)
 
-    mean_c = S_c / n,    var_c = (Q_c − S_c · mean_c) / (n − 1)      (unbiased, like BatchNorm's running_var)
+    mean_c = K_c + S_c / n,    var_c = (Q_c − S_c² / n) / (n − 1)      (unbiased, like BatchNorm's running_var)
 
-The sums add across batches of any size and across processes, so the result is the exact population mean and
-variance of everything the layer saw: count-weighted, and under ``torch.distributed`` one all-reduce of the
-packed ``(n, S, Q)`` makes every rank equal to one process over the union of the data.
+Shifted sums still add across batches of any size and across processes (sums taken with another shift are
+rebased in float64), so the result is the population mean and variance of everything the layer saw,
+count-weighted, and under ``torch.distributed`` one all-reduce of the packed ``(n, S, Q)`` (rebased to a shift
+every rank shares: the layer's running mean before measuring) makes every rank equal to one process over the
+union of the data.
+
+**Precision, and why the shift.** Summing float32 activations in float32 per row and only the row results in
+float64 is ~3× cheaper than up-casting every activation to float64, and accurate to ~1e-7 (≤ 2e-7 measured, at
+worst with many equal values) of ``Q``. The variance then loses ``1 + 2·(mean − K)²/var`` of that to cancellation,
+so every batch is checked: if ``(mean − K)² > _TAU · var`` in some channel, ``K`` becomes that batch's mean and
+its sums are taken again. ``K`` starts as 0 (no subtraction pass at all) when the stored statistics say the
+input is centered, else as the stored running mean; on stationary data it is corrected at most once, on the first
+batch. Result: variance within 1e-6 relative of a float64 full pass; mean within ~1e-7 of its standard deviation
+(a float32 accumulation cannot resolve a mean a thousand times smaller than its spread to 1e-6 of itself).
+Inputs of shape ``(N, C)`` and float64 inputs are summed in float64.
 
 **What a layer normalizes with** while the data flows (:data:`Use`): ``"batch"`` — the statistics of the current
 batch, as in training (biased variance; the output is then ``(x − mean_b) / √(var_b + eps) · γ + β``);
@@ -54,14 +67,15 @@ from bnfold.passes.detect import find_batchnorm_sites
 
 __all__ = [
     "BatchNormLayer",
+    "Measurement",
     "Moments",
     "Pass",
     "Use",
+    "Workspace",
     "agree_on_order",
     "all_reduce_layers",
     "as_call",
     "batch_count",
-    "batch_mean",
     "eval_mode",
     "find_layers",
     "limited_calls",
@@ -84,8 +98,21 @@ Use = Literal["batch", "new", "stored"]
 # 1e-5 at 12544. Longer rows are split (see :func:`_norm_rows`).
 _ROW = 256
 
+# Largest (mean − shift)² / variance a batch's float32 sums are accepted with. Their relative error is ~2e-7 at
+# worst (many equal values make the rounding errors of vector_norm's sequential float32 accumulation add up), and
+# cancellation in ``var = Σd²/n − (Σd/n)²`` multiplies it by about 1 + 2·(mean − shift)²/var: measured worst
+# 4.5e-7 at the bound, 1.4e-6 at 3 (tests/test_recalibrate.py::test_shifted_sums_precision_bound).
+_TAU = 1.0
+_TAU64 = 1e6  # the same for float64 sums (error ~1e-16 · (1 + 2·_TAU64))
+
+# A float32 shift can only be as close to the mean as float32 resolves it: |mean − shift| below this fraction of
+# |shift| is accepted whatever the variance (channels constant to float32 precision).
+_RESOLUTION = 2.0 ** -20
+
 # Per-batch sums kept before they are added up (bounded memory, few small operations inside the forward).
 _PARTS = 256
+
+_WIDE = (torch.float32, torch.float64)  # dtypes whose sums are taken without a float32 copy
 
 
 # --------------------------------------------------------------------------------------------- the math
@@ -106,29 +133,32 @@ def _check_input(x: torch.Tensor, channels: int) -> None:
                          hint="BatchNorm normalizes dim 1 of an (N, C, ...) input")
 
 
-def batch_mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel float32 mean of an ``(N, C, *)`` batch: the shift :func:`shifted_sums` subtracts."""
-    return x.reshape(x.shape[0], x.shape[1], -1).mean((0, 2), dtype=torch.float32)
+def shifted_sums(x: torch.Tensor, shift: torch.Tensor | None,
+                 workspace: Workspace | None = None) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """``(n, d, sums)`` of one non-empty batch: ``n`` values per channel, ``sums = [Σ(x − shift); Σ(x − shift)²]``
+    per channel (shape ``(2, C)``, float64) and ``d = x − shift`` viewed as ``(N, C, L)`` (``x`` itself when
+    ``shift`` is ``None``; ``None`` for rows of one value, which are summed in float64 without it).
 
-
-def shifted_sums(x: torch.Tensor, shift: torch.Tensor,
-                 workspace: Workspace | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(n, d, sums)`` of one batch: ``n`` values per channel, ``d = x − shift`` as ``(N, C, L)`` (float32, or
-    x's dtype if wider) and ``sums = [Σd; Σd²]`` per channel, shape ``(2, C)``, float64.
-
-    ``shift`` (float32, one value per channel) must be near the channel means: the sums are taken in float32 per row
-    of ``d`` (``torch.sum``, and ``vector_norm`` over rows of at most ``_ROW`` values) and only the per-row results
-    are added in float64, so the error is ~1e-7 of ``Σd²``, which cancellation in ``var = Σd²/n − (Σd/n)²``
-    multiplies by ``1 + (mean − shift)² / var``.
+    ``shift`` (one float32 value per channel, or ``None`` for 0: no subtraction pass) should be near the channel
+    means. The sums are taken per row ``d[n, c, :]`` in its dtype (``torch.sum``, and ``vector_norm`` over rows of
+    at most ``_ROW`` values) and only the per-row results are added in float64: the relative error of float32 sums
+    is ~1e-7 (~2e-7 at worst), and cancellation in ``var = Σd²/n − (Σd/n)²`` multiplies it by about
+    ``1 + 2·(mean − shift)²/var``. Rows of one value (``(N, C)`` inputs) are summed exactly in float64.
     """
     batch, channels = x.shape[0], x.shape[1]
     rows = x.reshape(batch, channels, -1)
-    col = shift.view(channels, 1)
-    if workspace is None:
-        d = rows - col
-    else:
-        d = torch.sub(rows, col, out=workspace.take(rows.shape, torch.promote_types(rows.dtype, col.dtype), x.device))
-    length = d.shape[2]
+    length = rows.shape[2]
+    if length == 1:  # (N, C): nothing to accumulate per row; float64 is exact and as cheap
+        rows64 = rows.view(batch, channels).to(torch.float64)
+        if shift is not None:
+            rows64 = rows64 - shift.to(torch.float64)
+        return batch, None, torch.stack((rows64, rows64 * rows64)).sum(1)
+    d = rows
+    if shift is not None:
+        col = shift.view(channels, 1)
+        out = None if workspace is None else \
+            workspace.take(rows.shape, torch.promote_types(rows.dtype, col.dtype), x.device)
+        d = torch.sub(rows, col, out=out)
     part = _norm_rows(length)
     if part == length:
         squares = torch.linalg.vector_norm(d, 2, -1).square_()
@@ -141,7 +171,7 @@ def shifted_sums(x: torch.Tensor, shift: torch.Tensor,
 
 class Workspace:
     """One reusable buffer for ``x − shift``: a fresh activation-sized tensor per call costs page faults (measured:
-    a quarter of the overhead on mobilenet_v3_small). Only valid until the next :meth:`take`."""
+    2–5 % of a whole recalibration of resnet50 / mobilenet_v3_small). Only valid until the next :meth:`take`."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
@@ -163,23 +193,30 @@ def moments_to_stats(n: int, sums: torch.Tensor, *, unbiased: bool = True) -> tu
     return mean, var.clamp_min_(0.0)
 
 
+def _as_float64(shift: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if shift is None:
+        return torch.zeros(like.shape[-1], dtype=torch.float64, device=like.device)
+    return shift.detach().reshape(-1).to(torch.float64, copy=True)
+
+
 @dataclass
 class Moments:
     """Running ``(n, [S; Q])`` of one layer: float64 sums ``S = Σ(x − shift)``, ``Q = Σ(x − shift)²`` on the layer's
-    device, ``shift`` a per-channel constant (``source``, and ``shift`` its float64 copy). Batches are appended and
-    summed in groups of ``_PARTS``."""
+    device; ``source`` is the per-channel shift they are relative to (``None``: 0) and ``shift`` its float64 copy.
+    Batches are appended and summed in groups of ``_PARTS``."""
 
     count: int
     parts: list[torch.Tensor]
-    source: torch.Tensor
+    source: torch.Tensor | None
     shift: torch.Tensor
 
     @classmethod
-    def zeros(cls, shift: torch.Tensor) -> Moments:
-        shift64 = shift.detach().reshape(-1).to(torch.float64, copy=True)
-        return cls(0, [torch.zeros(2, shift64.numel(), dtype=torch.float64, device=shift64.device)], shift, shift64)
+    def zeros(cls, like: torch.Tensor, shift: torch.Tensor | None = None) -> Moments:
+        """Nothing yet, relative to ``shift``, for the channels of ``like`` (a running mean)."""
+        zeros = torch.zeros(2, like.numel(), dtype=torch.float64, device=like.device)
+        return cls(0, [zeros], shift, _as_float64(shift, zeros))
 
-    def add(self, n: int, sums: torch.Tensor, shift: torch.Tensor) -> None:
+    def add(self, n: int, sums: torch.Tensor, shift: torch.Tensor | None) -> None:
         """Add one batch's sums, taken relative to ``shift``."""
         if shift is not self.source:
             self.rebase(shift)
@@ -195,10 +232,10 @@ class Moments:
             self.parts = [torch.stack(self.parts).sum(0)]
         return self.parts[0]
 
-    def rebase(self, shift: torch.Tensor) -> None:
+    def rebase(self, shift: torch.Tensor | None) -> None:
         """Make the sums relative to another ``shift``: with ``δ = old − new``, ``Σ(x − new) = S + nδ`` and
         ``Σ(x − new)² = Q + δ·(2S + nδ)`` (float64; exact when nothing was added yet)."""
-        shift64 = shift.detach().reshape(-1).to(torch.float64, copy=True)
+        shift64 = _as_float64(shift, self.parts[0])
         if self.count:
             total, total_sq = self.sums
             delta = self.shift - shift64
@@ -223,6 +260,23 @@ class Moments:
         self.parts = [packed[1:].reshape(2, -1).clone()]
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One batch at a layer's input: what :func:`shifted_sums` returns (``n``, ``d``, ``sums``), and the batch's
+    ``mean`` (relative to the shift) and biased variance ``var``, float64."""
+
+    n: int
+    d: torch.Tensor | None
+    sums: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    @classmethod
+    def of(cls, n: int, d: torch.Tensor | None, sums: torch.Tensor) -> Measurement:
+        mean, mean_sq = sums.div(n).unbind()
+        return cls(n, d, sums, mean, torch.addcmul(mean_sq, mean, mean, value=-1.0))
+
+
 # --------------------------------------------------------------------------------------------- layers
 
 
@@ -241,12 +295,18 @@ class BatchNormLayer:
     new_var: torch.Tensor | None = None
     first_call: float = math.inf  # position of its first call in a forward (execution order)
     calls_per_forward: set[int] = field(default_factory=set)
-    shift: torch.Tensor | None = None  # float32, what the sums are taken relative to: the first batch's mean
+    shift: torch.Tensor | None = field(init=False)  # float32 per channel, subtracted before summing (None: 0)
     reference: torch.Tensor = field(init=False)  # float64 running mean before measuring: the same on every rank
+    _slack: torch.Tensor = field(init=False)  # float64, (_RESOLUTION · shift)²
 
     def __post_init__(self) -> None:
-        self.reference = torch.nan_to_num(self.running_mean.detach().to(torch.float64, copy=True), 0.0, 0.0, 0.0)
-        self.moments = Moments.zeros(self.reference)
+        stored_mean = self.running_mean.detach().to(torch.float64, copy=True)
+        self.reference = torch.nan_to_num(stored_mean, 0.0, 0.0, 0.0)
+        self.moments = Moments.zeros(self.running_mean, self.reference)
+        # First guess of the shift from the stored statistics: none if they say the input is centered (saves the
+        # subtraction pass), else the stored mean. measure() corrects a wrong guess on the first batch.
+        centered = bool((stored_mean.square() <= _TAU * self.running_var.detach().double()).all())
+        self._set_shift(None if centered else self.reference.float())
 
     @property
     def channels(self) -> int:
@@ -257,19 +317,32 @@ class BatchNormLayer:
         """Largest number of calls in one forward (> 1: the layer is reused)."""
         return max(self.calls_per_forward, default=0)
 
-    def measure(self, x: torch.Tensor,
-                workspace: Workspace | None = None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-        """:func:`shifted_sums` of one input relative to :attr:`shift` (chosen on the first input); ``None`` if the
-        input is empty."""
+    def measure(self, x: torch.Tensor, workspace: Workspace | None = None) -> Measurement | None:
+        """The :func:`shifted_sums` of one input relative to :attr:`shift` (``None`` if the input is empty), with
+        ``(mean − shift)² ≤ _TAU · var`` in every channel (``_TAU64`` for float64 sums), so that they are precise.
+
+        If this batch is farther from the shift, the shift becomes this batch's mean and the sums are taken again:
+        once per layer on stationary data, on the first batch, when the stored statistics were a poor guess.
+        """
         _check_input(x, self.channels)
         if x.numel() == 0:
             return None
-        if self.shift is None:
-            self.shift = batch_mean(x)
-        return shifted_sums(x, self.shift, workspace)
+        if self.shift is None and x.dtype not in _WIDE:  # low precision: subtract (into float32) from the start
+            self._set_shift(torch.zeros(self.channels, dtype=torch.float32, device=x.device))
+        measured = Measurement.of(*shifted_sums(x, self.shift, workspace))
+        tau = _TAU64 if measured.d is None or measured.d.dtype == torch.float64 else _TAU
+        excess = torch.add(self._slack, measured.var, alpha=tau).addcmul_(measured.mean, measured.mean, value=-1.0)
+        if not float(excess.min()) >= 0.0:  # also when NaN
+            self._set_shift((measured.mean + _as_float64(self.shift, measured.mean)).float())
+            measured = Measurement.of(*shifted_sums(x, self.shift, workspace))
+        return measured
+
+    def _set_shift(self, shift: torch.Tensor | None) -> None:
+        self.shift = shift
+        self._slack = torch.zeros_like(self.reference) if shift is None else (shift.double() * _RESOLUTION).square_()
 
     def reset_moments(self) -> None:
-        self.moments = Moments.zeros(self.reference if self.shift is None else self.shift)
+        self.moments = Moments.zeros(self.running_mean, self.shift)
 
     def finalize(self) -> None:
         if self.moments.count >= 2:
@@ -420,20 +493,18 @@ class _Interceptor(TorchFunctionMode):
             mean, var = layer.new_mean.to(mean.dtype), layer.new_var.to(var.dtype)
         if record or use == "batch":
             measured = layer.measure(x, self._workspace)
-            if measured is not None:
-                n, d, sums = measured
-                if record:
-                    layer.moments.add(n, sums, layer.shift)  # type: ignore[arg-type]
-                if use == "batch" and n >= 2:  # biased variance, as training-mode BatchNorm normalizes with
-                    shifted_mean, batch_var = _biased_stats(n, sums)
-                    if d.dtype == x.dtype:  # normalize d = x − shift: no rounding of shift + mean
-                        values[spec.input_at] = d.view(x.shape)
-                    else:
-                        shifted_mean = shifted_mean + layer.moments.shift
-                    mean, var = shifted_mean.to(mean.dtype), batch_var.to(var.dtype)
-                elif use == "batch" and layer.moments.count >= 2:  # one value per channel: the estimate so far
-                    new_mean, new_var = layer.moments.stats()
-                    mean, var = new_mean.to(mean.dtype), new_var.to(var.dtype)
+            if measured is not None and record:
+                layer.moments.add(measured.n, measured.sums, layer.shift)
+            if measured is not None and use == "batch" and measured.n >= 2:  # as training-mode BatchNorm does:
+                batch_mean, batch_var = measured.mean, measured.var.clamp_min_(0.0)  # this batch, biased var
+                if measured.d is not None and measured.d.dtype == x.dtype:  # normalize d = x − shift: no
+                    values[spec.input_at] = measured.d.view(x.shape)  # rounding of shift + mean
+                elif layer.shift is not None:
+                    batch_mean = batch_mean + layer.shift.to(torch.float64)
+                mean, var = batch_mean.to(mean.dtype), batch_var.to(var.dtype)
+            elif measured is not None and use == "batch" and layer.moments.count >= 2:  # one value per channel:
+                new_mean, new_var = layer.moments.stats()  # the estimate so far
+                mean, var = new_mean.to(mean.dtype), new_var.to(var.dtype)
         values[spec.running_mean_at] = mean
         values[spec.running_var_at] = var
         if spec.training_at is not None:
@@ -442,13 +513,6 @@ class _Interceptor(TorchFunctionMode):
         if plan.stop_after is not None and plan.stop_after == (layer, calls):
             raise _StopForward
         return out
-
-
-def _biased_stats(n: int, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance (float64) of one batch from its shifted sums ``[S; Q]`` (mean relative to the
-    shift)."""
-    mean, mean_sq = sums.div(n).unbind()
-    return mean, torch.addcmul(mean_sq, mean, mean, value=-1.0).clamp_min_(0.0)
 
 
 # --------------------------------------------------------------------------------------------- running passes

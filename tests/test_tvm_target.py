@@ -180,6 +180,18 @@ def test_torchvision_parity_untuned(arch, tmp_path):
     assert report.passed, report.summary()
 
 
+def test_target_and_artifact_follow_the_targets_protocols(small_artifact, small):
+    from bnfold.targets import Artifact, Target
+    from bnfold.targets.tvm import TvmTarget
+
+    assert isinstance(TvmTarget(), Target) and isinstance(small_artifact, Artifact)
+    gm, x = small
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntunedKernelsWarning)
+        art = TvmTarget().lower(gm, (x,), {"tune_trials": 0})
+    assert torch.allclose(art(x), small_artifact(x), atol=1e-5, rtol=1e-5)
+
+
 def test_outputs_are_fresh_tensors_and_odd_inputs_work(small_artifact, small):
     gm, x = small
     y1 = small_artifact(x)

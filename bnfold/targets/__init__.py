@@ -7,7 +7,8 @@ records how it was built (``build_info``: target, versions, options).
 Targets:
 
 * ``bnfold.targets.onnx`` — ``torch.onnx.export`` → onnxsim → ONNX Runtime (:class:`~bnfold.targets.onnx.OnnxTarget`).
-* ``bnfold.targets.tvm`` — Relax → ``tvm.compile`` (llvm / cuda).
+* ``bnfold.targets.tvm`` — Relax → ``tvm.compile`` (llvm / cuda) (:class:`~bnfold.targets.tvm.TvmTarget`,
+  :func:`bnfold.compile`; docs/tvm.md).
 
 Each target module imports its optional dependencies lazily, so ``import bnfold`` never needs them.
 """

@@ -6,8 +6,9 @@ MetaSchedule's task scheduler takes one ``max_trials_per_task`` for all tasks, a
 
 * every task gets at least a floor of trials (an untuned CPU kernel is ~40x slower than a tuned one: no
   task may be left out), and
-* the rest of the budget goes to the tasks that dominate latency, in proportion to their cost
-  ``flops × occurrences`` (a 3×3 conv repeated four times matters more than the final reshape).
+* the rest of the budget goes to the tasks that dominate latency, in proportion to their cost: their share
+  of the model's time (occurrences × best measured time, once the database has measured them; FLOPs ×
+  occurrences before that, see :func:`bnfold.targets.tvm_tuning.latency_costs`).
 
 Budgets snap to a short ladder (1, 2, 3, 4, 6, 8, 12, 16, 24, ...) so a model needs only a few scheduler
 passes; the snapped total never exceeds the budget.

@@ -126,32 +126,37 @@ def _record_best_latency(summary: TuningSummary, tasks: list[TaskInfo], db: obje
     summary.estimated_kernel_ms = round(total / 1e3, 3) if total else None
 
 
+def _tune_and_apply(mod: tvm.IRModule, spec: TargetSpec, opts: BuildOptions) -> tuple[tvm.IRModule, TuningSummary]:
+    """Tune (if asked) the kernels that run per call, then apply the shared database to ``mod``."""
+    cache = TuningCache(opts.cache_dir or default_cache_dir(), spec)
+    tasks: list[TaskInfo] = extract_tasks(_main_only(mod), spec)
+    log.info("%d tuning task(s); database %s", len(tasks), cache.dir)
+    if opts.tune_trials:
+        if opts.tune_trials < len(tasks):
+            raise InputError(f"tune_trials={opts.tune_trials} cannot tune the {len(tasks)} kernels of this model",
+                             hint=f"use at least {len(tasks)} (about {32 * len(tasks)} for a fast result), "
+                                  "or 0 to only apply the tuning database")
+        summary = tune(tasks, spec, opts.tune_trials, cache, progress=opts.progress, retune=opts.retune)
+    else:
+        summary = TuningSummary(str(cache.dir), 0, note="no tuning requested: database applied as is")
+        summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": 0}
+                         for t in tasks]
+    if cache.dir.exists():  # an untuned build never creates a cache folder
+        with cache.locked():
+            db = cache.open()
+        with spec.target, db, tvm.transform.PassContext(opt_level=3):
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        _record_best_latency(summary, tasks, db, spec)
+    return mod, summary
+
+
 def _cpu_pipeline(imported: Imported, spec: TargetSpec, opts: BuildOptions) -> tuple[tvm.IRModule, TuningSummary]:
     mod = _prepare_cpu(imported.mod, spec, opts.prepack, opts.layout)
-    static = imported.batch_range is None
-    if not static and opts.tune_trials:
+    if imported.batch_range is None:
+        mod, summary = _tune_and_apply(mod, spec, opts)
+    elif opts.tune_trials:
         raise InputError("MetaSchedule tunes static shapes only; this build has a dynamic batch",
                          hint="compile a fixed batch size to tune it, or pass tune_trials=0")
-    if static:
-        cache = TuningCache(opts.cache_dir or default_cache_dir(), spec)
-        tasks: list[TaskInfo] = extract_tasks(_main_only(mod), spec)
-        log.info("%d tuning task(s); database %s", len(tasks), cache.dir)
-        if opts.tune_trials:
-            if opts.tune_trials < len(tasks):
-                raise InputError(f"tune_trials={opts.tune_trials} cannot tune the {len(tasks)} kernels of this model",
-                                 hint=f"use at least {len(tasks)} (about {32 * len(tasks)} for a fast result), "
-                                      "or 0 to only apply the tuning database")
-            summary = tune(tasks, spec, opts.tune_trials, cache, progress=opts.progress, retune=opts.retune)
-        else:
-            summary = TuningSummary(str(cache.dir), 0, note="no tuning requested: database applied as is")
-            summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": 0,
-                              "from_cache": True} for t in tasks]
-        if cache.dir.exists():  # an untuned build never creates a cache folder
-            with cache.locked():
-                db = cache.open()
-            with spec.target, db, tvm.transform.PassContext(opt_level=3):
-                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            _record_best_latency(summary, tasks, db, spec)
     else:
         summary = TuningSummary(None, 0, note="dynamic batch: untuned (MetaSchedule needs static shapes)")
     if opts.prepack:

@@ -4,8 +4,8 @@
   ``flops × occurrences``, which :mod:`bnfold.targets.tvm_budget` uses to split the trial budget.
 * **The database** lives in ``cache_dir/<target>-tvm<version>/`` (:class:`TuningCache`): one per target and
   TVM version, shared by every model. Workloads are matched structurally, so a new model with the same
-  convolution shapes reuses earlier results. A side file records how many trials each workload has had;
-  a task is tuned again only when the new budget asks for more than that.
+  convolution shapes reuses earlier results. A ledger (``trials.json``) records the trials each workload had
+  and the largest budget each model was tuned with; only a larger budget tunes again, and only the difference.
 * **Tuning** runs in a private work directory and is merged (best record per workload) into the shared
   database under a file lock, so concurrent compiles never corrupt it.
 * **Speed**: MetaSchedule's stock builder starts two fresh Python+TVM worker processes for *every* batch of
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from bnfold.targets.tvm_budget import allocate_trials, group_by_budget
 from bnfold.targets.tvm_target import TargetSpec
 
 __all__ = ["PooledBuilder", "TaskInfo", "TuningCache", "TuningProgress", "TuningSummary", "default_cache_dir",
-           "extract_tasks", "tune"]
+           "extract_tasks", "latency_costs", "model_key", "split_budget", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -189,33 +190,50 @@ class TuningCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         return ms.database.JSONDatabase(work_dir=str(self.dir), module_equality="structural")
 
-    def _trials_path(self) -> Path:
+    def _ledger_path(self) -> Path:
         return self.dir / "trials.json"
 
-    def trials_spent(self) -> dict[str, int]:
-        p = self._trials_path()
+    def ledger(self) -> dict[str, dict[str, int]]:
+        """``{"workloads": {key: trials}, "models": {task-set key: largest total budget tuned}}``."""
+        p = self._ledger_path()
+        empty: dict[str, dict[str, int]] = {"workloads": {}, "models": {}}
         if not p.exists():
-            return {}
+            return empty
         try:
-            return {str(k): int(v) for k, v in json.loads(p.read_text()).items()}
+            raw = json.loads(p.read_text())
+            return {k: {str(kk): int(vv) for kk, vv in raw.get(k, {}).items()} for k in empty}
         except (ValueError, AttributeError):
             log.warning("ignoring unreadable %s", p)
-            return {}
+            return empty
 
-    def merge(self, run_db: ms.Database, spent: dict[str, int]) -> None:
-        """Copy the best record per workload of ``run_db`` in, and add ``spent`` trials (hold the lock)."""
+    def merge(self, run_db: ms.Database, spent: dict[str, int], model_key: str, total: int) -> None:
+        """Copy the best record per workload of ``run_db`` in and update the ledger (hold the lock)."""
         shared = self.open()
         run_db.dump_pruned(shared)
-        totals = self.trials_spent()
+        ledger = self.ledger()
         for k, v in spent.items():
-            totals[k] = totals.get(k, 0) + v
-        tmp = self._trials_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(totals, indent=1, sort_keys=True))
-        os.replace(tmp, self._trials_path())
+            ledger["workloads"][k] = ledger["workloads"].get(k, 0) + v
+        ledger["models"][model_key] = max(total, ledger["models"].get(model_key, 0))
+        tmp = self._ledger_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+        os.replace(tmp, self._ledger_path())
 
 
 def workload_key(task: TaskInfo) -> str:
     return str(tvm_ffi.structural_hash(task.workload))
+
+
+def model_key(tasks: Sequence[TaskInfo]) -> str:
+    """Identifies a set of tasks (a model's kernels for one target), independent of their order."""
+    return hashlib.sha256(" ".join(sorted(workload_key(t) for t in tasks)).encode()).hexdigest()[:16]
+
+
+def split_budget(costs: Sequence[float], trials: int) -> list[int]:
+    """:func:`allocate_trials`, or with fewer trials than tasks one trial each for the costliest tasks."""
+    if trials >= len(costs):
+        return allocate_trials(costs, trials)
+    top = set(sorted(range(len(costs)), key=lambda i: -costs[i])[:trials])
+    return [1 if i in top else 0 for i in range(len(costs))]
 
 
 @dataclass
@@ -250,25 +268,31 @@ def _per_iter(budget: int) -> int:
 
 def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: TuningCache, *,
          progress: ProgressFn | None = None, retune: bool = False, seed: int | None = None) -> TuningSummary:
-    """Tune ``tasks`` with ``total_trials`` split by cost (:func:`allocate_trials`), merge into ``cache``.
+    """Tune ``tasks`` so that this model has had ``total_trials`` in all, then merge into ``cache``.
 
-    Tasks whose workload already had at least its allotted trials (per the cache) are skipped; the others get
-    the trials they lack, starting from the database's best schedules (``retune``: the full allotment, for
-    every task). Returns the summary (per-task budgets; ``trials_run`` counts measured candidates).
+    The cache's ledger remembers the largest budget each model (task set) was tuned with: a compile with the
+    same or a smaller budget tunes nothing (the database is applied as is); a larger one spends only the
+    difference, split by :func:`latency_costs` (so it goes to the kernels that are still slow), each search
+    starting from the database's best schedules. ``retune`` ignores the ledger. Returns the summary
+    (``trials`` per task: what this compile allotted; ``trials_run`` counts measured candidates).
     """
-    alloc = allocate_trials([t.cost for t in tasks], total_trials)
-    spent = {i: 0 if retune else cache.trials_spent().get(workload_key(t), 0) for i, t in enumerate(tasks)}
-    todo = [i for i in range(len(tasks)) if spent[i] < alloc[i]]
+    key = model_key(tasks)
+    ledger = cache.ledger()
+    done_before = 0 if retune else ledger["models"].get(key, 0)
     summary = TuningSummary(str(cache.dir), total_trials)
+    extra = total_trials - done_before
+    alloc = split_budget(latency_costs(tasks, cache, spec), extra) if extra > 0 else [0] * len(tasks)
+    spent = ledger["workloads"]
     summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": alloc[i],
-                      "trials_now": alloc[i] - spent[i] if i in todo else 0, "from_cache": i not in todo}
-                     for i, t in enumerate(tasks)]
+                      "trials_before": spent.get(workload_key(t), 0)} for i, t in enumerate(tasks)]
+    todo = [i for i, a in enumerate(alloc) if a > 0]
     if not todo:
-        summary.note = "every task already tuned with this budget: database reused"
+        summary.note = f"already tuned with {done_before} trials: database reused"
         return summary
-    budget = {i: alloc[i] - spent[i] for i in todo}
-    if any(spent[i] for i in todo):
-        summary.note = "topped up tasks tuned before, starting from the database's best schedules"
+    if done_before:
+        summary.note = (f"topped up from {done_before} trials: the {extra} extra went to the slowest kernels, "
+                        "starting from the database's best schedules")
+    budget = {i: alloc[i] for i in todo}
     tracker = TuningProgress(total=sum(budget.values()))
     report = progress or (lambda p: None)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_runs_dir(cache)))
@@ -295,7 +319,7 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
                               num_trials_per_iter=_per_iter(level), builder=builder, runner=runner,
                               database=run_db, cost_model=cost_model, measure_callbacks=callbacks)
         with cache.locked():
-            cache.merge(run_db, {workload_key(tasks[i]): budget[i] for i in todo})
+            cache.merge(run_db, {workload_key(tasks[i]): budget[i] for i in todo}, key, total_trials)
     except BaseException:
         log.warning("tuning failed; its logs are kept in %s", run_dir)
         raise
@@ -306,6 +330,28 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     summary.trials_run = tracker.done
     summary.seconds = round(tracker.elapsed_s, 1)
     return summary
+
+
+def latency_costs(tasks: Sequence[TaskInfo], cache: TuningCache, spec: TargetSpec) -> list[float]:
+    """Each task's share of the model's latency, in seconds per inference (occurrences × time per call).
+
+    Tasks the database has measured use their best time; the others are estimated from their FLOPs at the
+    median throughput of the measured ones (or, with nothing measured yet, cost = FLOPs × occurrences, which
+    only needs to be proportional). This is what steers a top-up budget to the kernels that are still slow.
+    """
+    best: dict[int, float] = {}
+    if (cache.dir / "database_workload.json").exists():
+        with cache.locked():
+            db = cache.open()
+        for i, t in enumerate(tasks):
+            rec = db.query_tuning_record(t.workload, spec.target, "main") if db.has_workload(t.workload) else None
+            if rec is not None and rec.run_secs:
+                best[i] = sum(float(v) for v in rec.run_secs) / len(rec.run_secs)
+    rates = sorted(tasks[i].flops / s for i, s in best.items() if s > 0 and tasks[i].flops > 0)
+    if not rates:
+        return [t.cost for t in tasks]
+    rate = rates[len(rates) // 2]
+    return [t.weight * (best[i] if i in best else t.flops / rate) for i, t in enumerate(tasks)]
 
 
 def _warm_start(run_db: ms.Database, cache: TuningCache, tasks: Sequence[TaskInfo], top_k: int = 8) -> None:
