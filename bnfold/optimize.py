@@ -50,6 +50,7 @@ class OptimizeResult:
     stages: Any | None
     artifacts: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -62,6 +63,7 @@ class OptimizeResult:
             "out_dir": str(self.out_dir),
             "artifacts": self.artifacts,
             "errors": self.errors,
+            "warnings": self.warnings,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
             "fold": None if self.fold is None else self.fold.to_dict(),
@@ -80,6 +82,7 @@ class OptimizeResult:
         lines.append(format_table(["artifact", "path"], rows))
         for stage, err in self.errors.items():
             lines.append(f"ERROR in {stage}: {err}")
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -213,11 +216,21 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             tracker.add("onnx", OnnxRuntimeModel(exported.path))
 
     if tvm_target:
+        import warnings
+
+        from bnfold.targets.tvm import UntunedKernelsWarning
         from bnfold.targets.tvm import compile as tvm_compile
 
         with _timed(result, "tvm"):
-            artifact = tvm_compile(folded, inputs, target=tvm_target, arch=arch, tune_trials=tune_trials,
-                                   cache_dir=cache_dir, progress=False)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UntunedKernelsWarning)
+                artifact = tvm_compile(folded, inputs, target=tvm_target, arch=arch, tune_trials=tune_trials,
+                                       cache_dir=cache_dir, progress=False)
+            for w in caught:  # untuned kernels: said in the report, not as a stray Python warning
+                if issubclass(w.category, UntunedKernelsWarning):
+                    result.warnings.append(f"tvm: {w.message}")
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             artifact.save(staging / "tvm")
             result.artifacts["tvm"] = "tvm/"
             if artifact.runnable:

@@ -86,6 +86,13 @@ def test_allocate_trials_refuses_budget_below_task_count():
         allocate_trials([1.0] * 5, 4)
 
 
+def test_split_budget_smaller_than_task_count_goes_to_the_costliest():
+    from bnfold.targets.tvm_tuning import split_budget
+
+    assert split_budget([1.0, 5.0, 3.0, 0.0], 2) == [0, 1, 1, 0]
+    assert sum(split_budget([1.0, 5.0, 3.0, 0.0], 40)) <= 40
+
+
 def test_group_by_budget_largest_first():
     assert group_by_budget([8, 2, 8, 0, 4]) == [(8, [0, 2]), (4, [4]), (2, [1])]
 

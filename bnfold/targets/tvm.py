@@ -2,9 +2,10 @@
 
 Lowering only, never folding: pass the folded module (``bnfold.fold(model, x).module``). The route is
 ``torch.export`` → ``tvm.relax.frontend.torch.from_exported_program`` → Relax → ``tvm.compile``; see
-:mod:`bnfold.targets.tvm_build` for the pipelines and :mod:`bnfold.targets.tvm_tuning` for MetaSchedule
-tuning and its shared database. Untuned CPU kernels are roughly 40x slower than PyTorch's, so whenever a
-kernel ends up without a tuned schedule, :class:`UntunedKernelsWarning` lists it.
+:mod:`bnfold.targets.tvm_build` for the pipelines, :mod:`bnfold.targets.tvm_tuning` for MetaSchedule
+tuning and :mod:`bnfold.targets.tvm_cache` for the shared tuning database. Untuned CPU kernels are roughly
+40x slower than PyTorch's, so whenever a kernel ends up without a tuned schedule, :class:`UntunedKernelsWarning`
+lists it.
 
 This module imports TVM lazily: ``import bnfold`` works without it.
 """

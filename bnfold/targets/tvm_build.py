@@ -27,9 +27,10 @@ import tvm
 from tvm import relax
 
 from bnfold.errors import BnfoldError, InputError
+from bnfold.targets.tvm_cache import TuningCache, default_cache_dir
 from bnfold.targets.tvm_import import Imported
 from bnfold.targets.tvm_target import TargetSpec
-from bnfold.targets.tvm_tuning import TaskInfo, TuningCache, TuningSummary, default_cache_dir, extract_tasks, tune
+from bnfold.targets.tvm_tuning import TaskInfo, TuningSummary, extract_tasks, tune
 
 __all__ = ["BuildOptions", "Built", "build", "kernel_tasks", "untuned_kernels"]
 

@@ -1,24 +1,20 @@
-"""MetaSchedule tuning with a persistent, shared database.
+"""MetaSchedule tuning of a model's kernels into the shared database (:mod:`bnfold.targets.tvm_cache`).
 
-* **Tasks** are the fused TIR kernels of the model (:func:`extract_tasks`); their cost is
-  ``flops × occurrences``, which :mod:`bnfold.targets.tvm_budget` uses to split the trial budget.
-* **The database** lives in ``cache_dir/<target>-tvm<version>/`` (:class:`TuningCache`): one per target and
-  TVM version, shared by every model. Workloads are matched structurally, so a new model with the same
-  convolution shapes reuses earlier results. A ledger (``trials.json``) records the trials each workload had
-  and the largest budget each model was tuned with; only a larger budget tunes again, and only the difference.
-* **Tuning** runs in a private work directory and is merged (best record per workload) into the shared
-  database under a file lock, so concurrent compiles never corrupt it.
+* **Tasks** are the fused TIR kernels that run per call (:func:`extract_tasks`); the budget is split by each
+  task's share of the latency (:func:`bnfold.targets.tvm_cache.latency_costs`, FLOPs × occurrences before
+  anything is measured) with :mod:`bnfold.targets.tvm_budget`, one MetaSchedule pass per per-task budget.
+* **Reuse**: the cache's ledger says how much of the budget a model already had; only the difference is tuned,
+  starting from the database's best schedules.
+* **Isolation**: tuning runs in a private work directory and is merged (best record per workload) into the
+  shared database under a file lock, so concurrent compiles never corrupt it.
 * **Speed**: MetaSchedule's stock builder starts two fresh Python+TVM worker processes for *every* batch of
   candidates (seconds each on a busy 2-core machine); :class:`PooledBuilder` keeps its workers and recycles
-  them every 64 builds instead.
+  them every 64 builds instead. The evolutionary search is sized to the per-task budget.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -30,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import tvm
-import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
@@ -41,22 +36,14 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from bnfold.targets.tvm_budget import allocate_trials, group_by_budget
+from bnfold.targets.tvm_cache import TuningCache, latency_costs, model_key, warm_start, workload_key
 from bnfold.targets.tvm_target import TargetSpec
 
-__all__ = ["PooledBuilder", "TaskInfo", "TuningCache", "TuningProgress", "TuningSummary", "default_cache_dir",
-           "extract_tasks", "latency_costs", "model_key", "split_budget", "tune"]
+__all__ = ["PooledBuilder", "TaskInfo", "TuningProgress", "TuningSummary", "extract_tasks", "split_budget", "tune"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[["TuningProgress"], None]
-
-
-def default_cache_dir() -> Path:
-    """``$BNFOLD_CACHE_DIR/tvm``, else ``$XDG_CACHE_HOME/bnfold/tvm``, else ``~/.cache/bnfold/tvm``."""
-    if os.environ.get("BNFOLD_CACHE_DIR"):
-        return Path(os.environ["BNFOLD_CACHE_DIR"]) / "tvm"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "bnfold" / "tvm"
 
 
 @dataclass
@@ -169,65 +156,6 @@ class PooledBuilder(PyBuilder):
         self.pool.shutdown()
 
 
-class TuningCache:
-    """The shared tuning database of one target (see module docstring)."""
-
-    def __init__(self, root: str | os.PathLike[str], spec: TargetSpec) -> None:
-        self.dir = Path(root) / spec.cache_key()
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def open(self) -> ms.Database:
-        """The database (read it while holding :meth:`locked` if another process may be merging)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return ms.database.JSONDatabase(work_dir=str(self.dir), module_equality="structural")
-
-    def _ledger_path(self) -> Path:
-        return self.dir / "trials.json"
-
-    def ledger(self) -> dict[str, dict[str, int]]:
-        """``{"workloads": {key: trials}, "models": {task-set key: largest total budget tuned}}``."""
-        p = self._ledger_path()
-        empty: dict[str, dict[str, int]] = {"workloads": {}, "models": {}}
-        if not p.exists():
-            return empty
-        try:
-            raw = json.loads(p.read_text())
-            return {k: {str(kk): int(vv) for kk, vv in raw.get(k, {}).items()} for k in empty}
-        except (ValueError, AttributeError):
-            log.warning("ignoring unreadable %s", p)
-            return empty
-
-    def merge(self, run_db: ms.Database, spent: dict[str, int], model_key: str, total: int) -> None:
-        """Copy the best record per workload of ``run_db`` in and update the ledger (hold the lock)."""
-        shared = self.open()
-        run_db.dump_pruned(shared)
-        ledger = self.ledger()
-        for k, v in spent.items():
-            ledger["workloads"][k] = ledger["workloads"].get(k, 0) + v
-        ledger["models"][model_key] = max(total, ledger["models"].get(model_key, 0))
-        tmp = self._ledger_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True))
-        os.replace(tmp, self._ledger_path())
-
-
-def workload_key(task: TaskInfo) -> str:
-    return str(tvm_ffi.structural_hash(task.workload))
-
-
-def model_key(tasks: Sequence[TaskInfo]) -> str:
-    """Identifies a set of tasks (a model's kernels for one target), independent of their order."""
-    return hashlib.sha256(" ".join(sorted(workload_key(t) for t in tasks)).encode()).hexdigest()[:16]
-
-
 def split_budget(costs: Sequence[float], trials: int) -> list[int]:
     """:func:`allocate_trials`, or with fewer trials than tasks one trial each for the costliest tasks."""
     if trials >= len(costs):
@@ -303,7 +231,7 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
         with _tvm_env(spec.num_cores):
             runner = ms.runner.LocalRunner(timeout_sec=60.0)
             run_db = ms.database.JSONDatabase(work_dir=str(run_dir), module_equality="structural")
-            _warm_start(run_db, cache, [tasks[i] for i in todo])
+            warm_start(run_db, cache, [tasks[i] for i in todo])
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=spec.num_cores)
             callbacks = [*ms.MeasureCallback.create("default"), _ProgressCallback(tracker, report)]
             for level, idx in group_by_budget([budget.get(i, 0) for i in range(len(tasks))]):
@@ -330,44 +258,6 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     summary.trials_run = tracker.done
     summary.seconds = round(tracker.elapsed_s, 1)
     return summary
-
-
-def latency_costs(tasks: Sequence[TaskInfo], cache: TuningCache, spec: TargetSpec) -> list[float]:
-    """Each task's share of the model's latency, in seconds per inference (occurrences × time per call).
-
-    Tasks the database has measured use their best time; the others are estimated from their FLOPs at the
-    median throughput of the measured ones (or, with nothing measured yet, cost = FLOPs × occurrences, which
-    only needs to be proportional). This is what steers a top-up budget to the kernels that are still slow.
-    """
-    best: dict[int, float] = {}
-    if (cache.dir / "database_workload.json").exists():
-        with cache.locked():
-            db = cache.open()
-        for i, t in enumerate(tasks):
-            rec = db.query_tuning_record(t.workload, spec.target, "main") if db.has_workload(t.workload) else None
-            if rec is not None and rec.run_secs:
-                best[i] = sum(float(v) for v in rec.run_secs) / len(rec.run_secs)
-    rates = sorted(tasks[i].flops / s for i, s in best.items() if s > 0 and tasks[i].flops > 0)
-    if not rates:
-        return [t.cost for t in tasks]
-    rate = rates[len(rates) // 2]
-    return [t.weight * (best[i] if i in best else t.flops / rate) for i, t in enumerate(tasks)]
-
-
-def _warm_start(run_db: ms.Database, cache: TuningCache, tasks: Sequence[TaskInfo], top_k: int = 8) -> None:
-    """Copy the shared database's best records of ``tasks`` into the run's database: the evolutionary search
-    starts from them instead of from scratch."""
-    if not (cache.dir / "database_workload.json").exists():
-        return
-    with cache.locked():
-        shared = cache.open()
-    for t in tasks:
-        if not shared.has_workload(t.workload):
-            continue
-        target = run_db.commit_workload(t.workload)
-        for rec in shared.get_top_k(shared.commit_workload(t.workload), top_k):
-            run_db.commit_tuning_record(ms.database.TuningRecord(rec.trace, target, rec.run_secs, rec.target,
-                                                                 rec.args_info))
 
 
 def _runs_dir(cache: TuningCache) -> Path:
