@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,3 +22,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=CAPTURE_MODES)
 def capture_mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread while a module runs (restored after): on a busy 2-core machine, two spinning OpenMP
+    threads make small models several times slower, and parity does not depend on it. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,7 @@ from bnfold.parity import compare
 from bnfold.targets import Artifact, Target
 from bnfold.targets.onnx import OnnxRuntimeModel, OnnxTarget, export_onnx
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs (restored after): on a busy 2-core machine, two spinning
-    OpenMP threads make these small models several times slower, and parity does not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

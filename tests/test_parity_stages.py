@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,7 @@ import bnfold
 from bnfold.parity import Tolerance
 from bnfold.stages import StageTracker, track_stages
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs (restored after): on a busy 2-core machine, two spinning
-    OpenMP threads make these small models several times slower, and parity does not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -5,7 +5,6 @@ Default run: four small models; ``BNFOLD_SLOW=1`` runs the rest of the zoo and m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,7 @@ SLOW = [n for n in ZOO if n not in FAST]
 ONNX_SLOW = ["resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet", "r3d_18"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs (restored after): on a busy 2-core machine, two spinning
-    OpenMP threads make these small models several times slower, and parity does not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _model_and_batches(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor]]]:
