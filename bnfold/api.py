@@ -10,7 +10,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from bnfold.capture import CaptureMode, capture
+from bnfold.capture import CaptureMode
+from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
 from bnfold.graph import propagate_shapes
 from bnfold.parity import compare
 from bnfold.passes import Candidate, Pipeline, finalize_passes, fold_passes
@@ -78,10 +79,6 @@ def inspect(
     report = fold(model, example_inputs, capture=capture, check=False).report
     report.dry_run = True
     return report
-
-
-def _capture(model: nn.Module, inputs: tuple[torch.Tensor, ...], mode: CaptureMode):
-    return capture(model, inputs, mode)
 
 
 def _reference(model: nn.Module) -> nn.Module:

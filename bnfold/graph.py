@@ -22,6 +22,7 @@ __all__ = [
     "module_path",
     "node_dtype",
     "node_shape",
+    "normalized_kwargs",
     "propagate_shapes",
     "unique_attr_name",
 ]
@@ -137,6 +138,14 @@ def node_dtype(node: Any) -> torch.dtype | None:
         return None
     meta = _meta(node)
     return None if meta is None else meta.dtype
+
+
+def normalized_kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any] | None:
+    """A ``call_function`` node's arguments by name (aten schema or Python signature), or ``None``."""
+    if node.op != "call_function":
+        return None
+    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    return None if pair is None else dict(pair.kwargs)
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -27,13 +27,13 @@ from bnfold.graph import get_constant, node_shape
 from bnfold.passes.base import sources_of
 from bnfold.passes.ops import is_channel_affine
 
-__all__ = ["AffineView", "affine_view", "per_channel_axis"]
+__all__ = ["ADD_TARGETS", "AffineView", "affine_view", "per_channel_axis"]
 
 aten = torch.ops.aten
 f64 = torch.float64
 
 _MUL = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
-_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
+ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor, "add"}
 _SUB = {operator.sub, torch.sub, aten.sub.Tensor, "sub"}
 _DIV = {operator.truediv, torch.div, aten.div.Tensor, "div"}
 _ADDCMUL = {torch.addcmul, aten.addcmul.default, "addcmul"}
@@ -79,7 +79,7 @@ def _elementwise(target: object, tensor_first: bool, c: torch.Tensor) -> tuple[t
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     if target in _MUL:
         return c, zero
-    if target in _ADD:
+    if target in ADD_TARGETS:
         return one, c
     if target in _SUB:
         return (one, -c) if tensor_first else (-one, c)

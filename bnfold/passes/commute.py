@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import fetch_attr, node_shape
+from bnfold.graph import fetch_attr, node_shape, normalized_kwargs
 
 __all__ = ["Affine", "Transfer", "transfer_for"]
 
@@ -232,10 +232,8 @@ def _avg_pool_exact(padding: Any, count_include_pad: bool, divisor_override: Any
 
 
 def _arg(node: torch.fx.Node, gm: torch.fx.GraphModule, name: str, default: Any) -> Any:
-    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True) if node.op == "call_function" else None
-    if pair is not None:
-        return pair.kwargs.get(name, default)
-    return node.kwargs.get(name, default)
+    kwargs = normalized_kwargs(gm, node)
+    return (node.kwargs if kwargs is None else kwargs).get(name, default)
 
 
 def _first_tensor(node: torch.fx.Node) -> torch.fx.Node | None:

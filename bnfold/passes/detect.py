@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import fetch_attr, get_constant, module_class, module_path, node_shape
+from bnfold.graph import fetch_attr, get_constant, module_class, module_path, node_shape, normalized_kwargs
 
 __all__ = ["BatchNormSite", "find_batchnorm_sites", "is_stock_batchnorm"]
 
@@ -109,10 +109,9 @@ def _functional_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNorm
         kind = f"aten.{node.target.__name__}"  # type: ignore[union-attr]
     else:
         return None
-    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    if pair is None:
+    kw = normalized_kwargs(gm, node)
+    if kw is None:
         return None
-    kw = pair.kwargs
     training = kw.get("training", fixed_training) if fixed_training is None else fixed_training
     if node.target is aten._native_batch_norm_legit_functional.default:
         training = True

@@ -19,7 +19,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import add_constant, fetch_attr, get_constant, unique_attr_name
+from bnfold.graph import add_constant, fetch_attr, get_constant, normalized_kwargs, unique_attr_name
 from bnfold.passes.affine_math import OpKind
 
 __all__ = ["LinearOp", "NotFoldable", "match_linear_op", "replace_params"]
@@ -200,10 +200,10 @@ def _match_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp | N
 
 
 def _kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any]:
-    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    if pair is None:
+    kwargs = normalized_kwargs(gm, node)
+    if kwargs is None:
         raise ValueError(f"cannot normalize the arguments of {node.format_node()}")
-    return dict(pair.kwargs)
+    return kwargs
 
 
 def replace_params(

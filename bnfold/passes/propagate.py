@@ -17,14 +17,13 @@ branch's part as an explicit affine (no more ops than before) when at least one 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from bnfold.graph import node_shape
-from bnfold.passes.affine_view import AffineView, affine_view
+from bnfold.passes.affine_view import ADD_TARGETS, AffineView, affine_view
 from bnfold.passes.base import Change, PassResult, Rejection
 from bnfold.passes.canonicalize import insert_affine
 from bnfold.passes.commute import Affine, transfer_for
@@ -34,7 +33,6 @@ from bnfold.passes.linear_ops import LinearOp, match_linear_op
 __all__ = ["Propagate"]
 
 aten = torch.ops.aten
-_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
 _CAT = {torch.cat, torch.concat, aten.cat.default, aten.concat.default}
 
 
@@ -114,7 +112,7 @@ class Propagate:
             if len(node.users) > 1:
                 leftover.why = [f"'{node.name}' has other users"]
             return leftover
-        if node.op in ("call_function", "call_method") and node.target in _ADD:
+        if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:
             return self._pull_add(gm, node, aff, depth) or leftover
         if node.op == "call_function" and node.target in _CAT:
             return self._pull_cat(gm, node, aff, depth) or leftover

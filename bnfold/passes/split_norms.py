@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import fetch_attr, get_constant, module_path, node_shape
+from bnfold.graph import fetch_attr, get_constant, module_path, node_shape, normalized_kwargs
 from bnfold.passes.affine_view import affine_view
 from bnfold.passes.base import Change, PassResult, Rejection
 from bnfold.passes.canonicalize import Candidate, insert_affine
@@ -85,10 +85,9 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
     if node.op != "call_function" or (node.target not in _LN and node.target not in _RMS
                                       and node.target not in _IN):
         return None
-    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    if pair is None:
+    kw = normalized_kwargs(gm, node)
+    if kw is None:
         return None
-    kw = pair.kwargs
     w_node, b_node = kw.get("weight"), kw.get("bias")
     if w_node is None:
         return None
