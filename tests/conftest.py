@@ -35,3 +35,32 @@ def one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- a folded resnet18 (randomized BN statistics), shared by the parity and ONNX tests ---------------------------
+
+@pytest.fixture(scope="module")
+def resnet():
+    """resnet18 (10 classes) with random weights and randomized BN statistics, in eval mode."""
+    import torch
+    import torchvision
+    from helpers import randomize_bn
+
+    torch.manual_seed(0)
+    return randomize_bn(torchvision.models.resnet18(num_classes=10))
+
+
+@pytest.fixture(scope="module")
+def x():
+    """A seeded (2, 3, 64, 64) input batch for ``resnet``."""
+    import torch
+
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=CAPTURE_MODES)
+def folded(request: pytest.FixtureRequest, resnet, x):
+    """``resnet`` folded by bnfold, once per capture mode."""
+    import bnfold
+
+    return bnfold.fold(resnet, (x,), capture=request.param, check=False).module

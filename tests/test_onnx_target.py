@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torchvision
 from helpers import randomize_bn
 from torch import nn
 
@@ -21,22 +20,6 @@ from bnfold.targets import Artifact, Target
 from bnfold.targets.onnx import OnnxRuntimeModel, OnnxTarget, export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(torchvision.models.resnet18(num_classes=10))
-
-
-@pytest.fixture(scope="module")
-def x() -> torch.Tensor:
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module", params=["symbolic", "export"])
-def folded(request: pytest.FixtureRequest, resnet: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
-    return bnfold.fold(resnet, (x,), capture=request.param, check=False).module
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import copy
 import pytest
 import torch
 import torch.fx
-import torchvision
-from helpers import randomize_bn
 from torch import nn
 
 import bnfold
@@ -17,22 +15,6 @@ from bnfold.localize import localize
 from bnfold.parity import compare
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(torchvision.models.resnet18(num_classes=10))
-
-
-@pytest.fixture(scope="module")
-def x() -> torch.Tensor:
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module", params=["symbolic", "export"])
-def folded(request: pytest.FixtureRequest, resnet: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
-    return bnfold.fold(resnet, (x,), capture=request.param, check=False).module
 
 
 def _conv_node(gm: torch.fx.GraphModule, path: str) -> torch.fx.Node:
