@@ -28,16 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.bnstats import (
-    Pass,
-    all_reduce_layers,
-    batch_count,
-    eval_mode,
-    find_layers,
-    limited_calls,
-    progress_bar,
-    run_pass,
-)
+from bnfold.bnprobe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
+from bnfold.bnstats import all_reduce_layers, find_layers
 from bnfold.errors import InputError
 
 __all__ = ["DEFAULT_THRESHOLD", "DriftReport", "LayerDrift", "diagnose", "drift_metrics"]
@@ -46,8 +38,9 @@ DEFAULT_THRESHOLD = 0.25
 
 
 def drift_metrics(stored_mean: torch.Tensor, stored_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per channel ``(d, r, KL)`` in float64 (formulas in the module docstring)."""
+                  eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel ``(d, r, KL)`` in float64 (formulas in the module docstring); ``eps`` a number or one value per
+    channel."""
     s_var = stored_var.detach().double() + eps
     m_var = var.detach().double() + eps
     d = (mean.detach().double() - stored_mean.detach().double()) / s_var.sqrt()
@@ -167,9 +160,9 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, num_batches: int | Non
     start = time.perf_counter()
     bar = progress_bar(progress, total=batch_count(batches, num_batches), desc="diagnose")
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), Runner(model, layers) as runner:
             calls = limited_calls(batches, num_batches=num_batches, num_samples=num_samples)
-            n_batches, n_samples = run_pass(model, layers, Pass(default="stored", record=set(layers)), calls, bar)
+            n_batches, n_samples = runner.run(Pass(default="stored", record=set(layers)), calls, bar)
     finally:
         bar.close()
     n_batches, n_samples = (int(v) for v in all_reduce_layers(layers, [n_batches, n_samples]))
@@ -181,7 +174,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, num_batches: int | Non
             report.no_data.append(layer.name)
             continue
         report.layers.append(LayerDrift.measure(layer.name, layer.kind, layer.moments.count,
-                                                (layer.running_mean, layer.running_var), layer.moments.stats(),
+                                                (layer.stored_mean, layer.stored_var), layer.stats(),
                                                 layer.eps))
     return report
 

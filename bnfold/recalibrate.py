@@ -4,14 +4,15 @@ Each layer's new statistics are the population mean and unbiased variance of eve
 
     mean_c = K_c + S_c / n,    var_c = (Q_c − S_c² / n) / (n − 1),
 
-from sums ``n, S_c = Σ(x − K_c), Q_c = Σ(x − K_c)²`` over all batches (of any size) and all ranks, ``K_c`` a
-per-channel shift near the mean (:mod:`bnfold.bnstats`: float32 per row, float64 across rows; variance within
-1e-6 relative of a float64 full pass, mean within ~1e-7 of its standard deviation). Not an average of per-batch
+from sums ``n, S_c = Σ(x − K_c), Q_c = Σ(x − K_c)²`` over all batches (of any size) and all ranks, ``K_c`` the
+layer's old running mean (:mod:`bnfold.bnstats`: every value summed in float64, by one read of each activation
+in :mod:`bnfold.native`). Not an average of per-batch
 statistics (equal weights for unequal batches), not an exponential moving average, not the per-batch variances
 averaged (which drops the between-batch spread).
 
 Only the BatchNorm layers see the data "in training semantics"; every other module stays in eval mode, so
-dropout and other train-only behaviour are off. Two modes say what a layer normalizes with while the data flows:
+dropout and other train-only behaviour are off (:mod:`bnfold.bnprobe`: a probe before each BatchNorm measures
+its input and sets the statistics it normalizes with). Two modes say what a layer normalizes with while the data flows:
 
 ``"batch"`` (default, one pass over the data)
     every layer normalizes with the statistics of the current batch, as during training — the standard
@@ -38,21 +39,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bnfold.bnstats import (
-    BatchNormLayer,
-    Pass,
-    agree_on_order,
-    all_reduce_layers,
-    batch_count,
-    eval_mode,
-    find_layers,
-    limited_calls,
-    progress_bar,
-    restore_stats,
-    run_pass,
-    snapshot_stats,
-    world,
-)
+from bnfold.bnprobe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
+from bnfold.bnstats import BatchNormLayer, agree_on_order, all_reduce_layers, find_layers, restore_stats, world
 from bnfold.drift import drift_metrics
 from bnfold.errors import InputError
 
@@ -173,14 +161,13 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
         raise InputError(f"{type(model).__name__} has no BatchNorm layer with running statistics",
                          hint="recalibration updates running_mean/running_var; models without them have none")
     start = time.perf_counter()
-    snapshot = snapshot_stats(layers)
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), Runner(model, layers) as runner:
             measure = _measure_batch if mode == "batch" else _measure_sequential
-            passes, n_batches, n_samples = measure(model, layers, batches, num_batches, num_samples, progress)
-            entries = _commit(layers)
+            passes, n_batches, n_samples = measure(runner, layers, batches, num_batches, num_samples, progress)
+        entries = _commit(layers)
     except BaseException:
-        restore_stats(layers, snapshot)
+        restore_stats(layers)
         raise
     report = RecalibrationReport(mode, entries, passes, n_batches, n_samples, time.perf_counter() - start,
                                  world()[0])
@@ -192,13 +179,13 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
     return report
 
 
-def _measure_batch(model: nn.Module, layers: list[BatchNormLayer], batches: Iterable[Any], num_batches: int | None,
+def _measure_batch(runner: Runner, layers: list[BatchNormLayer], batches: Iterable[Any], num_batches: int | None,
                    num_samples: int | None, progress: bool | None) -> tuple[int, int, int]:
     """One pass, every layer normalizing with batch statistics and recording its input."""
     bar = progress_bar(progress, total=batch_count(batches, num_batches), desc="recalibrate")
     try:
         calls = limited_calls(batches, num_batches=num_batches, num_samples=num_samples)
-        n_batches, n_samples = run_pass(model, layers, Pass(default="batch", record=set(layers)), calls, bar)
+        n_batches, n_samples = runner.run(Pass(default="batch", record=set(layers)), calls, bar)
     finally:
         bar.close()
     n_batches, n_samples = _check_data(all_reduce_layers(layers, [n_batches, n_samples]))
@@ -207,7 +194,7 @@ def _measure_batch(model: nn.Module, layers: list[BatchNormLayer], batches: Iter
     return 1, n_batches, n_samples
 
 
-def _measure_sequential(model: nn.Module, layers: list[BatchNormLayer], batches: Iterable[Any],
+def _measure_sequential(runner: Runner, layers: list[BatchNormLayer], batches: Iterable[Any],
                         num_batches: int | None, num_samples: int | None,
                         progress: bool | None) -> tuple[int, int, int]:
     """Pass 0 measures every layer in batch mode (final for the first layer called) and finds the execution order;
@@ -217,8 +204,7 @@ def _measure_sequential(model: nn.Module, layers: list[BatchNormLayer], batches:
     bar = progress_bar(progress, total=length, desc="recalibrate 1/?")
     try:
         calls = limited_calls(batches, num_batches=num_batches, num_samples=num_samples)
-        n_batches, n_samples = run_pass(model, layers, Pass(default="batch", record=set(layers)), calls, bar,
-                                        keep=kept)
+        n_batches, n_samples = runner.run(Pass(default="batch", record=set(layers)), calls, bar, keep=kept)
         n_batches, n_samples = _check_data(all_reduce_layers(layers, [n_batches, n_samples]))
         agree_on_order(layers)
         order = sorted((layer for layer in layers if layer.moments.count > 0), key=lambda layer: layer.first_call)
@@ -232,7 +218,7 @@ def _measure_sequential(model: nn.Module, layers: list[BatchNormLayer], batches:
             calls_per_forward = target.calls_per_forward
             stop = (target, next(iter(calls_per_forward))) if len(calls_per_forward) == 1 else None
             plan = Pass(default="batch", record={target}, use=dict.fromkeys(order[:k], "new"), stop_after=stop)
-            run_pass(model, layers, plan, kept, bar)
+            runner.run(plan, kept, bar)
             all_reduce_layers([target])
             target.finalize()
     finally:
@@ -248,30 +234,46 @@ def _check_data(counters: list[float]) -> tuple[int, int]:
 
 
 def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
-    """Check every new statistic, then write them all; one report entry per layer in execution order."""
-    for layer in layers:
-        if layer.new_mean is not None and layer.new_var is not None:
-            finite = bool(torch.isfinite(layer.new_mean).all()) and bool(torch.isfinite(layer.new_var).all())
-            if not finite:
+    """Check every new statistic, then write them all; one report entry per layer in execution order.
+
+    The checks and the drift summaries are computed for all layers at once (one concatenation of their
+    channels): per-layer small tensor operations would cost more than a whole batch of a small model."""
+    done = [layer for layer in layers if layer.new_mean is not None and layer.new_var is not None]
+    summaries: dict[BatchNormLayer, tuple[float, float]] = {}
+    if done:
+        mean = torch.cat([layer.new_mean for layer in done])  # type: ignore[misc]
+        var = torch.cat([layer.new_var for layer in done])  # type: ignore[misc]
+        finite = (torch.isfinite(mean) & torch.isfinite(var)).tolist()
+        at = 0
+        for layer in done:
+            if not all(finite[at:at + layer.channels]):
                 raise InputError(f"BatchNorm '{layer.name}' received non-finite values (NaN/Inf) on the calibration "
                                  "data; nothing was changed",
                                  hint="check the calibration inputs (NaN/Inf, unnormalized values) and the model")
+            at += layer.channels
+        counts = torch.tensor([layer.channels for layer in done])
+        eps = torch.repeat_interleave(torch.tensor([layer.eps for layer in done], dtype=torch.float64), counts)
+        d, r, _ = drift_metrics(torch.cat([layer.stored_mean.double() for layer in done]),
+                                torch.cat([layer.stored_var.double() for layer in done]), mean, var, eps)
+        segment = torch.repeat_interleave(torch.arange(len(done)), counts)
+        squares = torch.zeros(2, len(done), dtype=torch.float64)
+        squares[0].index_add_(0, segment, d.square())
+        squares[1].index_add_(0, segment, r.square())
+        rms = squares.div_(counts).sqrt_().tolist()
+        summaries = {layer: (rms[0][i], rms[1][i]) for i, layer in enumerate(done)}
     entries: list[LayerRecalibration] = []
     for layer in sorted(layers, key=lambda layer: (layer.first_call, layers.index(layer))):
         calls = max(layer.calls, layer.sites)
-        if layer.new_mean is None or layer.new_var is None:
+        if layer not in summaries:
             status = "no data: statistics unchanged" if layer.moments.count == 0 else \
                 "one value per channel: statistics unchanged"
             entries.append(LayerRecalibration(layer.name, layer.kind, layer.channels, layer.moments.count, calls,
                                               status))
             continue
-        d, r, _ = drift_metrics(layer.running_mean, layer.running_var, layer.new_mean, layer.new_var, layer.eps)
         with torch.no_grad():
-            layer.running_mean.copy_(layer.new_mean.to(layer.running_mean.dtype))
-            layer.running_var.copy_(layer.new_var.to(layer.running_var.dtype))
+            layer.running_mean.copy_(layer.new_mean)  # type: ignore[arg-type]
+            layer.running_var.copy_(layer.new_var)  # type: ignore[arg-type]
         status = "recalibrated" if calls <= 1 else f"recalibrated, pooled over {calls} call sites"
         entries.append(LayerRecalibration(layer.name, layer.kind, layer.channels, layer.moments.count, calls, status,
-                                          float(d.square().mean().sqrt()), float(r.square().mean().sqrt()),
-                                          layer.new_mean, layer.new_var))
+                                          *summaries[layer], layer.new_mean, layer.new_var))
     return entries
-

@@ -1,0 +1,366 @@
+// bnfold's native BatchNorm statistics: per-channel shifted sums of a BatchNorm input, accumulated in float64.
+//
+// x: (N, C, *) on the CPU, float32/float64/float16/bfloat16, contiguous or channels-last (anything else is made
+// contiguous first); shift: (C,) float64; m = N·∏(*) values per channel.
+//
+//   bnfold::channel_sums(Tensor x, Tensor shift) -> Tensor
+//       [ Σ (x[:, c] − shift[c]) ;  Σ (x[:, c] − shift[c])² ]  as a (2, C) float64 tensor.
+//
+//   bnfold::channel_moments_(Tensor x, Tensor shift, Tensor(a!) total, Tensor(b!)? mean, Tensor(c!)? var) -> float
+//       the same sums [S; Q] added to `total` ((2, C) float64), and, when `mean` and `var` are given and m ≥ 2,
+//       the batch's statistics written into them (any float dtype):
+//           mean = shift + S/m,   var = max(Q/m − (S/m)², 0)      (biased, what training-mode BatchNorm uses)
+//       Returns max over channels of (mean − shift)² / var: how far the shift is from the batch in variances
+//       (inf for a constant channel away from its shift, 0 for an empty input); large values mean the sums
+//       cancel.
+//
+//   bnfold::batch_norm_measured(Tensor x, Tensor? weight, Tensor? bias, Tensor shift, Tensor(a!) total,
+//                               float eps) -> (Tensor, float)
+//       training-mode BatchNorm that measures its input: the sums added to `total`, and
+//           y = (x − mean) / √(var + eps) · weight + bias        (as y = x·α + β, α and β rounded once)
+//       with each block of channels normalized right after it is summed, while it is still in cache. Returns
+//       (y, the same "how far" as channel_moments_). Needs m ≥ 2.
+//
+// Every value is converted to float64 before it is shifted, squared and added: the sums carry float64 rounding
+// only (~1e-16 per addition, 34 partial sums per channel), no float32 accumulation anywhere. Work is split over
+// blocks of channels with at::parallel_for (torch's intra-op threads); the order of the additions does not depend
+// on the number of threads. (N, C, L) blocks are read sample by sample (long runs of memory); their size is chosen
+// so that a block stays in cache between its sums and its normalization.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;         // (N, C, L): partial sums per channel, added up once at the end
+constexpr int64_t kChannelBlock = 64;  // channels-last: channels one task accumulates
+constexpr int64_t kBlockBytes = 384 * 1024;  // (N, C, L): values summed and normalized while in cache
+
+// Sums of channel `ch` of an (N, C, L) contiguous tensor: N rows of L values. kLanes partial sums are kept across
+// all its rows (no horizontal reduction per row, which would dominate on short rows such as 7x7 maps).
+// Adds one row (L values of one channel) to that channel's partial sums: kLanes of them (two sets on long rows,
+// so that consecutive additions do not wait on each other), plus two for the last L mod kLanes values. The
+// partial sums live in memory between rows and in registers within one.
+template <typename T>
+inline void add_row(const T* row, int64_t l, double k, double* acc) {
+  double s0[kLanes], q0[kLanes], s1[kLanes] = {}, q1[kLanes] = {};
+  std::copy(acc, acc + kLanes, s0);
+  std::copy(acc + kLanes, acc + 2 * kLanes, q0);
+  int64_t j = 0;
+  if (l >= 8 * kLanes) {
+    for (; j + 2 * kLanes <= l; j += 2 * kLanes) {
+#pragma omp simd
+      for (int64_t v = 0; v < kLanes; ++v) {
+        const double d0 = static_cast<double>(row[j + v]) - k;
+        const double d1 = static_cast<double>(row[j + kLanes + v]) - k;
+        s0[v] += d0;
+        q0[v] += d0 * d0;
+        s1[v] += d1;
+        q1[v] += d1 * d1;
+      }
+    }
+  }
+  for (; j + kLanes <= l; j += kLanes) {
+#pragma omp simd
+    for (int64_t v = 0; v < kLanes; ++v) {
+      const double d = static_cast<double>(row[j + v]) - k;
+      s0[v] += d;
+      q0[v] += d * d;
+    }
+  }
+  double t = acc[2 * kLanes], t_sq = acc[2 * kLanes + 1];
+  for (; j < l; ++j) {
+    const double d = static_cast<double>(row[j]) - k;
+    t += d;
+    t_sq += d * d;
+  }
+#pragma omp simd
+  for (int64_t v = 0; v < kLanes; ++v) {
+    acc[v] = s0[v] + s1[v];
+    acc[kLanes + v] = q0[v] + q1[v];
+  }
+  acc[2 * kLanes] = t;
+  acc[2 * kLanes + 1] = t_sq;
+}
+
+constexpr int64_t kAcc = 2 * kLanes + 2;  // partial sums per channel
+
+// (N, C, L) contiguous, split into blocks of channels whose values fill about kBlockBytes (at least one channel).
+// A block is read sample by sample — for each n, its channels' rows are contiguous — so that memory is read in
+// long runs, and `done(lo, hi)` runs right after the block is summed, while its values are still in cache.
+template <typename T, typename Done>
+void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
+  const int64_t per_channel = std::max<int64_t>(1, n * l * static_cast<int64_t>(sizeof(T)));
+  const int64_t width = std::clamp<int64_t>(kBlockBytes / per_channel, 1, c);
+  const int64_t blocks = (c + width - 1) / width;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(width * kAcc);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t lo = b * width, hi = std::min(c, lo + width);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t ch = lo; ch < hi; ++ch) {
+          add_row(x + (i * c + ch) * l, l, shift[ch], acc.data() + (ch - lo) * kAcc);
+        }
+      }
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        const double* a = acc.data() + (ch - lo) * kAcc;
+        double total = a[2 * kLanes], total_sq = a[2 * kLanes + 1];
+        for (int64_t v = 0; v < kLanes; ++v) {
+          total += a[v];
+          total_sq += a[kLanes + v];
+        }
+        s[ch] = total;
+        q[ch] = total_sq;
+      }
+      done(lo, hi);
+    }
+  });
+}
+
+// (R, C) contiguous rows (channels-last maps, and (N, C) inputs): every row holds one value of each channel.
+// Split over blocks of kChannelBlock channels; `done(lo, hi)` runs in the task after the block is summed.
+template <typename T, typename Done>
+void sums_rows(const T* x, const double* shift, double* s, double* q, int64_t rows, int64_t c, Done done) {
+  const int64_t blocks = (c + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t lo = b * kChannelBlock, width = std::min(c, lo + kChannelBlock) - lo;
+      double k[kChannelBlock] = {}, sum[kChannelBlock] = {}, sum_sq[kChannelBlock] = {};
+      std::copy(shift + lo, shift + lo + width, k);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = x + r * c + lo;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const double d = static_cast<double>(row[j]) - k[j];
+          sum[j] += d;
+          sum_sq[j] += d * d;
+        }
+      }
+      std::copy(sum, sum + width, s + lo);
+      std::copy(sum_sq, sum_sq + width, q + lo);
+      done(lo, lo + width);
+    }
+  });
+}
+
+// The layout of a BatchNorm input: (N, C, L) contiguous, or rows of C values (channels-last, or L == 1).
+struct Layout {
+  at::Tensor x;  // `input` itself, or a contiguous copy
+  int64_t n, c, l;
+  bool rows;
+};
+
+Layout layout_of(const at::Tensor& input, const at::Tensor& shift) {
+  TORCH_CHECK(input.device().is_cpu() && shift.device().is_cpu(), "bnfold: CPU tensors only");
+  TORCH_CHECK(input.dim() >= 2, "bnfold: input must be (N, C, ...), got ", input.sizes());
+  const int64_t n = input.size(0), c = input.size(1);
+  TORCH_CHECK(shift.scalar_type() == at::kDouble && shift.dim() == 1 && shift.size(0) == c && shift.is_contiguous(),
+              "bnfold: shift must be a contiguous float64 vector of ", c, " values");
+  const int64_t l = n * c == 0 ? 0 : input.numel() / (n * c);
+  const bool channels_last = !input.is_contiguous() && input.dim() >= 4 &&
+      input.is_contiguous(input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+  return {channels_last ? input : input.contiguous(), n, c, l, channels_last || l == 1};
+}
+
+// Sums of every channel into s[0..C) and s[C..2C), then `done` per channel or block (see sums_ncl, sums_rows).
+template <typename T, typename Done>
+void sums_of(const Layout& in, const double* shift, double* s, Done done) {
+  const T* x = in.x.const_data_ptr<T>();
+  if (in.rows) {
+    sums_rows<T>(x, shift, s, s + in.c, in.n * in.l, in.c, done);
+  } else {
+    sums_ncl<T>(x, shift, s, s + in.c, in.n, in.c, in.l, done);
+  }
+}
+
+// [S; Q] of `input` into s[0..C) and s[C..2C).
+void sums_into(const at::Tensor& input, const at::Tensor& shift, double* s) {
+  const Layout in = layout_of(input, shift);
+  std::fill(s, s + 2 * in.c, 0.0);
+  if (input.numel() == 0) {
+    return;
+  }
+  const double* k = shift.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "bnfold_channel_sums", [&] {
+    sums_of<scalar_t>(in, k, s, [](int64_t, int64_t) {});
+  });
+}
+
+at::Tensor channel_sums(const at::Tensor& input, const at::Tensor& shift) {
+  at::Tensor out = at::empty({2, input.dim() >= 2 ? input.size(1) : 0}, shift.options());
+  sums_into(input, shift, out.data_ptr<double>());
+  return out;
+}
+
+// A contiguous vector of C values of any float dtype, written from float64.
+void write_vector(const at::Tensor& out, const std::vector<double>& values) {
+  const int64_t c = static_cast<int64_t>(values.size());
+  TORCH_CHECK(out.device().is_cpu() && out.numel() == c, "bnfold: statistics must be CPU vectors of ", c, " values");
+  if (!out.is_contiguous()) {
+    out.copy_(at::tensor(values, out.options().dtype(at::kDouble)));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bnfold_write_vector", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c; ++i) {
+      p[i] = static_cast<scalar_t>(values[i]);
+    }
+  });
+}
+
+// Batch mean (shift + S/m) and biased variance (max(Q/m − (S/m)², 0)) of channels [lo, hi) from the sums of m
+// values each (sums: C values of S, then C of Q).
+void batch_stats(const double* sums, const double* shift, int64_t c, int64_t m, int64_t lo, int64_t hi,
+                 double* mean, double* var) {
+  for (int64_t ch = lo; ch < hi; ++ch) {
+    const double d = sums[ch] / static_cast<double>(m);
+    mean[ch] = shift[ch] + d;
+    var[ch] = std::max(sums[c + ch] / static_cast<double>(m) - d * d, 0.0);
+  }
+}
+
+// max over channels of (mean − shift)² / var: inf for a constant channel off its shift, NaN-free.
+double farthest(const double* mean, const double* var, const double* shift, int64_t c) {
+  double worst = 0.0;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double d = mean[ch] - shift[ch];
+    const double ratio = d * d / var[ch];  // 0/0 → NaN: a constant channel at its shift, skipped
+    if (ratio > worst || (ratio != ratio && d != 0.0)) {
+      worst = ratio != ratio ? std::numeric_limits<double>::infinity() : ratio;
+    }
+  }
+  return worst;
+}
+
+void check_total(const at::Tensor& total, int64_t c) {
+  TORCH_CHECK(total.device().is_cpu() && total.scalar_type() == at::kDouble && total.dim() == 2 &&
+                  total.size(0) == 2 && total.size(1) == c && total.is_contiguous(),
+              "bnfold: total must be a contiguous float64 tensor of shape (2, ", c, ")");
+}
+
+void accumulate(at::Tensor& total, const std::vector<double>& sums) {
+  double* acc = total.data_ptr<double>();
+  for (size_t i = 0; i < sums.size(); ++i) {
+    acc[i] += sums[i];
+  }
+}
+
+double channel_moments_(const at::Tensor& input, const at::Tensor& shift, at::Tensor& total,
+                        const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var) {
+  TORCH_CHECK(input.dim() >= 2, "bnfold: input must be (N, C, ...), got ", input.sizes());
+  const int64_t c = input.size(1);
+  check_total(total, c);
+  std::vector<double> sums(2 * c);
+  sums_into(input, shift, sums.data());
+  accumulate(total, sums);
+  const int64_t m = input.numel() / std::max<int64_t>(1, c);
+  if (m == 0) {
+    return 0.0;
+  }
+  std::vector<double> mu(c), v(c);
+  batch_stats(sums.data(), shift.const_data_ptr<double>(), c, m, 0, c, mu.data(), v.data());
+  if (mean.has_value() && var.has_value() && m >= 2) {
+    write_vector(*mean, mu);
+    write_vector(*var, v);
+  }
+  return farthest(mu.data(), v.data(), shift.const_data_ptr<double>(), c);
+}
+
+// The body of batch_norm_measured for one dtype: sums, then per channel (block) α, β and y = x·α + β.
+template <typename T>
+void normalize_measured(const Layout& in, const double* k, const double* wp, const double* bp, double eps, double* s,
+                        double* mu, double* v, at::Tensor& y) {
+  using opmath_t = at::opmath_type<T>;
+  const int64_t n = in.n, c = in.c, l = in.l, m = n * l;
+  const T* x = in.x.const_data_ptr<T>();
+  T* out = y.data_ptr<T>();
+  std::vector<opmath_t> alpha_(c), beta_(c);
+  opmath_t* alpha = alpha_.data();
+  opmath_t* beta = beta_.data();
+  const bool rows = in.rows;
+  sums_of<T>(in, k, s, [=](int64_t lo, int64_t hi) {
+    batch_stats(s, k, c, m, lo, hi, mu, v);
+    for (int64_t ch = lo; ch < hi; ++ch) {
+      const double a = (wp ? wp[ch] : 1.0) / std::sqrt(v[ch] + eps);
+      alpha[ch] = static_cast<opmath_t>(a);
+      beta[ch] = static_cast<opmath_t>((bp ? bp[ch] : 0.0) - mu[ch] * a);
+    }
+    if (rows) {
+      for (int64_t r = 0; r < m; ++r) {
+        const T* row = x + r * c;
+        T* dst = out + r * c;
+#pragma omp simd
+        for (int64_t ch = lo; ch < hi; ++ch) {
+          dst[ch] = static_cast<T>(static_cast<opmath_t>(row[ch]) * alpha[ch] + beta[ch]);
+        }
+      }
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        const opmath_t a = alpha[ch], b = beta[ch];
+        const T* __restrict__ row = x + (i * c + ch) * l;
+        T* __restrict__ dst = out + (i * c + ch) * l;
+#pragma omp simd
+        for (int64_t j = 0; j < l; ++j) {
+          dst[j] = static_cast<T>(static_cast<opmath_t>(row[j]) * a + b);
+        }
+      }
+    }
+  });
+}
+
+// Training-mode BatchNorm in one pass over memory: every channel (block) is summed, its batch mean and biased
+// variance computed, and normalized while its values are still in cache:
+//
+//   y = (x − mean) / √(var + eps) · weight + bias      (computed as y = x·α + β, α and β rounded once from float64)
+//
+// The sums are added to `total`; returns (y, farthest) as channel_moments_ does. Needs ≥ 2 values per channel.
+std::tuple<at::Tensor, double> batch_norm_measured(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& shift,
+                                                   at::Tensor& total, double eps) {
+  const Layout in = layout_of(input, shift);
+  check_total(total, in.c);
+  const int64_t c = in.c, m = in.n * in.l;
+  TORCH_CHECK(m >= 2, "bnfold::batch_norm_measured: needs at least 2 values per channel, got ", m);
+  const at::Tensor w = weight.has_value() ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kDouble).contiguous() : at::Tensor();
+  TORCH_CHECK(!w.defined() || w.numel() == c, "bnfold: weight must have ", c, " values");
+  TORCH_CHECK(!b.defined() || b.numel() == c, "bnfold: bias must have ", c, " values");
+  const double* k = shift.const_data_ptr<double>();
+  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
+  const double* bp = b.defined() ? b.const_data_ptr<double>() : nullptr;
+  at::Tensor y = at::empty_like(in.x);
+  std::vector<double> sums(2 * c), mu(c), v(c);
+  double* s = sums.data();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "bnfold_batch_norm_measured", [&] {
+    normalize_measured<scalar_t>(in, k, wp, bp, eps, s, mu.data(), v.data(), y);
+  });
+  accumulate(total, sums);
+  return {y, farthest(mu.data(), v.data(), k, c)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnfold, m) {
+  m.def("channel_sums(Tensor input, Tensor shift) -> Tensor", channel_sums);
+  m.def("channel_moments_(Tensor input, Tensor shift, Tensor(a!) total, Tensor(b!)? mean, Tensor(c!)? var) -> float",
+        channel_moments_);
+  m.def("batch_norm_measured(Tensor input, Tensor? weight, Tensor? bias, Tensor shift, Tensor(a!) total, float eps) "
+        "-> (Tensor, float)",
+        batch_norm_measured);
+}
