@@ -37,10 +37,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from bnfold import native
 from bnfold.bnstats import BatchNormLayer, restore_stats, world
 from bnfold.errors import InputError
 from bnfold.graph import normalized_kwargs
-from bnfold.native import native_ops
 from bnfold.passes.detect import find_batchnorm_sites
 
 __all__ = [
@@ -144,7 +144,7 @@ def _is_stock(module: nn.Module | None) -> bool:
 
 def _fusable(layer: BatchNormLayer, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dim() >= 2 and x.shape[1] == layer.channels and \
-        x.numel() >= 2 * layer.channels and native_ops() is not None
+        x.numel() >= 2 * layer.channels and native.native_ops() is not None
 
 
 class _Probe(nn.Module):

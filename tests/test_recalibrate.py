@@ -188,6 +188,33 @@ def test_channel_moments_accumulates_and_writes_batch_statistics(buffer_dtype: t
     assert bool((mean == 7.0).all())  # one value per channel: nothing to normalize with
 
 
+def test_fused_batch_norm_equals_training_mode_batch_norm_natively_and_in_the_fallback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """batch_norm_measured is torch's training-mode BatchNorm (float64 reference) that also adds the sums, for
+    contiguous and channels-last inputs, with and without affine parameters."""
+    from bnfold.native import batch_norm_measured, channel_sums_reference
+
+    g = torch.Generator().manual_seed(4)
+    for shape, fmt in (((6, 5, 9, 7), None), ((6, 5, 9, 7), torch.channels_last), ((40, 3), None),
+                       ((2, 70, 33, 17), None)):
+        x = (torch.randn(shape, generator=g) * 3 + 2).contiguous(memory_format=fmt or torch.contiguous_format)
+        c = shape[1]
+        affine = (torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g))
+        shift = torch.randn(c, dtype=torch.float64, generator=g)
+        for weight, bias in (affine, (None, None)):
+            expected = F.batch_norm(x.double(), None, None, None if weight is None else weight.double(),
+                                    None if bias is None else bias.double(), True, 0.0, 1e-5)
+            for fallback in (False, True):
+                with pytest.MonkeyPatch.context() as mp:
+                    if fallback:
+                        mp.setattr("bnfold.native.native_ops", lambda: None)
+                    total = torch.zeros(2, c, dtype=torch.float64)
+                    y, _ = batch_norm_measured(x, weight, bias, shift, total, 1e-5)
+                assert y.shape == x.shape and y.dtype == x.dtype
+                torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-6)
+                torch.testing.assert_close(total, channel_sums_reference(x, shift), rtol=1e-12, atol=1e-9)
+
+
 def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """No compiler, a broken toolchain: one warning that says what to do, and no native ops (the torch path)."""
@@ -383,6 +410,14 @@ def test_every_way_of_catching_a_batchnorm_gives_training_semantics() -> None:
     inputs = _bn_inputs(model, batches, bn_train=True)
     gm = capture(model, (batches[0],), "symbolic").module
     assert any(n.target is F.batch_norm for n in gm.graph.nodes)  # BNReLU is traced through
+    used: dict[str, list[int]] = {"fused": [], "probe": []}
+    fused, probe = bnstats.batch_norm_measured, bnstats.channel_moments_
+    with pytest.MonkeyPatch.context() as mp:  # which path measured which layer (by its channel count)
+        mp.setattr(bnstats, "batch_norm_measured", lambda x, *a: used["fused"].append(x.shape[1]) or fused(x, *a))
+        mp.setattr(bnstats, "channel_moments_", lambda x, *a: used["probe"].append(x.shape[1]) or probe(x, *a))
+        bnfold.recalibrate(copy.deepcopy(model), batches)
+    assert set(used["fused"]) == {6, 8} and set(used["probe"]) == {6}  # BatchNorm2d/1d fused, BNReLU probed
+    assert len(used["probe"]) == len(batches)
     for target in (copy.deepcopy(model), gm):
         report = bnfold.recalibrate(target, batches)
         for name, x in inputs.items():
