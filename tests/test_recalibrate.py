@@ -215,6 +215,24 @@ def test_fused_batch_norm_equals_training_mode_batch_norm_natively_and_in_the_fa
                 torch.testing.assert_close(total, channel_sums_reference(x, shift), rtol=1e-12, atol=1e-9)
 
 
+def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
+    """Each channel is summed by one thread in a fixed order: 1 and 2 intra-op threads give the same bits."""
+    from bnfold.native import native_ops
+
+    ops = native_ops()
+    assert ops is not None
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the autouse fixture restores the setting
+        for x in (torch.randn(16, 96, 28, 28, generator=torch.Generator().manual_seed(0)),
+                  torch.randn(64, 300, generator=torch.Generator().manual_seed(1))):
+            shift = torch.zeros(x.shape[1], dtype=torch.float64)
+            y, _ = ops.batch_norm_measured(x, None, None, shift, torch.zeros(2, x.shape[1], dtype=torch.float64), 1e-5)
+            results.append((ops.channel_sums(x, shift), y))
+    for (a, y1), (b, y2) in zip(results[:2], results[2:], strict=True):
+        assert torch.equal(a, b) and torch.equal(y1, y2)
+
+
 def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """No compiler, a broken toolchain: one warning that says what to do, and no native ops (the torch path)."""

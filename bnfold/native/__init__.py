@@ -48,7 +48,9 @@ _ARCH_FLAGS = {
 def _build_flags() -> tuple[str, list[str]]:
     capability = torch.backends.cpu.get_cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") \
         else "DEFAULT"
-    flags = ["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])]
+    # -fopenmp: at::parallel_for is OpenMP inlined from ATen's headers; the extension links libgomp.so.1, which
+    # resolves to the one torch already loaded, so torch.set_num_threads governs these kernels too.
+    flags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, [])]
     return capability, flags
 
 
@@ -80,7 +82,7 @@ def native_ops() -> Any | None:
         from torch.utils import cpp_extension
 
         log.info("building bnfold's native statistics kernel %s (once; cached by torch)", name)
-        cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, is_python_module=False,
+        cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
                            verbose=os.environ.get("BNFOLD_NATIVE_VERBOSE") == "1")
     except Exception as exc:  # no compiler, no ninja, read-only cache, ...: the torch path gives the same sums
         log.warning("bnfold's native statistics kernel could not be built (%s: %s); BatchNorm statistics are "
