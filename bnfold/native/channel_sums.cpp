@@ -104,7 +104,12 @@ constexpr int64_t kAcc = 2 * kLanes + 2;  // partial sums per channel
 template <typename T, typename Done>
 void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
   const int64_t per_channel = std::max<int64_t>(1, n * l * static_cast<int64_t>(sizeof(T)));
-  const int64_t width = std::clamp<int64_t>(kBlockBytes / per_channel, 1, c);
+  int64_t width = kBlockBytes / per_channel;
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1) {  // at least 4 blocks a thread, so that threads finish together (the bits do not change:
+    width = std::min(width, (c + 4 * threads - 1) / (4 * threads));  // every channel is summed on its own)
+  }
+  width = std::clamp<int64_t>(width, 1, c);
   const int64_t blocks = (c + width - 1) / width;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(width * kAcc);
