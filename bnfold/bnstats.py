@@ -246,9 +246,29 @@ def find_layers(model: nn.Module) -> list[BatchNormLayer]:
 
 def restore_stats(layers: list[BatchNormLayer]) -> None:
     """Every layer's running statistics back to what they were when it was found (whatever wrote them)."""
+    if not layers:
+        return
+    with torch.no_grad():  # one call for all the copies: per-layer copies cost ~3 µs each
+        torch._foreach_copy_([t for layer in layers for t in (layer.running_mean, layer.running_var)],
+                             [t for layer in layers for t in (layer.stored_mean, layer.stored_var)])
     for layer in layers:
-        layer.holding = ""
-        layer.hold("stored")
+        layer.holding = "stored"
+
+
+def finalize_all(layers: list[BatchNormLayer]) -> None:
+    """:meth:`BatchNormLayer.finalize` for every layer, computed once over all their channels."""
+    done = [layer for layer in layers if layer.moments.count >= 2]
+    if not done:
+        return
+    sizes = [layer.channels for layer in done]
+    counts = torch.repeat_interleave(torch.tensor([float(layer.moments.count) for layer in done],
+                                                  dtype=torch.float64), torch.tensor(sizes))
+    sums = torch.cat([layer.moments.sums for layer in done], 1).to(counts.device)
+    mean = sums[0] / counts
+    var = torch.addcmul(sums[1], sums[0], mean, value=-1.0).div_(counts - 1).clamp_min_(0.0)
+    mean += torch.cat([layer.shift for layer in done]).to(mean.device)
+    for layer, m, v in zip(done, mean.split(sizes), var.split(sizes), strict=True):
+        layer.new_mean, layer.new_var = m.to(layer.shift.device), v.to(layer.shift.device)
 
 
 # --------------------------------------------------------------------------------------------- ranks

@@ -40,7 +40,15 @@ import torch
 from torch import nn
 
 from bnfold.bnprobe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
-from bnfold.bnstats import BatchNormLayer, agree_on_order, all_reduce_layers, find_layers, restore_stats, world
+from bnfold.bnstats import (
+    BatchNormLayer,
+    agree_on_order,
+    all_reduce_layers,
+    finalize_all,
+    find_layers,
+    restore_stats,
+    world,
+)
 from bnfold.drift import drift_metrics
 from bnfold.errors import InputError
 
@@ -189,8 +197,7 @@ def _measure_batch(runner: Runner, layers: list[BatchNormLayer], batches: Iterab
     finally:
         bar.close()
     n_batches, n_samples = _check_data(all_reduce_layers(layers, [n_batches, n_samples]))
-    for layer in layers:
-        layer.finalize()
+    finalize_all(layers)
     return 1, n_batches, n_samples
 
 
@@ -261,6 +268,9 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
         squares[1].index_add_(0, segment, r.square())
         rms = squares.div_(counts).sqrt_().tolist()
         summaries = {layer: (rms[0][i], rms[1][i]) for i, layer in enumerate(done)}
+        with torch.no_grad():  # one call for all the copies
+            torch._foreach_copy_([t for layer in done for t in (layer.running_mean, layer.running_var)],
+                                 [t for layer in done for t in (layer.new_mean, layer.new_var)])  # type: ignore[misc]
     entries: list[LayerRecalibration] = []
     for layer in sorted(layers, key=lambda layer: (layer.first_call, layers.index(layer))):
         calls = max(layer.calls, layer.sites)
@@ -270,9 +280,6 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
             entries.append(LayerRecalibration(layer.name, layer.kind, layer.channels, layer.moments.count, calls,
                                               status))
             continue
-        with torch.no_grad():
-            layer.running_mean.copy_(layer.new_mean)  # type: ignore[arg-type]
-            layer.running_var.copy_(layer.new_var)  # type: ignore[arg-type]
         status = "recalibrated" if calls <= 1 else f"recalibrated, pooled over {calls} call sites"
         entries.append(LayerRecalibration(layer.name, layer.kind, layer.channels, layer.moments.count, calls, status,
                                           *summaries[layer], layer.new_mean, layer.new_var))
