@@ -216,7 +216,8 @@ def test_fused_batch_norm_equals_training_mode_batch_norm_natively_and_in_the_fa
 
 
 def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
-    """Each channel is summed by one thread in a fixed order: 1 and 2 intra-op threads give the same bits."""
+    """Every channel's sums are added in an order fixed by the shape alone: 1 and 2 intra-op threads give the
+    same bits, in each of the three layouts the kernels distinguish."""
     from bnfold.native import native_ops
 
     ops = native_ops()
@@ -224,12 +225,13 @@ def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)  # the autouse fixture restores the setting
-        for x in (torch.randn(16, 96, 28, 28, generator=torch.Generator().manual_seed(0)),
-                  torch.randn(64, 300, generator=torch.Generator().manual_seed(1))):
+        for x in (torch.randn(16, 96, 28, 28, generator=torch.Generator().manual_seed(0)),  # row by row
+                  torch.randn(32, 40, 7, 7, generator=torch.Generator().manual_seed(2)),  # blocks of channels
+                  torch.randn(64, 300, generator=torch.Generator().manual_seed(1))):  # rows of C values
             shift = torch.zeros(x.shape[1], dtype=torch.float64)
             y, _ = ops.batch_norm_measured(x, None, None, shift, torch.zeros(2, x.shape[1], dtype=torch.float64), 1e-5)
             results.append((ops.channel_sums(x, shift), y))
-    for (a, y1), (b, y2) in zip(results[:2], results[2:], strict=True):
+    for (a, y1), (b, y2) in zip(results[:3], results[3:], strict=True):
         assert torch.equal(a, b) and torch.equal(y1, y2)
 
 

@@ -98,11 +98,12 @@ inline void add_row(const T* row, int64_t l, double k, double* acc) {
 
 constexpr int64_t kAcc = 2 * kLanes + 2;  // partial sums per channel
 
-// (N, C, L) contiguous, split into blocks of channels whose values fill about kBlockBytes (at least one channel).
+// (N, C, L) contiguous with short rows, split into blocks of channels whose values fill about kBlockBytes (at
+// least one channel).
 // A block is read sample by sample — for each n, its channels' rows are contiguous — so that memory is read in
 // long runs, and `done(lo, hi)` runs right after the block is summed, while its values are still in cache.
 template <typename T, typename Done>
-void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
+void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
   const int64_t per_channel = std::max<int64_t>(1, n * l * static_cast<int64_t>(sizeof(T)));
   int64_t width = kBlockBytes / per_channel;
   const int64_t threads = at::get_num_threads();
@@ -134,6 +135,57 @@ void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, 
       done(lo, hi);
     }
   });
+}
+
+// (N, C, L) contiguous with long rows: every row x[i, ch, :] is summed on its own, the rows split over threads in
+// memory order — each thread reads what it (or the producer's thread with the same share) most likely has in
+// cache, as torch's own kernels split it; then the row results are added per channel in sample order. `done(0, c)`
+// runs once at the end. The bits do not depend on the number of threads.
+template <typename T, typename Done>
+void sums_ncl_rowwise(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l,
+                      Done done) {
+  std::vector<double> row_sums(2 * n * c);
+  double* rs = row_sums.data();
+  at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / l), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      double acc[kAcc] = {};
+      add_row(x + r * l, l, shift[r % c], acc);
+      double total = acc[2 * kLanes], total_sq = acc[2 * kLanes + 1];
+      for (int64_t v = 0; v < kLanes; ++v) {
+        total += acc[v];
+        total_sq += acc[kLanes + v];
+      }
+      rs[2 * r] = total;
+      rs[2 * r + 1] = total_sq;
+    }
+  });
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double total = 0.0, total_sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      total += rs[2 * (i * c + ch)];
+      total_sq += rs[2 * (i * c + ch) + 1];
+    }
+    s[ch] = total;
+    q[ch] = total_sq;
+  }
+  done(0, c);
+}
+
+// Rows of at least this many values are summed row by row (sums_ncl_rowwise), shorter ones in blocks of channels
+// (per-row partial sums would cost more than the row). Both orders are fixed by the shape alone.
+constexpr int64_t kRowwiseMin = 128;
+
+inline bool rowwise(int64_t l) {
+  return l >= kRowwiseMin;
+}
+
+template <typename T, typename Done>
+void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
+  if (rowwise(l)) {
+    sums_ncl_rowwise(x, shift, s, q, n, c, l, done);
+  } else {
+    sums_ncl_blocked(x, shift, s, q, n, c, l, done);
+  }
 }
 
 // (R, C) contiguous rows (channels-last maps, and (N, C) inputs): every row holds one value of each channel.
@@ -285,6 +337,15 @@ double channel_moments_(const at::Tensor& input, const at::Tensor& shift, at::Te
   return farthest(mu.data(), v.data(), shift.const_data_ptr<double>(), c);
 }
 
+// y = x·α + β over one row, in T's opmath type.
+template <typename T, typename U>
+inline void normalize_row(const T* __restrict__ row, T* __restrict__ dst, int64_t l, U alpha, U beta) {
+#pragma omp simd
+  for (int64_t j = 0; j < l; ++j) {
+    dst[j] = static_cast<T>(static_cast<U>(row[j]) * alpha + beta);
+  }
+}
+
 // The body of batch_norm_measured for one dtype: sums, then per channel (block) α, β and y = x·α + β.
 template <typename T>
 void normalize_measured(const Layout& in, const double* k, const double* wp, const double* bp, double eps, double* s,
@@ -315,18 +376,22 @@ void normalize_measured(const Layout& in, const double* k, const double* wp, con
       }
       return;
     }
+    if (rowwise(l)) {
+      return;  // normalized below, in memory order, once every channel's α and β are known
+    }
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t ch = lo; ch < hi; ++ch) {
-        const opmath_t a = alpha[ch], b = beta[ch];
-        const T* __restrict__ row = x + (i * c + ch) * l;
-        T* __restrict__ dst = out + (i * c + ch) * l;
-#pragma omp simd
-        for (int64_t j = 0; j < l; ++j) {
-          dst[j] = static_cast<T>(static_cast<opmath_t>(row[j]) * a + b);
-        }
+        normalize_row(x + (i * c + ch) * l, out + (i * c + ch) * l, l, alpha[ch], beta[ch]);
       }
     }
   });
+  if (!rows && rowwise(l)) {
+    at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / l), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        normalize_row(x + r * l, out + r * l, l, alpha[r % c], beta[r % c]);
+      }
+    });
+  }
 }
 
 // Training-mode BatchNorm in one pass over memory: every channel (block) is summed, its batch mean and biased
