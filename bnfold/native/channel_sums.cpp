@@ -22,10 +22,13 @@
 //       (y, the same "how far" as channel_moments_). Needs m ≥ 2.
 //
 // Every value is converted to float64 before it is shifted, squared and added: the sums carry float64 rounding
-// only (~1e-16 per addition, 34 partial sums per channel), no float32 accumulation anywhere. Work is split over
-// blocks of channels with at::parallel_for (torch's intra-op threads); the order of the additions does not depend
-// on the number of threads. (N, C, L) blocks are read sample by sample (long runs of memory); their size is chosen
-// so that a block stays in cache between its sums and its normalization.
+// only (~1e-16 per addition, 34 partial sums per channel or row), no float32 accumulation anywhere. Work is split
+// with at::parallel_for (torch's intra-op threads; built with OpenMP against torch's runtime). (N, C, L) inputs
+// with long rows are summed row by row in memory order and normalized in a second pass, both split over threads
+// as torch splits its own kernels (each thread reads what was just written next to it); short rows go in blocks
+// of channels, read sample by sample, each block normalized right after it is summed, while it is in cache.
+// Every channel's additions happen in an order fixed by the shape alone: the bits do not depend on the number
+// of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
