@@ -11,17 +11,22 @@ BatchNorm call it
 3. lets the call run unchanged, in eval mode: whatever form the BatchNorm takes (module, subclass with an
    activation, ``F.batch_norm``, aten op), it normalizes with what its running buffers hold.
 
-Every other module stays in eval mode (dropout off). The buffers are put back after every pass, and the caller
-restores them from the layer's copies if anything fails.
-
 Where the probe sits:
 
-* plain ``nn.Module``: a forward pre-hook on each ``_BatchNorm`` module (removed afterwards);
-* GraphModule (symbolic or ``torch.export``): a call to the probe inserted before each BatchNorm site in a
-  *copy* of the graph (sharing the model's parameters and buffers; the user's graph is never edited), with the
-  ``training`` argument of functional/aten sites set to False.
+* a stock BatchNorm module (``BatchNorm1d/2d/3d``, whose ``forward`` is torch's own; plain modules and
+  ``call_module`` sites of graphs alike): its ``forward`` is replaced for the run by :meth:`_Recorder.forward`.
+  With batch statistics that is one native call that normalizes and measures in the same pass over memory
+  (:meth:`bnfold.bnstats.BatchNormLayer.normalize`) — the probe and the BatchNorm fused; otherwise the probe,
+  then torch's forward;
+* any other ``_BatchNorm`` module of a plain ``nn.Module`` (a subclass with its own ``forward``,
+  ``SyncBatchNorm``): a forward pre-hook;
+* functional / aten BatchNorm in a GraphModule (symbolic or ``torch.export``): a call to the probe inserted before
+  the site in a *copy* of the graph (sharing the model's parameters and buffers; the user's graph is never
+  edited), with the site's ``training`` argument set to False.
 
-No other torch call is touched, so the forward costs what an eval forward costs plus the measuring.
+Every other module stays in eval mode (dropout off) and no other torch call is touched, so the forward costs what
+an eval forward costs plus the measuring. The buffers are put back after every pass; replaced forwards and hooks
+are removed when the :class:`Runner` exits, whatever happened.
 """
 
 from __future__ import annotations
