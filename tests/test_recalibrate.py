@@ -447,6 +447,23 @@ def test_every_way_of_catching_a_batchnorm_gives_training_semantics() -> None:
         _assert_untouched_modules(target)
 
 
+def test_channels_last_and_half_precision_models_get_the_same_statistics() -> None:
+    """A model run in channels-last memory format (conv outputs channels-last: the kernels' row layout) gives the
+    statistics of the contiguous model; a bfloat16 model gives them to bfloat16's resolution."""
+    torch.manual_seed(6)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                                       nn.BatchNorm2d(16))).eval()
+    batches = [torch.rand(n, 3, 12, 12, generator=torch.Generator().manual_seed(n)) for n in (5, 16, 3)]
+    expected = bnfold.recalibrate(copy.deepcopy(model), batches)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    got = bnfold.recalibrate(last, [b.contiguous(memory_format=torch.channels_last) for b in batches])
+    for a, b in zip(got.layers, expected.layers, strict=True):
+        assert _mean_err(a.mean, b.mean, b.var) <= 1e-6 and _rel(a.var, b.var) <= 1e-6, a.name
+    half = bnfold.recalibrate(copy.deepcopy(model).to(torch.bfloat16), [b.to(torch.bfloat16) for b in batches])
+    for a, b in zip(half.layers, expected.layers, strict=True):
+        assert _mean_err(a.mean, b.mean, b.var) <= 0.05 and _rel(a.var, b.var) <= 0.05, a.name
+
+
 # --------------------------------------------------------------------------------------------- semantics
 
 
