@@ -20,9 +20,11 @@ Where the probe sits:
   then torch's forward;
 * any other ``_BatchNorm`` module of a plain ``nn.Module`` (a subclass with its own ``forward``,
   ``SyncBatchNorm``): a forward pre-hook;
-* functional / aten BatchNorm in a GraphModule (symbolic or ``torch.export``): a call to the probe inserted before
-  the site in a *copy* of the graph (sharing the model's parameters and buffers; the user's graph is never
-  edited), with the site's ``training`` argument set to False.
+* functional / aten BatchNorm in a GraphModule (symbolic or ``torch.export``), in a *copy* of the graph (sharing
+  the model's parameters and buffers; the user's graph is never edited): the call is replaced by
+  :meth:`_Recorder.batch_norm_at` — the same as a stock module's replaced forward — or, where its saved
+  statistics are used too, gets a probe before it and its ``training`` argument set to False. Calls of non-stock
+  BatchNorm modules in a graph get a probe before them.
 
 Every other module stays in eval mode (dropout off) and no other torch call is touched, so the forward costs what
 an eval forward costs plus the measuring. The buffers are put back after every pass; replaced forwards and hooks
@@ -40,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from bnfold import native
@@ -82,7 +85,8 @@ class _StopForward(BaseException):  # BaseException: a model's `except Exception
 class _Recorder:
     """What happens at a BatchNorm input, according to the current :class:`Pass`."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: list[BatchNormLayer]) -> None:
+        self.layers = layers
         self.plan = Pass(default="stored", record=set())
         self._calls: dict[BatchNormLayer, int] = {}
         self._order = 0
@@ -123,19 +127,44 @@ class _Recorder:
         else:
             layer.hold("stored")
 
+    def probe_at(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The probe as a graph node: ``x`` is the input of layer ``index`` (of the :class:`Runner`'s layers);
+        returns ``x``, which the BatchNorm call then takes."""
+        self(self.layers[index], x)
+        return x
+
     def forward(self, layer: BatchNormLayer, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """In place of a stock BatchNorm module's forward: with batch statistics, normalize and measure in one
         pass over memory (:meth:`BatchNormLayer.normalize`); otherwise the probe, then the module's own forward."""
-        plan = self.plan
-        if plan.use.get(layer, plan.default) == "batch" and _fusable(layer, x):
-            calls = self._count(layer)
-            module._check_input_dim(x)  # type: ignore[operator]
-            y = layer.normalize(x, module.weight, module.bias, record=layer in plan.record)
-            if plan.stop_after == (layer, calls):
-                raise _StopForward
+        module._check_input_dim(x)  # type: ignore[operator]
+        y = self._fused(layer, x, module.weight, module.bias)
+        if y is not None:
             return y
         self(layer, x)
         return _STOCK_FORWARD(module, x)
+
+    def batch_norm_at(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      index: int) -> torch.Tensor:
+        """In place of a functional/aten BatchNorm call in a graph copy (layer ``index``): the same as
+        :meth:`forward`, then inference-mode ``F.batch_norm`` with what the buffers hold."""
+        layer = self.layers[index]
+        y = self._fused(layer, x, weight, bias)
+        if y is not None:
+            return y
+        self(layer, x)
+        return F.batch_norm(x, layer.running_mean, layer.running_var, weight, bias, False, 0.0, layer.eps)
+
+    def _fused(self, layer: BatchNormLayer, x: torch.Tensor, weight: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Normalized and measured in one native call when the layer uses batch statistics, else ``None``."""
+        plan = self.plan
+        if plan.use.get(layer, plan.default) != "batch" or not _fusable(layer, x):
+            return None
+        calls = self._count(layer)
+        y = layer.normalize(x, weight, bias, record=layer in plan.record)
+        if plan.stop_after == (layer, calls):
+            raise _StopForward
+        return y
 
 
 _STOCK_FORWARD = nn.modules.batchnorm._BatchNorm.forward
@@ -152,55 +181,51 @@ def _fusable(layer: BatchNormLayer, x: torch.Tensor) -> bool:
         x.numel() >= 2 * layer.channels and native.native_ops() is not None
 
 
-class _Probe(nn.Module):
-    """The probe as a submodule of an instrumented graph copy: ``probe(x, i)`` shows ``x`` to the recorder as the
-    input of layer ``i`` and returns it."""
-
-    def __init__(self, recorder: _Recorder, layers: list[BatchNormLayer]) -> None:
-        super().__init__()
-        self.recorder = recorder
-        self.layers = layers
-
-    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        self.recorder(self.layers[index], x)
-        return x
-
-
-_PROBE = "_bnfold_probe"
-
-
 def _probed_graph_module(gm: torch.fx.GraphModule, layers: list[BatchNormLayer],
                          recorder: _Recorder) -> torch.fx.GraphModule:
-    """A copy of ``gm`` (same parameters and buffers, new graph) with the probe before every site of ``layers``
-    but calls of stock BatchNorm modules (their forward is replaced instead)."""
+    """A copy of ``gm`` (same parameters and buffers, new graph) in which every functional/aten BatchNorm site of
+    ``layers`` calls :meth:`_Recorder.batch_norm_at` instead (or, when its saved statistics are used too, gets a
+    probe before it), and calls of non-stock BatchNorm modules get a probe; stock BatchNorm modules have their
+    forward replaced instead. ``gm`` itself when no site needs a change."""
+    index = {id(layer.running_mean): i for i, layer in enumerate(layers)}
+    sites = [site for site in find_batchnorm_sites(gm)
+             if id(site.running_mean) in index and isinstance(site.input, torch.fx.Node)
+             and not (site.node.op == "call_module" and _is_stock(gm.get_submodule(str(site.node.target))))]
+    if not sites:
+        return gm
     graph = torch.fx.Graph()
     mapping: dict[torch.fx.Node, torch.fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, mapping))
     graph._codegen = copy.deepcopy(gm.graph._codegen)
-    probed = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    probed.add_module(_PROBE, _Probe(recorder, layers))
-    index = {id(layer.running_mean): i for i, layer in enumerate(layers)}
-    for site in find_batchnorm_sites(gm):
-        i = index.get(id(site.running_mean))
+    for site in sites:
         node = mapping[site.node]
-        if i is None or not isinstance(site.input, torch.fx.Node) or \
-                (site.node.op == "call_module" and _is_stock(gm.get_submodule(str(site.node.target)))):
+        i = index[id(site.running_mean)]
+        if node.op == "call_module":  # a BatchNorm subclass with its own forward: probe, then the module
+            with graph.inserting_before(node):
+                node.update_arg(0, graph.call_function(recorder.probe_at, (mapping[site.input], i)))
             continue
-        with graph.inserting_before(node):
-            probe = graph.call_module(_PROBE, (mapping[site.input], i))
-        if node.op == "call_module":
-            node.update_arg(0, probe)
-            continue
-        kwargs = normalized_kwargs(probed, node)
+        kwargs = normalized_kwargs(gm, site.node)
         if kwargs is None:
             raise InputError(f"cannot read the arguments of BatchNorm call '{site.node.name}' ({site.kind})",
                              hint="please report this model form; recalibrate the nn.Module instead")
-        kwargs["input"] = probe
+        kwargs = dict(torch.fx.node.map_arg(kwargs, lambda n: mapping[n]))
+        output = mapping[site.output] if site.output is not None else None
+        if output is not None and (output is node or all(user is output for user in node.users)):
+            # only the normalized tensor is used: the call is replaced (see _Recorder.batch_norm_at)
+            with graph.inserting_before(node):
+                call = graph.call_function(recorder.batch_norm_at,
+                                           (kwargs["input"], kwargs.get("weight"), kwargs.get("bias"), i))
+            output.replace_all_uses_with(call)
+            if output is not node:
+                graph.erase_node(output)
+            graph.erase_node(node)
+            continue
+        with graph.inserting_before(node):  # other outputs used (saved statistics): probe, then the call
+            kwargs["input"] = graph.call_function(recorder.probe_at, (kwargs["input"], i))
         if "training" in kwargs:
             kwargs["training"] = False
         node.args, node.kwargs = (), kwargs
-    probed.recompile()
-    return probed
+    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 class Runner:
@@ -212,7 +237,7 @@ class Runner:
     def __init__(self, model: nn.Module, layers: list[BatchNormLayer]) -> None:
         self._model = model
         self._layers = layers
-        self._recorder = _Recorder()
+        self._recorder = _Recorder(layers)
         self._hooks: list[Any] = []
         self._replaced: list[nn.Module] = []
         self._forward: nn.Module = model

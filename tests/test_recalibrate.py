@@ -438,6 +438,14 @@ def test_every_way_of_catching_a_batchnorm_gives_training_semantics() -> None:
         bnfold.recalibrate(copy.deepcopy(model), batches)
     assert set(used["fused"]) == {6, 8} and set(used["probe"]) == {6}  # BatchNorm2d/1d fused, BNReLU probed
     assert len(used["probe"]) == len(batches)
+    same_size = _batches((7, 7, 7), seed=5)  # an exported graph runs the batch size it was exported with
+    exported = capture(model, (same_size[0],), "export").module
+    used = {"fused": [], "probe": []}
+    with pytest.MonkeyPatch.context() as mp:  # aten sites of an exported graph: all three fused
+        mp.setattr(bnstats, "batch_norm_measured", lambda x, *a: used["fused"].append(x.shape[1]) or fused(x, *a))
+        mp.setattr(bnstats, "channel_moments_", lambda x, *a: used["probe"].append(x.shape[1]) or probe(x, *a))
+        bnfold.recalibrate(exported, same_size)
+    assert sorted(used["fused"]) == sorted([6, 6, 8] * len(same_size)) and not used["probe"]
     for target in (copy.deepcopy(model), gm):
         report = bnfold.recalibrate(target, batches)
         for name, x in inputs.items():
@@ -462,6 +470,36 @@ def test_channels_last_and_half_precision_models_get_the_same_statistics() -> No
     half = bnfold.recalibrate(copy.deepcopy(model).to(torch.bfloat16), [b.to(torch.bfloat16) for b in batches])
     for a, b in zip(half.layers, expected.layers, strict=True):
         assert _mean_err(a.mean, b.mean, b.var) <= 0.05 and _rel(a.var, b.var) <= 0.05, a.name
+
+
+def test_an_aten_batchnorm_whose_saved_statistics_are_used_is_probed_not_replaced() -> None:
+    """native_batch_norm's other outputs (saved mean / invstd) feed the result: the call must stay, so it gets a
+    probe before it (and training=False); the statistics are still exact and the graph's other uses intact."""
+    class SavedStats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("rm", torch.zeros(4))
+            self.register_buffer("rv", torch.ones(4))
+            self.w = nn.Parameter(torch.rand(4) + 0.5)
+            self.b = nn.Parameter(torch.randn(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.ops.aten.native_batch_norm.default(x, self.w, self.b, self.rm, self.rv, False, 0.1, 1e-5)
+            return out[0] + out[1].sum()
+
+    gm = torch.fx.symbolic_trace(SavedStats())
+    batches = [torch.rand(n, 4, 5, 5, generator=torch.Generator().manual_seed(n)) * 2 + 1 for n in (3, 8)]
+    probed: list[int] = []
+    probe = bnstats.channel_moments_
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bnstats, "channel_moments_", lambda x, *a: probed.append(x.shape[1]) or probe(x, *a))
+        report = bnfold.recalibrate(gm, batches)
+    assert probed == [4, 4]  # one probe call per batch
+    flat = torch.cat([b.transpose(0, 1).reshape(4, -1) for b in batches], 1).double()
+    mean, var = _reference_stats(flat)
+    assert len(report.recalibrated) == 1
+    assert _rel(gm.rm, mean) <= 1e-6 and _rel(gm.rv, var) <= 1e-6
+    assert any(n.target is torch.ops.aten.native_batch_norm.default for n in gm.graph.nodes)  # user's graph kept
 
 
 # --------------------------------------------------------------------------------------------- semantics
