@@ -48,12 +48,10 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;         // (N, C, L): partial sums per channel, added up once at the end
-constexpr int64_t kChannelBlock = 64;  // channels-last: channels one task accumulates
-constexpr int64_t kBlockBytes = 384 * 1024;  // (N, C, L): values summed and normalized while in cache
+constexpr int64_t kLanes = 16;               // (N, C, L): partial sums per row or channel, added up at the end
+constexpr int64_t kChannelBlock = 64;        // rows of C values (channels-last, (N, C)): channels one task sums
+constexpr int64_t kBlockBytes = 384 * 1024;  // (N, C, L), short rows: values summed and normalized while in cache
 
-// Sums of channel `ch` of an (N, C, L) contiguous tensor: N rows of L values. kLanes partial sums are kept across
-// all its rows (no horizontal reduction per row, which would dominate on short rows such as 7x7 maps).
 // Adds one row (L values of one channel) to that channel's partial sums: kLanes of them (two sets on long rows,
 // so that consecutive additions do not wait on each other), plus two for the last L mod kLanes values. The
 // partial sums live in memory between rows and in registers within one.
