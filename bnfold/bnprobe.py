@@ -172,8 +172,9 @@ _STOCK_FORWARD = nn.modules.batchnorm._BatchNorm.forward
 
 def _is_stock(module: nn.Module | None) -> bool:
     """A BatchNorm module whose forward is torch's own (BatchNorm1d/2d/3d, lazy ones): its forward can be
-    replaced during a pass. Subclasses with their own forward (an activation, SyncBatchNorm) keep theirs."""
-    return module is not None and type(module).forward is _STOCK_FORWARD
+    replaced during a pass. Subclasses with their own forward (an activation, SyncBatchNorm) and instances whose
+    forward was already replaced by someone else keep theirs (and get a probe)."""
+    return module is not None and type(module).forward is _STOCK_FORWARD and "forward" not in vars(module)
 
 
 def _fusable(layer: BatchNormLayer, x: torch.Tensor) -> bool:

@@ -472,6 +472,25 @@ def test_channels_last_and_half_precision_models_get_the_same_statistics() -> No
         assert _mean_err(a.mean, b.mean, b.var) <= 0.05 and _rel(a.var, b.var) <= 0.05, a.name
 
 
+def test_a_forward_the_user_replaced_on_an_instance_is_kept() -> None:
+    """A stock BatchNorm whose instance forward was patched by the user gets a probe, and the patch survives."""
+    torch.manual_seed(7)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))).eval()
+    batches = _batches((5, 9), seed=7)
+    expected = bnfold.recalibrate(copy.deepcopy(model), batches).layers[0]
+    bn = model[1]
+    calls: list[int] = []
+
+    def patched(x: torch.Tensor, bn: nn.Module = bn) -> torch.Tensor:
+        calls.append(1)
+        return nn.BatchNorm2d.forward(bn, x)
+
+    bn.forward = patched
+    got = bnfold.recalibrate(model, batches).layers[0]
+    assert vars(bn)["forward"] is patched and len(calls) == len(batches)
+    assert _rel(got.mean, expected.mean) <= 1e-6 and _rel(got.var, expected.var) <= 1e-6
+
+
 def test_an_aten_batchnorm_whose_saved_statistics_are_used_is_probed_not_replaced() -> None:
     """native_batch_norm's other outputs (saved mean / invstd) feed the result: the call must stay, so it gets a
     probe before it (and training=False); the statistics are still exact and the graph's other uses intact."""
