@@ -244,15 +244,17 @@ class Runner:
         self._forward: nn.Module = model
 
     def __enter__(self) -> Runner:
-        for layer in self._layers:
-            module = layer.module
-            if _is_stock(module):
-                module.forward = self._forward_of(layer, module)  # type: ignore[union-attr, method-assign]
-                self._replaced.append(module)  # type: ignore[arg-type]
-            elif module is not None and not isinstance(self._model, torch.fx.GraphModule):
-                self._hooks.append(module.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
-        if isinstance(self._model, torch.fx.GraphModule):
+        stock = [layer for layer in self._layers if _is_stock(layer.module)]
+        if isinstance(self._model, torch.fx.GraphModule):  # before the forwards are replaced (see _is_stock)
             self._forward = _probed_graph_module(self._model, self._layers, self._recorder)
+        else:
+            for layer in self._layers:
+                if layer.module is not None and layer not in stock:
+                    self._hooks.append(layer.module.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        for layer in stock:
+            module = layer.module
+            module.forward = self._forward_of(layer, module)  # type: ignore[union-attr, method-assign]
+            self._replaced.append(module)  # type: ignore[arg-type]
         return self
 
     def __exit__(self, *exc: object) -> None:
