@@ -45,7 +45,7 @@ import torch.fx
 from torch import nn
 
 from bnfold.errors import InputError
-from bnfold.native import batch_norm_measured, channel_moments_, channel_sums
+from bnfold.native import batch_norm_measured, channel_moments_
 from bnfold.passes.detect import find_batchnorm_sites
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "Moments",
     "agree_on_order",
     "all_reduce_layers",
+    "finalize_all",
     "find_layers",
     "moments_to_stats",
     "restore_stats",
@@ -67,9 +68,11 @@ T = TypeVar("T")
 _FAR = 1e4
 
 
-def moments_to_stats(n: int, sums: torch.Tensor, *, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def moments_to_stats(n: int | torch.Tensor, sums: torch.Tensor, *,
+                     unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """From ``sums = [S; Q]`` relative to some shift: ``mean = S / n`` (relative to it) and
-    ``var = (Q − S·mean) / (n − 1)`` (``/ n`` when not ``unbiased``), clamped at 0."""
+    ``var = (Q − S·mean) / (n − 1)`` (``/ n`` when not ``unbiased``), clamped at 0. ``n`` is one count, or one
+    per channel (float64)."""
     total, total_sq = sums[0], sums[1]
     mean = total / n
     var = torch.addcmul(total_sq, total, mean, value=-1.0).div_(n - 1 if unbiased else n)
@@ -86,10 +89,6 @@ class Moments:
     @classmethod
     def zeros(cls, channels: int, device: torch.device) -> Moments:
         return cls(0, torch.zeros(2, channels, dtype=torch.float64, device=device))
-
-    def add(self, n: int, sums: torch.Tensor) -> None:
-        self.count += n
-        self.sums.add_(sums)
 
     def rebase(self, delta: torch.Tensor) -> None:
         """Make the sums relative to ``shift − delta`` instead of ``shift``: ``Σ(x − K + δ) = S + nδ`` and
@@ -183,17 +182,18 @@ class BatchNormLayer:
         if not self.settled:
             self.settled = True
             if farthest > _FAR and self.moments.count == 0:  # the stored statistics do not describe the data
-                self._reshift(x, n)
+                self._reshift(n, total)  # total holds this batch's sums alone
                 total.zero_()
                 result, _ = run(total)
         if record:
             self.moments.count += n
         return result
 
-    def _reshift(self, x: torch.Tensor, n: int) -> None:
-        """Channels whose mean is farther than ``√_FAR`` standard deviations from the shift take the mean of
-        ``x`` as their shift (module docstring, "Precision")."""
-        mean, var = moments_to_stats(n, channel_sums(x, self.shift), unbiased=False)
+    def _reshift(self, n: int, sums: torch.Tensor) -> None:
+        """Channels whose mean is farther than ``√_FAR`` standard deviations from the shift take the mean of the
+        batch (``n`` values per channel, ``sums`` relative to the shift) as their shift (module docstring,
+        "Precision")."""
+        mean, var = moments_to_stats(n, sums, unbiased=False)
         self.shift = torch.where(mean.square() > _FAR * var, self.shift + mean, self.shift)
 
     def hold(self, what: str, mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> None:
@@ -214,10 +214,6 @@ class BatchNormLayer:
         """Population mean and unbiased variance of everything measured so far (needs ``count ≥ 2``), float64."""
         mean, var = moments_to_stats(self.moments.count, self.moments.sums)
         return mean.add_(self.shift), var
-
-    def finalize(self) -> None:
-        if self.moments.count >= 2:
-            self.new_mean, self.new_var = self.stats()
 
 
 def find_layers(model: nn.Module) -> list[BatchNormLayer]:
@@ -256,16 +252,15 @@ def restore_stats(layers: list[BatchNormLayer]) -> None:
 
 
 def finalize_all(layers: list[BatchNormLayer]) -> None:
-    """:meth:`BatchNormLayer.finalize` for every layer, computed once over all their channels."""
+    """Set ``new_mean`` / ``new_var`` (:meth:`BatchNormLayer.stats`) of every layer that saw at least 2 values per
+    channel, computed once over all their channels (per-layer small operations cost more than the math)."""
     done = [layer for layer in layers if layer.moments.count >= 2]
     if not done:
         return
     sizes = [layer.channels for layer in done]
     counts = torch.repeat_interleave(torch.tensor([float(layer.moments.count) for layer in done],
                                                   dtype=torch.float64), torch.tensor(sizes))
-    sums = torch.cat([layer.moments.sums for layer in done], 1).to(counts.device)
-    mean = sums[0] / counts
-    var = torch.addcmul(sums[1], sums[0], mean, value=-1.0).div_(counts - 1).clamp_min_(0.0)
+    mean, var = moments_to_stats(counts, torch.cat([layer.moments.sums for layer in done], 1).to(counts.device))
     mean += torch.cat([layer.shift for layer in done]).to(mean.device)
     for layer, m, v in zip(done, mean.split(sizes), var.split(sizes), strict=True):
         layer.new_mean, layer.new_var = m.to(layer.shift.device), v.to(layer.shift.device)
@@ -288,15 +283,15 @@ def all_reduce_layers(layers: list[BatchNormLayer], extra: list[float] | None = 
     that they add. Every rank must pass the same layers in the same order (they come from the same model).
     """
     extra = list(extra or [])
-    size, _ = world()
-    if size == 1 or not layers:
+    world_size, _ = world()
+    if world_size == 1 or not layers:
         return extra
     device = layers[0].running_mean.device
     shifts = torch.cat([layer.shift for layer in layers])
     dist.all_reduce(shifts, op=dist.ReduceOp.SUM)
     at = 0
     for layer in layers:
-        common = shifts[at:at + layer.channels] / size
+        common = shifts[at:at + layer.channels] / world_size
         layer.moments.rebase(layer.shift - common)
         layer.shift = common
         at += layer.channels
@@ -305,9 +300,9 @@ def all_reduce_layers(layers: list[BatchNormLayer], extra: list[float] | None = 
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     at = 0
     for layer in layers:
-        size = 1 + 2 * layer.channels
-        layer.moments.unpack(packed[at:at + size])
-        at += size
+        width = 1 + 2 * layer.channels
+        layer.moments.unpack(packed[at:at + width])
+        at += width
     return [float(v) for v in packed[at:]]
 
 

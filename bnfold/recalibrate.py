@@ -215,8 +215,7 @@ def _measure_sequential(runner: Runner, layers: list[BatchNormLayer], batches: I
         n_batches, n_samples = _check_data(all_reduce_layers(layers, [n_batches, n_samples]))
         agree_on_order(layers)
         order = sorted((layer for layer in layers if layer.moments.count > 0), key=lambda layer: layer.first_call)
-        if order:
-            order[0].finalize()
+        finalize_all(order[:1])
         bar.reset(total=len(kept) * len(order))
         bar.update(len(kept))
         for k, target in enumerate(order[1:], start=1):
@@ -227,7 +226,7 @@ def _measure_sequential(runner: Runner, layers: list[BatchNormLayer], batches: I
             plan = Pass(default="batch", record={target}, use=dict.fromkeys(order[:k], "new"), stop_after=stop)
             runner.run(plan, kept, bar)
             all_reduce_layers([target])
-            target.finalize()
+            finalize_all([target])
     finally:
         bar.close()
     return max(1, len(order)), n_batches, n_samples
