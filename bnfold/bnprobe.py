@@ -49,7 +49,6 @@ from bnfold import native
 from bnfold.bnstats import BatchNormLayer, restore_stats, world
 from bnfold.errors import InputError
 from bnfold.graph import normalized_kwargs
-from bnfold.passes.detect import find_batchnorm_sites
 
 __all__ = [
     "Call",
@@ -182,25 +181,22 @@ def _fusable(layer: BatchNormLayer, x: torch.Tensor) -> bool:
         x.numel() >= 2 * layer.channels and native.native_ops() is not None
 
 
-def _probed_graph_module(gm: torch.fx.GraphModule, layers: list[BatchNormLayer],
+def _probed_graph_module(gm: torch.fx.GraphModule, layers: list[BatchNormLayer], replaced: set[BatchNormLayer],
                          recorder: _Recorder) -> torch.fx.GraphModule:
     """A copy of ``gm`` (same parameters and buffers, new graph) in which every functional/aten BatchNorm site of
     ``layers`` calls :meth:`_Recorder.batch_norm_at` instead (or, when its saved statistics are used too, gets a
-    probe before it), and calls of non-stock BatchNorm modules get a probe; stock BatchNorm modules have their
-    forward replaced instead. ``gm`` itself when no site needs a change."""
-    index = {id(layer.running_mean): i for i, layer in enumerate(layers)}
-    sites = [site for site in find_batchnorm_sites(gm)
-             if id(site.running_mean) in index and isinstance(site.input, torch.fx.Node)
-             and not (site.node.op == "call_module" and _is_stock(gm.get_submodule(str(site.node.target))))]
+    probe before it), and calls of other BatchNorm modules get a probe — but the module calls of ``replaced``
+    layers, whose forward is replaced instead. ``gm`` itself when no site needs a change."""
+    sites = [(i, site) for i, layer in enumerate(layers) for site in layer.graph_sites
+             if isinstance(site.input, torch.fx.Node) and not (site.node.op == "call_module" and layer in replaced)]
     if not sites:
         return gm
     graph = torch.fx.Graph()
     mapping: dict[torch.fx.Node, torch.fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, mapping))
     graph._codegen = copy.deepcopy(gm.graph._codegen)
-    for site in sites:
+    for i, site in sites:
         node = mapping[site.node]
-        i = index[id(site.running_mean)]
         if node.op == "call_module":  # a BatchNorm subclass with its own forward: probe, then the module
             with graph.inserting_before(node):
                 node.update_arg(0, graph.call_function(recorder.probe_at, (mapping[site.input], i)))
@@ -245,8 +241,8 @@ class Runner:
 
     def __enter__(self) -> Runner:
         stock = [layer for layer in self._layers if _is_stock(layer.module)]
-        if isinstance(self._model, torch.fx.GraphModule):  # before the forwards are replaced (see _is_stock)
-            self._forward = _probed_graph_module(self._model, self._layers, self._recorder)
+        if isinstance(self._model, torch.fx.GraphModule):
+            self._forward = _probed_graph_module(self._model, self._layers, set(stock), self._recorder)
         else:
             for layer in self._layers:
                 if layer.module is not None and layer not in stock:

@@ -46,7 +46,7 @@ from torch import nn
 
 from bnfold.errors import InputError
 from bnfold.native import batch_norm_measured, channel_moments_
-from bnfold.passes.detect import find_batchnorm_sites
+from bnfold.passes.detect import BatchNormSite, find_batchnorm_sites
 
 __all__ = [
     "BatchNormLayer",
@@ -116,8 +116,8 @@ class BatchNormLayer:
     running_mean: torch.Tensor
     running_var: torch.Tensor
     eps: float
-    sites: int = 1
     module: nn.Module | None = None  # the _BatchNorm module it belongs to (None: functional/aten BatchNorm)
+    graph_sites: list[BatchNormSite] = field(default_factory=list)  # its call sites, in a GraphModule
     stored_mean: torch.Tensor = field(init=False)  # copies of the statistics before measuring (restored after)
     stored_var: torch.Tensor = field(init=False)
     shift: torch.Tensor = field(init=False)  # float64 K: the stored mean (non-finite → 0), the same on every rank
@@ -138,6 +138,11 @@ class BatchNormLayer:
     @property
     def channels(self) -> int:
         return self.running_mean.numel()
+
+    @property
+    def sites(self) -> int:
+        """Call sites in the graph (1 for a module's layer)."""
+        return max(1, len(self.graph_sites))
 
     @property
     def calls(self) -> int:
@@ -226,11 +231,10 @@ def find_layers(model: nn.Module) -> list[BatchNormLayer]:
                 log.debug("BatchNorm at %s has no constant running statistics; not recalibrated", site.path)
                 continue
             layer = layers.get(id(rm))
-            module = model.get_submodule(str(site.node.target)) if site.node.op == "call_module" else None
             if layer is None:
-                layers[id(rm)] = BatchNormLayer(site.path, site.kind, rm, rv, site.eps, module=module)
-            else:
-                layer.sites += 1
+                module = model.get_submodule(str(site.node.target)) if site.node.op == "call_module" else None
+                layer = layers[id(rm)] = BatchNormLayer(site.path, site.kind, rm, rv, site.eps, module=module)
+            layer.graph_sites.append(site)
     else:
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \

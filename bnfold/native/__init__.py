@@ -138,8 +138,9 @@ def batch_norm_measured(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
                         total: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
     """Training-mode BatchNorm of ``x`` that also measures it: ``(y, farthest)`` with ``y`` normalized by the
     batch mean and biased variance, the sums added to ``total`` and ``farthest`` as in :func:`channel_moments_`.
-    The native kernel normalizes each channel while it is still in cache (one pass over memory instead of two);
-    the fallback is :func:`channel_moments_` followed by ``F.batch_norm``. ``x`` needs ≥ 2 values per channel."""
+    The native kernel sums and normalizes in one call (short rows: each block of channels normalized while it is
+    still in cache; long rows: two passes in memory order, split over threads as torch's kernels are); the
+    fallback is :func:`channel_moments_` followed by ``F.batch_norm``. ``x`` needs ≥ 2 values per channel."""
     ops = _native_for(x, shift)
     if ops is not None:
         return ops.batch_norm_measured(x, weight, bias, shift, total, eps)
