@@ -6,7 +6,7 @@ forward of the same GraphModule over the same batches.
 Same method as ``bench/bench_recalibrate.py`` (CPU time, one intra-op thread, median over back-to-back pairs of
 eval / recalibrate). In a symbolic graph, stock BatchNorm modules are ``call_module`` nodes and take the fused
 kernel through their replaced forward; in an exported graph, BatchNorm is an aten call, replaced by the fused call
-in a copy of the graph — whose construction (copy + code generation, ~20 ms for mobilenet_v3_small) is a fixed
+in a copy of the graph — whose construction (copy + code generation, ~30 ms for mobilenet_v3_small) is a fixed
 cost of every ``recalibrate`` call, so the ratio is shown for a short and a longer calibration set.
 """
 
