@@ -415,6 +415,19 @@ def test_functional_batchnorm_in_a_traced_subclass_is_recalibrated() -> None:
         assert _rel(a.var, b.var) <= 1e-6
 
 
+def _recalibrate_counting_paths(model: nn.Module, batches: list[torch.Tensor]) -> tuple[dict[str, list[int]],
+                                                                                      bnfold.RecalibrationReport]:
+    """Recalibrate, recording which path measured each call (by the channel count of its input): ``"fused"``
+    (normalized and measured in one native call) or ``"probe"`` (measured before the BatchNorm runs)."""
+    used: dict[str, list[int]] = {"fused": [], "probe": []}
+    fused, probe = bnstats.batch_norm_measured, bnstats.channel_moments_
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bnstats, "batch_norm_measured", lambda x, *a: used["fused"].append(x.shape[1]) or fused(x, *a))
+        mp.setattr(bnstats, "channel_moments_", lambda x, *a: used["probe"].append(x.shape[1]) or probe(x, *a))
+        report = bnfold.recalibrate(model, batches)
+    return used, report
+
+
 def test_every_way_of_catching_a_batchnorm_gives_training_semantics() -> None:
     """Stock BatchNorm modules are normalized and measured by the fused kernel, a subclass with its own forward
     (BN + activation) through a pre-hook probe, functional BatchNorm in a graph through a probe node: in batch
@@ -430,22 +443,12 @@ def test_every_way_of_catching_a_batchnorm_gives_training_semantics() -> None:
     inputs = _bn_inputs(model, batches, bn_train=True)
     gm = capture(model, (batches[0],), "symbolic").module
     assert any(n.target is F.batch_norm for n in gm.graph.nodes)  # BNReLU is traced through
-    used: dict[str, list[int]] = {"fused": [], "probe": []}
-    fused, probe = bnstats.batch_norm_measured, bnstats.channel_moments_
-    with pytest.MonkeyPatch.context() as mp:  # which path measured which layer (by its channel count)
-        mp.setattr(bnstats, "batch_norm_measured", lambda x, *a: used["fused"].append(x.shape[1]) or fused(x, *a))
-        mp.setattr(bnstats, "channel_moments_", lambda x, *a: used["probe"].append(x.shape[1]) or probe(x, *a))
-        bnfold.recalibrate(copy.deepcopy(model), batches)
+    used, _ = _recalibrate_counting_paths(copy.deepcopy(model), batches)
     assert set(used["fused"]) == {6, 8} and set(used["probe"]) == {6}  # BatchNorm2d/1d fused, BNReLU probed
     assert len(used["probe"]) == len(batches)
     same_size = _batches((7, 7, 7), seed=5)  # an exported graph runs the batch size it was exported with
-    exported = capture(model, (same_size[0],), "export").module
-    used = {"fused": [], "probe": []}
-    with pytest.MonkeyPatch.context() as mp:  # aten sites of an exported graph: all three fused
-        mp.setattr(bnstats, "batch_norm_measured", lambda x, *a: used["fused"].append(x.shape[1]) or fused(x, *a))
-        mp.setattr(bnstats, "channel_moments_", lambda x, *a: used["probe"].append(x.shape[1]) or probe(x, *a))
-        bnfold.recalibrate(exported, same_size)
-    assert sorted(used["fused"]) == sorted([6, 6, 8] * len(same_size)) and not used["probe"]
+    used, _ = _recalibrate_counting_paths(capture(model, (same_size[0],), "export").module, same_size)
+    assert sorted(used["fused"]) == sorted([6, 6, 8] * len(same_size)) and not used["probe"]  # aten: all fused
     for target in (copy.deepcopy(model), gm):
         report = bnfold.recalibrate(target, batches)
         for name, x in inputs.items():
@@ -508,12 +511,8 @@ def test_an_aten_batchnorm_whose_saved_statistics_are_used_is_probed_not_replace
 
     gm = torch.fx.symbolic_trace(SavedStats())
     batches = [torch.rand(n, 4, 5, 5, generator=torch.Generator().manual_seed(n)) * 2 + 1 for n in (3, 8)]
-    probed: list[int] = []
-    probe = bnstats.channel_moments_
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bnstats, "channel_moments_", lambda x, *a: probed.append(x.shape[1]) or probe(x, *a))
-        report = bnfold.recalibrate(gm, batches)
-    assert probed == [4, 4]  # one probe call per batch
+    used, report = _recalibrate_counting_paths(gm, batches)
+    assert used == {"fused": [], "probe": [4, 4]}  # one probe call per batch
     flat = torch.cat([b.transpose(0, 1).reshape(4, -1) for b in batches], 1).double()
     mean, var = _reference_stats(flat)
     assert len(report.recalibrated) == 1
