@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch/torchvision pinned together: these builds lie on this machine's disk (no multi-GB download).
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[onnx,tvm,test]"
+	# the native statistics kernel is built here, once, not inside the first user call (no compiler: fallback)
+	-$(PY) -m bnfold.native
 	@touch $(STAMP)
 
 demo: $(STAMP)

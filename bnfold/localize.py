@@ -439,7 +439,7 @@ def _localize(ref_gm: torch.fx.GraphModule, cand_gm: torch.fx.GraphModule, batch
             return
         dtype = ref_vals[r.name].dtype
         tol = tolerance or Tolerance.for_dtype(dtype)
-        rule = _Rule(2 * tol.multiplier, tol.floor, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
+        rule = _Rule(2 * tol.multiplier, tol.relative_floor, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
         changed = _params_changed(cand_gm, node, ref_gm, r)
         allow_affine = node not in returned and (
             (changed and match_linear_op(cand_gm, node) is not None)

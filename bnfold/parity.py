@@ -15,12 +15,22 @@
 The verdict is the *float64-reference rule* whenever a float64 copy of the reference can be run
 (``t`` = its output)::
 
-    rmse(c, t) ≤ m · rmse(r, t) + floor,    floor = f · rms(t)
+    rmse(c, t) ≤ m · rmse(r, t) + floor,    floor = k · u · √D · rms(t)
 
-with ``m = 2``, ``f = 1e-6`` for fp32 and ``m = 3``, ``f = 1e-3`` for fp16/bf16: the tolerance scales with
-the model's own rounding noise, so an exact rewrite (a fold only reorders rounding) passes and a real change
-does not. Non-finite values must appear at the same positions in ``c`` and ``r``. Without a float64 reference
-(an ONNX file as the reference, say) the verdict is the elementwise ``assert_close`` view.
+``m = 2`` for fp32/fp64 and ``3`` for fp16/bf16. The floor absorbs what the multiplier cannot: two *kernels*
+computing the same math round differently, and which one a host runs depends on its CPU (AVX2 vs AVX-512,
+oneDNN on or off, blocked or channels-last layouts, thread count). ``u`` is the unit roundoff of the precision the
+kernels *accumulate* in (2⁻²⁴ for fp32, fp16 and bf16 — every CPU kernel accumulates half precision in fp32 —
+and 2⁻⁵³ for fp64); ``D`` (:func:`rounding_depth`) counts the model's weight tensors of rank ≥ 2, i.e. its
+conv/linear/embedding layers; ``k = 16``. Derivation: each accumulating layer's kernel choice changes its output
+by at most a few ``u`` relative (measured worst case: a 3x3 conv with a large folded bias on an AVX2 host, oneDNN's
+direct kernel accumulating onto the bias, 4.5 ``u`` vs 2 ``u`` without the bias); such per-layer differences are
+independent, so they add in quadrature (``√D``), and propagation gain is the model's own — which ``m · rmse(r, t)``
+already measures. ``k = 16`` leaves a 3.5x margin over the worst kernel measured. A real defect is orders of
+magnitude above it: a 0.1 % weight change, a swapped channel or a BatchNorm in training mode moves the output by
+≥ 1e-4 relative, while ``k · u · √D`` is 1e-6 for one layer and 1e-5 for a hundred. Non-finite values must appear
+at the same positions in ``c`` and ``r``. Without a float64 reference (an ONNX file as the reference, say) the
+verdict is the elementwise ``assert_close`` view.
 
 Beyond the outputs: a *batch-independence* check (the candidate's output for a sample must not change when the
 rest of the batch changes — it does when a BatchNorm is left in training mode), and, when a GraphModule
@@ -52,6 +62,7 @@ __all__ = [
     "OutputStats",
     "ParityReport",
     "Tolerance",
+    "accumulation_roundoff",
     "as_batches",
     "check_batch_independence",
     "compare",
@@ -59,6 +70,7 @@ __all__ = [
     "json_safe",
     "judge",
     "random_inputs",
+    "rounding_depth",
     "run_batches",
     "run_reference64",
     "to_float64",
@@ -70,32 +82,70 @@ Batch = tuple[torch.Tensor, ...]
 """The positional inputs of one model call."""
 
 
+FLOOR_ROUNDOFFS = 16.0
+"""``k`` of the floor ``k · u · √D · rms(t)`` (module docstring): roundoffs per layer a kernel choice may cost."""
+
+
+def accumulation_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff ``u`` of the precision kernels accumulate in for outputs of ``dtype``: 2⁻⁵³ for float64,
+    2⁻²⁴ for everything else (fp32, and fp16/bf16, which CPU kernels accumulate in fp32)."""
+    return 2.0**-53 if dtype == torch.float64 else 2.0**-24
+
+
+def rounding_depth(model: Any) -> int:
+    """``D`` of the float64-rule floor: the number of weight tensors of rank ≥ 2 in ``model`` (parameters and
+    buffers: conv, linear, embedding and attention weights — the layers whose accumulation order a kernel
+    chooses), at least 1; 1 for anything that is not a torch module."""
+    if not isinstance(model, torch.nn.Module):
+        return 1
+    seen: set[int] = set()
+    depth = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dim() >= 2 and t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            depth += 1
+    return max(depth, 1)
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """Parameters of the pass/fail rules (module docstring).
 
-    ``multiplier``/``floor``: the float64-reference rule; ``rtol``/``atol``: the elementwise view (defaults
-    of ``torch.testing.assert_close``); ``batch_rtol``: the batch-independence check
+    ``multiplier``/``floor``/``depth``: the float64-reference rule, ``rmse(c, t) ≤ multiplier · rmse(r, t) +
+    floor · √depth · rms(t)`` (``floor`` = ``k · u`` per layer, ``depth`` = ``D``); ``rtol``/``atol``: the
+    elementwise view (defaults of ``torch.testing.assert_close``); ``batch_rtol``: the batch-independence check
     (``rms(y_alone − y_in_batch) ≤ batch_rtol · rms(y_in_batch)``).
     """
 
     multiplier: float = 2.0
-    floor: float = 1e-6
+    floor: float = FLOOR_ROUNDOFFS * 2.0**-24
     rtol: float = 1.3e-6
     atol: float = 1e-5
     batch_rtol: float = 1e-4
+    depth: int = 1
+
+    @property
+    def relative_floor(self) -> float:
+        """``floor · √depth``: the floor as a fraction of ``rms(t)``."""
+        return self.floor * math.sqrt(max(self.depth, 1))
+
+    def bound(self, reference_rmse: float, target_rms: float) -> float:
+        """The float64 rule's bound on ``rmse(c, t)``: ``multiplier · rmse(r, t) + relative_floor · rms(t)``."""
+        return self.multiplier * reference_rmse + self.relative_floor * target_rms
 
     @staticmethod
-    def for_dtype(dtype: torch.dtype) -> Tolerance:
-        """Defaults per dtype; ``rtol``/``atol`` equal ``torch.testing.assert_close``'s."""
+    def for_dtype(dtype: torch.dtype, depth: int = 1) -> Tolerance:
+        """Defaults per dtype for a model of ``depth`` accumulating layers; ``rtol``/``atol`` equal
+        ``torch.testing.assert_close``'s."""
+        floor = FLOOR_ROUNDOFFS * accumulation_roundoff(dtype)
         if dtype in (torch.float16, torch.bfloat16):
             rtol = 1e-3 if dtype == torch.float16 else 1.6e-2
-            return Tolerance(multiplier=3.0, floor=1e-3, rtol=rtol, atol=1e-5, batch_rtol=1e-2)
+            return Tolerance(multiplier=3.0, floor=floor, rtol=rtol, atol=1e-5, batch_rtol=1e-2, depth=depth)
         if dtype == torch.float64:
-            return Tolerance(multiplier=2.0, floor=1e-12, rtol=1e-7, atol=1e-7, batch_rtol=1e-8)
+            return Tolerance(multiplier=2.0, floor=floor, rtol=1e-7, atol=1e-7, batch_rtol=1e-8, depth=depth)
         if not dtype.is_floating_point and not dtype.is_complex:
-            return Tolerance(multiplier=2.0, floor=0.0, rtol=0.0, atol=0.0, batch_rtol=0.0)
-        return Tolerance()
+            return Tolerance(multiplier=2.0, floor=0.0, rtol=0.0, atol=0.0, batch_rtol=0.0, depth=depth)
+        return Tolerance(floor=floor, depth=depth)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +342,7 @@ class OutputStats:
         if self.n64:
             rmse_c = math.sqrt(self.sum_sq_c64 / self.n64)
             rmse_r = math.sqrt(self.sum_sq_r64 / self.n64)
-            bound = tol.multiplier * rmse_r + tol.floor * math.sqrt(self.sum_sq_t64 / self.n64)
+            bound = tol.bound(rmse_r, math.sqrt(self.sum_sq_t64 / self.n64))
             rule = "fp64"
             if not rmse_c <= bound:
                 reasons.append(f"rmse vs float64 {rmse_c:.3g} > bound {bound:.3g} "
@@ -590,9 +640,10 @@ def _vs64(o: OutputParity) -> str:
 
 def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs: Sequence[Sequence[torch.Tensor]],
           reference64_outputs: Sequence[Sequence[torch.Tensor]] | None = None, *,
-          tolerance: Tolerance | None = None) -> tuple[ParityReport, list[float]]:
+          tolerance: Tolerance | None = None, depth: int = 1) -> tuple[ParityReport, list[float]]:
     """The report for precomputed outputs (one list of tensors per batch), and per batch the worst
-    ``rmse/bound`` ratio (``inf`` for a batch that fails outright) — used to pick the batch to localize on."""
+    ``rmse/bound`` ratio (``inf`` for a batch that fails outright) — used to pick the batch to localize on.
+    ``depth``: the reference's :func:`rounding_depth`, for the per-dtype defaults when ``tolerance`` is None."""
     report = ParityReport(batches=len(reference_outputs))
     totals: list[OutputStats] = []
     tols: list[Tolerance] = []
@@ -611,7 +662,7 @@ def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs
         for i, (r, c) in enumerate(zip(ref, cand, strict=True)):
             if i == len(totals):
                 totals.append(OutputStats())
-                tols.append(tolerance or Tolerance.for_dtype(r.dtype))
+                tols.append(tolerance or Tolerance.for_dtype(r.dtype, depth))
             stats = OutputStats()
             try:
                 stats.add(r, c, None if ref64 is None else ref64[i], tols[i])
@@ -681,7 +732,7 @@ def compare(
     ref_out = run_batches(reference, batches)
     cand_out = run_batches(candidate, batches)
     ref64_out, note64 = run_reference64(reference, reference64, batches)
-    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance)
+    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=rounding_depth(reference))
     report.inputs = source
     if source == "random":
         shapes = ", ".join("x".join(map(str, t.shape)) for t in batches[0])

@@ -42,6 +42,7 @@ from bnfold.parity import (
     json_safe,
     judge,
     random_inputs,
+    rounding_depth,
     run_batches,
     run_reference64,
 )
@@ -278,7 +279,8 @@ class StageTracker:
 
     def _judge(self, ref: _Kept, cand: _Kept, ref64: list[list[torch.Tensor]] | None, *,
                localize: bool = True) -> ParityReport:
-        report, ratios = judge(ref.outputs, cand.outputs, ref64, tolerance=self.tolerance)
+        report, ratios = judge(ref.outputs, cand.outputs, ref64, tolerance=self.tolerance,
+                              depth=rounding_depth(ref.model))
         report.inputs = self._report.inputs
         failed = not report.errors and not all(o.passed for o in report.outputs)
         if localize and self.localize and failed and isinstance(cand.model, torch.fx.GraphModule) \

@@ -10,6 +10,16 @@ import pytest
 CAPTURE_MODES = ["symbolic", "export"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``BNFOLD_TEST_ONEDNN=0`` runs the suite with oneDNN (mkldnn) off, one of the ways to make this host run the
+    fp32 kernels another CPU would (with ``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2|default`` and
+    ``OMP_NUM_THREADS``): no numeric bound in the suite may depend on which kernels run (docs/parity.md)."""
+    if os.environ.get("BNFOLD_TEST_ONEDNN") == "0":
+        import torch
+
+        torch.backends.mkldnn.enabled = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("BNFOLD_SLOW") == "1":
         return

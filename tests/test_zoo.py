@@ -1,27 +1,28 @@
 """Issue 3 acceptance: the torchvision zoo, both capture modes, random weights and randomized BN stats.
 
 Every BN that can be folded without duplicating compute is folded; bnfold never leaves more BNs than
-``torch.fx.experimental.optimization.fuse``; parity vs the float64 reference within 1.25x the unfolded fp32
-model's own relative L2 error (+ fp32 unit roundoff). The table is printed (``pytest -s`` shows it).
+``torch.fx.experimental.optimization.fuse``; the folded model passes bnfold's float64 parity rule
+(``bnfold.parity.Tolerance``: within 2x the unfolded fp32 model's own relative L2 error plus a floor of
+``16 · u · √D`` that absorbs which fp32 kernels the host runs — ``docs/parity.md`` derives it). The error ratio
+itself is one sample of rounding noise: ``bench/zoo.py`` reports its median and worst over the zoo.
+
+Default run: ``zoo.FAST`` (a plain CNN, a depthwise one, FrozenBN detection, a 3-D one); the rest with
+``BNFOLD_SLOW=1`` (``make test-all``).
 """
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
-from zoo import ZOO, format_rows, run_model
+from zoo import FAST, ZOO, ZooRow, format_rows, run_model
 
-ROWS = []
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-@pytest.mark.parametrize("name", list(ZOO))
-def test_zoo_model(name: str) -> None:
+def _check(name: str) -> None:
     sym = run_model(name, "symbolic")
     exp = run_model(name, "export")
-    ROWS.extend([sym, exp])
     for row in (sym, exp):
-        assert row.passed, f"{name} ({row.capture}): folded error ratio {row.ratio:.3f} > 1.25"
+        assert row.passed, f"{name} ({row.capture}): fails the float64 parity rule (error ratio {row.ratio:.3f})"
         if sym.left_by_fx_fuse is not None:
             assert row.left_by_bnfold <= sym.left_by_fx_fuse
     assert sym.left_by_bnfold == exp.left_by_bnfold
@@ -32,10 +33,22 @@ def test_zoo_model(name: str) -> None:
         assert sym.left_by_bnfold == 0, sym.why
 
 
-def test_zoo_table() -> None:
-    if not ROWS:
-        pytest.skip("zoo models did not run")
-    print("\n" + format_rows(ROWS))
-    ratios = [r.ratio for r in ROWS]
-    print(f"median rel-L2 ratio (folded/original vs fp64): {statistics.median(ratios):.3f}")
-    assert len({r.model for r in ROWS}) >= 12
+@pytest.mark.parametrize("name", FAST)
+def test_zoo_model(name: str) -> None:
+    _check(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ZOO if n not in FAST])
+def test_zoo_model_slow(name: str) -> None:
+    _check(name)
+
+
+def test_zoo_table_lists_every_column() -> None:
+    """The table bench/zoo.py prints (self-contained: no state shared with other tests)."""
+    rows = [ZooRow("resnet18", "symbolic", 20, 0, 0, "", 0.97, True, 1.0),
+            ZooRow("densenet121", "export", 121, None, 62, "cat", 1.3, False, 2.0)]
+    text = format_rows(rows)
+    for column in ("left by fx.fuse", "left by bnfold", "rel-L2 ratio", "parity", "why left"):
+        assert column in text
+    assert "resnet18" in text and "pass" in text and "FAIL" in text and "n/a" in text

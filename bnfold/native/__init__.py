@@ -10,8 +10,13 @@ blocking and threading). Torch has no CPU kernel for this: its sums accumulate i
 ``var_mean`` or training-mode BatchNorm are several times slower than the eval-mode BatchNorm they replace here.
 
 They are built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 5–20 s once) into torch's extension
-cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), one build per source, torch version
-and CPU instruction set. The functions here fall back to the same sums in torch (float64 copy of ``x``, ~3×
+cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), at install time by the README's commands
+(``python -m bnfold.native``) or else on first use. The build's name carries a hash of everything that makes a
+build incompatible or makes ninja redo it (:func:`build_key`): the source, the torch build (version, git
+revision, CUDA version, install folder — its headers are on the command line), the Python interpreter, the
+compiler (``$CXX`` and its ``--version``), the flags and the CPU instruction set; so two environments sharing one
+cache each find their own build and never rebuild for each other, and a second process reuses the first's.
+The functions here fall back to the same sums in torch (float64 copy of ``x``, ~3×
 slower, same result to rounding) when the kernels cannot be built (one warning says why; ``BNFOLD_NATIVE_VERBOSE=1``
 shows the compiler's output), for non-CPU tensors, and when ``BNFOLD_NATIVE=0``.
 """
@@ -25,12 +30,15 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["batch_norm_measured", "channel_moments_", "channel_sums", "channel_sums_reference", "native_ops"]
+__all__ = ["batch_norm_measured", "build_key", "build_name", "built_library", "channel_moments_", "channel_sums",
+           "channel_sums_reference", "native_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,44 @@ def _find_ninja() -> None:
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
+def _compiler_identity() -> str:
+    """``$CXX`` (torch's choice: ``c++`` when unset) and the first line of its ``--version``."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = "unavailable"
+    return f"{cxx}: {out.splitlines()[0] if out else ''}"
+
+
+def built_library(name: str) -> Path | None:
+    """Where torch's extension cache keeps the library of build ``name`` (``None`` if torch cannot say)."""
+    try:
+        from torch.utils import cpp_extension
+
+        return Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    except Exception:  # a private helper of torch's: if it moves, only this log line and a test notice
+        return None
+
+
+def build_key(flags: list[str]) -> str:
+    """A hash of everything a build depends on (module docstring): two builds with the same key are
+    interchangeable, and anything that would make ninja rebuild changes the key instead."""
+    parts = [
+        _SOURCE.read_bytes().hex(), torch.__version__, str(torch.version.git_version), str(torch.version.cuda),
+        str(Path(torch.__file__).resolve().parent), sys.version, str(Path(sys.executable).resolve()),
+        str(Path(sys.prefix).resolve()), _compiler_identity(), " ".join(flags),
+        *(f"{k}={os.environ.get(k, '')}" for k in ("CFLAGS", "CXXFLAGS", "LDFLAGS", "CPPFLAGS")),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def build_name() -> str:
+    """The name of this environment's build in torch's extension cache."""
+    capability, flags = _build_flags()
+    return f"bnfold_native_{capability.lower()}_{build_key(flags)}"
+
+
 @functools.lru_cache(maxsize=1)
 def native_ops() -> Any | None:
     """The compiled ops, ``torch.ops.bnfold`` (built on the first call), or ``None`` — with one warning saying
@@ -72,16 +118,17 @@ def native_ops() -> Any | None:
         log.info("BNFOLD_NATIVE=0: BatchNorm statistics are summed by torch (float64 copy of each input)")
         return None
     _find_ninja()
-    capability, flags = _build_flags()
-    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode())
-    name = f"bnfold_native_{capability.lower()}_{key.hexdigest()[:12]}"
+    _, flags = _build_flags()
+    name = build_name()
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant for a CPU-only source
     try:
         from torch.utils import cpp_extension
 
-        log.info("building bnfold's native statistics kernel %s (once; cached by torch)", name)
+        built = built_library(name)
+        if built is None or not built.exists():
+            log.info("building bnfold's native statistics kernel %s (once; cached by torch)", name)
         cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
                            verbose=os.environ.get("BNFOLD_NATIVE_VERBOSE") == "1")
     except Exception as exc:  # no compiler, no ninja, read-only cache, ...: the torch path gives the same sums

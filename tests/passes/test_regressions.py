@@ -7,6 +7,7 @@ from helpers import count_batchnorm, fold_and_check, randomize_bn
 from torch import nn
 
 import bnfold
+from bnfold.parity import Tolerance, rounding_depth
 
 
 class SharedConvModule(nn.Module):
@@ -53,7 +54,9 @@ def test_onnxruntime_14270_bn_after_conv_transpose_is_fused(capture_mode: str) -
 
 
 def test_pytorch_120545_half_precision_fold_does_not_grow_error(capture_mode: str) -> None:
-    """pytorch#120545: fp16/bf16 conv-BN folding drifted ~10x; folding in float64 and casting once must not."""
+    """pytorch#120545: fp16/bf16 conv-BN folding drifted ~10x; folding in float64 and casting once must not: the
+    folded model passes the float64 parity rule for its dtype (3x the unfolded model's own error + floor), which a
+    10x drift fails whichever half-precision kernels the host has (AMX, AVX-512 bf16, AVX2 emulation)."""
     import torchvision
 
     for dtype in (torch.float16, torch.bfloat16):
@@ -65,6 +68,7 @@ def test_pytorch_120545_half_precision_fold_does_not_grow_error(capture_mode: st
         with torch.no_grad():
             ref64 = model.double()(x.double())
             model.to(dtype)
-            e_orig = (model(x).double() - ref64).norm() / ref64.norm()
-            e_fold = (result.module(x).double() - ref64).norm() / ref64.norm()
-        assert e_fold <= 1.5 * e_orig, (dtype, float(e_fold), float(e_orig))
+            e_orig = float((model(x).double() - ref64).norm() / ref64.norm())
+            e_fold = float((result.module(x).double() - ref64).norm() / ref64.norm())
+        tol = Tolerance.for_dtype(dtype, rounding_depth(model))
+        assert e_fold <= tol.bound(e_orig, 1.0), (dtype, e_fold, e_orig)
