@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bnfold demo
 
+# one pytest worker per core (pytest-xdist), a test file per worker at a time: module fixtures are built once
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
+
 test: $(STAMP)
 	$(PY) -m ruff check bnfold tests bench
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-all: $(STAMP)
-	BNFOLD_SLOW=1 $(PY) -m pytest -q
+	BNFOLD_SLOW=1 $(PYTEST)
 
 # The benchmarks behind BENCHMARKS.md that run in minutes; the TVM one tunes for about an hour, so it is printed.
 bench: $(STAMP)

@@ -14,6 +14,12 @@ def pytest_configure(config: pytest.Config) -> None:
     """``BNFOLD_TEST_ONEDNN=0`` runs the suite with oneDNN (mkldnn) off, one of the ways to make this host run the
     fp32 kernels another CPU would (with ``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2|default`` and
     ``OMP_NUM_THREADS``): no numeric bound in the suite may depend on which kernels run (docs/parity.md)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs one worker per core: each gets one intra-op thread, or the workers' OpenMP pools would
+        # spin against each other (tests that need more threads set them themselves)
+        import torch
+
+        torch.set_num_threads(1)
     if os.environ.get("BNFOLD_TEST_ONEDNN") == "0":
         import torch
 

@@ -6,7 +6,8 @@ Every BN that can be folded without duplicating compute is folded; bnfold never 
 ``16 · u · √D`` that absorbs which fp32 kernels the host runs — ``docs/parity.md`` derives it). The error ratio
 itself is one sample of rounding noise: ``bench/zoo.py`` reports its median and worst over the zoo.
 
-Default run: ``zoo.FAST`` (a plain CNN, a depthwise one, FrozenBN detection, a 3-D one); the rest with
+Default run: ``zoo.FAST`` (googlenet and FrozenBN detection: the two that broke the old single-sample bound on
+an AVX2 host); the rest with
 ``BNFOLD_SLOW=1`` (``make test-all``).
 """
 

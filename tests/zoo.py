@@ -55,7 +55,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet18_fpn (detection, FrozenBN)": (_fpn, (1, 3, 64, 64)),
 }
 
-FAST = ["resnet18", "mobilenet_v2", "resnet18_fpn (detection, FrozenBN)", "r3d_18"]
+# the default run's subset: the two models whose folded error once broke a single-sample bound on an AVX2 host
+# (resnet18, mobilenet_v2 and r3d_18 run by default in tests/test_api.py, four more in tests/test_parity_zoo.py)
+FAST = ["googlenet", "resnet18_fpn (detection, FrozenBN)"]
 
 
 @dataclass
