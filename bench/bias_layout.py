@@ -47,6 +47,7 @@ def bias_after(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         mod.bias = None
         with gm.graph.inserting_after(node):
             bias = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(bias):
             add = gm.graph.call_function(torch.add, (node, bias))
         node.replace_all_uses_with(add, delete_user_cb=lambda user, add=add: user is not add)
     gm.graph.lint()
