@@ -8,15 +8,46 @@ Public API::
 
 from __future__ import annotations
 
-from bnfold.api import FoldResult, fold, inspect
-from bnfold.drift import DriftReport, diagnose
-from bnfold.errors import BnfoldError
-from bnfold.optimize import OptimizeResult, optimize
-from bnfold.parity import ParityReport, Tolerance, compare
-from bnfold.recalibrate import RecalibrationReport, recalibrate
-from bnfold.report import FoldReport
-from bnfold.stages import StageReport, StageTracker, track_stages
-from bnfold.targets.tvm import compile, load_artifact
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the public API, imported on first use (``import bnfold`` stays cheap: no torch, ONNX or TVM)
+    from bnfold.api import FoldResult, fold, inspect
+    from bnfold.drift import DriftReport, diagnose
+    from bnfold.errors import BnfoldError
+    from bnfold.optimize import OptimizeResult, optimize
+    from bnfold.parity import ParityReport, Tolerance, compare
+    from bnfold.recalibrate import RecalibrationReport, recalibrate
+    from bnfold.report import FoldReport
+    from bnfold.stages import StageReport, StageTracker, track_stages
+    from bnfold.targets.tvm import compile, load_artifact
+
+_WHERE = {
+    "FoldResult": "bnfold.api", "fold": "bnfold.api", "inspect": "bnfold.api",
+    "DriftReport": "bnfold.drift", "diagnose": "bnfold.drift",
+    "BnfoldError": "bnfold.errors",
+    "OptimizeResult": "bnfold.optimize", "optimize": "bnfold.optimize",
+    "ParityReport": "bnfold.parity", "Tolerance": "bnfold.parity", "compare": "bnfold.parity",
+    "RecalibrationReport": "bnfold.recalibrate", "recalibrate": "bnfold.recalibrate",
+    "FoldReport": "bnfold.report",
+    "StageReport": "bnfold.stages", "StageTracker": "bnfold.stages", "track_stages": "bnfold.stages",
+    "compile": "bnfold.targets.tvm", "load_artifact": "bnfold.targets.tvm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: ``bnfold.fold`` etc. import their module on first access."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "BnfoldError",
