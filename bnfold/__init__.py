@@ -9,6 +9,8 @@ Public API::
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the public API, imported on first use (``import bnfold`` stays cheap: no torch, ONNX or TVM)
@@ -47,6 +49,21 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``bnfold`` itself. Two API functions share their name with a submodule (``bnfold.recalibrate``,
+    ``bnfold.optimize``); importing such a submodule makes Python set the package attribute to the module, which
+    would hide the function. The function wins, as it did when this file imported everything eagerly."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            self.__dict__.pop(name, None)  # leave the name to __getattr__: the function
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -123,3 +123,18 @@ def test_second_fold_changes_nothing(capture_mode: str) -> None:
     again = bnfold.fold(once, (x,), capture=capture_mode)
     assert again.report.folded == [] and again.report.skipped == []
     assert not again.report.modified, again.report.changes
+
+
+def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
+    """``import bnfold`` imports neither torch, ONNX nor TVM (the CLI starts fast); the API is imported on first
+    use, and a submodule imported first (``bnfold.recalibrate``, ``bnfold.optimize``) never hides the function of
+    the same name — whatever order tests or users import things in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bnfold; assert not {'torch', 'onnx', 'tvm'} & set(sys.modules), sorted(sys.modules)\n"
+            "import bnfold.recalibrate, bnfold.optimize\n"
+            "assert bnfold.recalibrate.__name__ == 'recalibrate' and callable(bnfold.recalibrate)\n"
+            "assert bnfold.optimize.__name__ == 'optimize' and callable(bnfold.optimize)\n"
+            "assert bnfold.fold.__module__ == 'bnfold.api' and set(dir(bnfold)) >= set(bnfold.__all__)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
