@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnfold.batches import Batches, positional_arity
 from bnfold.bnprobe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
 from bnfold.bnstats import all_reduce_layers, find_layers
 from bnfold.errors import InputError
@@ -157,6 +158,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, num_batches: int | Non
     if not layers:
         raise InputError(f"{type(model).__name__} has no BatchNorm layer with running statistics",
                          hint="diagnose needs BatchNorm layers that track running statistics")
+    batches = Batches(batches, positional_arity(model))  # read as everywhere (bnfold.batches)
     start = time.perf_counter()
     bar = progress_bar(progress, total=batch_count(batches, num_batches), desc="diagnose")
     try:

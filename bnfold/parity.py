@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
+from bnfold.batches import positional_arity
 from bnfold.errors import InputError
 
 if TYPE_CHECKING:
@@ -152,24 +153,27 @@ class Tolerance:
 # inputs
 
 
-def as_batches(inputs: torch.Tensor | Sequence[torch.Tensor] | Iterable[Sequence[torch.Tensor]]) -> list[Batch]:
-    """Normalize ``inputs`` to a list of batches.
+def as_batches(inputs: Any, arity: int | None = None) -> list[Batch]:
+    """``inputs`` as a list of batches of positional inputs, read as everywhere in bnfold
+    (:mod:`bnfold.batches`: a tensor or a tuple of tensors is one batch, a list or other iterable holds batches);
+    ``arity``: the reference's number of positional inputs, when known, to refuse a reading that cannot fit."""
+    from bnfold.batches import iter_batches
 
-    A ``Tensor`` is one batch of a single-input model; a sequence of tensors is *one* batch (the positional
-    inputs); an iterable of tuples/lists of tensors is several batches (:func:`bnfold.data.load_tensors`'s form).
-    """
-    if isinstance(inputs, torch.Tensor):
-        return [(inputs,)]
-    items = list(inputs)
-    if not items:
+    batches: list[Batch] = []
+    for k, batch in enumerate(iter_batches(inputs, arity=arity)):
+        if isinstance(batch, torch.Tensor):
+            batches.append((batch,))
+        elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+            batches.append(tuple(batch))
+        elif isinstance(batch, dict):
+            raise InputError(f"batch {k} is a dict (keyword inputs); parity checks call the models with positional "
+                             "inputs", hint="pass each batch as a tuple of tensors in the order forward() takes them")
+        else:
+            raise InputError(f"batch {k} is a {type(batch).__name__}, not a tensor or a tuple of tensors",
+                             hint="labels do not belong in the inputs: pass only model inputs")
+    if not batches:
         raise InputError("no input tensors were given", hint="pass a tensor, a tuple of tensors or a list of batches")
-    if all(isinstance(t, torch.Tensor) for t in items):
-        return [tuple(items)]
-    if all(isinstance(b, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in b) for b in items):
-        return [tuple(b) for b in items]
-    kinds = sorted({type(t).__name__ for t in items})
-    raise InputError(f"inputs mix {', '.join(kinds)}; expected a tuple of tensors (one batch) or a list of "
-                     "tuples (several batches)", hint="labels do not belong in the inputs: pass only model inputs")
+    return batches
 
 
 def random_inputs(example_inputs: Sequence[torch.Tensor] | None = None,
@@ -716,7 +720,8 @@ def compare(
 ) -> ParityReport:
     """Run ``reference`` and ``candidate`` (anything callable on torch tensors) on ``inputs`` and judge parity.
 
-    ``inputs``: one batch (a tensor or a tuple of tensors) or a list of batches — the user's data. Only when
+    ``inputs``: one batch (a tensor or a tuple of tensors) or a list/iterable of batches — the user's data, read
+    as by every bnfold function (:mod:`bnfold.batches`). Only when
     it is ``None`` are random batches drawn, shaped like ``example_inputs`` or ``input_shapes`` (seeded by
     ``seed``); ``report.inputs`` is then ``"random"`` and a note says so. ``reference64``: a float64 copy of
     the reference (made automatically when the reference is an ``nn.Module``). ``tolerance``: overrides the
@@ -728,7 +733,7 @@ def compare(
         batches = random_inputs(example_inputs, input_shapes, seed=seed)
         source = "random"
     else:
-        batches, source = as_batches(inputs), "user"
+        batches, source = as_batches(inputs, positional_arity(reference)), "user"
     ref_out = run_batches(reference, batches)
     cand_out = run_batches(candidate, batches)
     ref64_out, note64 = run_reference64(reference, reference64, batches)

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnfold.batches import Batches, positional_arity
 from bnfold.bnprobe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
 from bnfold.bnstats import (
     BatchNormLayer,
@@ -150,7 +151,8 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
 
     ``model``: an ``nn.Module`` or a captured GraphModule (symbolic or ``torch.export``); changed in place (running
     mean and variance only). ``batches``: an iterable of batches, each a tensor (the only input), a tuple/list
-    (positional inputs) or a dict (keyword inputs) — inputs only, no labels. ``num_batches`` / ``num_samples`` stop
+    (positional inputs) or a dict (keyword inputs) — inputs only, no labels; a single tensor or tuple of tensors
+    is one batch (:mod:`bnfold.batches`, as in ``compare``). ``num_batches`` / ``num_samples`` stop
     early (the last batch is cut to give exactly ``num_samples``). ``mode``: ``"batch"`` or ``"sequential"``
     (module docstring). ``progress``: a tqdm bar on stderr (default: only when stderr is a terminal).
     Under ``torch.distributed`` every rank must call this with its share of the data; all ranks end with the
@@ -168,6 +170,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
     if not layers:
         raise InputError(f"{type(model).__name__} has no BatchNorm layer with running statistics",
                          hint="recalibration updates running_mean/running_var; models without them have none")
+    batches = Batches(batches, positional_arity(model))
     start = time.perf_counter()
     try:
         with eval_mode(model), torch.no_grad(), Runner(model, layers) as runner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -158,8 +159,39 @@ def test_batches_are_pooled() -> None:
     assert report.batches == 2 and report.samples == 6 and report.passed
     assert as_batches(x) == [(x,)]
     assert len(as_batches((x, x))) == 1 and len(as_batches([(x,), (x,)])) == 2
-    with pytest.raises(InputError):
-        as_batches([x, (x,)])
+    with pytest.raises(InputError, match="labels"):
+        as_batches([(x, "cat")])
+
+
+def test_compare_reads_batches_as_recalibrate_does() -> None:
+    """One meaning of "batches" across the API (bnfold.batches): a list of tensors is several batches for
+    compare too (it used to be one batch of three inputs: "forward() takes 2 positional arguments but 4 were
+    given"); an ambiguous reading for the model at hand is an error that names both readings."""
+    net, x = _net(), _x(6)
+    folded = bnfold.fold(net, (x,), check=False).module
+    xs = [x[:2], x[2:4], x[4:]]
+    report = compare(net, folded, xs)
+    assert report.batches == 3 and report.samples == 6 and report.passed
+    assert compare(net, folded, (x,)).batches == 1 and compare(net, folded, x).batches == 1
+    assert compare(net, folded, x.split(2)).batches == 3  # a one-input model: a tuple of tensors is batches
+    recal = copy.deepcopy(net)
+    assert bnfold.recalibrate(recal, xs).batches == 3
+    assert bnfold.recalibrate(copy.deepcopy(net), x).batches == 1  # a tensor is one batch here too
+    assert bnfold.diagnose(copy.deepcopy(net), xs).batches == 3
+
+
+def test_multi_input_models_get_a_clear_error_for_a_list_of_tensors() -> None:
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    a = torch.randn(2, 3)
+    with pytest.raises(InputError, match="neither one batch of this model's 2 inputs"):
+        compare(Two(), Two(), [a, a])
+    with pytest.raises(InputError, match="neither one batch of this model's 2 inputs"):
+        compare(Two(), Two(), (a, a, a))
+    assert compare(Two(), Two(), (a, a)).batches == 1
+    assert compare(Two(), Two(), [(a, a), (a, a)]).batches == 2
 
 
 @settings(max_examples=25, deadline=None)

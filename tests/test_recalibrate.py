@@ -733,7 +733,7 @@ def test_bad_arguments_are_input_errors() -> None:
     with pytest.raises(InputError, match="empty"):
         bnfold.recalibrate(model, [])
     with pytest.raises(InputError, match="iterable of batches"):
-        bnfold.recalibrate(model, torch.randn(4, 1, 8, 8))  # type: ignore[arg-type]
+        bnfold.recalibrate(model, 3.0)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="labels"):
         bnfold.recalibrate(model, [object()])
 
