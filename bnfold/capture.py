@@ -19,7 +19,7 @@ from torch import nn
 from bnfold.errors import CaptureError
 from bnfold.graph import propagate_shapes
 from bnfold.passes.detect import is_stock_batchnorm
-from bnfold.passes.linear_ops import _module_kind
+from bnfold.passes.linear_ops import module_kind
 
 __all__ = ["BnfoldTracer", "CaptureMode", "Captured", "capture"]
 
@@ -34,7 +34,7 @@ class BnfoldTracer(torch.fx.Tracer):
     (a BN that also applies an activation shows up as ``F.batch_norm`` followed by the activation)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_stock_batchnorm(m) or _module_kind(m) is not None:
+        if is_stock_batchnorm(m) or module_kind(m) is not None:
             return True
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd | nn.Linear):
             return False  # overridden forward: trace through it

@@ -27,7 +27,7 @@ from torch import nn
 
 from bnfold.graph import fetch_attr, get_constant, module_class, module_path, node_shape, normalized_kwargs
 
-__all__ = ["BatchNormSite", "find_batchnorm_sites", "is_stock_batchnorm"]
+__all__ = ["BatchNormSite", "batchnorm_site", "find_batchnorm_sites", "is_stock_batchnorm"]
 
 aten = torch.ops.aten
 
@@ -161,19 +161,26 @@ def _check_stats(site: BatchNormSite) -> None:
         site.problem = f"'{site.path}' has running_var + eps = 0 in some channel (division by zero)"
 
 
+def batchnorm_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNormSite | None:
+    """The BatchNorm at ``node`` (foldable, or with a ``problem``), or None when ``node`` is not one."""
+    if node.op == "call_module":
+        site = _module_site(gm, node)
+    elif node.op == "call_function":
+        site = _functional_site(gm, node)
+    else:
+        return None
+    if site is None:
+        return None
+    _check_stats(site)
+    if site.problem is None and not isinstance(site.input, torch.fx.Node):
+        site.problem = f"'{site.path}' normalizes a value that is not a graph tensor"
+    if site.problem is None:
+        shape = node_shape(site.input)
+        if shape is None or len(shape) < 2:
+            site.problem = f"'{site.path}': input shape unknown or rank < 2; run with example inputs"
+    return site
+
+
 def find_batchnorm_sites(gm: torch.fx.GraphModule) -> list[BatchNormSite]:
     """Every BatchNorm in ``gm``, in graph order, each either foldable or with a ``problem``."""
-    sites: list[BatchNormSite] = []
-    for node in gm.graph.nodes:
-        site = _module_site(gm, node) if node.op == "call_module" else _functional_site(gm, node)
-        if site is None:
-            continue
-        _check_stats(site)
-        if site.problem is None and not isinstance(site.input, torch.fx.Node):
-            site.problem = f"'{site.path}' normalizes a value that is not a graph tensor"
-        if site.problem is None:
-            shape = node_shape(site.input)
-            if shape is None or len(shape) < 2:
-                site.problem = f"'{site.path}': input shape unknown or rank < 2; run with example inputs"
-        sites.append(site)
-    return sites
+    return [s for s in (batchnorm_site(gm, n) for n in gm.graph.nodes) if s is not None]

@@ -1,0 +1,54 @@
+"""Pass ``drop_dead_state`` (run once, last): delete dead nodes, then the parameters, buffers and submodules that
+nothing in the graph references, so saved models do not carry the pre-fold weights.
+
+Linear in the graph and the state: a parameter ``a.b.w`` is in use when ``get_attr`` reads it or when one of its
+owners (``a.b``, ``a``) is called; each of the few prefixes is a set lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from bnfold.passes.context import PassContext
+from bnfold.passes.engine import Category, Change, PassResult
+
+__all__ = ["DropDeadState"]
+
+
+class DropDeadState:
+    name = "drop_dead_state"
+    revisit_rejected = False
+
+    def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
+        gm = ctx.gm
+        gm.graph.eliminate_dead_code()
+        used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+        def in_used_module(name: str) -> bool:
+            parts = name.split(".")
+            return any(".".join(parts[:k]) in used_modules for k in range(1, len(parts)))
+
+        dropped: list[str] = []
+        named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+        for name, _ in named:
+            if name in used_attrs or in_used_module(name):
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            if attr in owner._parameters:
+                del owner._parameters[attr]
+            elif attr in owner._buffers:
+                del owner._buffers[attr]
+            dropped.append(name)
+        gm.delete_all_unused_submodules()
+        # constants that passes created and abandoned in this run are temporaries, not a change to report
+        user_state = [d for d in dropped if not d.startswith("_bnfold_")]
+        if not user_state:
+            return PassResult()
+        detail = (f"dropped {len(user_state)} unused parameters/buffers: " + ", ".join(user_state[:5])
+                  + (" …" if len(user_state) > 5 else ""))
+        return PassResult([Change(self.name, "-", detail, Category.CLEANUP)])
