@@ -150,6 +150,5 @@ def _build_report(mode: str, run: PipelineResult) -> FoldReport:
 
 
 def _change_dict(c: Change) -> dict[str, object]:
-    d = asdict(c)
-    d["category"] = str(c.category)
-    return d
+    return {"rule": c.rule, "node": c.node, "detail": c.detail, "category": str(c.category),
+            "sources": list(c.sources), "into": c.into}

@@ -66,21 +66,32 @@ def add_constant(
     *,
     before: torch.fx.Node,
     parameter: bool = False,
+    copy: bool = True,
 ) -> torch.fx.Node:
     """Register ``value`` on ``gm`` under a fresh name and return a ``get_attr`` node placed before ``before``.
 
-    Parameters are registered with ``requires_grad=False``: folded weights are inference constants.
+    Parameters are registered with ``requires_grad=False``: folded weights are inference constants. ``value`` is
+    copied unless ``copy=False`` (for a tensor just computed, that nothing else holds). The node gets its shape
+    metadata (``tensor_meta``, ``val``) directly from ``value``.
     """
     name = unique_attr_name(gm, f"_bnfold_{hint}")
+    value = value.detach().clone() if copy else value.detach()
     if parameter:
-        gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
-        gm.register_buffer(name, value.detach().clone())
+        gm.register_buffer(name, value)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
-    node.meta["tensor_meta"] = _tensor_meta(value)
+    node.meta["tensor_meta"] = _constant_meta(value)
     node.meta["val"] = value
     return node
+
+
+def _constant_meta(t: torch.Tensor) -> TensorMetadata:
+    """``tensor_meta`` of a dense constant without the general (slow) memory-format probing."""
+    if t.is_contiguous() and not t.is_quantized:
+        return TensorMetadata(t.shape, t.dtype, False, t.stride(), torch.contiguous_format, False, {})
+    return _tensor_meta(t)
 
 
 def _tensor_meta(t: torch.Tensor) -> TensorMetadata:

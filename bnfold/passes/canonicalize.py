@@ -73,7 +73,7 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
         assert site.running_mean is not None and site.running_var is not None and site.output is not None
         x = site.node.args[0] if site.node.args else site.node.kwargs.get("input")
         assert isinstance(x, torch.fx.Node)
-        a, b = bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
+        a, b = site.affine or bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
         affine = ctx.insert_affine(x, a, b, 1, before=site.node, sources=(site.id,), hint=site.id)
         ctx.replace_all_uses(site.output, affine)
         if site.output is not site.node:

@@ -74,10 +74,11 @@ class PassContext:
         self.touch(node)
 
     # -- edits ----------------------------------------------------------------------------------------------------
-    def constant(self, value: torch.Tensor, hint: str, *, before: torch.fx.Node, parameter: bool = False
-                 ) -> torch.fx.Node:
-        """A fresh ``get_attr`` constant (shape metadata included) placed before ``before``."""
-        return add_constant(self.gm, value, hint, before=before, parameter=parameter)
+    def constant(self, value: torch.Tensor, hint: str, *, before: torch.fx.Node, parameter: bool = False,
+                 copy: bool = True) -> torch.fx.Node:
+        """A fresh ``get_attr`` constant (shape metadata included) placed before ``before``; ``copy=False`` for
+        a tensor just computed that nothing else holds."""
+        return add_constant(self.gm, value, hint, before=before, parameter=parameter, copy=copy)
 
     def call(self, target: Callable[..., Any], args: tuple[Any, ...], *, before: torch.fx.Node,
              like: torch.fx.Node | None = None, origin: torch.fx.Node | None = None) -> torch.fx.Node:

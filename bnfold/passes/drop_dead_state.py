@@ -33,17 +33,14 @@ class DropDeadState:
             return any(".".join(parts[:k]) in used_modules for k in range(1, len(parts)))
 
         dropped: list[str] = []
-        named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        for name, _ in named:
-            if name in used_attrs or in_used_module(name):
-                continue
-            owner_name, _, attr = name.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
-            if attr in owner._parameters:
-                del owner._parameters[attr]
-            elif attr in owner._buffers:
-                del owner._buffers[attr]
-            dropped.append(name)
+        for prefix, owner in gm.named_modules(remove_duplicate=False):
+            for table in (owner._parameters, owner._buffers):
+                for attr in [k for k in table if table[k] is not None]:
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    if name in used_attrs or in_used_module(name):
+                        continue
+                    del table[attr]
+                    dropped.append(name)
         gm.delete_all_unused_submodules()
         # constants that passes created and abandoned in this run are temporaries, not a change to report
         user_state = [d for d in dropped if not d.startswith("_bnfold_")]

@@ -91,7 +91,7 @@ class FoldIntoEmbedding(Rule[AffineView, Table]):
             where = target
         else:
             kwargs = dict(plan.kwargs)
-            kwargs["weight"] = ctx.constant(new, f"{node.name}_weight", before=node, parameter=True)
+            kwargs["weight"] = ctx.constant(new, f"{node.name}_weight", before=node, parameter=True, copy=False)
             ctx.set_call(node, node.target, (), kwargs)
             where = node.name
         ctx.bypass(m.node, node)

@@ -34,7 +34,8 @@ class FoldIntoProducer(Rule[AffineView, LinearOp]):
         return Fail(op) if isinstance(op, str) else op
 
     def rewrite(self, ctx: PassContext, m: AffineView, plan: LinearOp) -> list[Change]:
-        w, b = fold_into_producer(plan.weight, plan.bias, m.a, m.b, kind=plan.kind, groups=plan.groups)
+        w, b = fold_into_producer(plan.weight, plan.bias, m.a, m.b, kind=plan.kind, groups=plan.groups,
+                                  out_dtype=plan.weight.dtype)
         where = replace_params(ctx, plan, w, b)
         ctx.bypass(m.node, plan.node)
         return [self.change(m.node, f"folded into {plan.describe()}", m.sources, into=where)]

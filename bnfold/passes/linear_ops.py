@@ -212,9 +212,11 @@ def replace_params(
 ) -> str:
     """Give ``op`` new parameters (cast once to the old weight's dtype/device); return where they went.
 
-    Clone-on-fold: a module called from several sites (``ctx.call_sites``, counted once and maintained) is copied
-    for this site, and a functional op gets fresh constants, so no other user of the old parameters ever sees the
-    folded values. Tied parameters elsewhere stay tied. The op's output keeps its shape: metadata stays valid.
+    ``weight`` and ``bias`` are fresh results of the fold arithmetic that nothing else holds: they are stored as
+    they are (no copy). Clone-on-fold: a module called from several sites (``ctx.call_sites``, counted once and
+    maintained) is copied for this site, and a functional op gets fresh constants, so no other user of the old
+    parameters ever sees the folded values. Tied parameters elsewhere stay tied. The op's output keeps its shape,
+    so its metadata stays valid.
     """
     dtype, device = op.weight.dtype, op.weight.device
     new_w = weight.to(dtype=dtype, device=device)
@@ -234,17 +236,17 @@ def replace_params(
         ctx.touch(node)
         return target
     if op.matmul:
-        w_t = ctx.constant(new_w.t().contiguous(), f"{node.name}_weight", before=node, parameter=True)
+        w_t = ctx.constant(new_w.t().contiguous(), f"{node.name}_weight", before=node, parameter=True, copy=False)
         if new_b is None:
             ctx.set_call(node, aten.mm.default, (op.input, w_t), {})
         else:
-            b = ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True)
+            b = ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True, copy=False)
             ctx.set_call(node, aten.addmm.default, (b, op.input, w_t), {})
         return node.name
     kwargs = _kwargs(gm, node)
-    kwargs["weight"] = ctx.constant(new_w, f"{node.name}_weight", before=node, parameter=True)
+    kwargs["weight"] = ctx.constant(new_w, f"{node.name}_weight", before=node, parameter=True, copy=False)
     kwargs["bias"] = (
-        None if new_b is None else ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True)
+        None if new_b is None else ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True, copy=False)
     )
     ctx.set_call(node, node.target, (), kwargs)
     return node.name
