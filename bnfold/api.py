@@ -91,7 +91,6 @@ def fold_captured(
             raise ValueError(f"--until {until!r} names no pass; passes are: {', '.join(pipeline.names)}")
         pipeline.instruments.append(Until(until))
     run = pipeline.run(gm)
-    gm.graph.lint()
     gm.recompile()
     return FoldResult(gm, _build_report(captured.mode, run))
 

@@ -25,6 +25,7 @@ from bnfold.passes.engine import (
     PipelineResult,
     Rejection,
     Until,
+    Verify,
 )
 from bnfold.passes.fold_into_consumer import FoldIntoConsumer
 from bnfold.passes.fold_into_embedding import FoldIntoEmbedding
@@ -62,6 +63,7 @@ __all__ = [
     "Rule",
     "SplitNormAffine",
     "Until",
+    "Verify",
     "default_pipeline",
 ]
 

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "BLOCK_ELEMENTS",
     "OpKind",
     "bn_affine",
     "compose",
@@ -69,7 +70,7 @@ def _per_weight_scale(weight: torch.Tensor, scale_2d: torch.Tensor) -> torch.Ten
     return scale_2d.reshape(*scale_2d.shape, *([1] * (weight.dim() - 2)))
 
 
-_CHUNK = 1 << 15  # float64 elements per block: 256 KiB, stays in cache
+BLOCK_ELEMENTS = 1 << 15  # float64 elements per block: 256 KiB, stays in cache
 
 
 def _scaled(weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -80,7 +81,7 @@ def _scaled(weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | 
     if out_dtype is None or w.dim() == 0:
         return w.to(f64) * scale
     out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
-    rows = max(1, _CHUNK // max(1, w[0].numel()))
+    rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
     per_row = scale.shape[0] != 1
     for i in range(0, w.shape[0], rows):
         block = w[i:i + rows].to(f64)

@@ -24,7 +24,7 @@ class DropDeadState:
 
     def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
         gm = ctx.gm
-        gm.graph.eliminate_dead_code()
+        _eliminate_dead_code(ctx)
         used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
         used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
 
@@ -49,3 +49,16 @@ class DropDeadState:
         detail = (f"dropped {len(user_state)} unused parameters/buffers: " + ", ".join(user_state[:5])
                   + (" …" if len(user_state) > 5 else ""))
         return PassResult([Change(self.name, "-", detail, Category.CLEANUP)])
+
+
+def _eliminate_dead_code(ctx: PassContext) -> None:
+    """``Graph.eliminate_dead_code`` without its lint and with the cheap test first: only a node without users is
+    asked whether it is impure. Graphs with nested GraphModules (control flow) use fx's own version."""
+    gm = ctx.gm
+    if any(isinstance(m, torch.fx.GraphModule) for m in gm.children()):
+        gm.graph.eliminate_dead_code()
+        return
+    for node in reversed(list(gm.graph.nodes)):
+        if ctx.is_live(node) and not node.users and node.op not in ("placeholder", "output") \
+                and not node.is_impure():
+            ctx.erase(node)

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from bnfold.errors import BnfoldError, InternalError
+from bnfold.graph import cached_lookups
 from bnfold.passes.context import PassContext
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Rejection",
     "Timing",
     "Until",
+    "Verify",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,39 @@ class DumpIR:
         return False
 
 
+class Verify:
+    """Check the engine's bookkeeping after every pass that changed the graph (tests, debugging): the graph lints,
+    and the shape metadata the rewrites maintained locally equals what re-running the model on ``example_inputs``
+    records (on a copy). Raises :class:`AssertionError` naming the pass and the node."""
+
+    def __init__(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        self.example_inputs = tuple(example_inputs)
+        self.checked = 0
+
+    def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None:
+        pass
+
+    def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
+        import copy
+
+        from bnfold.graph import node_dtype, node_shape, propagate_shapes
+
+        if not result.modified:
+            return False
+        ctx.gm.graph.lint()
+        ctx.gm.recompile()
+        fresh = copy.deepcopy(ctx.gm)
+        propagate_shapes(fresh, self.example_inputs)
+        for kept, ref in zip(ctx.gm.graph.nodes, fresh.graph.nodes, strict=True):
+            if node_shape(ref) is None:
+                continue
+            got = (node_shape(kept), node_dtype(kept))
+            want = (node_shape(ref), node_dtype(ref))
+            assert got == want, f"after pass {name}: node {kept.format_node()} has shape meta {got}, runs as {want}"
+        self.checked += 1
+        return False
+
+
 # -- the pipeline --------------------------------------------------------------------------------------------------
 
 class Pipeline:
@@ -226,7 +261,10 @@ class Pipeline:
         return [p.name for p in self.passes + self.finalize]
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PipelineResult:
-        ctx = ctx or PassContext(gm)
+        with cached_lookups(gm):
+            return self._run(gm, ctx or PassContext(gm))
+
+    def _run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PipelineResult:
         timing = Timing()
         instruments: list[Instrument] = [timing, *self.instruments]
         changes: list[Change] = []

@@ -151,6 +151,7 @@ class Propagate(Rule[AffineView, Move]):
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
             return None
         dim %= len(aff.shape)
+        repeated = len({id(t) for t in tensors}) != len(tensors)
         plan = Plan()
         offset = 0
         for t in tensors:
@@ -163,7 +164,7 @@ class Propagate(Rule[AffineView, Move]):
                 offset += n
             else:
                 part = Affine(aff.a, aff.b, aff.axis, shape)
-            if sum(1 for x in tensors if x is t) > 1:
+            if repeated:
                 return None  # the same tensor concatenated twice: one edge, several affines
             plan = plan + self._pull(ctx, t, part, depth + 1, node)
         return plan
