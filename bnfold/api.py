@@ -24,6 +24,7 @@ from bnfold.passes import (
     Until,
     default_pipeline,
 )
+from bnfold.passes.ops import materialize_affines
 from bnfold.report import FoldedEntry, FoldReport, SkippedEntry
 
 __all__ = ["FoldResult", "fold", "fold_captured", "inspect"]
@@ -91,6 +92,7 @@ def fold_captured(
             raise ValueError(f"--until {until!r} names no pass; passes are: {', '.join(pipeline.names)}")
         pipeline.instruments.append(Until(until))
     run = pipeline.run(gm)
+    materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain
     gm.recompile()
     return FoldResult(gm, _build_report(captured.mode, run))
 

@@ -110,8 +110,8 @@ def add_constant(
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
         gm.register_buffer(name, value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
+    with gm.graph.inserting_before(before):  # create_node: get_attr() would re-check the attribute just made
+        node = gm.graph.create_node("get_attr", name, name=name)
     node.meta["tensor_meta"] = _constant_meta(value)
     node.meta["val"] = value
     return node

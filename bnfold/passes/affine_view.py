@@ -98,7 +98,8 @@ def affine_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> AffineView | N
     """The :class:`AffineView` of ``node``, or ``None`` when it is not a per-channel affine."""
     if is_channel_affine(node):
         x, scale, shift, axis = node.args
-        a, b = get_constant(gm, scale), get_constant(gm, shift)
+        a = scale if isinstance(scale, torch.Tensor) else get_constant(gm, scale)
+        b = shift if isinstance(shift, torch.Tensor) else get_constant(gm, shift)
         shape = node_shape(x)
         if not isinstance(x, torch.fx.Node) or a is None or b is None or shape is None:
             return None

@@ -74,7 +74,7 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
         x = site.node.args[0] if site.node.args else site.node.kwargs.get("input")
         assert isinstance(x, torch.fx.Node)
         a, b = site.affine or bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
-        affine = ctx.insert_affine(x, a, b, 1, before=site.node, sources=(site.id,), hint=site.id)
+        affine = ctx.insert_affine(x, a, b, 1, before=site.node, sources=(site.id,))
         ctx.replace_all_uses(site.output, affine)
         if site.output is not site.node:
             for u in list(site.node.users):  # the output getitem and unused saved-statistics getitems

@@ -85,7 +85,7 @@ class PassContext:
         """Insert ``target(*args)`` before ``before``. Its shape metadata is that of ``like`` (the value it
         computes has the same shape and dtype); its origin (module stack) is that of ``origin``."""
         with self.graph.inserting_before(before):
-            node = self.graph.call_function(target, args)
+            node = self.graph.create_node("call_function", target, args, name=_name_of(target))
         if like is not None:
             node.meta.update({k: like.meta[k] for k in _SHAPE_KEYS if k in like.meta})
         if origin is not None:
@@ -94,10 +94,11 @@ class PassContext:
         return node
 
     def insert_affine(self, x: torch.fx.Node, a: torch.Tensor, b: torch.Tensor, axis: int, *,
-                      before: torch.fx.Node, sources: tuple[str, ...], hint: str) -> torch.fx.Node:
-        """Insert ``channel_affine(x, a, b, axis)`` before ``before`` (constants stored in float64)."""
-        scale = self.constant(a.to(f64), f"{hint}_scale", before=before)
-        shift = self.constant(b.to(f64), f"{hint}_shift", before=before)
+                      before: torch.fx.Node, sources: tuple[str, ...]) -> torch.fx.Node:
+        """Insert ``channel_affine(x, a, b, axis)`` before ``before``; ``a``, ``b`` are held in float64 in the node's
+        arguments (see :mod:`bnfold.passes.ops`)."""
+        scale = a.detach().to(f64, copy=True)
+        shift = b.detach().to(f64, copy=True)
         node = self.call(channel_affine, (x, scale, shift, axis), before=before, like=x, origin=before)
         node.meta["bnfold_sources"] = tuple(sources)
         return node
@@ -139,3 +140,9 @@ class PassContext:
         """Route ``node``'s users to ``replacement`` and erase ``node`` (and constants only it read)."""
         self.replace_all_uses(node, replacement)
         self.erase(node)
+
+
+def _name_of(target: Callable[..., Any]) -> str:
+    """A node name for ``target`` (what fx would derive, without its regular-expression pass per node)."""
+    name = getattr(target, "__name__", "op")
+    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name

@@ -224,14 +224,18 @@ class Verify:
         import copy
 
         from bnfold.graph import node_dtype, node_shape, propagate_shapes
+        from bnfold.passes.ops import materialize_affines
 
         if not result.modified:
             return False
         ctx.gm.graph.lint()
-        ctx.gm.recompile()
         fresh = copy.deepcopy(ctx.gm)
+        materialize_affines(fresh)
+        fresh.recompile()
         propagate_shapes(fresh, self.example_inputs)
-        for kept, ref in zip(ctx.gm.graph.nodes, fresh.graph.nodes, strict=True):
+        by_name = {n.name: n for n in fresh.graph.nodes}  # the copy may have extra constants (materialized)
+        for kept in ctx.gm.graph.nodes:
+            ref = by_name[kept.name]
             if node_shape(ref) is None:
                 continue
             got = (node_shape(kept), node_dtype(kept))

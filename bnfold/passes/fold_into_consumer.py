@@ -54,8 +54,7 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
     def rewrite(self, ctx: PassContext, m: AffineView, plan: Plan) -> list[Change]:
         leftover: torch.fx.Node | None = None
         if plan.blocked:  # a ⊙ x + b = a ⊙ (x + b/a): the pure shift b/a stays in front of the blocked ops
-            leftover = ctx.insert_affine(m.x, torch.ones_like(m.a), m.b / m.a, m.axis, before=m.node, sources=(),
-                                         hint=f"{m.node.name}_shift")
+            leftover = ctx.insert_affine(m.x, torch.ones_like(m.a), m.b / m.a, m.axis, before=m.node, sources=())
         changes = []
         for op in plan.ops:
             partial = op in plan.blocked

@@ -57,7 +57,7 @@ class MergeAffines(Rule[Pair, str]):
         assert v1 is not None
         a, b = compose(v1.a, v1.b, v2.a, v2.b)
         sources = tuple(dict.fromkeys(v1.sources + v2.sources))
-        merged = ctx.insert_affine(v1.x, a, b, v2.axis, before=v2.node, sources=sources, hint=v2.node.name)
+        merged = ctx.insert_affine(v1.x, a, b, v2.axis, before=v2.node, sources=sources)
         ctx.bypass(v2.node, merged)
         ctx.bypass(v1.node, v1.x)
         return [self.change(merged, f"merged '{v1.node.name}' and '{v2.node.name}' into one affine", sources,

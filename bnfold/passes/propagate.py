@@ -173,7 +173,7 @@ class Propagate(Rule[AffineView, Move]):
         sources = view.sources
         for target, aff, absorbed, user in plan.placements:
             new = ctx.insert_affine(target, aff.a, aff.b, aff.axis, before=target.next,
-                                    sources=sources if absorbed else (), hint=f"{view.node.name}_to_{target.name}")
+                                    sources=sources if absorbed else ())
             ctx.replace_input(user, target, new)
         ctx.bypass(view.node, view.x)
         where = ", ".join(f"'{t.name}'" for t, _, _, _ in plan.placements)
@@ -186,8 +186,7 @@ class Propagate(Rule[AffineView, Move]):
                        ) -> list[Change]:
         target, aff = dest
         users = list(target.users)
-        new = ctx.insert_affine(target, aff.a, aff.b, aff.axis, before=target.next, sources=view.sources,
-                                hint=f"{view.node.name}_to_{target.name}")
+        new = ctx.insert_affine(target, aff.a, aff.b, aff.axis, before=target.next, sources=view.sources)
         for u in users:
             ctx.replace_input(u, target, new)
         ctx.bypass(view.node, view.x)

@@ -85,8 +85,7 @@ class SplitNormAffine(Rule[Norm, Split]):
         target, args = bare_norm(plan.split, plan.x)
         bare = ctx.call(target, args, before=node, like=node, origin=node)
         bare.meta["bnfold_split"] = plan.split
-        affine = ctx.insert_affine(bare, plan.a, plan.b, plan.axis, before=node, sources=m.sources,
-                                   hint=f"{node.name}_affine")
+        affine = ctx.insert_affine(bare, plan.a, plan.b, plan.axis, before=node, sources=m.sources)
         ctx.bypass(node, affine)
         return [self.change(node, f"{m.label} split into norm + affine", m.sources)]
 

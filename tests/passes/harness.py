@@ -19,6 +19,7 @@ from torch import nn
 
 from bnfold.capture import capture
 from bnfold.passes import Pass, PassContext, PassResult, Verify
+from bnfold.passes.ops import materialize_affines
 
 __all__ = ["apply", "ops", "reasons", "run_passes"]
 
@@ -60,6 +61,7 @@ def apply(gm: torch.fx.GraphModule, *passes: Pass, example_inputs: Sequence[torc
         ctx = PassContext(gm)
         result = p.run(ctx, list(gm.graph.nodes))
         gm.graph.lint()
+        materialize_affines(gm)
         gm.recompile()
         if verify is not None:
             verify.after_pass(p.name, ctx, result)
