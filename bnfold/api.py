@@ -19,6 +19,7 @@ from bnfold.passes import (
     Change,
     DumpIR,
     Instrument,
+    PassContext,
     PipelineResult,
     Rejection,
     Until,
@@ -87,11 +88,12 @@ def fold_captured(
     if dump_ir is not None:
         extra.append(DumpIR(dump_ir))
     pipeline = default_pipeline(extra)
+    ctx = PassContext(gm, owns_state=captured.owns_state)
     if until is not None:
         if until not in pipeline.names:
             raise ValueError(f"--until {until!r} names no pass; passes are: {', '.join(pipeline.names)}")
         pipeline.instruments.append(Until(until))
-    run = pipeline.run(gm)
+    run = pipeline.run(gm, ctx)
     materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain
     gm.recompile()
     return FoldResult(gm, _build_report(captured.mode, run))

@@ -43,9 +43,13 @@ class BnfoldTracer(torch.fx.Tracer):
 
 @dataclass
 class Captured:
+    """``module``: the graph; ``owns_state``: its parameters and buffers are bnfold's own copies (the model was
+    deep-copied), so folds may overwrite a weight in place when nothing else in the graph shares it."""
+
     module: torch.fx.GraphModule
     mode: Literal["symbolic", "export"]
     example_inputs: tuple[torch.Tensor, ...]
+    owns_state: bool = False
 
 
 @contextlib.contextmanager
@@ -102,7 +106,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         try:
             gm = _symbolic(model) if m == "symbolic" else _export(model, inputs)
             propagate_shapes(gm, inputs)
-            return Captured(gm, m, inputs)
+            return Captured(gm, m, inputs, owns_state=copy_model)
         except Exception as exc:
             log.debug("capture by %s failed: %s", m, exc)
             errors.append(f"{m}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -34,9 +34,11 @@ _ORIGIN_KEYS = ("nn_module_stack", "stack_trace")
 class PassContext:
     """``gm`` plus the touched-node log, module call-site counts and the node a pass is working on."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, *, owns_state: bool = False) -> None:
         self.gm = gm
         self.graph = gm.graph
+        self.owns_state = owns_state
+        self._storages: Counter[int] | None = None  # storage -> parameter/buffer slots using it (on first need)
         self.current: torch.fx.Node | None = None  # for error messages: the node a pass is looking at
         self._log: list[torch.fx.Node] = []
         self._erased: set[torch.fx.Node] = set()
@@ -72,6 +74,23 @@ class PassContext:
         self._sites[target] += 1
         node.target = target
         self.touch(node)
+
+    # -- state that may be overwritten in place ----------------------------------------------------------------------
+    def writable(self, tensor: torch.Tensor) -> bool:
+        """May a fold overwrite ``tensor`` in place? Only when the graph owns its state (the model was copied at
+        capture) and ``tensor`` is the sole user of its whole storage among all parameters and buffers (counted
+        once, by storage, so tied and aliased weights are never written). The caller ensures one call site."""
+        if not self.owns_state or not tensor.is_contiguous() or tensor.storage_offset() != 0:
+            return False
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.numel() * tensor.element_size():
+            return False
+        if self._storages is None:
+            self._storages = Counter(
+                t.untyped_storage().data_ptr()
+                for _, t in (*self.gm.named_parameters(remove_duplicate=False),
+                             *self.gm.named_buffers(remove_duplicate=False)))
+        return self._storages[storage.data_ptr()] == 1
 
     # -- edits ----------------------------------------------------------------------------------------------------
     def constant(self, value: torch.Tensor, hint: str, *, before: torch.fx.Node, parameter: bool = False,

@@ -165,12 +165,12 @@ class Timing:
 
     def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None:
         self._nodes = len(worklist)
-        self._start = time.perf_counter()
+        self._start = time.process_time()
 
     def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
         t = self.timings.setdefault(name, PassTiming(name))
         t.runs += 1
-        t.seconds += time.perf_counter() - self._start
+        t.seconds += time.process_time() - self._start
         t.changes += len(result.changes)
         t.nodes += self._nodes
         return False

@@ -5,6 +5,8 @@
 
 Checked (:func:`~bnfold.passes.fold_targets.producer_target`): the affine is the producer's only user and acts
 on its output-channel axis. Math in :func:`bnfold.passes.affine_math.fold_into_producer` (float64, cast once).
+A module's weight that only this call site uses, in state bnfold owns (``ctx.writable``), is rewritten in place
+(no second copy of the weight is allocated); anything shared is cloned on fold by ``replace_params``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class FoldIntoProducer(Rule[AffineView, LinearOp]):
         return Fail(op) if isinstance(op, str) else op
 
     def rewrite(self, ctx: PassContext, m: AffineView, plan: LinearOp) -> list[Change]:
+        in_place = plan.module is not None and ctx.call_sites(str(plan.node.target)) == 1 \
+            and ctx.writable(plan.weight)
         w, b = fold_into_producer(plan.weight, plan.bias, m.a, m.b, kind=plan.kind, groups=plan.groups,
-                                  out_dtype=plan.weight.dtype)
+                                  out_dtype=plan.weight.dtype, out=plan.weight if in_place else None)
         where = replace_params(ctx, plan, w, b)
         ctx.bypass(m.node, plan.node)
         return [self.change(m.node, f"folded into {plan.describe()}", m.sources, into=where)]

@@ -231,7 +231,10 @@ def replace_params(
             target = unique_attr_name(gm, f"{target}_bnfold")
             gm.add_submodule(target, module)
             ctx.retarget(node, target)
-        module.weight = nn.Parameter(new_w, requires_grad=False)
+        if new_w is op.weight:  # rewritten in place (ctx.writable): the parameter already holds it
+            op.weight.requires_grad_(False)
+        else:
+            module.weight = nn.Parameter(new_w, requires_grad=False)
         module.bias = None if new_b is None else nn.Parameter(new_b, requires_grad=False)
         ctx.touch(node)
         return target

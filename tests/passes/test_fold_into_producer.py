@@ -55,3 +55,29 @@ def test_negative_input_is_not_a_conv(capture_mode: str) -> None:
                                capture_mode, Canonicalize(), FoldIntoProducer())
     assert ops(gm) == ["relu", "channel_affine"]
     assert "not a conv/linear output" in reasons(fold)[0]
+
+
+def test_in_place_only_for_owned_unshared_weights() -> None:
+    """A weight is overwritten in place only when the graph owns its state and no other slot shares the storage."""
+    from bnfold.capture import capture
+    from bnfold.passes import PassContext
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)))
+    gm = capture(model, (torch.randn(1, 3, 7, 7),), "symbolic").module
+    assert PassContext(gm, owns_state=True).writable(gm.get_submodule("0").weight)
+    assert not PassContext(gm, owns_state=False).writable(gm.get_submodule("0").weight)
+    gm.get_submodule("2").weight = gm.get_submodule("0").weight  # tied: two slots, one storage
+    assert not PassContext(gm, owns_state=True).writable(gm.get_submodule("0").weight)
+
+
+def test_in_place_fold_gives_the_same_bits_as_a_fresh_one() -> None:
+    from bnfold.api import fold_captured
+    from bnfold.capture import capture
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    x = torch.randn(2, 3, 6, 6)
+    owned = fold_captured(capture(model, (x,), "symbolic"))  # the copy is ours: written in place
+    original, saved = model[0].weight, model[0].weight.detach().clone()
+    fresh = fold_captured(capture(model, (x,), "symbolic", copy_model=False))  # the caller's tensors
+    assert torch.equal(owned.module.get_submodule("0").weight, fresh.module.get_submodule("0").weight)
+    assert torch.equal(original, saved)  # never written in place
