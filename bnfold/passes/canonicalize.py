@@ -16,7 +16,6 @@ import torch.fx
 
 from bnfold.graph import module_class, module_path
 from bnfold.passes.affine_math import bn_affine
-from bnfold.passes.affine_view import affine_view
 from bnfold.passes.context import PassContext
 from bnfold.passes.detect import BatchNormSite, batchnorm_site
 from bnfold.passes.engine import Candidate, Category, Change
@@ -49,7 +48,7 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
         cls = module_class(node)
         if is_channel_affine(node) or not cls or not _NORM_CLASS.search(cls) or node.meta.get("bnfold_sources"):
             return None
-        if affine_view(ctx.gm, node) is None:
+        if ctx.affine(node) is None:
             return None
         path = module_path(node)
         return TracedNorm(node, path, f"{cls} (traced: x·scale+shift)", path)

@@ -21,6 +21,7 @@ import torch
 import torch.fx
 
 from bnfold.graph import add_constant
+from bnfold.passes.affine_view import AffineView, affine_view
 from bnfold.passes.ops import channel_affine
 
 __all__ = ["PassContext"]
@@ -39,6 +40,7 @@ class PassContext:
         self.graph = gm.graph
         self.owns_state = owns_state
         self._storages: Counter[int] | None = None  # storage -> parameter/buffer slots using it (on first need)
+        self._memo: dict[torch.fx.Node, dict[str, Any]] = {}  # per-node analyses, dropped when an edit touches it
         self.current: torch.fx.Node | None = None  # for error messages: the node a pass is looking at
         self._log: list[torch.fx.Node] = []
         self._erased: set[torch.fx.Node] = set()
@@ -47,11 +49,15 @@ class PassContext:
     # -- worklists ------------------------------------------------------------------------------------------------
     def touch(self, *nodes: torch.fx.Node) -> None:
         """Record ``nodes`` and their neighbours (inputs and users) as changed."""
-        log = self._log
+        log, memo = self._log, self._memo
+        start = len(log)
         for n in nodes:
             log.append(n)
             log.extend(n.all_input_nodes)
             log.extend(n.users)
+        if memo:
+            for n in log[start:]:
+                memo.pop(n, None)
 
     def cursor(self) -> int:
         return len(self._log)
@@ -62,6 +68,21 @@ class PassContext:
 
     def is_live(self, node: torch.fx.Node) -> bool:
         return node not in self._erased
+
+    # -- per-node analyses ---------------------------------------------------------------------------------------------
+    def memo(self, node: torch.fx.Node, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` for ``node``, remembered until an edit touches ``node`` or a neighbour. For analyses that
+        read only the node and its inputs (which ops a node is, its affine view)."""
+        per = self._memo.get(node)
+        if per is None:
+            per = self._memo[node] = {}
+        if key not in per:
+            per[key] = compute()
+        return per[key]
+
+    def affine(self, node: torch.fx.Node) -> AffineView | None:
+        """:func:`~bnfold.passes.affine_view.affine_view` of ``node``, remembered (see :meth:`memo`)."""
+        return self.memo(node, "affine", lambda: affine_view(self.gm, node))
 
     # -- module call sites ----------------------------------------------------------------------------------------
     def call_sites(self, target: str) -> int:
@@ -145,6 +166,7 @@ class PassContext:
             self._sites[str(node.target)] -= 1
         self.graph.erase_node(node)
         self._erased.add(node)
+        self._memo.pop(node, None)
         self.touch(*inputs)
         self.erase_unused(inputs)
 

@@ -1,8 +1,8 @@
 """Pass ``drop_dead_state`` (run once, last): delete dead nodes, then the parameters, buffers and submodules that
 nothing in the graph references, so saved models do not carry the pre-fold weights.
 
-Linear in the graph and the state: a parameter ``a.b.w`` is in use when ``get_attr`` reads it or when one of its
-owners (``a.b``, ``a``) is called; each of the few prefixes is a set lookup.
+Linear in the graph and the state: one walk over the nodes collects what is called and read, one pre-order walk
+over the modules decides for each module (from its parent's status and a set lookup) and each of its tensors.
 """
 
 from __future__ import annotations
@@ -25,23 +25,7 @@ class DropDeadState:
     def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
         gm = ctx.gm
         _eliminate_dead_code(ctx)
-        used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-        used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-
-        def in_used_module(name: str) -> bool:
-            parts = name.split(".")
-            return any(".".join(parts[:k]) in used_modules for k in range(1, len(parts)))
-
-        dropped: list[str] = []
-        for prefix, owner in gm.named_modules(remove_duplicate=False):
-            for table in (owner._parameters, owner._buffers):
-                for attr in [k for k in table if table[k] is not None]:
-                    name = f"{prefix}.{attr}" if prefix else attr
-                    if name in used_attrs or in_used_module(name):
-                        continue
-                    del table[attr]
-                    dropped.append(name)
-        gm.delete_all_unused_submodules()
+        dropped = _drop_unused_state(gm)
         # constants that passes created and abandoned in this run are temporaries, not a change to report
         user_state = [d for d in dropped if not d.startswith("_bnfold_")]
         if not user_state:
@@ -49,6 +33,45 @@ class DropDeadState:
         detail = (f"dropped {len(user_state)} unused parameters/buffers: " + ", ".join(user_state[:5])
                   + (" …" if len(user_state) > 5 else ""))
         return PassResult([Change(self.name, "-", detail, Category.CLEANUP)])
+
+
+def _drop_unused_state(gm: torch.fx.GraphModule) -> list[str]:
+    """Delete submodules nothing calls or reads through, and parameters/buffers nothing reads; return the names of
+    the parameters/buffers that went. One pre-order walk: a module inherits "called" (its forward uses all of it)
+    or "deleted" from its parent; otherwise it is kept when it owns something the graph uses, else deleted."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    owners: set[str] = set()  # modules on the path to something used
+    for target in called | attrs:
+        parts = target.split(".")
+        owners.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    status: dict[str, str] = {"": "kept"}
+    dropped: list[str] = []
+    doomed: list[tuple[torch.nn.Module, str]] = []
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    for prefix, module in modules.items():
+        if prefix:
+            parent, _, leaf = prefix.rpartition(".")
+            inherited = status[parent]
+            if inherited in ("called", "deleted"):
+                status[prefix] = inherited
+            else:
+                status[prefix] = "called" if prefix in called else "kept" if prefix in owners else "deleted"
+                if status[prefix] == "deleted":
+                    doomed.append((modules[parent], leaf))
+        if status[prefix] == "called":
+            continue
+        for table in (module._parameters, module._buffers):
+            for attr in [k for k, v in table.items() if v is not None]:
+                name = f"{prefix}.{attr}" if prefix else attr
+                if status[prefix] == "deleted":
+                    dropped.append(name)
+                elif name not in attrs:
+                    del table[attr]
+                    dropped.append(name)
+    for parent_module, leaf in doomed:
+        delattr(parent_module, leaf)
+    return dropped
 
 
 def _eliminate_dead_code(ctx: PassContext) -> None:

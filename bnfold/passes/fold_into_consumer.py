@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from bnfold.passes.affine_math import fold_into_consumer
-from bnfold.passes.affine_view import AffineView, affine_view
+from bnfold.passes.affine_view import AffineView
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import consumer_targets, shift_blocked
@@ -37,7 +37,7 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
     category = Category.FOLD
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> AffineView | None:
-        return affine_view(ctx.gm, node)
+        return ctx.affine(node)
 
     def check(self, ctx: PassContext, m: AffineView) -> Plan | Fail:
         ops = consumer_targets(ctx, m.node, m.axis, m.rank, m.channels)

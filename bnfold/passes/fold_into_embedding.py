@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.graph import fetch_attr, get_constant, normalized_kwargs, unique_attr_name
-from bnfold.passes.affine_view import AffineView, affine_view
+from bnfold.passes.affine_view import AffineView
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import describe, user_list
@@ -53,7 +53,7 @@ class FoldIntoEmbedding(Rule[AffineView, Table]):
     category = Category.FOLD
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> AffineView | None:
-        view = affine_view(ctx.gm, node)
+        view = ctx.affine(node)
         return view if view is not None and _is_embedding(ctx, view.x) else None
 
     def check(self, ctx: PassContext, m: AffineView) -> Table | Fail:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx
 
 from bnfold.passes.affine_math import fold_into_producer
-from bnfold.passes.affine_view import AffineView, affine_view
+from bnfold.passes.affine_view import AffineView
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import producer_target
@@ -29,7 +29,7 @@ class FoldIntoProducer(Rule[AffineView, LinearOp]):
     category = Category.FOLD
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> AffineView | None:
-        return affine_view(ctx.gm, node)
+        return ctx.affine(node)
 
     def check(self, ctx: PassContext, m: AffineView) -> LinearOp | Fail:
         op = producer_target(ctx, m)

@@ -20,7 +20,13 @@ from bnfold.passes.commute import Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.linear_ops import LinearOp, NotFoldable, match_linear_op
 
-__all__ = ["consumer_targets", "describe", "producer_target", "push_target", "shift_blocked", "user_list"]
+__all__ = ["absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target", "shift_blocked",
+           "user_list"]
+
+
+def linear_op(ctx: PassContext, node: torch.fx.Node) -> LinearOp | NotFoldable | None:
+    """:func:`~bnfold.passes.linear_ops.match_linear_op`, remembered per node until an edit touches it."""
+    return ctx.memo(node, "linear_op", lambda: match_linear_op(ctx.gm, node))
 
 
 def user_list(node: torch.fx.Node) -> str:
@@ -38,7 +44,7 @@ def describe(node: torch.fx.Node) -> str:
 def producer_target(ctx: PassContext, view: AffineView) -> LinearOp | str:
     """The conv/linear ``view`` folds into as its producer, or why there is none."""
     producer = view.x
-    op = match_linear_op(ctx.gm, producer)
+    op = linear_op(ctx, producer)
     if op is None:
         what = "a graph input" if producer.op == "placeholder" else f"'{producer.name}' ({describe(producer)})"
         return f"its input is {what}, not a conv/linear output"
@@ -61,7 +67,7 @@ def consumer_targets(ctx: PassContext, node: torch.fx.Node, axis: int, rank: int
         return "its output is unused"
     ops: list[LinearOp] = []
     for u in users:
-        op = match_linear_op(ctx.gm, u)
+        op = linear_op(ctx, u)
         if op is None:
             return f"it feeds '{u.name}' ({describe(u)}), which is not a conv/linear"
         if isinstance(op, NotFoldable):
@@ -85,7 +91,7 @@ def shift_blocked(ops: list[LinearOp], shift: torch.Tensor) -> list[LinearOp]:
 
 def absorbs(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> LinearOp | str:
     """``node`` is a conv/linear that can take ``aff`` on its output (only user, channel axis, count)."""
-    op = match_linear_op(ctx.gm, node)
+    op = linear_op(ctx, node)
     if not isinstance(op, LinearOp):
         return f"'{node.name}' is not a foldable conv/linear"
     if len(node.users) > 1:

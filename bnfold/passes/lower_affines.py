@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from bnfold.graph import node_dtype
-from bnfold.passes.affine_view import AffineView, affine_view, sources_of
+from bnfold.passes.affine_view import AffineView, sources_of
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.norms import merge_back
@@ -39,7 +39,7 @@ class LowerAffines(Rule[torch.fx.Node, str]):
         whole = merge_back(ctx, m)
         if whole is not None:
             return [self.change(m, "left unfolded; merged back into its norm", sources, into=whole.name)]
-        view = affine_view(ctx.gm, m)
+        view = ctx.affine(m)
         if view is None:
             return []
         lowered, form = _lower(ctx, view)

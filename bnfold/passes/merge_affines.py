@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch.fx
 
 from bnfold.passes.affine_math import compose
-from bnfold.passes.affine_view import AffineView, affine_view
+from bnfold.passes.affine_view import AffineView
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.rule import Fail, Rule
@@ -34,10 +34,10 @@ class MergeAffines(Rule[Pair, str]):
     category = Category.CANONICALIZE
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> Pair | None:
-        outer = affine_view(ctx.gm, node)
+        outer = ctx.affine(node)
         if outer is None:
             return None
-        inner = affine_view(ctx.gm, outer.x)
+        inner = ctx.affine(outer.x)
         return Pair(outer, inner)
 
     def check(self, ctx: PassContext, m: Pair) -> str | Fail:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.graph import fetch_attr, get_constant, module_path, normalized_kwargs
-from bnfold.passes.affine_view import affine_view
 from bnfold.passes.context import PassContext
 
 __all__ = ["NormSplit", "bare_norm", "merge_back", "norm_label", "norm_of"]
@@ -130,7 +129,7 @@ def norm_label(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
 
 def merge_back(ctx: PassContext, affine: torch.fx.Node) -> torch.fx.Node | None:
     """If ``affine`` follows a norm we split (and is its only user), put it back into the norm's weight/bias."""
-    view = affine_view(ctx.gm, affine)
+    view = ctx.affine(affine)
     if view is None:
         return None
     bare = view.x

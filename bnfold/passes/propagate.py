@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from bnfold.graph import node_shape
-from bnfold.passes.affine_view import ADD_TARGETS, AffineView, affine_view
+from bnfold.passes.affine_view import ADD_TARGETS, AffineView
 from bnfold.passes.commute import Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
@@ -75,7 +75,7 @@ class Propagate(Rule[AffineView, Move]):
         self.max_depth = max_depth
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> AffineView | None:
-        view = affine_view(ctx.gm, node)
+        view = ctx.affine(node)
         if view is None or node_shape(view.x) is None:
             return None
         if not isinstance(producer_target(ctx, view), str) \
