@@ -45,10 +45,11 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
         site = batchnorm_site(ctx.gm, node)
         if site is not None:
             return site
-        cls = module_class(node)
-        if is_channel_affine(node) or not cls or not _NORM_CLASS.search(cls) or node.meta.get("bnfold_sources"):
+        if node.op not in ("call_function", "call_method") or is_channel_affine(node) \
+                or node.meta.get("bnfold_sources") or ctx.affine(node) is None:
             return None
-        if ctx.affine(node) is None:
+        cls = module_class(node)
+        if not cls or not _NORM_CLASS.search(cls):
             return None
         path = module_path(node)
         return TracedNorm(node, path, f"{cls} (traced: x·scale+shift)", path)

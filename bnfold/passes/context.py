@@ -136,9 +136,9 @@ class PassContext:
     def insert_affine(self, x: torch.fx.Node, a: torch.Tensor, b: torch.Tensor, axis: int, *,
                       before: torch.fx.Node, sources: tuple[str, ...]) -> torch.fx.Node:
         """Insert ``channel_affine(x, a, b, axis)`` before ``before``; ``a``, ``b`` are held in float64 in the node's
-        arguments (see :mod:`bnfold.passes.ops`)."""
-        scale = a.detach().to(f64, copy=True)
-        shift = b.detach().to(f64, copy=True)
+        arguments (see :mod:`bnfold.passes.ops`; no pass writes them in place, so they need not be copies)."""
+        scale = a.detach().to(f64)
+        shift = b.detach().to(f64)
         node = self.call(channel_affine, (x, scale, shift, axis), before=before, like=x, origin=before)
         node.meta["bnfold_sources"] = tuple(sources)
         return node
