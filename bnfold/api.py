@@ -5,20 +5,30 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import IO
 
 import torch
 import torch.fx
 from torch import nn
 
-from bnfold.capture import CaptureMode
+from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
-from bnfold.graph import propagate_shapes
 from bnfold.parity import compare
-from bnfold.passes import Candidate, Pipeline, finalize_passes, fold_passes
-from bnfold.passes.base import Change, PipelineResult, Rejection
+from bnfold.passes import (
+    Category,
+    Change,
+    DumpIR,
+    Instrument,
+    PassContext,
+    PipelineResult,
+    Rejection,
+    Until,
+    default_pipeline,
+)
+from bnfold.passes.ops import materialize_affines
 from bnfold.report import FoldedEntry, FoldReport, SkippedEntry
 
-__all__ = ["FoldResult", "fold", "inspect"]
+__all__ = ["FoldResult", "fold", "fold_captured", "inspect"]
 
 
 @dataclass
@@ -45,28 +55,48 @@ def fold(
     capture: CaptureMode = "auto",
     until: str | None = None,
     check: bool = True,
+    dump_ir: IO[str] | None = None,
+    instruments: Sequence[Instrument] = (),
 ) -> FoldResult:
     """Capture ``model``, fold every normalization that can be folded exactly, and report.
 
-    The caller's model is never modified. ``until`` stops after the named pass (debugging);
-    ``check`` runs parity (original vs folded, and both vs a float64 copy of the original) on
-    ``example_inputs``.
+    The caller's model is never modified. ``until`` stops after the named pass (debugging); ``dump_ir`` receives
+    the graph before and after every pass that changed it; ``check`` runs parity (original vs folded, and both
+    vs a float64 copy of the original) on ``example_inputs``.
     """
     inputs = _as_inputs(example_inputs)
-    captured = _capture(model, inputs, capture)
-    gm = captured.module
-    passes = fold_passes()
-    main = Pipeline(passes, after_modify=lambda g: propagate_shapes(g, inputs), until=until).run(gm)
-    final = None
-    if until is None:
-        final = Pipeline(finalize_passes(), max_rounds=1).run(gm)
-        gm.graph.lint()
-        gm.recompile()
-    report = _build_report(captured.mode, _candidates(passes), main, final)
+    result = fold_captured(_capture(model, inputs, capture), until=until, dump_ir=dump_ir, instruments=instruments)
     if check:
-        parity = compare(_reference(model), gm, inputs)
-        report.parity = parity.summary()
-    return FoldResult(gm, report)
+        parity = compare(_reference(model), result.module, inputs)
+        result.report.parity = parity.summary()
+    return result
+
+
+def fold_captured(
+    captured: Captured,
+    *,
+    until: str | None = None,
+    dump_ir: IO[str] | None = None,
+    instruments: Sequence[Instrument] = (),
+) -> FoldResult:
+    """Run the fold pipeline on a graph from :func:`bnfold.capture.capture` (rewritten in place) and report.
+
+    Shapes recorded at capture stay valid: every rewrite updates ``node.meta`` locally.
+    """
+    gm = captured.module
+    extra = list(instruments)
+    if dump_ir is not None:
+        extra.append(DumpIR(dump_ir))
+    pipeline = default_pipeline(extra)
+    ctx = PassContext(gm, owns_state=captured.owns_state)
+    if until is not None:
+        if until not in pipeline.names:
+            raise ValueError(f"--until {until!r} names no pass; passes are: {', '.join(pipeline.names)}")
+        pipeline.instruments.append(Until(until))
+    run = pipeline.run(gm, ctx)
+    materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain
+    gm.recompile()
+    return FoldResult(gm, _build_report(captured.mode, run))
 
 
 def inspect(
@@ -87,34 +117,25 @@ def _reference(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _candidates(passes: list) -> list[Candidate]:
-    """Every candidate any pass registered, in discovery order."""
-    found: dict[str, Candidate] = {}
-    for p in passes:
-        for cid, cand in getattr(p, "candidates", {}).items():
-            found.setdefault(cid, cand)
-    return list(found.values())
-
-
-def _build_report(mode: str, candidates: list[Candidate], main: PipelineResult,
-                  final: PipelineResult | None) -> FoldReport:
-    report = FoldReport(capture=mode, rounds=main.rounds)
-    changes: list[Change] = list(main.changes) + (list(final.changes) if final else [])
-    report.changes = [asdict(c) for c in changes]
-    report.passes = [asdict(t) for t in main.timings + (final.timings if final else [])]
+def _build_report(mode: str, run: PipelineResult) -> FoldReport:
+    """One entry per candidate: folded when a FOLD change consumed it and no LOWER change kept it as an op;
+    otherwise skipped with every current rejection naming it (dictionaries: linear in changes + rejections)."""
+    report = FoldReport(capture=mode, rounds=run.rounds)
+    report.changes = [_change_dict(c) for c in run.changes]
+    report.passes = [asdict(t) for t in run.timings]
     folded_by: dict[str, Change] = {}
     lowered: dict[str, Change] = {}
-    for c in changes:
+    for c in run.changes:
         for s in c.sources:
-            if c.rule in ("fold_into_producer", "fold_into_consumer"):
+            if c.category is Category.FOLD:
                 folded_by[s] = c
-            elif c.rule == "lower_affines":
+            elif c.category is Category.LOWER:
                 lowered[s] = c
     reasons: dict[str, list[Rejection]] = {}
-    for r in main.rejections:
+    for r in run.rejections:
         for s in r.sources:
             reasons.setdefault(s, []).append(r)
-    for cand in candidates:
+    for cand in run.candidates:
         if cand.id in folded_by and cand.id not in lowered:
             c = folded_by[cand.id]
             report.folded.append(FoldedEntry(cand.id, cand.kind, cand.path, c.rule, c.into or "", c.detail))
@@ -129,3 +150,8 @@ def _build_report(mode: str, candidates: list[Candidate], main: PipelineResult,
             reason += "; " + lowered[cand.id].detail.removeprefix("left unfolded; ")
         report.skipped.append(SkippedEntry(cand.id, cand.kind, cand.path, rule, reason))
     return report
+
+
+def _change_dict(c: Change) -> dict[str, object]:
+    return {"rule": c.rule, "node": c.node, "detail": c.detail, "category": str(c.category),
+            "sources": list(c.sources), "into": c.into}

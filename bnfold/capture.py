@@ -19,7 +19,7 @@ from torch import nn
 from bnfold.errors import CaptureError
 from bnfold.graph import propagate_shapes
 from bnfold.passes.detect import is_stock_batchnorm
-from bnfold.passes.linear_ops import _module_kind
+from bnfold.passes.linear_ops import module_kind
 
 __all__ = ["BnfoldTracer", "CaptureMode", "Captured", "capture"]
 
@@ -34,7 +34,7 @@ class BnfoldTracer(torch.fx.Tracer):
     (a BN that also applies an activation shows up as ``F.batch_norm`` followed by the activation)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_stock_batchnorm(m) or _module_kind(m) is not None:
+        if is_stock_batchnorm(m) or module_kind(m) is not None:
             return True
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd | nn.Linear):
             return False  # overridden forward: trace through it
@@ -43,9 +43,13 @@ class BnfoldTracer(torch.fx.Tracer):
 
 @dataclass
 class Captured:
+    """``module``: the graph; ``owns_state``: its parameters and buffers are bnfold's own copies (the model was
+    deep-copied), so folds may overwrite a weight in place when nothing else in the graph shares it."""
+
     module: torch.fx.GraphModule
     mode: Literal["symbolic", "export"]
     example_inputs: tuple[torch.Tensor, ...]
+    owns_state: bool = False
 
 
 @contextlib.contextmanager
@@ -102,7 +106,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         try:
             gm = _symbolic(model) if m == "symbolic" else _export(model, inputs)
             propagate_shapes(gm, inputs)
-            return Captured(gm, m, inputs)
+            return Captured(gm, m, inputs, owns_state=copy_model)
         except Exception as exc:
             log.debug("capture by %s failed: %s", m, exc)
             errors.append(f"{m}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

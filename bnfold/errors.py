@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BnfoldError", "CaptureError", "InputError"]
+__all__ = ["BnfoldError", "CaptureError", "InputError", "InternalError"]
 
 
 class BnfoldError(Exception):
@@ -23,3 +23,14 @@ class CaptureError(BnfoldError):
 
 class InputError(BnfoldError):
     """A file, shape or argument given by the user is unusable."""
+
+
+class InternalError(BnfoldError):
+    """A bug in bnfold: a pass raised. Names the pass, the node it was working on and the passes before it."""
+
+    def __init__(self, message: str, *, hint: str | None = None, pass_name: str, node: str | None,
+                 passes_before: tuple[str, ...]) -> None:
+        super().__init__(message, hint=hint)
+        self.pass_name = pass_name
+        self.node = node
+        self.passes_before = passes_before

@@ -6,9 +6,11 @@ Graph surgery lives here and in the passes; the arithmetic of folding lives in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 __all__ = [
     "add_constant",
+    "cached_lookups",
     "fetch_attr",
     "get_constant",
     "module_path",
@@ -30,9 +33,36 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+_OWNERS: contextvars.ContextVar[tuple[torch.nn.Module, dict[str, Any]] | None] = contextvars.ContextVar(
+    "bnfold_owner_modules", default=None)
+
+
+@contextlib.contextmanager
+def cached_lookups(gm: torch.nn.Module) -> Iterator[None]:
+    """While active, :func:`fetch_attr` on ``gm`` remembers the module that owns each attribute path (a dotted
+    path costs one dictionary lookup instead of one ``getattr`` per component). For code that adds submodules
+    only under new names and never replaces one, such as the pass pipeline."""
+    token = _OWNERS.set((gm, {}))
+    try:
+        yield
+    finally:
+        _OWNERS.reset(token)
+
+
 def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     """Resolve a dotted attribute path (``layer1.0.conv1.weight``) on ``gm``."""
-    obj: Any = gm
+    state = _OWNERS.get()
+    if state is not None and state[0] is gm:
+        owners = state[1]
+        owner_path, _, leaf = target.rpartition(".")
+        owner = owners.get(owner_path)
+        if owner is None:
+            owner = owners[owner_path] = _walk(gm, owner_path) if owner_path else gm
+        return getattr(owner, leaf)
+    return _walk(gm, target)
+
+
+def _walk(obj: Any, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
@@ -66,21 +96,32 @@ def add_constant(
     *,
     before: torch.fx.Node,
     parameter: bool = False,
+    copy: bool = True,
 ) -> torch.fx.Node:
     """Register ``value`` on ``gm`` under a fresh name and return a ``get_attr`` node placed before ``before``.
 
-    Parameters are registered with ``requires_grad=False``: folded weights are inference constants.
+    Parameters are registered with ``requires_grad=False``: folded weights are inference constants. ``value`` is
+    copied unless ``copy=False`` (for a tensor just computed, that nothing else holds). The node gets its shape
+    metadata (``tensor_meta``, ``val``) directly from ``value``.
     """
     name = unique_attr_name(gm, f"_bnfold_{hint}")
+    value = value.detach().clone() if copy else value.detach()
     if parameter:
-        gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
-        gm.register_buffer(name, value.detach().clone())
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["tensor_meta"] = _tensor_meta(value)
+        gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):  # create_node: get_attr() would re-check the attribute just made
+        node = gm.graph.create_node("get_attr", name, name=name)
+    node.meta["tensor_meta"] = _constant_meta(value)
     node.meta["val"] = value
     return node
+
+
+def _constant_meta(t: torch.Tensor) -> TensorMetadata:
+    """``tensor_meta`` of a dense constant without the general (slow) memory-format probing."""
+    if t.is_contiguous() and not t.is_quantized:
+        return TensorMetadata(t.shape, t.dtype, False, t.stride(), torch.contiguous_format, False, {})
+    return _tensor_meta(t)
 
 
 def _tensor_meta(t: torch.Tensor) -> TensorMetadata:

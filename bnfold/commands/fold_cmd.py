@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
     p.add_argument("--until", help="stop after this pass (debugging)")
-    p.add_argument("--dump-ir", action="store_true", help="print the folded graph")
+    p.add_argument("--dump-ir", action="store_true", help="print the graph before and after every pass that changes it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_fold)
 
@@ -37,9 +37,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _fold(args: argparse.Namespace) -> int:
     loaded, inputs = load_with_inputs(args)
-    result = fold(loaded.module, inputs, capture=args.capture, until=args.until)
-    if args.dump_ir:
-        print(result.module.graph, file=sys.stderr)
+    result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
+                  dump_ir=sys.stderr if args.dump_ir else None)
     save_exported(result.module, inputs, args.output, protect=[args.model])
     print(result.report.to_json() if args.json else result.report)
     if not args.json:

@@ -1,43 +1,89 @@
-"""Graph passes. ``fold_pipeline()`` is the default fixed-point pipeline; ``finalize_pipeline()`` runs once
-after it (lowering leftovers, dropping dead state)."""
+"""Graph passes: the pass engine (:mod:`~bnfold.passes.engine`), one file per rule, and the pipeline order.
+
+The order is this one list. :data:`FIXED_POINT` runs to a fixed point from worklists (a later round only looks at
+what the previous rounds touched); :data:`FINALIZE` runs once after it. Adding a rule = one file that subclasses
+:class:`~bnfold.passes.rule.Rule` (match → check with a reason → rewrite) plus one line here.
+"""
 
 from __future__ import annotations
 
-from bnfold.passes.base import Change, Pass, PassResult, Pipeline, PipelineResult, Rejection
-from bnfold.passes.canonicalize import Candidate, Canonicalize
-from bnfold.passes.cleanup import DropDeadState, LowerAffines
+from collections.abc import Sequence
+
+from bnfold.passes.canonicalize import Canonicalize
 from bnfold.passes.constant_fold import ConstantFold
-from bnfold.passes.fold import FoldIntoConsumer, FoldIntoProducer, MergeAffines
+from bnfold.passes.context import PassContext
+from bnfold.passes.drop_dead_state import DropDeadState
+from bnfold.passes.engine import (
+    Candidate,
+    Category,
+    Change,
+    DumpIR,
+    Instrument,
+    Pass,
+    PassResult,
+    Pipeline,
+    PipelineResult,
+    Rejection,
+    Until,
+    Verify,
+)
+from bnfold.passes.fold_into_consumer import FoldIntoConsumer
+from bnfold.passes.fold_into_embedding import FoldIntoEmbedding
+from bnfold.passes.fold_into_producer import FoldIntoProducer
+from bnfold.passes.lower_affines import LowerAffines
+from bnfold.passes.merge_affines import MergeAffines
 from bnfold.passes.propagate import Propagate
+from bnfold.passes.rule import Fail, Rule
 from bnfold.passes.split_norms import SplitNormAffine
 
 __all__ = [
+    "FINALIZE",
+    "FIXED_POINT",
     "Candidate",
     "Canonicalize",
+    "Category",
     "Change",
     "ConstantFold",
     "DropDeadState",
+    "DumpIR",
+    "Fail",
     "FoldIntoConsumer",
+    "FoldIntoEmbedding",
     "FoldIntoProducer",
+    "Instrument",
     "LowerAffines",
     "MergeAffines",
     "Pass",
+    "PassContext",
     "PassResult",
     "Pipeline",
     "PipelineResult",
     "Propagate",
     "Rejection",
+    "Rule",
     "SplitNormAffine",
-    "finalize_passes",
-    "fold_passes",
+    "Until",
+    "Verify",
+    "default_pipeline",
 ]
 
+# The pipeline order, as data. Each entry is a pass class (a Rule subclass or a plain pass).
+FIXED_POINT: tuple[type[Pass], ...] = (
+    ConstantFold,       # constant sub-graphs → one float64-exact constant
+    Canonicalize,       # BatchNorm (module / functional / aten) → channel_affine
+    SplitNormAffine,    # LayerNorm/RMSNorm/GroupNorm/InstanceNorm → bare norm + channel_affine, if it will fold
+    MergeAffines,       # A2(A1(x)) → A(x); identities vanish
+    FoldIntoProducer,   # A(conv(x)) → conv'(x)
+    FoldIntoConsumer,   # conv(A(x)) → conv'(x)
+    FoldIntoEmbedding,  # A(embedding(i)) → embedding'(i)
+    Propagate,          # move A through commuting ops to where it folds
+)
+FINALIZE: tuple[type[Pass], ...] = (
+    LowerAffines,       # leftovers → add / mul / addcmul, or back into their norm
+    DropDeadState,      # dead nodes, parameters, buffers, submodules
+)
 
-def fold_passes() -> list[Pass]:
-    """canonicalize (BN) → split norm affines → merge → fold (producer, consumer) → propagate, to a fixed point."""
-    return [ConstantFold(), Canonicalize(), SplitNormAffine(), MergeAffines(), FoldIntoProducer(), FoldIntoConsumer(),
-            Propagate()]
 
-
-def finalize_passes() -> list[Pass]:
-    return [LowerAffines(), DropDeadState()]
+def default_pipeline(instruments: Sequence[Instrument] = ()) -> Pipeline:
+    """The fold pipeline: :data:`FIXED_POINT` to a fixed point, then :data:`FINALIZE` once."""
+    return Pipeline([p() for p in FIXED_POINT], finalize=[p() for p in FINALIZE], instruments=instruments)

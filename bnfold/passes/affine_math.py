@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "BLOCK_ELEMENTS",
     "OpKind",
     "bn_affine",
     "compose",
@@ -69,6 +70,32 @@ def _per_weight_scale(weight: torch.Tensor, scale_2d: torch.Tensor) -> torch.Ten
     return scale_2d.reshape(*scale_2d.shape, *([1] * (weight.dim() - 2)))
 
 
+BLOCK_ELEMENTS = 1 << 15  # float64 elements per block: 256 KiB, stays in cache
+
+
+def _scaled(weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight · scale`` computed in float64 (``scale`` broadcasts along ``weight``'s dim 0). With ``out_dtype``
+    the product is rounded once into it, block by block along dim 0, so no float64 copy of the whole weight is
+    ever made; the bits equal ``(weight.double() * scale).to(out_dtype)``. ``out`` (of ``out_dtype``) receives
+    the result and may be ``weight`` itself: each block is read before it is written."""
+    w = weight.detach()
+    if out_dtype is None or w.dim() == 0:
+        return w.to(f64) * scale
+    if out is None:
+        out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
+    else:
+        out = out.detach()
+        assert out.shape == w.shape and out.dtype == out_dtype
+    rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
+    per_row = scale.shape[0] != 1
+    for i in range(0, w.shape[0], rows):
+        block = w[i:i + rows].to(f64)
+        block.mul_(scale[i:i + rows] if per_row else scale)
+        out[i:i + rows].copy_(block)
+    return out
+
+
 def fold_into_producer(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -77,18 +104,23 @@ def fold_into_producer(
     *,
     kind: OpKind,
     groups: int = 1,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A(op(x)) = op'(x)``: scale the producer's output channels by ``a`` and add ``b`` to its bias."""
-    w = weight.detach().to(f64)
+    """``A(op(x)) = op'(x)``: scale the producer's output channels by ``a`` and add ``b`` to its bias.
+
+    The weight is float64 unless ``out_dtype`` asks for it rounded once into that dtype (into ``out`` when given,
+    which may be ``weight`` itself); the bias is float64.
+    """
     out_bias = torch.zeros_like(a) if bias is None else bias.detach().to(f64)
     if kind == "conv_transpose":
-        in_ch, out_g = w.shape[0], w.shape[1]
+        in_ch, out_g = weight.shape[0], weight.shape[1]
         in_g = in_ch // groups
         group_of_input = torch.arange(in_ch) // in_g
         table = a.reshape(groups, out_g)[group_of_input]  # (in, out/groups)
-        w = w * _per_weight_scale(w, table)
+        w = _scaled(weight, _per_weight_scale(weight, table), out_dtype, out)
     else:  # conv and linear: output channels on dim 0
-        w = w * a.reshape(-1, *([1] * (w.dim() - 1)))
+        w = _scaled(weight, a.reshape(-1, *([1] * (weight.dim() - 1))), out_dtype, out)
     return w, a * out_bias + b
 
 

@@ -24,10 +24,9 @@ import torch
 import torch.fx
 
 from bnfold.graph import get_constant, node_shape
-from bnfold.passes.base import sources_of
 from bnfold.passes.ops import is_channel_affine
 
-__all__ = ["ADD_TARGETS", "AffineView", "affine_view", "per_channel_axis"]
+__all__ = ["ADD_TARGETS", "AffineView", "affine_view", "per_channel_axis", "sources_of"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -37,6 +36,13 @@ ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor, "add"}
 _SUB = {operator.sub, torch.sub, aten.sub.Tensor, "sub"}
 _DIV = {operator.truediv, torch.div, aten.div.Tensor, "div"}
 _ADDCMUL = {torch.addcmul, aten.addcmul.default, "addcmul"}
+
+
+def sources_of(node: object) -> tuple[str, ...]:
+    """Report candidate ids carried by ``node`` (set where a normalization became an affine, merged by folds)."""
+    if isinstance(node, torch.fx.Node):
+        return tuple(node.meta.get("bnfold_sources", ()))
+    return ()
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def affine_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> AffineView | N
     """The :class:`AffineView` of ``node``, or ``None`` when it is not a per-channel affine."""
     if is_channel_affine(node):
         x, scale, shift, axis = node.args
-        a, b = get_constant(gm, scale), get_constant(gm, shift)
+        a = scale if isinstance(scale, torch.Tensor) else get_constant(gm, scale)
+        b = shift if isinstance(shift, torch.Tensor) else get_constant(gm, shift)
         shape = node_shape(x)
         if not isinstance(x, torch.fx.Node) or a is None or b is None or shape is None:
             return None

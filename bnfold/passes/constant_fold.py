@@ -10,14 +10,16 @@ the folding rules can read, and makes that arithmetic exact to float64 before th
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from bnfold.graph import add_constant, fetch_attr, node_dtype
-from bnfold.passes.base import Change, PassResult
+from bnfold.graph import fetch_attr, node_dtype
+from bnfold.passes.context import PassContext
+from bnfold.passes.engine import Category, Change, PassResult
 
 __all__ = ["ConstantFold"]
 
@@ -46,22 +48,32 @@ def _promote(v: Any) -> Any:
 
 
 class ConstantFold:
-    """Evaluate constant sub-graphs in float64 and replace them by one constant each."""
+    """Evaluate constant sub-graphs in float64 and replace them by one constant each.
+
+    The first run sees every node in graph order (a constant's inputs come before it); later runs see the nodes
+    that rewrites touched, whose constant inputs are by then single ``get_attr`` nodes.
+    """
 
     name = "constant_fold"
+    revisit_rejected = False
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
+        gm = ctx.gm
         values: dict[torch.fx.Node, Any] = {}
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                v = fetch_attr(gm, str(node.target))
+
+        def value_of(n: torch.fx.Node) -> Any:
+            if n not in values and n.op == "get_attr":
+                v = fetch_attr(gm, str(n.target))
                 if isinstance(v, torch.Tensor):
-                    values[node] = _promote(v)
-                continue
+                    values[n] = _promote(v)
+            return values.get(n)
+
+        for node in worklist:
             if not _is_pure(node):
                 continue
+            ctx.current = node
             inputs = node.all_input_nodes
-            if not inputs or not all(n in values for n in inputs):
+            if not inputs or any(value_of(n) is None for n in inputs):
                 continue
             args = map_aggregate(node.args, lambda a: values[a] if isinstance(a, torch.fx.Node) else a)
             kwargs = map_aggregate(node.kwargs, lambda a: values[a] if isinstance(a, torch.fx.Node) else a)
@@ -77,27 +89,22 @@ class ConstantFold:
             if isinstance(out, torch.Tensor):
                 values[node] = out
 
-        changes: list[Change] = []
-        for node, value in list(values.items()):
-            if node.op == "get_attr" or not node.users:
-                continue
-            if all(u in values and u.op != "get_attr" for u in node.users):
-                continue  # interior of a constant sub-graph
+        result = PassResult()
+        computed = [n for n in values if n.op != "get_attr"]
+        for node in computed:
+            if not node.users or all(u in values and u.op != "get_attr" for u in node.users):
+                continue  # dead, or interior of a constant sub-graph
             dtype = node_dtype(node)
             if dtype is None:  # shapes not propagated: the original dtype is unknown
                 continue
-            const = add_constant(gm, value.to(dtype), f"const_{node.name}", before=node)
-            node.replace_all_uses_with(const)
-            changes.append(Change(self.name, node.name, f"constant expression folded (float64) into {const.target}"))
-        if changes:
-            for node in reversed(list(gm.graph.nodes)):
-                if node in values and node.op != "get_attr" and not node.users:
-                    gm.graph.erase_node(node)
-            _drop_unused_get_attrs(gm)
-        return PassResult(bool(changes), changes)
-
-
-def _drop_unused_get_attrs(gm: torch.fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
+            ctx.current = node
+            const = ctx.constant(values[node].to(dtype), f"const_{node.name}", before=node)
+            ctx.replace_all_uses(node, const)
+            result.changes.append(Change(self.name, node.name,
+                                         f"constant expression folded (float64) into {const.target}",
+                                         Category.CANONICALIZE))
+        if result.changes:
+            for node in reversed(computed):
+                if not node.users:
+                    ctx.erase(node)
+        return result

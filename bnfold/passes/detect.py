@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.graph import fetch_attr, get_constant, module_class, module_path, node_shape, normalized_kwargs
+from bnfold.passes.affine_math import bn_affine
 
-__all__ = ["BatchNormSite", "find_batchnorm_sites", "is_stock_batchnorm"]
+__all__ = ["BatchNormSite", "batchnorm_site", "find_batchnorm_sites", "is_stock_batchnorm"]
 
 aten = torch.ops.aten
 
@@ -68,6 +69,7 @@ class BatchNormSite:
     bias: torch.Tensor | None
     eps: float
     problem: str | None = None
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, b) in float64, once the statistics checked out
 
     @property
     def id(self) -> str:
@@ -149,8 +151,18 @@ def _functional_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNorm
 
 
 def _check_stats(site: BatchNormSite) -> None:
+    """Set ``site.problem`` for unusable statistics, else ``site.affine``. Fast path: the statistics are fine when
+    ``a`` and ``b`` are finite and ``0 ≤ σ² < ∞`` (every non-finite input shows up in one of them); only a site
+    that fails it is examined input by input for the reason."""
     if site.problem is not None or site.running_var is None or site.running_mean is None:
         return
+    if math.isfinite(site.eps) and site.running_var.numel() > 0:
+        a, b = bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
+        lo, hi = torch.aminmax(site.running_var.detach())
+        if float(lo) >= 0 and math.isfinite(float(hi)) and bool(torch.isfinite(a).all()) \
+                and bool(torch.isfinite(b).all()):
+            site.affine = (a, b)
+            return
     var = site.running_var.detach().double()
     tensors = [site.running_mean, site.running_var, site.weight, site.bias]
     if not all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None):
@@ -159,21 +171,30 @@ def _check_stats(site: BatchNormSite) -> None:
         site.problem = f"'{site.path}' has a negative running_var; its statistics are corrupt, recalibrate first"
     elif bool((var + site.eps <= 0).any()) or not math.isfinite(site.eps):
         site.problem = f"'{site.path}' has running_var + eps = 0 in some channel (division by zero)"
+    else:
+        site.problem = f"'{site.path}' has statistics whose affine form overflows (a or b is not finite)"
+
+
+def batchnorm_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNormSite | None:
+    """The BatchNorm at ``node`` (foldable, or with a ``problem``), or None when ``node`` is not one."""
+    if node.op == "call_module":
+        site = _module_site(gm, node)
+    elif node.op == "call_function":
+        site = _functional_site(gm, node)
+    else:
+        return None
+    if site is None:
+        return None
+    _check_stats(site)
+    if site.problem is None and not isinstance(site.input, torch.fx.Node):
+        site.problem = f"'{site.path}' normalizes a value that is not a graph tensor"
+    if site.problem is None:
+        shape = node_shape(site.input)
+        if shape is None or len(shape) < 2:
+            site.problem = f"'{site.path}': input shape unknown or rank < 2; run with example inputs"
+    return site
 
 
 def find_batchnorm_sites(gm: torch.fx.GraphModule) -> list[BatchNormSite]:
     """Every BatchNorm in ``gm``, in graph order, each either foldable or with a ``problem``."""
-    sites: list[BatchNormSite] = []
-    for node in gm.graph.nodes:
-        site = _module_site(gm, node) if node.op == "call_module" else _functional_site(gm, node)
-        if site is None:
-            continue
-        _check_stats(site)
-        if site.problem is None and not isinstance(site.input, torch.fx.Node):
-            site.problem = f"'{site.path}' normalizes a value that is not a graph tensor"
-        if site.problem is None:
-            shape = node_shape(site.input)
-            if shape is None or len(shape) < 2:
-                site.problem = f"'{site.path}': input shape unknown or rank < 2; run with example inputs"
-        sites.append(site)
-    return sites
+    return [s for s in (batchnorm_site(gm, n) for n in gm.graph.nodes) if s is not None]

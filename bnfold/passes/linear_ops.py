@@ -19,10 +19,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import add_constant, fetch_attr, get_constant, normalized_kwargs, unique_attr_name
+from bnfold.graph import fetch_attr, get_constant, normalized_kwargs, unique_attr_name
 from bnfold.passes.affine_math import OpKind
+from bnfold.passes.context import PassContext
 
-__all__ = ["LinearOp", "NotFoldable", "match_linear_op", "replace_params"]
+__all__ = ["LinearOp", "NotFoldable", "match_linear_op", "module_kind", "replace_params"]
 
 aten = torch.ops.aten
 
@@ -109,7 +110,7 @@ def _target_name(node: torch.fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _module_kind(m: nn.Module) -> OpKind | None:
+def module_kind(m: nn.Module) -> OpKind | None:
     """Kind of a leaf module whose forward is the stock torch.nn one (subclasses included)."""
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         stock = type(m).forward in (nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward,
@@ -134,7 +135,7 @@ def match_linear_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp |
     parameters; ``None`` when it is not a conv/linear at all."""
     if node.op == "call_module":
         m = fetch_attr(gm, str(node.target))
-        kind = _module_kind(m)
+        kind = module_kind(m)
         if kind is None:
             return None
         if not node.args or not isinstance(node.args[0], torch.fx.Node):
@@ -207,55 +208,48 @@ def _kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any]:
 
 
 def replace_params(
-    gm: torch.fx.GraphModule, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None
+    ctx: PassContext, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> str:
     """Give ``op`` new parameters (cast once to the old weight's dtype/device); return where they went.
 
-    Clone-on-fold: a module called from several sites is copied for this site, and a functional op gets
-    fresh constants, so no other user of the old parameters ever sees the folded values. Tied parameters
-    elsewhere stay tied.
+    ``weight`` and ``bias`` are fresh results of the fold arithmetic that nothing else holds: they are stored as
+    they are (no copy). Clone-on-fold: a module called from several sites (``ctx.call_sites``, counted once and
+    maintained) is copied for this site, and a functional op gets fresh constants, so no other user of the old
+    parameters ever sees the folded values. Tied parameters elsewhere stay tied. The op's output keeps its shape,
+    so its metadata stays valid.
     """
     dtype, device = op.weight.dtype, op.weight.device
     new_w = weight.to(dtype=dtype, device=device)
     new_b = None if bias is None else bias.to(dtype=dtype, device=device)
     node = op.node
+    gm = ctx.gm
     if op.module is not None:
         target = str(node.target)
-        sites = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
         module = op.module
-        if len(sites) > 1:
+        if ctx.call_sites(target) > 1:
             module = copy.deepcopy(module)
             target = unique_attr_name(gm, f"{target}_bnfold")
             gm.add_submodule(target, module)
-            node.target = target
-        module.weight = nn.Parameter(new_w, requires_grad=False)
+            ctx.retarget(node, target)
+        if new_w is op.weight:  # rewritten in place (ctx.writable): the parameter already holds it
+            op.weight.requires_grad_(False)
+        else:
+            module.weight = nn.Parameter(new_w, requires_grad=False)
         module.bias = None if new_b is None else nn.Parameter(new_b, requires_grad=False)
+        ctx.touch(node)
         return target
     if op.matmul:
-        return _replace_matmul(gm, op, new_w, new_b)
+        w_t = ctx.constant(new_w.t().contiguous(), f"{node.name}_weight", before=node, parameter=True, copy=False)
+        if new_b is None:
+            ctx.set_call(node, aten.mm.default, (op.input, w_t), {})
+        else:
+            b = ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True, copy=False)
+            ctx.set_call(node, aten.addmm.default, (b, op.input, w_t), {})
+        return node.name
     kwargs = _kwargs(gm, node)
-    old_w, old_b = kwargs.get("weight"), kwargs.get("bias")
-    kwargs["weight"] = add_constant(gm, new_w, f"{node.name}_weight", before=node, parameter=True)
+    kwargs["weight"] = ctx.constant(new_w, f"{node.name}_weight", before=node, parameter=True, copy=False)
     kwargs["bias"] = (
-        None if new_b is None else add_constant(gm, new_b, f"{node.name}_bias", before=node, parameter=True)
+        None if new_b is None else ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True, copy=False)
     )
-    node.args, node.kwargs = (), kwargs
-    for old in (old_w, old_b):
-        if isinstance(old, torch.fx.Node) and not old.users:
-            gm.graph.erase_node(old)
-    return node.name
-
-
-def _replace_matmul(gm: torch.fx.GraphModule, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    node = op.node
-    old = [a for a in node.all_input_nodes if a.op == "get_attr"]
-    w_t = add_constant(gm, weight.t().contiguous(), f"{node.name}_weight", before=node, parameter=True)
-    if bias is None:
-        node.target, node.args, node.kwargs = aten.mm.default, (op.input, w_t), {}
-    else:
-        b = add_constant(gm, bias, f"{node.name}_bias", before=node, parameter=True)
-        node.target, node.args, node.kwargs = aten.addmm.default, (b, op.input, w_t), {}
-    for o in old:
-        if not o.users:
-            gm.graph.erase_node(o)
+    ctx.set_call(node, node.target, (), kwargs)
     return node.name

@@ -109,3 +109,27 @@ def test_compose(c: int, seed: int) -> None:
     x = torch.randn(5, c, dtype=f64)
     a, b = compose(a1, b1, a2, b2)
     torch.testing.assert_close(x * a + b, (x * a1 + b1) * a2 + b2, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(1, 400))
+def test_fold_into_producer_rounds_once_into_the_weight_dtype(case: dict, dtype: torch.dtype, rows: int) -> None:
+    """``out_dtype`` (blockwise) gives the bits of the float64 product cast once, for any block split."""
+    import bnfold.passes.affine_math as am
+
+    d, g, k = case["dims"], case["groups"], case["k"]
+    cin, cout = g * case["in_g"], g * case["out_g"] * rows
+    gen = torch.Generator().manual_seed(case["seed"])
+    a, b = _affine(cout, case["seed"])
+    for transposed in (False, True):
+        shape = (cin, cout // g, *([k] * d)) if transposed else (cout, cin // g, *([k] * d))
+        w = torch.randn(shape, generator=gen).to(dtype)
+        kind = "conv_transpose" if transposed else "conv"
+        w64, b64 = fold_into_producer(w, None, a, b, kind=kind, groups=g)
+        saved = am.BLOCK_ELEMENTS
+        am.BLOCK_ELEMENTS = 7  # force many blocks
+        try:
+            w_once, b_once = fold_into_producer(w, None, a, b, kind=kind, groups=g, out_dtype=dtype)
+        finally:
+            am.BLOCK_ELEMENTS = saved
+        assert w_once.dtype == dtype and torch.equal(w_once, w64.to(dtype)) and torch.equal(b_once, b64)

@@ -97,3 +97,26 @@ def test_convnext_layernorms(capture_mode: str) -> None:
     model = randomize_norms(ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=10))
     result = fold_and_check(model, (torch.randn(1, 3, 32, 32),), capture_mode, folded=6, left=1)
     assert "users" in result.report.skipped[0].reason  # the stem LN output also feeds a residual add
+
+
+# -- the rule run directly (Before / Expected) --------------------------------------------------------------------
+
+def test_split_rule_layernorm_before_linear(capture_mode: str) -> None:
+    from harness import ops, run_passes
+
+    from bnfold.passes import Category, SplitNormAffine
+
+    model = randomize_norms(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 3)))
+    gm, (split,) = run_passes(model, (torch.randn(2, 8),), capture_mode, SplitNormAffine())
+    assert ops(gm) == ["layer_norm", "channel_affine", "linear"]
+    assert split.changes[0].category is Category.CANONICALIZE and len(split.candidates) == 1
+
+
+def test_split_rule_negative_layernorm_before_relu(capture_mode: str) -> None:
+    from harness import ops, reasons, run_passes
+
+    from bnfold.passes import SplitNormAffine
+
+    gm, (split,) = run_passes(randomize_norms(NormThenRelu()), (torch.randn(2, 8),), capture_mode, SplitNormAffine())
+    assert ops(gm) == ["layer_norm", "relu"]  # Expected = Before: nothing split to be tested
+    assert not split.modified and "stays in the norm" in reasons(split)[0]

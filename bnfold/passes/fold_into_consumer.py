@@ -1,0 +1,70 @@
+"""Rule ``fold_into_consumer``: ``op(A(x)) → op'(x)`` when every user of the affine is a conv / linear.
+
+    linear:          W'[:, i] = W[:, i] · a[i],     b' = b + W · b_A
+    conv:            W'[o, i] = W[o, i] · a[g(o)·I_g + i],  b'[o] = b[o] + Σ_{i,k} W[o, i, k] · b_A[g(o)·I_g + i]
+
+A conv that reads zero padding (or a conv-transpose) cannot take the shift exactly: it takes the scale, and the
+affine becomes the pure shift ``a ⊙ x + b = a ⊙ (x + b/a)``, kept as one add in front of it (and reported).
+With ``a ≡ 1`` (nothing to fold) or a zero in ``a`` (``b/a`` undefined) the affine is left, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from bnfold.passes.affine_math import fold_into_consumer
+from bnfold.passes.affine_view import AffineView
+from bnfold.passes.context import PassContext
+from bnfold.passes.engine import Category, Change
+from bnfold.passes.fold_targets import consumer_targets, shift_blocked
+from bnfold.passes.linear_ops import LinearOp, replace_params
+from bnfold.passes.rule import Fail, Rule
+
+__all__ = ["FoldIntoConsumer"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    ops: list[LinearOp]
+    blocked: list[LinearOp]  # take the scale only; the shift stays in front of them
+
+
+class FoldIntoConsumer(Rule[AffineView, Plan]):
+    name = "fold_into_consumer"
+    category = Category.FOLD
+
+    def match(self, ctx: PassContext, node: torch.fx.Node) -> AffineView | None:
+        return ctx.affine(node)
+
+    def check(self, ctx: PassContext, m: AffineView) -> Plan | Fail:
+        ops = consumer_targets(ctx, m.node, m.axis, m.rank, m.channels)
+        if isinstance(ops, str):
+            return Fail(ops)
+        blocked = shift_blocked(ops, m.b)
+        if blocked and (bool((m.a == 1).all()) or bool((m.a == 0).any())):
+            why = "its shift would be added to the zero padding" if bool((m.a == 1).all()) else \
+                "its scale has zeros, so the shift cannot be moved before the scale"
+            return Fail(f"{blocked[0].describe()} pads with zeros (or is transposed); {why}. Use padding_mode "
+                        "'replicate'/'reflect' or padding 0 to fold it fully")
+        return Plan(ops, blocked)
+
+    def rewrite(self, ctx: PassContext, m: AffineView, plan: Plan) -> list[Change]:
+        leftover: torch.fx.Node | None = None
+        if plan.blocked:  # a ⊙ x + b = a ⊙ (x + b/a): the pure shift b/a stays in front of the blocked ops
+            leftover = ctx.insert_affine(m.x, torch.ones_like(m.a), m.b / m.a, m.axis, before=m.node, sources=())
+        changes = []
+        for op in plan.ops:
+            partial = op in plan.blocked
+            w, b = fold_into_consumer(op.weight, op.bias, m.a, None if partial else m.b, kind=op.kind,
+                                      groups=op.groups)
+            where = replace_params(ctx, op, w, b)
+            ctx.replace_input(op.node, m.node, leftover if partial and leftover is not None else m.x)
+            detail = f"folded into consumer {op.describe()}"
+            if partial:
+                detail += " (scale only: it pads with zeros, so the shift stays as one add before it)"
+            changes.append(self.change(m.node, detail, m.sources, into=where))
+        ctx.bypass(m.node, m.x)
+        return changes

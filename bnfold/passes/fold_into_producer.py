@@ -1,0 +1,45 @@
+"""Rule ``fold_into_producer``: ``A(op(x)) → op'(x)`` for a conv / conv-transpose / linear producer.
+
+    conv / linear:   W'[o] = a[o] · W[o],     b'[o] = a[o] · b[o] + b_A[o]
+    conv-transpose:  W'[i, j] = a[g(i)·O_g + j] · W[i, j]     (weight (in, out/groups, k…))
+
+Checked (:func:`~bnfold.passes.fold_targets.producer_target`): the affine is the producer's only user and acts
+on its output-channel axis. Math in :func:`bnfold.passes.affine_math.fold_into_producer` (float64, cast once).
+A module's weight that only this call site uses, in state bnfold owns (``ctx.writable``), is rewritten in place
+(no second copy of the weight is allocated); anything shared is cloned on fold by ``replace_params``.
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+from bnfold.passes.affine_math import fold_into_producer
+from bnfold.passes.affine_view import AffineView
+from bnfold.passes.context import PassContext
+from bnfold.passes.engine import Category, Change
+from bnfold.passes.fold_targets import producer_target
+from bnfold.passes.linear_ops import LinearOp, replace_params
+from bnfold.passes.rule import Fail, Rule
+
+__all__ = ["FoldIntoProducer"]
+
+
+class FoldIntoProducer(Rule[AffineView, LinearOp]):
+    name = "fold_into_producer"
+    category = Category.FOLD
+
+    def match(self, ctx: PassContext, node: torch.fx.Node) -> AffineView | None:
+        return ctx.affine(node)
+
+    def check(self, ctx: PassContext, m: AffineView) -> LinearOp | Fail:
+        op = producer_target(ctx, m)
+        return Fail(op) if isinstance(op, str) else op
+
+    def rewrite(self, ctx: PassContext, m: AffineView, plan: LinearOp) -> list[Change]:
+        in_place = plan.module is not None and ctx.call_sites(str(plan.node.target)) == 1 \
+            and ctx.writable(plan.weight)
+        w, b = fold_into_producer(plan.weight, plan.bias, m.a, m.b, kind=plan.kind, groups=plan.groups,
+                                  out_dtype=plan.weight.dtype, out=plan.weight if in_place else None)
+        where = replace_params(ctx, plan, w, b)
+        ctx.bypass(m.node, plan.node)
+        return [self.change(m.node, f"folded into {plan.describe()}", m.sources, into=where)]
