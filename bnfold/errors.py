@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BnfoldError", "CaptureError", "InputError"]
+__all__ = ["BnfoldError", "CaptureError", "InputError", "OutputError"]
 
 
 class BnfoldError(Exception):
@@ -23,3 +23,7 @@ class CaptureError(BnfoldError):
 
 class InputError(BnfoldError):
     """A file, shape or argument given by the user is unusable."""
+
+
+class OutputError(BnfoldError):
+    """An output could not be written (disk full, permission denied); nothing half-written was left."""

@@ -216,7 +216,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from bnfold.io import parse_shapes
     from bnfold.targets.onnx import OnnxRuntimeModel, export_onnx
 
-    loaded = load_model(args.model, trusted_pickle=args.trust_pickle)
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=bool(args.input_shape))
     inputs = parse_shapes(args.input_shape, args.dtype) or loaded.example_inputs
     if inputs is None:
         raise InputError(f"{args.model} stores no example inputs", hint="pass --input-shape, e.g. 1,3,224,224")

@@ -28,7 +28,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
-    loaded = load_model(args.model, trusted_pickle=args.trust_pickle)
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=bool(args.input_shape))
     inputs = parse_shapes(args.input_shape, args.dtype) or loaded.example_inputs
     if inputs is None:
         raise InputError(f"{args.model} stores no example inputs", hint="pass --input-shape, e.g. 1,3,224,224")
@@ -41,7 +41,7 @@ def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, l
     for name, value in opt.items():
         if name != "key" and value is not None and value <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    loaded = load_model(args.model, trusted_pickle=args.trust_pickle)
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=True)
     example = loaded.example_inputs
     dtype = next((t.dtype for t in example or () if t.is_floating_point()), torch.float32)
     fixed = fixed_batch(loaded.module)
