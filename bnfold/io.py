@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bnfold.data_checks import check_shape_request
 from bnfold.errors import InputError
 from bnfold.outputs import atomic_output, write_bytes_atomic
 from bnfold.pt2_inspect import load_exported
@@ -57,6 +58,7 @@ def parse_shapes(specs: Sequence[str] | None, dtype: str = "float32") -> tuple[t
                              hint="write it like 1,3,224,224") from None
         if not shape or any(d <= 0 for d in shape):
             raise InputError(f"--input-shape {spec!r} must list positive sizes", hint="e.g. 1,3,224,224")
+        check_shape_request(shape, spec, torch_dtype)
         out.append(torch.randn(shape, generator=gen).to(torch_dtype))
     return tuple(out)
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from bnfold.errors import InputError, OutputError
 
-__all__ = ["atomic_output", "check_output_dir", "check_output_file", "clean_stale", "same_file", "staging_dir",
+__all__ = ["atomic_output", "check_output_dir", "check_output_file", "clean_stale", "output_error", "publish_dir",
+           "same_file", "staging_dir",
            "write_bytes_atomic"]
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def atomic_output(dest: PathLike, *, protect: Sequence[PathLike] = ()) -> Iterat
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as exc:
-        raise _output_error(d, exc) from None
+        raise output_error(d, exc) from None
     try:
         yield Path(tmp)
         os.replace(tmp, d)
@@ -141,7 +142,7 @@ def atomic_output(dest: PathLike, *, protect: Sequence[PathLike] = ()) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, InputError):
-            raise _output_error(d, exc) from None
+            raise output_error(d, exc) from None
         raise
 
 
@@ -154,7 +155,7 @@ def write_bytes_atomic(dest: PathLike, data: bytes, *, protect: Sequence[PathLik
     return Path(dest)
 
 
-def _output_error(dest: Path, exc: OSError) -> OutputError:
+def output_error(dest: Path, exc: OSError) -> OutputError:
     what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
             errno.EROFS: "the file system is read-only"}.get(exc.errno or 0, exc.strerror or str(exc))
@@ -183,11 +184,12 @@ def check_output_dir(out: PathLike, inputs: Iterable[PathLike] = (), *, force: b
         raise InputError(f"{o} is a symbolic link", hint="choose a new output folder")
     if o.is_dir() and any(o.iterdir()):
         if not force:
-            raise InputError(f"{o} exists and is not empty", hint="choose a new output folder, or pass --force "
-                                                                  "to replace an earlier bnfold output there")
+            raise InputError(f"{o} already exists and is not empty",
+                             hint="choose a new output folder, or pass --force to replace an earlier bnfold output")
         listed = owned(o) if owned is not None else None
         if listed is None:
-            raise InputError(f"refusing to replace {o}: it is not a bnfold output folder (no bnfold manifest)",
+            raise InputError(f"refusing to replace {o}: it is not a bnfold artifact or output folder (no bnfold "
+                             "manifest)",
                              hint="--force replaces only bnfold's own earlier outputs; choose a new folder")
         foreign = sorted(str(p.relative_to(o)) for p in o.rglob("*")
                          if str(p.relative_to(o)) not in listed and not _STALE.match(p.name))
@@ -209,7 +211,7 @@ def staging_dir(out: PathLike) -> Path:
         d = Path(tempfile.mkdtemp(prefix=_temp_name(o, "staging"), suffix=".staging", dir=parent))
         os.chmod(d, 0o777 & ~_umask())
     except OSError as exc:
-        raise _output_error(o, exc) from None
+        raise output_error(o, exc) from None
     return d
 
 
@@ -225,6 +227,6 @@ def publish_dir(staging: Path, out: Path) -> None:
         if old is not None and not out.exists():
             with contextlib.suppress(OSError):
                 os.replace(old / out.name, out)
-        raise _output_error(out, exc) from None
+        raise output_error(out, exc) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

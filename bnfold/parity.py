@@ -287,6 +287,11 @@ class OutputStats:
             sqnr = 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
         rmse_c = rmse_r = bound = None
         reasons = []
+        if self.elements == 0:
+            reasons.append("no elements to compare (zero samples): parity cannot be judged")
+        if self.nan or self.reference_nan:  # NaN never passes, even where both sides agree on it
+            reasons.append(f"outputs hold NaN (reference {self.reference_nan}, candidate {self.nan} elements): "
+                           "parity cannot be judged")
         if self.nonfinite_mismatch:
             reasons.append(f"{self.nonfinite_mismatch} elements are NaN/Inf in one output but not the other")
         if self.n64:
