@@ -174,10 +174,26 @@ def _as64(batch: Batch) -> Batch:
 
 def run_batches(fn: Callable[..., Any], batches: Sequence[Batch]) -> list[list[torch.Tensor]]:
     """``fn`` on every batch (no autograd); each output flattened, detached and moved to the CPU."""
+    from bnfold.errors import BnfoldError, InputError
+    from bnfold.graph import quiet_fx
+
     out = []
     with torch.no_grad():
-        for b in batches:
-            out.append([t.detach().cpu() for t in flatten_outputs(fn(*b))])
+        for k, b in enumerate(batches):
+            try:
+                with quiet_fx():
+                    result = fn(*b)
+            except BnfoldError:
+                raise
+            except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
+                # the model (the user's, in every call of this) cannot run on the user's inputs
+                shapes = ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                                   for t in b)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise InputError(f"{type(fn).__name__} failed on batch {k} (inputs {shapes}): "
+                                 f"{type(exc).__name__}: {first}",
+                                 hint="check the inputs' shapes and dtypes against the model's") from None
+            out.append([t.detach().cpu() for t in flatten_outputs(result)])
     return out
 
 

@@ -11,7 +11,8 @@ member                                   how torch reads it
 ``models/<name>.json``                   JSON, but: its ``guards_code`` strings are ``exec``-ed by
                                          ``ep.module()``, every ``expr_str`` goes through ``sympy.sympify``
                                          (``eval``), and node ``target`` strings are resolved by ``getattr`` from
-                                         ``torch`` / ``_operator`` / ``math`` and then *called* when the graph runs
+                                         ``torch`` / ``_operator`` / ``math`` (torch's verifier refuses
+                                         non-operators in the main graph; bnfold refuses them before loading)
 ``data/weights/<name>_weights_config.json``, JSON: for each tensor, ``path_name`` and ``use_pickle``
 ``data/constants/<name>_constants_config.json``
 ``data/weights/weight_N``,               raw tensor bytes when ``use_pickle`` is false; with ``use_pickle`` (tensor

@@ -115,12 +115,12 @@ def build_files(folder: Path, marker: Path) -> dict[str, Path]:
                                        edit_json={"data/weights/model_weights_config.json": pickled_weight})
 
     def opaque(doc: dict) -> None:
-        doc["config"]["evil"] = {"path_name": "opaque_obj0", "is_param": False, "use_pickle": True,
+        doc["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
                                  "tensor_meta": None}
 
     f["evil_object.pt2"] = rewrite_pt2(good, folder / "evil_object.pt2",
                                        edit_json={"data/constants/model_constants_config.json": opaque},
-                                       add={"data/constants/opaque_obj0": evil_pickle(marker)})
+                                       add={"data/constants/opaque_obj_0": evil_pickle(marker)})
     f["evil_guard.pt2"] = rewrite_pt2(good, folder / "evil_guard.pt2", edit_json={
         mj: lambda d: d.__setitem__("guards_code", [f"open({str(marker)!r}, 'w') is None"])})
     f["evil_sympy.pt2"] = rewrite_pt2(good, folder / "evil_sympy.pt2", edit_json={

@@ -1,0 +1,84 @@
+"""``.pt2`` archives are inspected before loading: every member that would unpickle or run code is refused
+(naming it) unless trusted. Each hostile archive is first shown to run code through plain ``torch.export``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hostile_files import build_files
+
+from bnfold.errors import InputError
+from bnfold.io import load_model
+from bnfold.pt2_inspect import inspect_archive
+
+# archive → (member named in the refusal, how plain torch gets to run its code)
+HOSTILE = {
+    "evil_inputs.pt2": ("data/sample_inputs/model.pt", "load"),
+    "evil_weight.pt2": ("data/weights/weight_", "load"),
+    "evil_object.pt2": ("data/constants/opaque_obj_0", "load"),
+    "evil_guard.pt2": ("models/model.json", "run"),
+    "evil_sympy.pt2": ("models/model.json", "load"),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Path]:
+    folder = tmp_path_factory.mktemp("pt2")
+    marker = folder / "MARKER"
+    return build_files(folder, marker), marker
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_member_runs_code_in_torch_but_not_in_bnfold(name: str, files: tuple[dict[str, Path], Path]) -> None:
+    paths, marker = files
+    member, when = HOSTILE[name]
+    marker.unlink(missing_ok=True)
+    with pytest.raises(InputError, match=member) as err:
+        load_model(paths[name])
+    assert "--trust-pickle" in str(err.value)
+    assert not marker.exists()
+    # the archive really is hostile: plain torch runs its payload
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        try:
+            module = torch.export.load(str(paths[name])).module()
+            if when == "run":
+                module(torch.randn(2, 3, 8, 8))
+        except Exception:
+            pass
+        finally:
+            logging.disable(logging.NOTSET)
+    assert marker.exists(), f"{name} did not run code in plain torch: the test lost its teeth"
+    marker.unlink()
+
+
+def test_plain_archive_loads_without_the_flag_with_its_example_inputs(files: tuple[dict[str, Path], Path]) -> None:
+    paths, _ = files
+    assert inspect_archive(paths["model.pt2"].read_bytes(), paths["model.pt2"]).findings == []
+    loaded = load_model(paths["model.pt2"])
+    assert loaded.example_inputs is not None and loaded.example_inputs[0].shape == (2, 3, 8, 8)
+
+
+def test_unsafe_example_inputs_are_skipped_when_the_caller_has_its_own(files: tuple[dict[str, Path], Path]) -> None:
+    paths, marker = files
+    marker.unlink(missing_ok=True)
+    loaded = load_model(paths["evil_inputs.pt2"], own_example_inputs=True)
+    assert loaded.example_inputs is None
+    assert loaded.module(torch.randn(3, 3, 8, 8)).shape == (3, 4, 8, 8)
+    assert not marker.exists()
+    with pytest.raises(InputError, match="data/weights/weight_"):  # only example inputs can be skipped
+        load_model(paths["evil_weight.pt2"], own_example_inputs=True)
+
+
+@pytest.mark.parametrize("name,fragment", [("evil_target.pt2", "not a torch operator"),
+                                           ("evil_aoti.pt2", "AOTInductor")])
+def test_defence_in_depth_members(name: str, fragment: str, files: tuple[dict[str, Path], Path]) -> None:
+    """Call targets outside torch.ops (torch's verifier also refuses them) and AOTInductor libraries."""
+    paths, _ = files
+    with pytest.raises(InputError, match=fragment):
+        load_model(paths[name])
