@@ -63,6 +63,7 @@ _OPERATOR_OK = {"getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "p
 _TORCH_SYM_OK = re.compile(r"torch\.(sym_[a-z_]+|_sym_sqrt)")
 _OP_TARGET = re.compile(r"torch\.ops\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")  # sympy Float('3.0')
 _GUARD_ATTRS = {"size", "stride", "storage_offset", "dim", "numel"}
 
 
@@ -108,7 +109,7 @@ def _safe_sympy(expr: str, names: set[str]) -> bool:
             if node.id not in names and not re.fullmatch(r"[su]\d+|[a-z]\d*", node.id):
                 return False
         elif isinstance(node, ast.Constant):
-            if isinstance(node.value, str) and not _IDENT.fullmatch(node.value):
+            if isinstance(node.value, str) and not (_IDENT.fullmatch(node.value) or _NUMBER.fullmatch(node.value)):
                 return False
         elif not isinstance(node, ast.Expression | ast.keyword | ast.BinOp | ast.UnaryOp | ast.Compare
                             | ast.BoolOp | ast.operator | ast.unaryop | ast.cmpop | ast.boolop | ast.Load):

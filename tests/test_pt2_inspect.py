@@ -82,3 +82,34 @@ def test_defence_in_depth_members(name: str, fragment: str, files: tuple[dict[st
     paths, _ = files
     with pytest.raises(InputError, match=fragment):
         load_model(paths[name])
+
+
+class _Dynamic(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 3:
+            return x[:, :4] * 2 + y.sum() + x.shape[1] / 3.0  # a float symbolic expression: Float('3.0')
+        return x
+
+
+def test_legitimate_dynamic_archive_has_no_findings(tmp_path: Path) -> None:
+    dims = ({0: torch.export.Dim("b", min=4, max=64), 1: torch.export.Dim("c", min=5)}, {0: torch.export.Dim.AUTO})
+    ep = torch.export.export(_Dynamic(), (torch.randn(8, 6), torch.randn(3)), dynamic_shapes=dims)
+    path = tmp_path / "dyn.pt2"
+    torch.export.save(ep, str(path))
+    assert inspect_archive(path.read_bytes(), path).findings == []
+    assert load_model(path).module(torch.randn(5, 7), torch.randn(2)).shape == (5, 4)
+
+
+@pytest.mark.parametrize("guard,safe", [
+    ("L['x'].size()[0] == 3", True),
+    ("2 <= L['x'].size()[0] and L['y'].stride()[1] == 1", True),
+    ("L['x'].size()[0] % 8 == 0", True),
+    ("__import__('os').system('true')", False),
+    ("L['x'].__class__", False),
+    ("open('f', 'w') is None", False),
+    ("[c for c in ()]", False),
+])
+def test_guard_code_allows_shape_checks_only(guard: str, safe: bool) -> None:
+    from bnfold.pt2_inspect import _safe_guard
+
+    assert _safe_guard(guard) is safe
