@@ -8,6 +8,7 @@ import os
 import warnings
 
 import pytest
+import torch
 from foldcheck import check_fold
 from modelgen import make_case
 
@@ -51,3 +52,21 @@ def test_generator_covers_the_space() -> None:
                    "bn1d", "add", "cat", "flatten", "maxpool", "avgpool", "upsample", "permute", "shared(",
                    "tied_conv", "tied-lm", "float16", "bfloat16", "float32"):
         assert needle in text, needle
+
+
+def test_the_checker_has_teeth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold that forgets eps (a classic) must be caught as a parity failure on a generated conv-BN model."""
+    import bnfold.passes.canonicalize as canon
+    from bnfold.passes.affine_math import bn_affine
+
+    monkeypatch.setattr(canon, "bn_affine", lambda mean, var, w, b, eps: bn_affine(mean, var, w, b, 0.0))
+    case = next(c for c in map(make_case, range(200))
+                if "conv2d" in c.description and " bn " in f"{c.description} " and c.dtype == torch.float32)
+    seed = case.seed
+    with torch.no_grad():
+        for m in case.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats:
+                m.eps = 0.5  # large enough that dropping it shows
+                m.running_var.fill_(0.05)
+    problem = check_fold(case.model, case.inputs, "symbolic")
+    assert problem is not None and problem.startswith("parity"), (seed, problem)
