@@ -71,6 +71,10 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     ("tune-trials-negative", "optimize {model.pt2} -o {d}/out --tune-trials -5", 2, "--tune-trials", ()),
     ("input-shape-absurd", "inspect {model.pt2} --input-shape 64,3,100000,100000", 2, "GiB", ()),
     ("input-shape-misfit", "fold {model.pt2} -o {d}/o.pt2 --input-shape 2,4,8,8", 2, "does not fit", ()),
+    ("input-shape-wrong-dtype", "export-onnx {model.pt2} -o {d}/o.onnx --input-shape 2,3,8,8 --dtype float16", 2,
+     "pass --dtype float32", ()),
+    ("arch-misspelled", "optimize {model.pt2} -o {d}/out --target cuda --arch sm_bogus", 2, "not a CUDA", ()),
+    ("arch-without-cuda", "compile {model.pt2} -o {d}/out --arch sm_90", 2, "only to --target cuda", ()),
     ("threshold-nan", "diagnose {model.pt2} --data {calib.npz} --threshold nan", 2, "--threshold", ()),
     ("batch-size-zero", "check {model.pt2} {model.pt2} --data {calib.npz} --batch-size 0", 2, "--batch-size", ()),
     # -- what must still work --------------------------------------------------------------------------------------

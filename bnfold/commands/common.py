@@ -14,7 +14,7 @@ from bnfold.data_checks import check_batches, input_specs
 from bnfold.errors import InputError
 from bnfold.io import LoadedModel, load_model, parse_shapes
 
-__all__ = ["add_model_args", "check_input_shapes", "check_until", "dynamic_shapes", "fixed_batch", "load_batches",
+__all__ = ["add_model_args", "check_input_shapes", "check_target_options", "check_until", "dynamic_shapes", "fixed_batch", "load_batches",
            "load_with_inputs"]
 
 
@@ -27,6 +27,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
                    help="graph capture: torch.fx symbolic tracing, torch.export, or auto (default)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+
+
+def check_target_options(target: str | None, arch: str | None) -> None:
+    """``--arch`` goes with ``--target cuda`` and is spelled like ``sm_90a`` (checked before any work)."""
+    if arch is None:
+        return
+    if target != "cuda":
+        raise InputError(f"--arch {arch} applies only to --target cuda")
+    if not arch.startswith("sm_") or not arch[3:].rstrip("af").isdigit():
+        raise InputError(f"--arch {arch!r} is not a CUDA architecture", hint="write it like sm_80, sm_89 or sm_90a")
 
 
 def check_until(until: str | None) -> None:
@@ -62,6 +72,10 @@ def check_input_shapes(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
         raise InputError(f"{len(inputs)} --input-shape given but the model takes {len(expected)} inputs "
                          f"({', '.join(s.describe() for s in expected)})")
     for spec_text, t, spec in zip(specs, inputs, expected, strict=True):
+        if t.dtype != spec.dtype and t.dtype.is_floating_point and spec.dtype.is_floating_point:
+            raise InputError(f"--input-shape {spec_text} makes {str(t.dtype).removeprefix('torch.')} inputs but the "
+                             f"model takes {str(spec.dtype).removeprefix('torch.')}",
+                             hint=f"pass --dtype {str(spec.dtype).removeprefix('torch.')}")
         ok = t.dim() == len(spec.sizes) and all(w is None or g == w for g, w in zip(t.shape, spec.sizes,
                                                                                    strict=True))
         if not ok:

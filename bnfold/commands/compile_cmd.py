@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from bnfold.api import fold
-from bnfold.commands.common import add_model_args, load_with_inputs
+from bnfold.commands.common import add_model_args, check_target_options, load_with_inputs
 from bnfold.errors import InputError
 from bnfold.outputs import check_output_dir
 from bnfold.parity import compare, json_safe
@@ -65,8 +65,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.dynamic_batch is not None and not 1 <= args.dynamic_batch[0] <= args.dynamic_batch[1]:
         raise InputError(f"--dynamic-batch {args.dynamic_batch[0]},{args.dynamic_batch[1]} is not a range "
                          "1 <= MIN <= MAX")
-    if args.arch and args.target != "cuda":
-        raise InputError(f"--arch {args.arch} applies only to --target cuda")
+    check_target_options(args.target, args.arch)
     check_output_dir(args.output, [args.model], force=args.force, owned=artifact_entries)  # before any work
     loaded, inputs = load_with_inputs(args)
     folded = fold(loaded.module, inputs, capture=args.capture)

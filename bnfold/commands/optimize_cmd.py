@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bnfold.commands.common import load_batches
+from bnfold.commands.common import check_target_options, load_batches
 from bnfold.data import load_tensors
 from bnfold.data_checks import check_batches, input_specs
 from bnfold.errors import InputError
@@ -53,8 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _optimize(args: argparse.Namespace) -> int:
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
-    if args.arch and args.target != "cuda":
-        raise InputError(f"--arch {args.arch} applies only to --target cuda")
+    check_target_options(args.target, args.arch)
     inputs_given = [p for p in (args.model, args.data, args.validate) if p]
     check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
     loaded, calibration = load_batches(args, args.data)
