@@ -14,8 +14,8 @@ from bnfold.data_checks import check_batches, input_specs
 from bnfold.errors import InputError
 from bnfold.io import LoadedModel, load_model, parse_shapes
 
-__all__ = ["add_model_args", "check_input_shapes", "check_target_options", "check_until", "dynamic_shapes", "fixed_batch", "load_batches",
-           "load_with_inputs"]
+__all__ = ["add_model_args", "check_input_shapes", "check_target_options", "check_until", "dynamic_shapes",
+           "fixed_batch", "load_batches", "load_with_inputs"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
