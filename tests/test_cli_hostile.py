@@ -22,7 +22,9 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     # -- code in model files -----------------------------------------------------------------------------------
     ("pt2-sample-inputs-fold", "fold {evil_inputs.pt2} -o {d}/o.pt2", 2, "data/sample_inputs/model.pt", ()),
     ("pt2-sample-inputs-inspect", "inspect {evil_inputs.pt2}", 2, "--input-shape", ()),
-    ("pt2-sample-inputs-check", "check {evil_inputs.pt2} {model.pt2} --data {calib.npz}", 2, "sample_inputs", ()),
+    ("pt2-sample-inputs-check", "check {evil_inputs.pt2} {model.pt2}", 2, "sample_inputs", ()),
+    ("pt2-sample-inputs-check-with-data", "check {evil_inputs.pt2} {model.pt2} --data {calib.npz} --no-localize", 0,
+     "parity PASS", ()),
     ("pt2-sample-inputs-optimize", "optimize {evil_inputs.pt2} -o {d}/out --target none --no-onnx", 2,
      "could run code", ()),
     ("pt2-sample-inputs-skipped-with-data", "diagnose {evil_inputs.pt2} --data {calib.npz}", 0, "drift verdict", ()),

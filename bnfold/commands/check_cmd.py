@@ -85,13 +85,17 @@ def register_loader(loader: Loader, *, first: bool = False) -> None:
     LOADERS.insert(0, loader) if first else LOADERS.append(loader)
 
 
-def load_runnable(path: str | Path, *, trusted_pickle: bool = False) -> Loaded:
-    """Load ``path`` with the first matching entry of :data:`LOADERS`."""
+def load_runnable(path: str | Path, *, trusted_pickle: bool = False, own_example_inputs: bool = False) -> Loaded:
+    """Load ``path`` with the first matching entry of :data:`LOADERS`. ``own_example_inputs``: the caller has
+    inputs, so a ``.pt2``'s stored example inputs that would need unpickling are skipped, not refused."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     for loader in LOADERS:
         if loader.matches(p):
+            if loader.load is _load_torch and own_example_inputs:
+                loaded = load_model(p, trusted_pickle=trusted_pickle, own_example_inputs=True)
+                return Loaded(loaded.module, loaded.kind, p, loaded.example_inputs)
             return loader.load(p, trusted_pickle)
     kinds = ", ".join(loader.kind for loader in LOADERS)
     raise InputError(f"{p}: bnfold cannot run this kind of file ({p.suffix or 'no suffix'})",
@@ -185,8 +189,9 @@ def _fit_one(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]
 
 
 def _check(args: argparse.Namespace) -> int:
-    ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle)
-    cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle)
+    own = bool(args.data or args.input_shape)
+    ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle, own_example_inputs=own)
+    cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     notes: list[str] = []
     inputs: list[Batch] | None = None
     shapes: list[list[int]] | None = None
