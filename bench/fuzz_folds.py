@@ -56,7 +56,7 @@ def _one(seed: int, captures: list[str], log: str | None) -> int:
     failures = 0
     case = make_case(seed)
     for capture in captures:
-        problem = check_fold(case.model, case.inputs, capture)
+        problem = check_fold(case.model, case.inputs, capture, case.check_inputs)
         if problem:
             failures += 1
             line = f"FAIL seed={seed} capture={capture}: {problem}\n  model: {case.description}"

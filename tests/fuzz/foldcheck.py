@@ -26,8 +26,20 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def check_fold(model: nn.Module, inputs: tuple[torch.Tensor, ...], capture: str) -> str | None:
-    """``None`` when the fold of ``model`` keeps every property above, else what broke."""
+def _batches(check_inputs: tuple[torch.Tensor, ...] | None, inputs: tuple[torch.Tensor, ...]
+             ) -> list[tuple[torch.Tensor, ...]]:
+    """``check_inputs`` cut into batches of the example's batch size (an exported graph fixes it)."""
+    if not check_inputs:
+        return [inputs]
+    n = int(inputs[0].shape[0])
+    total = int(check_inputs[0].shape[0]) // n * n
+    return [tuple(t[i:i + n] for t in check_inputs) for i in range(0, total, n)] or [inputs]
+
+
+def check_fold(model: nn.Module, inputs: tuple[torch.Tensor, ...], capture: str,
+               check_inputs: tuple[torch.Tensor, ...] | None = None) -> str | None:
+    """``None`` when the fold of ``model`` keeps every property above, else what broke. ``inputs`` are folded
+    with; parity is judged on ``check_inputs`` too when given (more samples: see ``modelgen.Case``)."""
     before = _snapshot(model)
     training = [m.training for m in model.modules()]
     try:
@@ -41,7 +53,8 @@ def check_fold(model: nn.Module, inputs: tuple[torch.Tensor, ...], capture: str)
     if changed or [m.training for m in model.modules()] != training:
         return f"input module mutated: {changed or 'training flags'}"
     try:
-        report = compare(model, result.module, [inputs], batch_independence=False, localize=False)
+        report = compare(model, result.module, _batches(check_inputs, inputs), batch_independence=False,
+                         localize=False)
     except Exception:
         return "compare crashed: " + traceback.format_exc(limit=-3).replace("\n", " | ")
     if not report.passed:
