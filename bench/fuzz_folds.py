@@ -4,13 +4,14 @@
 
 Models come from ``tests/fuzz/modelgen.py`` (seeds ``seed .. seed+models-1``); the properties are in
 ``tests/fuzz/foldcheck.py``. Prints progress, every failure (seed, capture, what broke, the model) and a
-summary line with the count and models per second (also when stopped early with Ctrl-C / SIGINT).
+summary line with the count and models per second (also when stopped early: SIGINT or SIGTERM).
 Exit 1 when anything failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import warnings
@@ -33,6 +34,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    # stop cleanly on SIGTERM and SIGINT (a background job starts with SIGINT ignored) with the summary line
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.default_int_handler)
     captures = args.captures.split(",")
     failures = done = 0
     start = time.perf_counter()
