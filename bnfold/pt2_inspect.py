@@ -214,9 +214,12 @@ def inspect_archive(data: bytes, path: Path) -> ArchiveInspection:
         raise InputError(f"{path} is not a torch.export archive (not a readable zip file: {exc})",
                          hint="re-save it with torch.export.save(torch.export.export(model, inputs), path)") from None
     names = [i.filename for i in infos]
-    roots = {n.split("/", 1)[0] for n in names}
-    root = f"{next(iter(roots))}/" if len(roots) == 1 and all("/" in n for n in names) else ""
-    rel = [n[len(root):] for n in names]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:  # two readers could pick different copies: what we inspect must be what torch loads
+        return ArchiveInspection("", [ArchiveFinding(duplicates[0], "appears more than once in the archive")])
+    # torch's reader takes the first record's folder as the archive root and sees only records under it
+    root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+    rel = [n[len(root):] for n in names if n.startswith(root)]
     out = ArchiveInspection(root)
     if "archive_format" not in rel:
         if any(r in ("version", "serialized_exported_program.json") or r.endswith(".pt") for r in rel):

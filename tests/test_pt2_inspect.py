@@ -113,3 +113,28 @@ def test_guard_code_allows_shape_checks_only(guard: str, safe: bool) -> None:
     from bnfold.pt2_inspect import _safe_guard
 
     assert _safe_guard(guard) is safe
+
+
+def test_archive_tricks_are_refused(files: tuple[dict[str, Path], Path], tmp_path: Path) -> None:
+    """Members torch would read that a naive inspection would not: a duplicated member (two zip readers may
+    pick different copies), and a pre-2.8 archive (pickled throughout)."""
+    import zipfile
+
+    paths, _ = files
+    src = zipfile.ZipFile(paths["evil_inputs.pt2"])
+    good = zipfile.ZipFile(paths["model.pt2"])
+    dup = tmp_path / "dup.pt2"
+    with zipfile.ZipFile(dup, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info.filename))
+        name = next(n for n in good.namelist() if n.endswith("data/sample_inputs/model.pt"))
+        z.writestr(name, good.read(name))  # a clean copy last: what zipfile.read returns
+    with pytest.raises(InputError, match="more than once"):
+        load_model(dup)
+    old = tmp_path / "old.pt2"
+    with zipfile.ZipFile(old, "w") as z:
+        z.writestr("old/version", "8.1")
+        z.writestr("old/serialized_state_dict.pt", b"pickle")
+    with pytest.raises(InputError, match=r"pre-2\.8"):
+        load_model(old)
