@@ -18,7 +18,7 @@ import torch.fx
 
 from bnfold.errors import InputError
 
-__all__ = ["InputSpec", "check_batches", "check_shape_request", "input_specs"]
+__all__ = ["InputSpec", "check_batches", "check_model_runs", "check_shape_request", "input_specs"]
 
 MAX_INPUT_BYTES = 4 << 30
 """``--input-shape`` requests above this (4 GiB per tensor) are refused as a likely typo."""
@@ -45,6 +45,22 @@ def input_specs(module: torch.nn.Module, example: Sequence[torch.Tensor] | None 
     if example:
         return [InputSpec((None,) * t.dim(), t.dtype) for t in example]
     return None
+
+
+def check_model_runs(module: torch.nn.Module, batch: Sequence[torch.Tensor], source: str) -> None:
+    """For a model whose input shapes are unknown (a pickled module), run it once on ``batch`` (eval mode, no
+    gradients, state unchanged) so that data it cannot take is an input error naming ``source``, not a crash
+    in the middle of the work."""
+    from bnfold.graph import quiet_fx
+
+    try:
+        with torch.no_grad(), quiet_fx():
+            module(*batch)
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        shapes = ", ".join(str(tuple(t.shape)) for t in batch)
+        raise InputError(f"the model cannot run on {source} (inputs {shapes}): {type(exc).__name__}: {first}",
+                         hint="check the data's shape and dtype against what the model takes") from None
 
 
 def check_shape_request(shape: Sequence[int], spec_text: str, dtype: torch.dtype) -> None:

@@ -63,6 +63,8 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     ("optimize-validate-nan", "optimize {model.pt2} --validate {nan.npz} -o {d}/out --target none", 2, "NaN", ()),
     ("recalibrate-wrong-shape", "recalibrate {model.pt2} --data {wrong_shape.npz} -o {d}/r.pt2", 2,
      "has shape (4, 5, 8, 8) but the model expects (N, 3, 8, 8)", ()),
+    ("pickled-model-misfit-data", "diagnose {pickled.pt} --trust-pickle --data {wrong_shape.npz}", 2,
+     "the model cannot run on", ()),
     ("diagnose-wrong-rank", "diagnose {model.pt2} --data {wrong_rank.npz}", 2, "rank 4", ()),
     ("diagnose-int-data", "diagnose {model.pt2} --data {ints.npz}", 2, "is int64 but the model takes float32", ()),
     ("check-bool-data", "check {model.pt2} {model.pt2} --data {bools.npz}", 2, "is bool", ()),

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from bnfold.data import load_tensors, split_batches
-from bnfold.data_checks import check_batches, input_specs
+from bnfold.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.errors import InputError
 from bnfold.io import LoadedModel, load_model, parse_shapes
 
@@ -104,6 +104,8 @@ def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, l
     raw = load_tensors(data, keys=opt["key"])
     check_batches(raw, specs, data, names=opt["key"])
     batches = split_batches([tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in raw], batch_size)
+    if not isinstance(loaded.module, torch.fx.GraphModule):  # shapes unknown: one forward finds a misfit
+        check_model_runs(loaded.module, batches[0], data)
     if fixed is not None and batches[-1][0].shape[0] != fixed:
         print(f"bnfold: note: dropping the last {batches[-1][0].shape[0]} samples (the model's batch size is fixed "
               f"at {fixed})", file=sys.stderr)
