@@ -65,6 +65,8 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
      "has shape (4, 5, 8, 8) but the model expects (N, 3, 8, 8)", ()),
     ("pickled-model-misfit-data", "diagnose {pickled.pt} --trust-pickle --data {wrong_shape.npz}", 2,
      "the model cannot run on", ()),
+    ("pickled-model-misfit-shape", "export-onnx {pickled.pt} --trust-pickle -o {d}/o.onnx --input-shape 2,5,8,8", 2,
+     "the model cannot run on --input-shape", ()),
     ("diagnose-wrong-rank", "diagnose {model.pt2} --data {wrong_rank.npz}", 2, "rank 4", ()),
     ("diagnose-int-data", "diagnose {model.pt2} --data {ints.npz}", 2, "is int64 but the model takes float32", ()),
     ("check-bool-data", "check {model.pt2} {model.pt2} --data {bools.npz}", 2, "is bool", ()),

@@ -67,6 +67,7 @@ def check_input_shapes(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
     """``--input-shape`` tensors fit a ``torch.export`` graph's inputs (rank and static sizes, batch included)."""
     expected = input_specs(module)
     if expected is None or not isinstance(module, torch.fx.GraphModule):
+        check_model_runs(module, inputs, "--input-shape " + " ".join(specs))  # shapes unknown: try them
         return
     if len(inputs) != len(expected):
         raise InputError(f"{len(inputs)} --input-shape given but the model takes {len(expected)} inputs "

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch.fx
+
 from bnfold.commands.common import check_target_options, load_batches
 from bnfold.data import load_tensors
-from bnfold.data_checks import check_batches, input_specs
+from bnfold.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.errors import InputError
 from bnfold.optimize import optimize, owned_entries
 from bnfold.outputs import check_output_dir
@@ -66,6 +68,8 @@ def _optimize(args: argparse.Namespace) -> int:
         dtype = next((t.dtype for t in inputs if t.is_floating_point()), None)
         validation = load_tensors(args.validate, keys=args.key, dtype=dtype)
         check_batches(validation, input_specs(loaded.module, inputs), args.validate, names=args.key)
+        if not isinstance(loaded.module, torch.fx.GraphModule):
+            check_model_runs(loaded.module, validation[0], args.validate)
     result = optimize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
                       capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
                       tvm_target=None if args.target == "none" else args.target, arch=args.arch,
