@@ -11,6 +11,7 @@ import torch.fx
 from torch import nn
 
 from bnfold.capture import CaptureMode
+from bnfold.errors import InputError
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
 from bnfold.graph import propagate_shapes
 from bnfold.parity import compare
@@ -64,7 +65,10 @@ def fold(
         gm.recompile()
     report = _build_report(captured.mode, _candidates(passes), main, final)
     if check:
-        parity = compare(_reference(model), gm, inputs)
+        try:
+            parity = compare(_reference(model), gm, inputs)
+        except InputError as err:  # the original ran on these inputs when it was captured: this is ours
+            raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
         report.parity = parity.summary()
     return FoldResult(gm, report)
 
