@@ -11,8 +11,8 @@ import torch.fx
 from torch import nn
 
 from bnfold.capture import CaptureMode
-from bnfold.errors import InputError
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
+from bnfold.errors import InputError
 from bnfold.graph import propagate_shapes
 from bnfold.parity import compare
 from bnfold.passes import Candidate, Pipeline, finalize_passes, fold_passes
