@@ -13,6 +13,7 @@ from torch import nn
 
 from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
+from bnfold.errors import InputError
 from bnfold.parity import compare
 from bnfold.passes import (
     Category,
@@ -67,7 +68,10 @@ def fold(
     inputs = _as_inputs(example_inputs)
     result = fold_captured(_capture(model, inputs, capture), until=until, dump_ir=dump_ir, instruments=instruments)
     if check:
-        parity = compare(_reference(model), result.module, inputs)
+        try:
+            parity = compare(_reference(model), result.module, inputs)
+        except InputError as err:  # the original ran on these inputs when it was captured: this is ours
+            raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
         result.report.parity = parity.summary()
     return result
 

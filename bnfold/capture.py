@@ -109,7 +109,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             return Captured(gm, m, inputs, owns_state=copy_model)
         except Exception as exc:
             log.debug("capture by %s failed: %s", m, exc)
-            errors.append(f"{m}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc
+            errors.append(f"{m}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph ({'; '.join(errors)})",
         hint="try capture='export' for data-dependent Python control flow, or check the example inputs' "

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from bnfold import __version__
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, InternalError
 
 __all__ = ["build_parser", "main"]
 
@@ -39,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except InternalError as err:  # a pass raised: our bug, named with the pass and node (exit 3, not 2)
+        logging.getLogger("bnfold").debug("internal error", exc_info=True)
+        print(f"bnfold {args.command}: internal error: {err}\n"
+              "  this is a bnfold bug; rerun with -vv for the traceback and report it", file=sys.stderr)
+        return 3
     except BnfoldError as err:
         print(f"bnfold {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -106,7 +106,17 @@ def _from_npz(p: Path, keys: Sequence[str] | None) -> Batch:
         missing = [k for k in chosen if k not in names]
         if missing:
             raise InputError(f"{p} has no array(s) {missing}", hint=f"it holds {names}")
-        return tuple(_to_tensor(archive[k], p, k) for k in chosen)
+        return tuple(_to_tensor(_npz_array(archive, k, p), p, k) for k in chosen)
+
+
+def _npz_array(archive: Any, key: str, p: Path) -> Any:
+    """One array of an open ``.npz`` (arrays are read lazily: an object array is refused only here)."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        raise InputError(f"{p}[{key}] could not be read without unpickling objects: {exc}", hint=_HINT) from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{p}[{key}] is not a readable array: {exc}", hint=_HINT) from None
 
 
 def _from_torch(p: Path, keys: Sequence[str] | None) -> list[Batch]:

@@ -91,7 +91,7 @@ class DriftReport:
     @property
     def ranking(self) -> list[LayerDrift]:
         """Layers from the most to the least drifted."""
-        return sorted(self.layers, key=lambda layer: layer.score, reverse=True)
+        return sorted(self.layers, key=lambda layer: (not math.isfinite(layer.score), layer.score), reverse=True)
 
     @property
     def worst(self) -> LayerDrift | None:
@@ -99,10 +99,15 @@ class DriftReport:
 
     @property
     def should_recalibrate(self) -> bool:
-        return self.worst is not None and self.worst.score > self.threshold
+        """The worst layer drifted past the threshold — or scores NaN/Inf, which is never "ok"."""
+        worst = self.worst
+        return worst is not None and (not math.isfinite(worst.score) or worst.score > self.threshold)
 
     @property
     def verdict(self) -> str:
+        worst = self.worst
+        if worst is not None and not math.isfinite(worst.score):
+            return "not finite"
         return "recalibrate" if self.should_recalibrate else "ok"
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,7 +124,9 @@ class DriftReport:
         }
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kwargs)
+        from bnfold.parity import json_safe
+
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False, **kwargs)
 
     def render(self, top: int | None = None) -> str:
         from bnfold.report import format_table
@@ -129,6 +136,9 @@ class DriftReport:
             head = "drift: no BatchNorm layer saw data"
         else:
             compare = ">" if self.should_recalibrate else "≤"
+            if self.verdict == "not finite":
+                compare = "(NaN/Inf: the statistics the layer saw are not finite, so drift cannot be judged;"\
+                          " check the data and the model's stored statistics) vs"
             head = (f"drift verdict: {self.verdict.upper()} — worst layer {worst.name} scores {worst.score:.3f} "
                     f"{compare} threshold {self.threshold:g} ({self.samples} samples, {len(self.layers)} layers)")
         rows = [[str(i + 1), layer.name, f"{layer.score:.3f}", f"{layer.mean_shift:.3f}",

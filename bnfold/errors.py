@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BnfoldError", "CaptureError", "InputError", "InternalError"]
+__all__ = ["BnfoldError", "CaptureError", "InputError", "InternalError", "OutputError"]
 
 
 class BnfoldError(Exception):
@@ -34,3 +34,7 @@ class InternalError(BnfoldError):
         self.pass_name = pass_name
         self.node = node
         self.passes_before = passes_before
+
+
+class OutputError(BnfoldError):
+    """An output could not be written (disk full, permission denied); nothing half-written was left."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -151,8 +152,22 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
         return
     except Exception as exc:  # fake propagation is an optimisation only
         log.debug("fake shape propagation failed (%s); running the graph for real", exc)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_fx():
         ShapeProp(gm).propagate(*example_inputs)
+
+
+@contextlib.contextmanager
+def quiet_fx() -> Iterator[None]:
+    """Keep torch.fx from printing a traceback to stderr when a graph fails to run (``ShapeProp`` and
+    ``GraphModule.__call__`` both do, before raising): the exception carries the message, and what fx wrote
+    goes to the debug log."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        if buffer.getvalue():
+            log.debug("torch.fx wrote to stderr:\n%s", buffer.getvalue())
 
 
 def _meta(node: torch.fx.Node) -> TensorMetadata | None:

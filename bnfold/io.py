@@ -1,27 +1,34 @@
 """Load and save model files safely.
 
-Inputs: a ``torch.export``-saved ``.pt2`` (example inputs are read from the file when it has them), or a
-pickled ``nn.Module`` (``.pt``/``.pth``) when the user says it is trusted. Outputs are written to a temporary
+Inputs: a ``torch.export``-saved ``.pt2`` (example inputs are read from the file when it has them), inspected
+before loading so that nothing in it unpickles or runs (:mod:`bnfold.pt2_inspect`), or a pickled ``nn.Module``
+(``.pt``/``.pth``) when the user says it is trusted. Outputs are written to a temporary
 file in the destination folder and renamed into place, so a failure never leaves a half-written file, and
 the user's input file is never overwritten.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
+import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bnfold.data_checks import check_shape_request
 from bnfold.errors import InputError
+from bnfold.outputs import atomic_output, write_bytes_atomic
+from bnfold.pt2_inspect import load_exported
 
-__all__ = ["LoadedModel", "atomic_output", "load_model", "parse_shapes", "save_exported"]
+__all__ = ["MARKER", "LoadedModel", "atomic_output", "is_bnfold_pt2", "load_model", "parse_shapes", "save_exported"]
+
+MARKER = "bnfold.json"
+"""Extra file bnfold adds to every ``.pt2`` it writes: how ``--force`` recognizes its own earlier output."""
 
 
 @dataclass
@@ -51,6 +58,7 @@ def parse_shapes(specs: Sequence[str] | None, dtype: str = "float32") -> tuple[t
                              hint="write it like 1,3,224,224") from None
         if not shape or any(d <= 0 for d in shape):
             raise InputError(f"--input-shape {spec!r} must list positive sizes", hint="e.g. 1,3,224,224")
+        check_shape_request(shape, spec, torch_dtype)
         out.append(torch.randn(shape, generator=gen).to(torch_dtype))
     return tuple(out)
 
@@ -63,8 +71,13 @@ def _check_readable(path: Path) -> None:
                          hint="pass a .pt2 file saved with torch.export.save")
 
 
-def load_model(path: str | os.PathLike[str], *, trusted_pickle: bool = False) -> LoadedModel:
-    """Load a model file for bnfold (see module docstring for the formats)."""
+def load_model(path: str | os.PathLike[str], *, trusted_pickle: bool = False,
+               own_example_inputs: bool = False) -> LoadedModel:
+    """Load a model file for bnfold (see module docstring for the formats).
+
+    A ``.pt2`` is inspected first (:mod:`bnfold.pt2_inspect`): members that would unpickle or run code are
+    refused unless ``trusted_pickle``. ``own_example_inputs``: the caller has its own example inputs (the CLI's
+    ``--input-shape``), so stored ones that would need unpickling are skipped rather than refused."""
     p = Path(path)
     _check_readable(p)
     suffix = p.suffix.lower()
@@ -73,12 +86,18 @@ def load_model(path: str | os.PathLike[str], *, trusted_pickle: bool = False) ->
             raise InputError(f"{p} is not a torch.export archive (not a zip file); it may be truncated",
                              hint="re-save it with torch.export.save(torch.export.export(model, inputs), path)")
         try:
-            ep = torch.export.load(str(p))
+            ep = load_exported(p, trusted=trusted_pickle, drop_example_inputs=own_example_inputs)
+        except InputError:
+            raise
         except Exception as exc:
-            raise InputError(f"{p} could not be loaded by torch.export.load: {type(exc).__name__}: {exc}",
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(f"{p} could not be loaded by torch.export.load: {type(exc).__name__}: {first}",
                              hint="was it saved by a compatible torch version with torch.export.save?") from None
         inputs = _example_inputs(ep)
-        module = ep.module()
+        try:
+            module = ep.module()
+        except Exception as exc:
+            raise InputError(f"{p} holds a program torch cannot rebuild: {type(exc).__name__}: {exc}") from None
         return LoadedModel(module, inputs, p, "pt2")
     if suffix in (".pt", ".pth"):
         if not trusted_pickle:
@@ -108,38 +127,22 @@ def _example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...
     return tensors if len(tensors) == len(args) else None
 
 
-@contextlib.contextmanager
-def atomic_output(dest: str | os.PathLike[str], *, protect: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; on success rename it to ``dest``, on failure delete it.
-
-    Refuses to write over any path in ``protect`` (the user's inputs).
-    """
-    d = Path(dest)
-    for q in protect:
-        if Path(q).exists() and d.exists() and d.resolve() == Path(q).resolve():
-            raise InputError(f"refusing to overwrite the input file {q}", hint="choose another -o path")
-    if d.is_dir():
-        raise InputError(f"{d} is a folder", hint="give a file name such as model_folded.pt2")
-    parent = d.parent if str(d.parent) else Path(".")
-    if not parent.exists():
-        raise InputError(f"output folder {parent} does not exist")
-    # keep the real suffix last: some writers (torch.export.save) check it
-    fd, tmp = tempfile.mkstemp(prefix=f".{d.stem}.", suffix=f".partial{d.suffix}", dir=parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, d)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_exported(module: nn.Module, example_inputs: Sequence[torch.Tensor], dest: str | os.PathLike[str], *,
                   protect: Sequence[str | os.PathLike[str]] = (),
                   export: Callable[..., torch.export.ExportedProgram] | None = None) -> Path:
     """Export ``module`` with ``torch.export`` and save it to ``dest`` atomically."""
+    from bnfold import __version__
+
     ep = (export or torch.export.export)(module, tuple(example_inputs))
-    with atomic_output(dest, protect=protect) as tmp:
-        torch.export.save(ep, str(tmp))
-    return Path(dest)
+    buffer = io.BytesIO()  # serialized in memory first: torch's C++ writer aborts the process on a full disk
+    torch.export.save(ep, buffer, extra_files={MARKER: json.dumps({"writer": "bnfold", "version": __version__})})
+    return write_bytes_atomic(dest, buffer.getvalue(), protect=protect)
+
+
+def is_bnfold_pt2(path: str | os.PathLike[str]) -> bool:
+    """``path`` is a ``.pt2`` that bnfold wrote (it carries bnfold's marker among its extra files)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith(f"/extra/{MARKER}") for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from bnfold.api import fold
 from bnfold.capture import CaptureMode
 from bnfold.errors import BnfoldError, InputError
 from bnfold.io import save_exported
+from bnfold.outputs import check_output_dir, output_error, publish_dir, staging_dir
+from bnfold.parity import json_safe
 from bnfold.report import FoldReport, format_table
 
 __all__ = ["OptimizeResult", "optimize"]
@@ -99,23 +100,26 @@ def _timed(result: OptimizeResult, stage: str):
         result.seconds[stage] = time.perf_counter() - start
 
 
-def _staging_dir(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"{out} exists and is not empty", hint="choose a new output folder or pass --force")
-    if not out.parent.exists():
-        raise InputError(f"output folder's parent {out.parent} does not exist")
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+OWNERSHIP = ".bnfold-output.json"
+"""Written last into every ``optimize`` output folder: lists what bnfold put there, so ``--force`` can tell its
+own earlier output (replaced) from a folder holding anything else (refused)."""
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out`` (replacing an old one only after success)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def owned_entries(out: Path) -> set[str] | None:
+    """The entries (relative paths) bnfold's manifest in ``out`` lists, or None when ``out`` is not ours."""
+    try:
+        doc = json.loads((out / OWNERSHIP).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("writer") != "bnfold" or not isinstance(doc.get("entries"), list):
+        return None
+    return {str(e) for e in doc["entries"]} | {OWNERSHIP}
+
+
+def _write_ownership(staging: Path) -> None:
+    entries = sorted(str(p.relative_to(staging)) for p in staging.rglob("*"))
+    (staging / OWNERSHIP).write_text(json.dumps({"writer": "bnfold", "command": "optimize", "entries": entries},
+                                                indent=1) + "\n")
 
 
 def optimize(
@@ -143,16 +147,21 @@ def optimize(
     where a GPU is) or ``None`` to skip TVM. The caller's model is never modified.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    out = Path(out_dir)
-    staging = _staging_dir(out, overwrite)
+    out = check_output_dir(out_dir, protect, force=overwrite, owned=owned_entries)
+    staging = staging_dir(out)
     result = OptimizeResult(out, None, None, None)
     try:
         _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
              tvm_target, arch, tune_trials, cache_dir, protect)
-        (staging / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
+                                                            allow_nan=False))
         result.artifacts["report"] = "report.json"
         (staging / "report.txt").write_text(str(result) + "\n")
-        _publish(staging, out)
+        _write_ownership(staging)
+        publish_dir(staging, out)
+    except OSError as exc:  # disk full, permission: a clean error saying what was not written
+        shutil.rmtree(staging, ignore_errors=True)
+        raise output_error(out, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

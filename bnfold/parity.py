@@ -228,10 +228,26 @@ def _as64(batch: Batch) -> Batch:
 
 def run_batches(fn: Callable[..., Any], batches: Sequence[Batch]) -> list[list[torch.Tensor]]:
     """``fn`` on every batch (no autograd); each output flattened, detached and moved to the CPU."""
+    from bnfold.errors import BnfoldError, InputError
+    from bnfold.graph import quiet_fx
+
     out = []
     with torch.no_grad():
-        for b in batches:
-            out.append([t.detach().cpu() for t in flatten_outputs(fn(*b))])
+        for k, b in enumerate(batches):
+            try:
+                with quiet_fx():
+                    result = fn(*b)
+            except BnfoldError:
+                raise
+            except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
+                # the model (the user's, in every call of this) cannot run on the user's inputs
+                shapes = ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                                   for t in b)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise InputError(f"{type(fn).__name__} failed on batch {k} (inputs {shapes}): "
+                                 f"{type(exc).__name__}: {first}",
+                                 hint="check the inputs' shapes and dtypes against the model's") from None
+            out.append([t.detach().cpu() for t in flatten_outputs(result)])
     return out
 
 
@@ -341,6 +357,11 @@ class OutputStats:
             sqnr = 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
         rmse_c = rmse_r = bound = None
         reasons = []
+        if self.elements == 0:
+            reasons.append("no elements to compare (zero samples): parity cannot be judged")
+        if self.nan or self.reference_nan:  # NaN never passes, even where both sides agree on it
+            reasons.append(f"outputs hold NaN (reference {self.reference_nan}, candidate {self.nan} elements): "
+                           "parity cannot be judged")
         if self.nonfinite_mismatch:
             reasons.append(f"{self.nonfinite_mismatch} elements are NaN/Inf in one output but not the other")
         if self.n64:

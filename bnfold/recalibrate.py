@@ -128,7 +128,9 @@ class RecalibrationReport:
                 "no_data": self.no_data, "reused": self.reused, "layers": [e.to_dict() for e in self.layers]}
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kwargs)
+        from bnfold.parity import json_safe
+
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False, **kwargs)
 
     def __str__(self) -> str:
         from bnfold.report import format_table

@@ -63,7 +63,9 @@ class FoldReport:
         }
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str, **kwargs)
+        from bnfold.parity import json_safe
+
+        return json.dumps(json_safe(self.to_dict()), indent=2, default=str, allow_nan=False, **kwargs)
 
     def __str__(self) -> str:
         return self.render(explain=True)

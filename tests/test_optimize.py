@@ -27,7 +27,8 @@ def test_optimize_writes_verified_artifacts(tmp_path: Path, digits) -> None:
     out = tmp_path / "deploy"
     result = optimize(model, (digits.x_test[:16],), out, calibration=calib, validation=val)
     assert result.passed, str(result)
-    assert sorted(p.name for p in out.iterdir()) == ["folded.pt2", "model.onnx", "report.json", "report.txt", "tvm"]
+    assert sorted(p.name for p in out.iterdir()) == [".bnfold-output.json", "folded.pt2", "model.onnx", "report.json",
+                                                    "report.txt", "tvm"]
     names = [s.name for s in result.stages.stages]
     assert names == ["original", "recalibrated", "folded", "onnx", "tvm"]
     report = json.loads((out / "report.json").read_text())

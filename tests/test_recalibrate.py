@@ -841,3 +841,16 @@ def test_demo_stage_recovers_at_least_half_of_the_lost_accuracy() -> None:
     # the same calibration batches: update_bn measures with DigitsNet's Dropout2d on, and falls behind
     assert repaired["recalibrate (batch)"]["accuracy"] > repaired["update_bn"]["accuracy"]
     assert repaired["recalibrate (batch)"]["residual_drift"] < repaired["update_bn"]["residual_drift"]
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_tt_metal_55440_running_variance_is_unbiased(mode: str) -> None:
+    """tt-metal PR#55440: recalibrated running variance without Bessel's correction (biased, n instead of n-1).
+    With 3 values per channel the two differ by a factor 1.5, so the check cannot pass by accident."""
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(2)).eval()
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [4.0, 70.0]])
+    bnfold.recalibrate(model, [x], mode=mode)
+    bn = model[1]
+    torch.testing.assert_close(bn.running_var, x.var(0, correction=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(bn.running_mean, x.mean(0), rtol=1e-6, atol=0)
+    assert not torch.allclose(bn.running_var, x.var(0, correction=0))

@@ -445,3 +445,21 @@ def test_tiny_budget_tunes_every_kernel_and_second_compile_reuses_the_database(s
     assert 0 < more.build_info["tuning"]["trials_run"] <= 16 - tuning["trials_run"] + len(tuning["tasks"])
     assert "topped up" in more.build_info["tuning"]["note"]
     assert bnfold.compare(gm, more, (x,)).passed
+
+
+def test_tvm_18703_19574_unfolded_bn_runs_in_inference_mode(tmp_path):
+    """apache/tvm#18703, #19574: BatchNorm imported (or legalized) in training mode made the compiled model
+    normalize with the batch's statistics. A model compiled with its BN left unfolded must use the running
+    statistics: each sample's output equals the eval-mode model's and does not depend on the rest of the batch."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntunedKernelsWarning)
+        art = compile(model, (x,), cache_dir=tmp_path)  # the BN is not folded: TVM imports and lowers it
+    other = x.clone()
+    other[1:] = torch.randn(3, 3, 8, 8) * 10 + 5  # very different batch statistics
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(art(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(art(other)[0], art(x)[0], rtol=1e-5, atol=1e-5)

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from bnfold.commands.common import check_input_shapes
 from bnfold.data import Batch, load_tensors, split_batches
+from bnfold.data_checks import check_batches, input_specs
 from bnfold.errors import InputError
 from bnfold.io import load_model
-from bnfold.parity import ParityReport, compare
+from bnfold.parity import ParityReport, compare, json_safe
 
 __all__ = ["LOADERS", "Loaded", "Loader", "load_runnable", "register", "register_loader"]
 
@@ -83,13 +85,17 @@ def register_loader(loader: Loader, *, first: bool = False) -> None:
     LOADERS.insert(0, loader) if first else LOADERS.append(loader)
 
 
-def load_runnable(path: str | Path, *, trusted_pickle: bool = False) -> Loaded:
-    """Load ``path`` with the first matching entry of :data:`LOADERS`."""
+def load_runnable(path: str | Path, *, trusted_pickle: bool = False, own_example_inputs: bool = False) -> Loaded:
+    """Load ``path`` with the first matching entry of :data:`LOADERS`. ``own_example_inputs``: the caller has
+    inputs, so a ``.pt2``'s stored example inputs that would need unpickling are skipped, not refused."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     for loader in LOADERS:
         if loader.matches(p):
+            if loader.load is _load_torch and own_example_inputs:
+                loaded = load_model(p, trusted_pickle=trusted_pickle, own_example_inputs=True)
+                return Loaded(loaded.module, loaded.kind, p, loaded.example_inputs)
             return loader.load(p, trusted_pickle)
     kinds = ", ".join(loader.kind for loader in LOADERS)
     raise InputError(f"{p}: bnfold cannot run this kind of file ({p.suffix or 'no suffix'})",
@@ -126,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="dtype of --input-shape inputs (default float32)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--static-batch", action="store_true", help="keep the example's batch size fixed")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 18..23 (default: the exporter's)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
     p.add_argument("--json", action="store_true", help="print build info and parity as JSON")
@@ -182,13 +189,21 @@ def _fit_one(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]
 
 
 def _check(args: argparse.Namespace) -> int:
-    ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle)
-    cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle)
+    own = bool(args.data or args.input_shape)
+    ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle, own_example_inputs=own)
+    cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     notes: list[str] = []
     inputs: list[Batch] | None = None
     shapes: list[list[int]] | None = None
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.data:
-        inputs = load_tensors(args.data, keys=args.data_key, batch_size=args.batch_size, dtype=_dtype(args.dtype))
+        dtype = _dtype(args.dtype) or _model_dtype(ref) or _model_dtype(cand)
+        raw = load_tensors(args.data, keys=args.data_key)
+        specs = next((s for s in (_specs(ref), _specs(cand)) if s is not None), None)
+        check_batches(raw, specs, args.data, names=args.data_key)
+        inputs = [tuple(t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in b) for b in raw]
+        inputs = split_batches(inputs, args.batch_size) if args.batch_size else inputs
         inputs = _fit_batches(inputs, [ref, cand], notes)
     elif args.input_shape:
         shapes = _shapes(args.input_shape)
@@ -200,12 +215,24 @@ def _check(args: argparse.Namespace) -> int:
                      localize=not args.no_localize)
     report.notes[:0] = notes
     if args.json:
-        print(json.dumps({"reference": _describe(ref), "candidate": _describe(cand), "parity": report.to_dict()},
-                         indent=2))
+        record = {"reference": _describe(ref), "candidate": _describe(cand), "parity": report.to_dict()}
+        print(json.dumps(json_safe(record), indent=2, allow_nan=False))
     else:
         print(f"bnfold check: reference {ref.path} ({ref.kind}), candidate {cand.path} ({cand.kind})")
         print(report.render())
     return 0 if report.passed else 1
+
+
+def _specs(loaded: Loaded) -> list[Any] | None:
+    if isinstance(loaded.model, torch.nn.Module):
+        return input_specs(loaded.model, loaded.example_inputs)
+    return None
+
+
+def _model_dtype(loaded: Loaded) -> torch.dtype | None:
+    """The floating-point dtype a torch model's first floating input takes (data is cast to it)."""
+    specs = _specs(loaded)
+    return next((s.dtype for s in specs or () if s.dtype.is_floating_point), None)
 
 
 def _describe(loaded: Loaded) -> dict[str, Any]:
@@ -214,12 +241,18 @@ def _describe(loaded: Loaded) -> dict[str, Any]:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     from bnfold.io import parse_shapes
-    from bnfold.targets.onnx import OnnxRuntimeModel, export_onnx
+    from bnfold.outputs import check_output_file
+    from bnfold.targets.onnx import OnnxRuntimeModel, check_opset, export_onnx, is_bnfold_onnx
 
-    loaded = load_model(args.model, trusted_pickle=args.trust_pickle)
-    inputs = parse_shapes(args.input_shape, args.dtype) or loaded.example_inputs
+    check_opset(args.opset)
+    check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_onnx)
+    requested = parse_shapes(args.input_shape, args.dtype)
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=bool(args.input_shape))
+    inputs = requested or loaded.example_inputs
     if inputs is None:
         raise InputError(f"{args.model} stores no example inputs", hint="pass --input-shape, e.g. 1,3,224,224")
+    if requested:
+        check_input_shapes(loaded.module, requested, args.input_shape)
     out = export_onnx(loaded.module, inputs, args.output, simplify=not args.no_simplify,
                       dynamic_batch=not args.static_batch, opset=args.opset, protect=[args.model])
     report: ParityReport | None = None
@@ -227,7 +260,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         report = compare(loaded.module, OnnxRuntimeModel(out.path), None, example_inputs=inputs)
     if args.json:
         print(json.dumps({"output": str(out.path), "build_info": out.build_info,
-                          "parity": None if report is None else report.to_dict()}, indent=2))
+                          "parity": None if report is None else report.to_dict()}, indent=2, allow_nan=False))
     else:
         info = out.build_info
         print(f"wrote {out.path}: {info['nodes']} nodes, opset {info['opset']}, "

@@ -14,11 +14,13 @@ import sys
 import warnings
 
 from bnfold.api import fold
-from bnfold.commands.common import add_model_args, load_with_inputs
+from bnfold.commands.common import add_model_args, check_target_options, load_with_inputs
 from bnfold.errors import InputError
-from bnfold.parity import compare
+from bnfold.outputs import check_output_dir
+from bnfold.parity import compare, json_safe
 from bnfold.targets.tvm import UntunedKernelsWarning
 from bnfold.targets.tvm import compile as tvm_compile
+from bnfold.targets.tvm_artifact import artifact_entries
 
 __all__ = ["register"]
 
@@ -60,6 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _compile(args: argparse.Namespace) -> int:
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
+    if args.dynamic_batch is not None and not 1 <= args.dynamic_batch[0] <= args.dynamic_batch[1]:
+        raise InputError(f"--dynamic-batch {args.dynamic_batch[0]},{args.dynamic_batch[1]} is not a range "
+                         "1 <= MIN <= MAX")
+    check_target_options(args.target, args.arch)
+    check_output_dir(args.output, [args.model], force=args.force, owned=artifact_entries)  # before any work
     loaded, inputs = load_with_inputs(args)
     folded = fold(loaded.module, inputs, capture=args.capture)
     with warnings.catch_warnings(record=True) as caught:
@@ -80,9 +87,9 @@ def _compile(args: argparse.Namespace) -> int:
         parity = compare(folded.module, artifact, inputs)
         info["parity_vs_folded"] = parity.summary()
         passed = parity.passed
-    artifact.save(args.output, overwrite=args.force)
+    artifact.save(args.output, overwrite=args.force, protect=[args.model])
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(json_safe(info), indent=2, default=str, allow_nan=False))
     else:
         _print_summary(args.output, info)
     return 0 if passed else 1

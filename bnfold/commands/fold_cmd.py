@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from bnfold.api import fold, inspect
-from bnfold.commands.common import add_model_args, load_with_inputs
-from bnfold.io import save_exported
+from bnfold.commands.common import add_model_args, check_until, load_with_inputs
+from bnfold.io import is_bnfold_pt2, save_exported
+from bnfold.outputs import check_output_file
 
 __all__ = ["register"]
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fold", help="fold normalizations and save the result as .pt2")
     add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
     p.add_argument("--until", help="stop after this pass (debugging)")
     p.add_argument("--dump-ir", action="store_true", help="print the graph before and after every pass that changes it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -36,6 +38,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fold(args: argparse.Namespace) -> int:
+    check_until(args.until)
+    check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_pt2)
     loaded, inputs = load_with_inputs(args)
     result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
                   dump_ir=sys.stderr if args.dump_ir else None)

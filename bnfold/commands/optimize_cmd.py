@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from bnfold.commands.common import load_batches
+import torch.fx
+
+from bnfold.commands.common import check_target_options, load_batches
 from bnfold.data import load_tensors
-from bnfold.optimize import optimize
+from bnfold.data_checks import check_batches, check_model_runs, input_specs
+from bnfold.errors import InputError
+from bnfold.optimize import optimize, owned_entries
+from bnfold.outputs import check_output_dir
+from bnfold.parity import json_safe
 
 __all__ = ["register"]
 
@@ -38,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cached tuning database only)")
     p.add_argument("--cache-dir", help="tuning database folder (shared across models)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier bnfold optimize output "
+                   "(never a folder holding other files or the inputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
@@ -46,21 +53,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    if args.tune_trials < 0:
+        raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
+    check_target_options(args.target, args.arch)
+    inputs_given = [p for p in (args.model, args.data, args.validate) if p]
+    check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
     loaded, calibration = load_batches(args, args.data)
     inputs = loaded.example_inputs or (calibration[0] if calibration else None)
     if inputs is None:
-        from bnfold.errors import InputError
-
         raise InputError(f"{args.model} stores no example inputs and no --data was given",
                          hint="pass --data CALIB (its first batch is used as example inputs)")
     validation = None
     if args.validate:
         dtype = next((t.dtype for t in inputs if t.is_floating_point()), None)
         validation = load_tensors(args.validate, keys=args.key, dtype=dtype)
+        check_batches(validation, input_specs(loaded.module, inputs), args.validate, names=args.key)
+        if not isinstance(loaded.module, torch.fx.GraphModule):
+            check_model_runs(loaded.module, validation[0], args.validate)
     result = optimize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
                       capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
                       tvm_target=None if args.target == "none" else args.target, arch=args.arch,
                       tune_trials=args.tune_trials, cache_dir=args.cache_dir, overwrite=args.force,
-                      protect=[args.model])
-    print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result)
+                      protect=inputs_given)
+    print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False) if args.json else result)
     return 0 if result.passed else 1

@@ -8,13 +8,16 @@ stored example inputs (float32 when it stores none).
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 import torch.fx
 
 from bnfold.commands.common import dynamic_shapes, load_batches
 from bnfold.drift import DEFAULT_THRESHOLD, diagnose
-from bnfold.io import save_exported
+from bnfold.errors import InputError
+from bnfold.io import is_bnfold_pt2, save_exported
+from bnfold.outputs import check_output_file
 from bnfold.recalibrate import recalibrate
 
 __all__ = ["register"]
@@ -24,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics exactly on calibration data, save .pt2")
     _add_common(p)
     p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
     p.add_argument("--mode", choices=["batch", "sequential"], default="batch",
                    help="batch: layers normalize with batch statistics while measuring (1 pass, default); "
                         "sequential: inference-exact, one pass per BatchNorm layer")
@@ -54,6 +58,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
+    check_output_file(args.output, [args.model, args.data], force=args.force, is_ours=is_bnfold_pt2)
     loaded, batches = load_batches(args, args.data)
     report = recalibrate(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
                          mode=args.mode, progress=False if args.no_progress else None)
@@ -63,7 +68,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
     def export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
         return torch.export.export(module, inputs, dynamic_shapes=dynamic)
 
-    save_exported(loaded.module, example, args.output, protect=[args.model], export=export)
+    save_exported(loaded.module, example, args.output, protect=[args.model, args.data], export=export)
     if args.json:
         print(report.to_json())
     else:
@@ -73,6 +78,8 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
+    if not math.isfinite(args.threshold) or args.threshold < 0:
+        raise InputError(f"--threshold must be a finite number >= 0, got {args.threshold}")
     loaded, batches = load_batches(args, args.data)
     report = diagnose(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
                       threshold=args.threshold, progress=False if args.no_progress else None)

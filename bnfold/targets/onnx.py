@@ -200,6 +200,51 @@ def _build_info(model: Any, dynamic: bool, simplified: bool, opset: int | None) 
     }
 
 
+MIN_OPSET = 18
+"""The oldest opset torch's dynamo exporter translates to (``TORCHLIB_OPSET``)."""
+MAX_OPSET = 23
+"""The newest opset torch 2.14's exporter knows (``ONNX_MAX_OPSET``)."""
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter would not honour (it silently replaces one below 18)."""
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"--opset {opset} is outside what the exporter supports ({MIN_OPSET}..{MAX_OPSET})",
+                         hint=f"use an opset between {MIN_OPSET} and {MAX_OPSET}, or leave it out")
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX model whose external data lives outside the model's folder (absolute paths, ``..``,
+    symbolic links leading out): loading it would read arbitrary files."""
+    onnx = _require("onnx")
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InputError(f"{path} is not a readable ONNX model: {type(exc).__name__}: {exc}") from None
+    folder = os.path.realpath(path.parent)
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        real = os.path.realpath(os.path.join(folder, location))
+        if os.path.isabs(location) or not real.startswith(folder + os.sep):
+            raise InputError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the model's "
+                             "folder; bnfold does not read files outside it",
+                             hint="keep external data files next to the .onnx file (relative names)")
+
+
+def is_bnfold_onnx(path: Path) -> bool:
+    """``path`` is an ONNX file bnfold wrote (its metadata carries bnfold's build info)."""
+    try:
+        onnx = _require("onnx")
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(p.key == _METADATA_KEY for p in model.metadata_props)
+
+
 class OnnxRuntimeModel:
     """An ONNX file run by ONNX Runtime, callable on torch tensors: ``model(*tensors)`` returns a tensor (one
     output) or a tuple of tensors, on the CPU.
@@ -214,6 +259,7 @@ class OnnxRuntimeModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such ONNX file")
+        check_external_data(self.path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

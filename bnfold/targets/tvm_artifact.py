@@ -12,15 +12,13 @@ requirement) are passed without a copy, and outputs come back as torch tensors s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,44 +218,33 @@ class TvmArtifact:
     def files(self) -> list[Path]:
         return [p for p in sorted(self._dir.iterdir()) if p.is_file()]
 
-    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False,
+             protect: Sequence[str | os.PathLike[str]] = ()) -> Path:
         """Copy the artifact to folder ``path`` atomically (built in a sibling temp folder, then renamed).
 
         The manifest written is :attr:`build_info` as it is now (annotations such as parity results persist).
 
-        An existing folder is replaced only if ``overwrite`` and it is itself an artifact (has a manifest).
+        An existing folder is replaced only if ``overwrite`` and it is itself an artifact holding nothing but
+        the files its manifest lists; a folder containing a path in ``protect`` (the user's inputs) never is.
         """
+        from bnfold.outputs import check_output_dir, output_error, publish_dir, staging_dir
+
         dest = Path(path)
-        if dest.resolve() == self._dir.resolve():
+        if dest.exists() and dest.resolve() == self._dir.resolve():
             return dest
-        if dest.exists():
-            if not dest.is_dir():
-                raise InputError(f"{dest} exists and is not a folder", hint="choose another output path")
-            if any(dest.iterdir()):
-                if not overwrite:
-                    raise InputError(f"{dest} already exists and is not empty", hint="pass --force / overwrite=True "
-                                     "to replace an earlier artifact, or choose another folder")
-                if not (dest / MANIFEST).exists():
-                    raise InputError(f"refusing to replace {dest}: it is not a bnfold artifact folder")
-        parent = dest.parent if str(dest.parent) else Path(".")
-        if not parent.exists():
-            raise InputError(f"output folder {parent} does not exist")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
+        check_output_dir(dest, protect, force=overwrite, owned=artifact_entries)
+        tmp = staging_dir(dest)
         try:
             for f in self.files():
                 if f.name != MANIFEST:
                     shutil.copy2(f, tmp / f.name)
             (tmp / MANIFEST).write_text(json.dumps(self.build_info, indent=2, default=str) + "\n")
-            if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=parent))
-                os.replace(dest, old / "x")
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            publish_dir(tmp, dest)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise output_error(dest, exc) from None
         except BaseException:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
 
@@ -266,6 +253,18 @@ class TvmArtifact:
         tuning = self.build_info.get("tuning", {})
         return (f"TvmArtifact({t.get('kind')}:{t.get('arch') or t.get('mcpu')}, "
                 f"untuned={len(tuning.get('untuned', []))}, dir={str(self._dir)!r})")
+
+
+def artifact_entries(path: Path) -> set[str] | None:
+    """The files a bnfold artifact folder's manifest accounts for, or None when ``path`` is not an artifact."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    files = manifest.get("files") or {}
+    return {MANIFEST, *(str(v) for v in (files.values() if isinstance(files, dict) else files))}
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Mapping[str, Any]:

@@ -72,3 +72,126 @@ def test_pytorch_120545_half_precision_fold_does_not_grow_error(capture_mode: st
             e_fold = float((result.module(x).double() - ref64).norm() / ref64.norm())
         tol = Tolerance.for_dtype(dtype, rounding_depth(model))
         assert e_fold <= tol.bound(e_orig, 1.0), (dtype, e_fold, e_orig)
+
+
+class ConvFeedsBNAndMore(nn.Module):
+    """executorch PR#20601: the fusion checked the *BN's* users instead of the *conv's*; the conv output also
+    feeds another branch, which then saw the BN-scaled weights (max error 76.2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([self.bn(y), y * 2.0], dim=1)
+
+
+def test_executorch_20601_conv_with_other_users_is_not_fused(capture_mode: str) -> None:
+    model = randomize_bn(ConvFeedsBNAndMore())
+    x = torch.randn(2, 3, 8, 8)
+    result = bnfold.fold(model, (x,), capture=capture_mode)
+    assert result.report.parity["passed"], result.report.parity
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x)[:, 6:], model(x)[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+class SharedConvTwoBNs(nn.Module):
+    """pytorch/ao PR#2795: a conv shared by two call sites, each followed by its own BN, got both BNs folded
+    into the one weight (the second fold applied on top of the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x.flip(-1)))
+
+
+def test_ao_2795_bn_not_folded_repeatedly_into_shared_conv_weights(capture_mode: str) -> None:
+    model = randomize_bn(SharedConvTwoBNs())
+    weight = model.conv.weight.detach().clone()
+    fold_and_check(model, (torch.randn(2, 4, 6, 6),), capture_mode, folded=2)
+    assert torch.equal(model.conv.weight, weight)
+
+
+class SamePairTwice(nn.Module):
+    """pytorch#124286: one Conv-BN pair called twice in forward was fused once per trace but applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_pytorch_124286_same_conv_bn_pair_called_twice(capture_mode: str) -> None:
+    model = randomize_bn(SamePairTwice())
+    result = fold_and_check(model, (torch.randn(2, 4, 6, 6),), capture_mode, folded=2)  # one per call site
+    assert count_batchnorm(result.module) == 0
+
+
+def test_pytorch_144888_bf16_fold_error_stays_within_the_rule(capture_mode: str) -> None:
+    """pytorch#144888: bf16 conv-BN folding had 7.5x the unfolded model's error against float64. Folding in
+    float64 and casting once must stay within the parity rule (≤ 3x the reference's bf16 error + floor)."""
+    from bnfold.parity import compare
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                       nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))).to(torch.bfloat16)
+    x = torch.randn(4, 8, 12, 12).to(torch.bfloat16)
+    folded = bnfold.fold(model, (x,), capture=capture_mode, check=False).module
+    assert count_batchnorm(folded) == 0
+    report = compare(model, folded, [(x,)], batch_independence=False)
+    assert report.passed, report.summary()
+    out = report.outputs[0]
+    assert out.rmse_vs_fp64 <= 2.0 * out.reference_rmse_vs_fp64, out  # nowhere near 7.5x
+
+
+def test_pytorch_184076_grouped_conv_transpose_1d_3d_and_bn_before(capture_mode: str) -> None:
+    """pytorch PR#184076 / #180995: grouped ConvTranspose weight layout (in, out/groups, k…), in 1-D and 3-D,
+    with BN after (producer fold) and before (consumer fold, scale only)."""
+    m1 = randomize_bn(nn.Sequential(nn.ConvTranspose1d(6, 4, 3, stride=2, groups=2), nn.BatchNorm1d(4)))
+    fold_and_check(m1, (torch.randn(2, 6, 5),), capture_mode, folded=1)
+    m3 = randomize_bn(nn.Sequential(nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2), nn.BatchNorm3d(6)))
+    fold_and_check(m3, (torch.randn(2, 4, 3, 3, 3),), capture_mode, folded=1)
+    before = randomize_bn(nn.Sequential(nn.BatchNorm2d(6), nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2)))
+    result = bnfold.fold(before, (torch.randn(2, 6, 4, 4),), capture=capture_mode)
+    assert result.report.parity["passed"], result.report.parity
+
+
+class TiedLMHead(nn.Module):
+    """QuaRot PR#17 / GPTQModel PR#1550: folding the final norm's weight into an lm_head whose weight is tied to
+    the embedding scaled the embedding too, corrupting every token's input."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(13, 8)
+        self.norm = norm
+        self.lm_head = nn.Linear(8, 13, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.embed(tokens)))
+
+
+def test_quarot_17_gptqmodel_1550_norm_not_folded_into_tied_lm_head(capture_mode: str) -> None:
+    for norm in (nn.LayerNorm(8), nn.RMSNorm(8)):
+        torch.manual_seed(0)
+        model = TiedLMHead(norm).eval()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+        embedding = model.embed.weight.detach().clone()
+        tokens = torch.randint(0, 13, (2, 5))
+        result = bnfold.fold(model, (tokens,), capture=capture_mode)
+        assert result.report.parity["passed"], result.report.parity
+        assert torch.equal(model.embed.weight, embedding)
+        with torch.no_grad():
+            torch.testing.assert_close(result.module(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+        # the folded model's embedding lookup still returns the original vectors
+        folded_embed = [t for name, t in result.module.state_dict().items() if t.shape == embedding.shape]
+        assert any(torch.equal(t, embedding) for t in folded_embed)

@@ -1,0 +1,232 @@
+"""Where outputs go: never over an input, never over a file bnfold did not write, atomically, honouring umask.
+
+Rules every command follows (the CLI passes its inputs — model, data, validation set — as ``inputs``):
+
+* an output is never an input, compared by identity (``os.path.samefile``: symlinks and hard links included);
+* an output folder never contains an input (a ``--force`` replace would delete it);
+* an existing output is replaced only with ``force`` and only when bnfold wrote it: a file it recognizes
+  (``is_ours``), a folder whose manifest lists every entry in it — anything else is named and left alone;
+* files are written to a temporary name beside the destination and renamed into place; the temporary name
+  carries bnfold's pid (``.NAME.bnfold-PID-XXXX.partial…`` / ``….staging``), so a later run into the same
+  folder removes the leftovers of a killed run (and only those: the pattern is bnfold's, the pid is dead);
+* permissions follow the umask (``tempfile`` would make them 0600/0700);
+* a write that fails for lack of space or permission raises :class:`~bnfold.errors.OutputError` saying
+  what was not written; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+from bnfold.errors import InputError, OutputError
+
+__all__ = ["atomic_output", "check_output_dir", "check_output_file", "clean_stale", "output_error", "publish_dir",
+           "same_file", "staging_dir",
+           "write_bytes_atomic"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+_STALE = re.compile(r"^\..*\.bnfold-(\d+)-[A-Za-z0-9_]+\.(partial|staging|old)(\.[A-Za-z0-9]+)?$")
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """``a`` and ``b`` are the same file or folder (symlinks resolved, hard links detected)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: PathLike, folder: PathLike) -> bool:
+    p, d = os.path.realpath(path), os.path.realpath(folder)
+    return p == d or p.startswith(d.rstrip(os.sep) + os.sep)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(folder: PathLike) -> list[Path]:
+    """Remove temporary files/folders a killed bnfold run left in ``folder``; return what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            m = _STALE.match(entry.name)
+            if not m or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+                log.warning("removed %s, left by an interrupted bnfold run (pid %s)", entry, m.group(1))
+    return removed
+
+
+def _temp_name(dest: Path, kind: str) -> str:
+    return f".{dest.stem if kind == 'partial' else dest.name}.bnfold-{os.getpid()}-"
+
+
+def check_output_file(dest: PathLike, inputs: Iterable[PathLike] = (), *, force: bool = False,
+                      is_ours: Callable[[Path], bool] | None = None) -> Path:
+    """Validate a file output before any work: not an input, its folder exists, and an existing file there
+    is replaced only with ``force`` when ``is_ours`` recognizes it as bnfold's own."""
+    d = Path(dest)
+    for q in inputs:
+        if q is not None and Path(q).exists() and (same_file(d, q) or os.path.realpath(d) == os.path.realpath(q)):
+            raise InputError(f"refusing to overwrite the input file {q} (-o {d} is the same file)",
+                             hint="choose another -o path")
+    if d.is_dir():
+        raise InputError(f"{d} is a folder", hint="give a file name such as model_folded.pt2")
+    parent = d.parent if str(d.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist")
+    if d.exists() or d.is_symlink():
+        if not force:
+            raise InputError(f"{d} already exists", hint="choose another -o path, or pass --force to replace an "
+                                                         "earlier bnfold output")
+        if d.is_symlink() or is_ours is None or not is_ours(d):
+            raise InputError(f"refusing to replace {d}: bnfold did not write it",
+                             hint="--force replaces only bnfold's own earlier outputs; choose another -o path")
+    return d
+
+
+@contextlib.contextmanager
+def atomic_output(dest: PathLike, *, protect: Sequence[PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success rename it to ``dest``, on failure delete it.
+
+    Refuses to write over any path in ``protect`` (the user's inputs). The file gets the umask's permissions.
+    """
+    d = Path(dest)
+    for q in protect:
+        if Path(q).exists() and d.exists() and same_file(d, q):
+            raise InputError(f"refusing to overwrite the input file {q}", hint="choose another -o path")
+    if d.is_dir():
+        raise InputError(f"{d} is a folder", hint="give a file name such as model_folded.pt2")
+    parent = d.parent if str(d.parent) else Path(".")
+    if not parent.exists():
+        raise InputError(f"output folder {parent} does not exist")
+    clean_stale(parent)
+    # keep the real suffix last: some writers (torch.export.save) check it
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_name(d, "partial"), suffix=f".partial{d.suffix}", dir=parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as exc:
+        raise output_error(d, exc) from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, d)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, InputError):
+            raise output_error(d, exc) from None
+        raise
+
+
+def write_bytes_atomic(dest: PathLike, data: bytes, *, protect: Sequence[PathLike] = ()) -> Path:
+    """Write ``data`` to ``dest`` atomically (a disk-full error is an :class:`OutputError`, not a crash)."""
+    with atomic_output(dest, protect=protect) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(dest)
+
+
+def output_error(dest: Path, exc: OSError) -> OutputError:
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EROFS: "the file system is read-only"}.get(exc.errno or 0, exc.strerror or str(exc))
+    return OutputError(f"could not write {dest}: {what}; nothing was written there",
+                       hint="free some space or choose another output location" if exc.errno in
+                       (errno.ENOSPC, errno.EDQUOT) else "choose an output location you can write to")
+
+
+def check_output_dir(out: PathLike, inputs: Iterable[PathLike] = (), *, force: bool = False,
+                     owned: Callable[[Path], set[str] | None] | None = None) -> Path:
+    """Validate an output folder before any work. ``owned(out)`` returns the entries bnfold wrote there
+    (from its manifest, relative paths, files and folders) or ``None`` when it is not bnfold's."""
+    o = Path(out)
+    for q in inputs:
+        if q is None or not Path(q).exists():
+            continue
+        if same_file(o, q) or _inside(q, o):
+            raise InputError(f"the output folder {o} contains the input {q}; bnfold never writes over or "
+                             "deletes its inputs", hint="choose a new output folder")
+    if o.exists() and not o.is_dir():
+        raise InputError(f"{o} exists and is not a folder", hint="choose a new output folder")
+    parent = o.parent if str(o.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder's parent {parent} does not exist")
+    if o.is_symlink():
+        raise InputError(f"{o} is a symbolic link", hint="choose a new output folder")
+    if o.is_dir() and any(o.iterdir()):
+        if not force:
+            raise InputError(f"{o} already exists and is not empty",
+                             hint="choose a new output folder, or pass --force to replace an earlier bnfold output")
+        listed = owned(o) if owned is not None else None
+        if listed is None:
+            raise InputError(f"refusing to replace {o}: it is not a bnfold artifact or output folder (no bnfold "
+                             "manifest)",
+                             hint="--force replaces only bnfold's own earlier outputs; choose a new folder")
+        foreign = sorted(str(p.relative_to(o)) for p in o.rglob("*")
+                         if str(p.relative_to(o)) not in listed and not _STALE.match(p.name))
+        if foreign:
+            raise InputError(f"refusing to replace {o}: it holds files bnfold did not write "
+                             f"({', '.join(foreign[:5])}{', …' if len(foreign) > 5 else ''})",
+                             hint="move them out, or choose a new output folder")
+    return o
+
+
+def staging_dir(out: PathLike) -> Path:
+    """A fresh folder beside ``out`` to build it in (umask permissions; stale ones of killed runs removed)."""
+    o = Path(out)
+    parent = o.parent if str(o.parent) else Path(".")
+    clean_stale(parent)
+    if o.is_dir():
+        clean_stale(o)
+    try:
+        d = Path(tempfile.mkdtemp(prefix=_temp_name(o, "staging"), suffix=".staging", dir=parent))
+        os.chmod(d, 0o777 & ~_umask())
+    except OSError as exc:
+        raise output_error(o, exc) from None
+    return d
+
+
+def publish_dir(staging: Path, out: Path) -> None:
+    """Move the finished ``staging`` folder to ``out``, replacing an old ``out`` only at the very end."""
+    old = None
+    try:
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=_temp_name(out, "old"), suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(staging, out)
+    except OSError as exc:
+        if old is not None and not out.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old / out.name, out)
+        raise output_error(out, exc) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
