@@ -315,8 +315,10 @@ class Pipeline:
             if len(changes) == before:
                 converged = True
                 break
-        # the reasons that stand: those of nodes still in the graph at the fixed point (finalize only lowers)
-        live = [r for (_, n), r in rejected.items() if ctx.is_live(n)]
+        # the reasons that stand: those of nodes still in the graph at the fixed point (finalize only lowers), in
+        # pipeline order (a pass that looked at a node again re-inserted its reason at the end of the dict)
+        rank = {name: i for i, name in enumerate(self.names)}
+        live = sorted((r for (_, n), r in rejected.items() if ctx.is_live(n)), key=lambda r: rank[r.rule])
         if stopped is None:
             for p in self.finalize:
                 if run_one(p, list(gm.graph.nodes)):

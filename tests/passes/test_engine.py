@@ -109,3 +109,15 @@ def test_candidates_travel_in_pass_results() -> None:
     gm = capture(chain(3), (torch.randn(1, 4, 6, 6),), "symbolic").module
     result = default_pipeline().run(gm)
     assert [c.id for c in result.candidates] == ["_1", "_4", "_7"]
+
+
+def test_reasons_are_reported_in_pipeline_order(capture_mode: str) -> None:
+    """However often a pass looked at a node again, a candidate's reasons read in pipeline order."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    report = bnfold.fold(model, (torch.randn(1, 3, 8, 8),), capture=capture_mode, check=False).report
+    (skipped,) = report.skipped
+    rules = [part.split(":")[0].strip() for part in skipped.reason.split("; ") if ":" in part]
+    order = [p.name for p in FIXED_POINT + FINALIZE]
+    known = [r for r in rules if r in order]
+    assert known == sorted(known, key=order.index) and known[0] == "fold_into_producer", skipped.reason
