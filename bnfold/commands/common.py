@@ -43,9 +43,9 @@ def check_until(until: str | None) -> None:
     """``--until`` names a pass (checked before any work)."""
     if until is None:
         return
-    from bnfold.passes import finalize_passes, fold_passes
+    from bnfold.passes import default_pipeline
 
-    names = [p.name for p in fold_passes() + finalize_passes()]
+    names = default_pipeline().names
     if until not in names:
         raise InputError(f"--until {until!r} names no pass", hint=f"passes are: {', '.join(names)}")
 
