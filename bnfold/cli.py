@@ -16,21 +16,34 @@ from bnfold.errors import BnfoldError, InternalError
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bnfold.commands import COMMANDS
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. With ``command`` (a name in :data:`bnfold.commands.SUMMARY`), that command's module is imported
+    and registers its full arguments; without, every command is listed from the summary alone (no torch)."""
+    import importlib
+
+    from bnfold.commands import SUMMARY
 
     parser = argparse.ArgumentParser(prog="bnfold", description="Fold normalization layers into conv/linear "
                                      "ops exactly, recalibrate, compile and verify.")
     parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd in COMMANDS:
-        cmd.register(sub)
+    if command in SUMMARY:
+        importlib.import_module(f"bnfold.commands.{SUMMARY[command][0]}").register(sub)
+    else:
+        for name, (_, summary) in SUMMARY.items():
+            sub.add_parser(name, help=summary)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")

@@ -114,3 +114,26 @@ def test_bad_shape_and_missing_output_folder(pt2: Path, tmp_path: Path, capsys: 
 def test_console_entry_point_help() -> None:
     out = subprocess.run([sys.executable, "-m", "bnfold.cli", "--help"], capture_output=True, text=True, check=True)
     assert "inspect" in out.stdout and "fold" in out.stdout and "demo" in out.stdout
+
+
+def test_help_and_version_start_without_torch() -> None:
+    """`bnfold --help` / `--version` list every command from bnfold.commands.SUMMARY without importing torch,
+    ONNX or TVM (issue 11: they took 4–5.5 s); a command's own --help imports only its module."""
+    code = ("import sys, contextlib, io\n"
+            "from bnfold.cli import main\n"
+            "for argv in (['--version'], ['--help']):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main(argv)\n"
+            "assert not {'torch', 'onnx', 'tvm'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_summarized_command_is_registered_by_its_module() -> None:
+    from bnfold.cli import build_parser
+    from bnfold.commands import SUMMARY
+
+    for name in SUMMARY:
+        parser = build_parser(name)
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0, name

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bnfold.commands import SUMMARY
 from bnfold.commands.common import check_input_shapes
 from bnfold.data import Batch, load_tensors, split_batches
 from bnfold.data_checks import check_batches, input_specs
@@ -103,7 +104,7 @@ def load_runnable(path: str | Path, *, trusted_pickle: bool = False, own_example
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="compare a candidate model with a reference on your data (parity)",
+    p = sub.add_parser("check", help=SUMMARY["check"][1],
                        description="Run REFERENCE and CANDIDATE on the same inputs and judge parity against a "
                                    "float64 copy of the reference. Exit 0 on parity, 1 on a failure.")
     p.add_argument("reference", help="reference model: .pt2 (or .onnx / a compiled TVM folder)")
@@ -123,8 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("export-onnx", help="export a model to ONNX (onnxsim-simplified) and check it with "
-                                           "ONNX Runtime")
+    p = sub.add_parser("export-onnx", help=SUMMARY["export-onnx"][1])
     p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input file)")
     p.add_argument("--input-shape", action="append", metavar="SHAPE",

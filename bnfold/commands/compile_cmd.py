@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from bnfold.api import fold
+from bnfold.commands import SUMMARY
 from bnfold.commands.common import add_model_args, check_target_options, load_with_inputs
 from bnfold.errors import InputError
 from bnfold.outputs import check_output_dir
@@ -34,7 +35,7 @@ def _batch_range(text: str) -> tuple[int, int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compile", help="fold, then compile with TVM (llvm CPU or cuda) into a deployable folder",
+    p = sub.add_parser("compile", help=SUMMARY["compile"][1],
                        description="Fold MODEL, compile it with Apache TVM and write OUT_DIR: model.so, params.pt "
                                    "and manifest.json (load it with bnfold.load_artifact).")
     add_model_args(p)

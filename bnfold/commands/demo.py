@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from bnfold.commands import SUMMARY
 from bnfold.demo.run import run_demo
 
 __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on the embedded digits CNN")
+    p = sub.add_parser("demo", help=SUMMARY["demo"][1])
     p.add_argument("--json", metavar="FILE", help="also write every stage's results as JSON to FILE")
     p.set_defaults(func=_demo)
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from bnfold.api import fold, inspect
+from bnfold.commands import SUMMARY
 from bnfold.commands.common import add_model_args, check_until, load_with_inputs
 from bnfold.io import is_bnfold_pt2, save_exported
 from bnfold.outputs import check_output_file
@@ -14,13 +15,13 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show which normalizations would fold, and why the others would not")
+    p = sub.add_parser("inspect", help=SUMMARY["inspect"][1])
     add_model_args(p)
     p.add_argument("--explain", action="store_true", help="print the full reason for every candidate left")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("fold", help="fold normalizations and save the result as .pt2")
+    p = sub.add_parser("fold", help=SUMMARY["fold"][1])
     add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")

@@ -12,6 +12,7 @@ import json
 
 import torch.fx
 
+from bnfold.commands import SUMMARY
 from bnfold.commands.common import check_target_options, load_batches
 from bnfold.data import load_tensors
 from bnfold.data_checks import check_batches, check_model_runs, input_specs
@@ -24,7 +25,7 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("optimize", help="recalibrate, fold, export ONNX, compile with TVM and verify, in one step")
+    p = sub.add_parser("optimize", help=SUMMARY["optimize"][1])
     p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created; must be "
                    "new or empty unless --force)")

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.fx
 
+from bnfold.commands import SUMMARY
 from bnfold.commands.common import dynamic_shapes, load_batches
 from bnfold.drift import DEFAULT_THRESHOLD, diagnose
 from bnfold.errors import InputError
@@ -24,7 +25,7 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics exactly on calibration data, save .pt2")
+    p = sub.add_parser("recalibrate", help=SUMMARY["recalibrate"][1])
     _add_common(p)
     p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "sequential: inference-exact, one pass per BatchNorm layer")
     p.set_defaults(func=_recalibrate)
 
-    p = sub.add_parser("diagnose", help="compare stored BatchNorm statistics with what the layers see on data")
+    p = sub.add_parser("diagnose", help=SUMMARY["diagnose"][1])
     _add_common(p)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"drift score above which recalibration is advised (default {DEFAULT_THRESHOLD})")
