@@ -15,14 +15,16 @@
 The verdict is the *float64-reference rule* whenever a float64 copy of the reference can be run
 (``t`` = its output)::
 
-    rmse(c, t) ≤ m · rmse(r, t) + floor,    floor = k · u · √D · rms(t)
+    rmse(c, t) ≤ m · rmse(r, t) + floor,    floor = (k · u + u_s) · √D · rms(t)
 
 ``m = 2`` for fp32/fp64 and ``3`` for fp16/bf16. The floor absorbs what the multiplier cannot: two *kernels*
 computing the same math round differently, and which one a host runs depends on its CPU (AVX2 vs AVX-512,
 oneDNN on or off, blocked or channels-last layouts, thread count). ``u`` is the unit roundoff of the precision the
 kernels *accumulate* in (2⁻²⁴ for fp32, fp16 and bf16 — every CPU kernel accumulates half precision in fp32 —
 and 2⁻⁵³ for fp64); ``D`` (:func:`rounding_depth`) counts the model's weight tensors of rank ≥ 2, i.e. its
-conv/linear/embedding layers; ``k = 16``. Derivation: each accumulating layer's kernel choice changes its output
+conv/linear/embedding layers; ``k = 16``; ``u_s`` is the unit roundoff of the dtype itself (the storage: a fold
+rounds each folded weight once into it, one rounding the reference does not have — ≤ ``u_s`` relative per layer;
+it matters for fp16/bf16, where ``u_s`` is 2⁻¹¹/2⁻⁸, and is one more ``u`` for fp32). Derivation of ``k``: each accumulating layer's kernel choice changes its output
 by at most a few ``u`` relative (measured worst case: a 3x3 conv with a large folded bias on an AVX2 host, oneDNN's
 direct kernel accumulating onto the bias, 4.5 ``u`` vs 2 ``u`` without the bias); such per-layer differences are
 independent, so they add in quadrature (``√D``), and propagation gain is the model's own — which ``m · rmse(r, t)``
@@ -74,6 +76,7 @@ __all__ = [
     "rounding_depth",
     "run_batches",
     "run_reference64",
+    "storage_roundoff",
     "to_float64",
 ]
 
@@ -84,7 +87,13 @@ Batch = tuple[torch.Tensor, ...]
 
 
 FLOOR_ROUNDOFFS = 16.0
-"""``k`` of the floor ``k · u · √D · rms(t)`` (module docstring): roundoffs per layer a kernel choice may cost."""
+"""``k`` of the floor ``(k · u + u_s) · √D · rms(t)`` (module docstring): roundoffs per layer a kernel choice may
+cost."""
+
+
+def storage_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff ``u_s`` of ``dtype`` itself (``finfo.eps / 2``; 0 for non-floating types)."""
+    return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
 
 
 def accumulation_roundoff(dtype: torch.dtype) -> float:
@@ -113,13 +122,13 @@ class Tolerance:
     """Parameters of the pass/fail rules (module docstring).
 
     ``multiplier``/``floor``/``depth``: the float64-reference rule, ``rmse(c, t) ≤ multiplier · rmse(r, t) +
-    floor · √depth · rms(t)`` (``floor`` = ``k · u`` per layer, ``depth`` = ``D``); ``rtol``/``atol``: the
+    floor · √depth · rms(t)`` (``floor`` = ``k · u + u_s`` per layer, ``depth`` = ``D``); ``rtol``/``atol``: the
     elementwise view (defaults of ``torch.testing.assert_close``); ``batch_rtol``: the batch-independence check
     (``rms(y_alone − y_in_batch) ≤ batch_rtol · rms(y_in_batch)``).
     """
 
     multiplier: float = 2.0
-    floor: float = FLOOR_ROUNDOFFS * 2.0**-24
+    floor: float = (FLOOR_ROUNDOFFS + 1.0) * 2.0**-24
     rtol: float = 1.3e-6
     atol: float = 1e-5
     batch_rtol: float = 1e-4
@@ -138,7 +147,7 @@ class Tolerance:
     def for_dtype(dtype: torch.dtype, depth: int = 1) -> Tolerance:
         """Defaults per dtype for a model of ``depth`` accumulating layers; ``rtol``/``atol`` equal
         ``torch.testing.assert_close``'s."""
-        floor = FLOOR_ROUNDOFFS * accumulation_roundoff(dtype)
+        floor = FLOOR_ROUNDOFFS * accumulation_roundoff(dtype) + storage_roundoff(dtype)
         if dtype in (torch.float16, torch.bfloat16):
             rtol = 1e-3 if dtype == torch.float16 else 1.6e-2
             return Tolerance(multiplier=3.0, floor=floor, rtol=rtol, atol=1e-5, batch_rtol=1e-2, depth=depth)

@@ -3,7 +3,7 @@
 Every BN that can be folded without duplicating compute is folded; bnfold never leaves more BNs than
 ``torch.fx.experimental.optimization.fuse``; the folded model passes bnfold's float64 parity rule
 (``bnfold.parity.Tolerance``: within 2x the unfolded fp32 model's own relative L2 error plus a floor of
-``16 · u · √D`` that absorbs which fp32 kernels the host runs — ``docs/parity.md`` derives it). The error ratio
+``(16 · u + u_s) · √D`` that absorbs which fp32 kernels the host runs — ``docs/parity.md`` derives it). The error ratio
 itself is one sample of rounding noise: ``bench/zoo.py`` reports its median and worst over the zoo.
 
 Default run: ``zoo.FAST`` (googlenet and FrozenBN detection: the two that broke the old single-sample bound on
