@@ -24,7 +24,8 @@ kernels *accumulate* in (2⁻²⁴ for fp32, fp16 and bf16 — every CPU kernel 
 and 2⁻⁵³ for fp64); ``D`` (:func:`rounding_depth`) counts the model's weight tensors of rank ≥ 2, i.e. its
 conv/linear/embedding layers; ``k = 16``; ``u_s`` is the unit roundoff of the dtype itself (the storage: a fold
 rounds each folded weight once into it, one rounding the reference does not have — ≤ ``u_s`` relative per layer;
-it matters for fp16/bf16, where ``u_s`` is 2⁻¹¹/2⁻⁸, and is one more ``u`` for fp32). Derivation of ``k``: each accumulating layer's kernel choice changes its output
+it matters for fp16/bf16, where ``u_s`` is 2⁻¹¹/2⁻⁸, and is one more ``u`` for fp32).
+Derivation of ``k``: each accumulating layer's kernel choice changes its output
 by at most a few ``u`` relative (measured worst case: a 3x3 conv with a large folded bias on an AVX2 host, oneDNN's
 direct kernel accumulating onto the bias, 4.5 ``u`` vs 2 ``u`` without the bias); such per-layer differences are
 independent, so they add in quadrature (``√D``), and propagation gain is the model's own — which ``m · rmse(r, t)``
