@@ -31,8 +31,9 @@ direct kernel accumulating onto the bias, 4.5 ``u`` vs 2 ``u`` without the bias)
 independent, so they add in quadrature (``√D``), and propagation gain is the model's own — which ``m · rmse(r, t)``
 already measures. ``k = 16`` leaves a 3.5x margin over the worst kernel measured. A real defect is orders of
 magnitude above it: a 0.1 % weight change, a swapped channel or a BatchNorm in training mode moves the output by
-≥ 1e-4 relative, while ``k · u · √D`` is 1e-6 for one layer and 1e-5 for a hundred. Non-finite values must appear
-at the same positions in ``c`` and ``r``. Without a float64 reference (an ONNX file as the reference, say) the
+≥ 1e-4 relative, while ``k · u · √D`` is 1e-6 for one layer and 1e-5 for a hundred. ±Inf must appear at the
+same positions in ``c`` and ``r``; any NaN, and an output with no elements, fails (docs/parity.md).
+Without a float64 reference (an ONNX file as the reference, say) the
 verdict is the elementwise ``assert_close`` view.
 
 Beyond the outputs: a *batch-independence* check (the candidate's output for a sample must not change when the
