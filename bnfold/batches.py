@@ -30,7 +30,7 @@ import torch.fx
 
 from bnfold.errors import InputError
 
-__all__ = ["Batches", "iter_batches", "positional_arity"]
+__all__ = ["Batches", "is_tensor_batch", "iter_batches", "positional_arity"]
 
 
 def positional_arity(model: Any) -> int | None:
@@ -50,7 +50,8 @@ def positional_arity(model: Any) -> int | None:
     return len(positional)
 
 
-def _is_tensors(value: Any) -> bool:
+def is_tensor_batch(value: Any) -> bool:
+    """A non-empty tuple/list of tensors: one batch of positional inputs (or, at the top level, see above)."""
     return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(t, torch.Tensor) for t in value)
 
 
@@ -58,7 +59,7 @@ def _one_batch(inputs: Any, arity: int | None) -> bool:
     """Whether ``inputs`` is one batch rather than an iterable of batches (module docstring)."""
     if isinstance(inputs, (torch.Tensor, Mapping)):
         return True
-    return isinstance(inputs, tuple) and _is_tensors(inputs) and (arity is None or arity == len(inputs))
+    return isinstance(inputs, tuple) and is_tensor_batch(inputs) and (arity is None or arity == len(inputs))
 
 
 def iter_batches(inputs: Any, *, arity: int | None = None) -> Iterator[Any]:
@@ -67,7 +68,7 @@ def iter_batches(inputs: Any, *, arity: int | None = None) -> Iterator[Any]:
     if _one_batch(inputs, arity):
         yield inputs
         return
-    if _is_tensors(inputs) and arity is not None and arity != 1:
+    if is_tensor_batch(inputs) and arity is not None and arity != 1:
         kind = type(inputs).__name__
         raise InputError(
             f"a {kind} of {len(inputs)} tensors is neither one batch of this model's {arity} inputs nor "

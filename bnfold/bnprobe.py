@@ -336,10 +336,8 @@ def _truncate(args: tuple[Any, ...], kwargs: dict[str, Any], size: int, keep: in
 def limited_calls(batches: Iterable[Any], *, num_batches: int | None,
                   num_samples: int | None) -> Iterator[tuple[Call, int]]:
     """``(call arguments, samples)`` for each batch, stopping after ``num_batches`` batches or exactly
-    ``num_samples`` samples (the last batch is cut to fit). Empty batches are skipped."""
-    if isinstance(batches, (torch.Tensor, Mapping)):
-        raise InputError(f"batches is a single {type(batches).__name__}; expected an iterable of batches",
-                         hint="wrap one batch in a list: [x]")
+    ``num_samples`` samples (the last batch is cut to fit). Empty batches are skipped. ``batches`` is already read
+    as batches (:class:`bnfold.batches.Batches`: a single tensor is one batch)."""
     seen = taken = 0
     for batch in batches:
         if num_batches is not None and taken >= num_batches:

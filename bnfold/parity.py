@@ -168,13 +168,13 @@ def as_batches(inputs: Any, arity: int | None = None) -> list[Batch]:
     """``inputs`` as a list of batches of positional inputs, read as everywhere in bnfold
     (:mod:`bnfold.batches`: a tensor or a tuple of tensors is one batch, a list or other iterable holds batches);
     ``arity``: the reference's number of positional inputs, when known, to refuse a reading that cannot fit."""
-    from bnfold.batches import iter_batches
+    from bnfold.batches import is_tensor_batch, iter_batches
 
     batches: list[Batch] = []
     for k, batch in enumerate(iter_batches(inputs, arity=arity)):
         if isinstance(batch, torch.Tensor):
             batches.append((batch,))
-        elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+        elif is_tensor_batch(batch):
             batches.append(tuple(batch))
         elif isinstance(batch, dict):
             raise InputError(f"batch {k} is a dict (keyword inputs); parity checks call the models with positional "

@@ -104,9 +104,11 @@ def build_key(flags: list[str]) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def build_name() -> str:
-    """The name of this environment's build in torch's extension cache."""
-    capability, flags = _build_flags()
+def build_name(capability: str | None = None, flags: list[str] | None = None) -> str:
+    """The name of this environment's build in torch's extension cache (``capability``/``flags`` as
+    ``_build_flags()`` gives them, computed when not passed)."""
+    if capability is None or flags is None:
+        capability, flags = _build_flags()
     return f"bnfold_native_{capability.lower()}_{build_key(flags)}"
 
 
@@ -118,8 +120,8 @@ def native_ops() -> Any | None:
         log.info("BNFOLD_NATIVE=0: BatchNorm statistics are summed by torch (float64 copy of each input)")
         return None
     _find_ninja()
-    _, flags = _build_flags()
-    name = build_name()
+    capability, flags = _build_flags()
+    name = build_name(capability, flags)
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant for a CPU-only source
