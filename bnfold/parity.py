@@ -25,6 +25,13 @@ and 2⁻⁵³ for fp64); ``D`` (:func:`rounding_depth`) counts the model's weigh
 conv/linear/embedding layers; ``k = 16``; ``u_s`` is the unit roundoff of the dtype itself (the storage: a fold
 rounds each folded weight once into it, one rounding the reference does not have — ≤ ``u_s`` relative per layer;
 it matters for fp16/bf16, where ``u_s`` is 2⁻¹¹/2⁻⁸, and is one more ``u`` for fp32).
+For an fp16/bf16 reference the storage term is also *measured*: ``S`` (:func:`storage_noise64`) is the rmse
+against ``t`` of float64 copies whose layer tensors are perturbed by a uniform ``[−u_s, u_s]`` relative error
+(a storage rounding; :data:`STORAGE_DRAWS` seeded draws, pooled), and the term is ``max(u_s · √D · rms(t), m · S)``.
+``u_s · √D · rms(t)`` assumes a well-conditioned model; ``S`` is what one storage rounding of each weight does to
+*this* model on *these* inputs, so a sample near a singularity (a 2-feature LayerNorm whose inputs nearly
+cancel: the fuzzer's seed 108853) gets the noise it really has; ``m · S`` because one such sample makes the
+fold's error a single draw of that noise, not an average.
 Derivation of ``k``: each accumulating layer's kernel choice changes its output
 by at most a few ``u`` relative (measured worst case: a 3x3 conv with a large folded bias on an AVX2 host, oneDNN's
 direct kernel accumulating onto the bias, 4.5 ``u`` vs 2 ``u`` without the bias); such per-layer differences are
@@ -61,6 +68,7 @@ if TYPE_CHECKING:
     from bnfold.localize import Localization
 
 __all__ = [
+    "STORAGE_DRAWS",
     "Batch",
     "BatchIndependence",
     "OutputParity",
@@ -78,6 +86,7 @@ __all__ = [
     "rounding_depth",
     "run_batches",
     "run_reference64",
+    "storage_noise64",
     "storage_roundoff",
     "to_float64",
 ]
@@ -91,6 +100,9 @@ Batch = tuple[torch.Tensor, ...]
 FLOOR_ROUNDOFFS = 16.0
 """``k`` of the floor ``(k · u + u_s) · √D · rms(t)`` (module docstring): roundoffs per layer a kernel choice may
 cost."""
+
+STORAGE_DRAWS = 4
+"""Seeded draws of the storage-rounding perturbation pooled into the storage noise ``S`` (module docstring)."""
 
 
 def storage_roundoff(dtype: torch.dtype) -> float:
@@ -124,7 +136,8 @@ class Tolerance:
     """Parameters of the pass/fail rules (module docstring).
 
     ``multiplier``/``floor``/``depth``: the float64-reference rule, ``rmse(c, t) ≤ multiplier · rmse(r, t) +
-    floor · √depth · rms(t)`` (``floor`` = ``k · u + u_s`` per layer, ``depth`` = ``D``); ``rtol``/``atol``: the
+    floor · √depth · rms(t)`` (``floor`` = ``k · u + u_s`` per layer, ``depth`` = ``D``; ``storage`` = the
+    ``u_s`` part of ``floor``, replaced by the measured noise when it is larger: :meth:`bound`); ``rtol``/``atol``: the
     elementwise view (defaults of ``torch.testing.assert_close``); ``batch_rtol``: the batch-independence check
     (``rms(y_alone − y_in_batch) ≤ batch_rtol · rms(y_in_batch)``).
     """
@@ -135,15 +148,22 @@ class Tolerance:
     atol: float = 1e-5
     batch_rtol: float = 1e-4
     depth: int = 1
+    storage: float = 2.0**-24
 
     @property
     def relative_floor(self) -> float:
         """``floor · √depth``: the floor as a fraction of ``rms(t)``."""
         return self.floor * math.sqrt(max(self.depth, 1))
 
-    def bound(self, reference_rmse: float, target_rms: float) -> float:
-        """The float64 rule's bound on ``rmse(c, t)``: ``multiplier · rmse(r, t) + relative_floor · rms(t)``."""
-        return self.multiplier * reference_rmse + self.relative_floor * target_rms
+    def bound(self, reference_rmse: float, target_rms: float, storage_noise: float | None = None) -> float:
+        """The float64 rule's bound on ``rmse(c, t)``: ``multiplier · rmse(r, t) + relative_floor · rms(t)``;
+        with a measured storage noise ``S`` (:func:`storage_noise64`), the floor's storage part
+        ``storage · √depth · rms(t)`` becomes ``max(storage · √depth · rms(t), multiplier · S)``."""
+        if storage_noise is None:
+            return self.multiplier * reference_rmse + self.relative_floor * target_rms
+        root = math.sqrt(max(self.depth, 1))
+        storage = max(self.storage * root * target_rms, self.multiplier * storage_noise)
+        return self.multiplier * reference_rmse + (self.floor - self.storage) * root * target_rms + storage
 
     @staticmethod
     def for_dtype(dtype: torch.dtype, depth: int = 1) -> Tolerance:
@@ -152,12 +172,14 @@ class Tolerance:
         floor = FLOOR_ROUNDOFFS * accumulation_roundoff(dtype) + storage_roundoff(dtype)
         if dtype in (torch.float16, torch.bfloat16):
             rtol = 1e-3 if dtype == torch.float16 else 1.6e-2
-            return Tolerance(multiplier=3.0, floor=floor, rtol=rtol, atol=1e-5, batch_rtol=1e-2, depth=depth)
+            return Tolerance(multiplier=3.0, floor=floor, rtol=rtol, atol=1e-5, batch_rtol=1e-2, depth=depth,
+                             storage=storage_roundoff(dtype))
         if dtype == torch.float64:
-            return Tolerance(multiplier=2.0, floor=floor, rtol=1e-7, atol=1e-7, batch_rtol=1e-8, depth=depth)
+            return Tolerance(multiplier=2.0, floor=floor, rtol=1e-7, atol=1e-7, batch_rtol=1e-8, depth=depth,
+                             storage=storage_roundoff(dtype))
         if not dtype.is_floating_point and not dtype.is_complex:
-            return Tolerance(multiplier=2.0, floor=0.0, rtol=0.0, atol=0.0, batch_rtol=0.0, depth=depth)
-        return Tolerance(floor=floor, depth=depth)
+            return Tolerance(multiplier=2.0, floor=0.0, rtol=0.0, atol=0.0, batch_rtol=0.0, depth=depth, storage=0.0)
+        return Tolerance(floor=floor, depth=depth, storage=storage_roundoff(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,12 +313,16 @@ class OutputStats:
     sum_sq_c64: float = 0.0
     sum_sq_r64: float = 0.0
     sum_sq_t64: float = 0.0
+    n_noise64: int = 0
+    sum_sq_noise64: float = 0.0
     samples: int = 0
     top1: int = 0
     top5: int = 0
     classes: int | None = None
 
-    def add(self, ref: torch.Tensor, cand: torch.Tensor, ref64: torch.Tensor | None, tol: Tolerance) -> None:
+    def add(self, ref: torch.Tensor, cand: torch.Tensor, ref64: torch.Tensor | None, tol: Tolerance,
+            noise64: Sequence[torch.Tensor] = ()) -> None:
+        """Add one batch's output; ``noise64``: this output of each storage-noise draw (:func:`storage_noise64`)."""
         if tuple(ref.shape) != tuple(cand.shape):
             raise ValueError(f"reference shape {tuple(ref.shape)} ≠ candidate shape {tuple(cand.shape)}")
         if self.shape is None:
@@ -334,6 +360,10 @@ class OutputStats:
                 self.sum_sq_c64 += float(((c[m] - tm) ** 2).sum())
                 self.sum_sq_r64 += float(((r[m] - tm) ** 2).sum())
                 self.sum_sq_t64 += float((tm * tm).sum())
+                draws = [p.detach().double().cpu() for p in noise64 if tuple(p.shape) == tuple(t.shape)]
+                if draws:
+                    self.n_noise64 += tm.numel()
+                    self.sum_sq_noise64 += sum(float(((p[m] - tm) ** 2).sum()) for p in draws) / len(draws)
         if r.dim() == 2 and r.shape[1] >= 2 and r.shape[0] > 0:
             self.classes = int(r.shape[1])
             self.samples += int(r.shape[0])
@@ -349,7 +379,7 @@ class OutputStats:
             self.shape, self.dtype, self.candidate_dtype = other.shape, other.dtype, other.candidate_dtype
         for name in ("elements", "compared", "sum_sq_err", "sum_sq_ref", "sum_sq_cand", "dot", "nan", "inf",
                      "reference_nan", "reference_inf", "nonfinite_mismatch", "not_close", "n64", "sum_sq_c64",
-                     "sum_sq_r64", "sum_sq_t64", "samples", "top1", "top5"):
+                     "sum_sq_r64", "sum_sq_t64", "n_noise64", "sum_sq_noise64", "samples", "top1", "top5"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.max_abs, self.max_rel = max(self.max_abs, other.max_abs), max(self.max_rel, other.max_rel)
         self.classes = self.classes or other.classes
@@ -378,11 +408,13 @@ class OutputStats:
         if self.n64:
             rmse_c = math.sqrt(self.sum_sq_c64 / self.n64)
             rmse_r = math.sqrt(self.sum_sq_r64 / self.n64)
-            bound = tol.bound(rmse_r, math.sqrt(self.sum_sq_t64 / self.n64))
+            noise = math.sqrt(self.sum_sq_noise64 / self.n_noise64) if self.n_noise64 else None
+            bound = tol.bound(rmse_r, math.sqrt(self.sum_sq_t64 / self.n64), noise)
             rule = "fp64"
             if not rmse_c <= bound:
+                with_noise = "" if noise is None else f" with storage noise {noise:.3g}"
                 reasons.append(f"rmse vs float64 {rmse_c:.3g} > bound {bound:.3g} "
-                               f"(= {tol.multiplier:g} × reference's {rmse_r:.3g} + floor)")
+                               f"(= {tol.multiplier:g} × reference's {rmse_r:.3g} + floor{with_noise})")
         else:
             rule = "elementwise"
             if self.not_close:
@@ -676,10 +708,12 @@ def _vs64(o: OutputParity) -> str:
 
 def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs: Sequence[Sequence[torch.Tensor]],
           reference64_outputs: Sequence[Sequence[torch.Tensor]] | None = None, *,
-          tolerance: Tolerance | None = None, depth: int = 1) -> tuple[ParityReport, list[float]]:
+          tolerance: Tolerance | None = None, depth: int = 1,
+          noise64_outputs: Sequence[Sequence[Sequence[torch.Tensor]]] = ()) -> tuple[ParityReport, list[float]]:
     """The report for precomputed outputs (one list of tensors per batch), and per batch the worst
     ``rmse/bound`` ratio (``inf`` for a batch that fails outright) — used to pick the batch to localize on.
-    ``depth``: the reference's :func:`rounding_depth`, for the per-dtype defaults when ``tolerance`` is None."""
+    ``depth``: the reference's :func:`rounding_depth`, for the per-dtype defaults when ``tolerance`` is None;
+    ``noise64_outputs``: per storage-noise draw, its outputs per batch (:func:`storage_noise64`)."""
     report = ParityReport(batches=len(reference_outputs))
     totals: list[OutputStats] = []
     tols: list[Tolerance] = []
@@ -701,7 +735,8 @@ def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs
                 tols.append(tolerance or Tolerance.for_dtype(r.dtype, depth))
             stats = OutputStats()
             try:
-                stats.add(r, c, None if ref64 is None else ref64[i], tols[i])
+                noise = [d[k][i] for d in noise64_outputs if len(d[k]) == len(ref)]
+                stats.add(r, c, None if ref64 is None else ref64[i], tols[i], noise)
             except ValueError as exc:
                 report.errors.append(f"batch {k}, output {i}: {exc}")
                 worst = math.inf
@@ -737,6 +772,51 @@ def run_reference64(reference: Callable[..., Any], reference64: Callable[..., An
                       "verdict by the elementwise assert_close tolerances")
 
 
+def storage_noise64(reference: Any, batches: Sequence[Batch], draws: int = STORAGE_DRAWS, seed: int = 0
+                    ) -> list[list[list[torch.Tensor]]]:
+    """Outputs (per draw, per batch) of float64 copies of ``reference`` whose layer tensors are each multiplied
+    by ``1 + δ``, ``δ`` uniform in ``[−u_s, u_s]`` per element (``u_s`` of the reference's own dtype): the
+    noise that one storage rounding of every weight a fold may rewrite causes on this model and these inputs
+    (module docstring). Layer tensors: every floating parameter and buffer of each module that holds a tensor of
+    rank ≥ 2 (conv/linear/embedding weights and their biases — the layers :func:`rounding_depth` counts).
+    Empty unless ``reference`` is a module holding fp16/bf16 tensors (for fp32, ``u_s = u`` is in the floor), or
+    when a copy cannot run."""
+    if not isinstance(reference, torch.nn.Module):
+        return []
+    reduced = [t.dtype for t in (*reference.parameters(), *reference.buffers())
+               if t.dtype in (torch.float16, torch.bfloat16)]
+    if not reduced:
+        return []
+    u_s = max(storage_roundoff(d) for d in reduced)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(draws):
+        try:
+            noisy = to_float64(reference)
+            with torch.no_grad():
+                for t in _layer_tensors(noisy):
+                    t.mul_(1 + u_s * (2 * torch.rand(t.shape, generator=gen, dtype=t.dtype) - 1).to(t.device))
+            out.append(run_batches(noisy, [_as64(b) for b in batches]))
+        except Exception:  # the float64 reference itself could not run: the note comes from run_reference64
+            log.debug("storage-noise run failed", exc_info=True)
+            return []
+    return out
+
+
+def _layer_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The floating tensors of every module that directly holds one of rank ≥ 2 (each tensor once)."""
+    seen: set[int] = set()
+    out = []
+    for mod in model.modules():
+        own = [t for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)) if t.is_floating_point()]
+        if any(t.dim() >= 2 for t in own):
+            for t in own:
+                if id(t) not in seen and t.numel():
+                    seen.add(id(t))
+                    out.append(t)
+    return out
+
+
 def compare(
     reference: Callable[..., Any],
     candidate: Callable[..., Any],
@@ -769,7 +849,9 @@ def compare(
     ref_out = run_batches(reference, batches)
     cand_out = run_batches(candidate, batches)
     ref64_out, note64 = run_reference64(reference, reference64, batches)
-    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=rounding_depth(reference))
+    noise = storage_noise64(reference, batches) if ref64_out is not None else []
+    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=rounding_depth(reference),
+                           noise64_outputs=noise)
     report.inputs = source
     if source == "random":
         shapes = ", ".join("x".join(map(str, t.shape)) for t in batches[0])

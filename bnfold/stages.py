@@ -45,6 +45,7 @@ from bnfold.parity import (
     rounding_depth,
     run_batches,
     run_reference64,
+    storage_noise64,
 )
 
 __all__ = ["Divergence", "StageParity", "StageReport", "StageTracker", "track_stages"]
@@ -201,6 +202,13 @@ class _Kept:
     model: Callable[..., Any]
     outputs: list[list[torch.Tensor]]
     outputs64: list[list[torch.Tensor]] | None = None
+    noise64: list[list[list[torch.Tensor]]] = field(default_factory=list)
+
+    def run64(self, batches: Sequence[Batch]) -> str:
+        """Run the float64 reference of this stage (and its storage noise); return the note when there is none."""
+        self.outputs64, note = run_reference64(self.model, None, batches)
+        self.noise64 = storage_noise64(self.model, batches) if self.outputs64 is not None else []
+        return note
 
 
 class StageTracker:
@@ -251,7 +259,7 @@ class StageTracker:
         stage.seconds = time.perf_counter() - start
         kept = _Kept(name, model, outputs)
         if self._original is None:
-            kept.outputs64, note = run_reference64(model, None, self.batches)
+            note = kept.run64(self.batches)
             if note:
                 self._report.notes.append(f"{name}: {note}")
             stage.baseline = name
@@ -260,27 +268,27 @@ class StageTracker:
         prev, base, orig = self._previous, self._baseline, self._original
         assert prev is not None and base is not None
         stage.previous, stage.baseline = prev.name, base.name
-        stage.vs_previous = self._judge(prev, kept, base.outputs64, localize=not expected_change)
+        stage.vs_previous = self._judge(prev, kept, base, localize=not expected_change)
         if base is not prev and not expected_change:
-            stage.vs_baseline = self._judge(base, kept, base.outputs64)
+            stage.vs_baseline = self._judge(base, kept, base)
         if orig is not base:
-            stage.vs_original = self._judge(orig, kept, orig.outputs64, localize=False)
+            stage.vs_original = self._judge(orig, kept, orig, localize=False)
         if self.batch_independence:
             stage.batch_independence = check_batch_independence(model, self.batches, reference=base.model,
                                                                 tolerance=self.tolerance)
         if expected_change:
             stage.baseline = name
-            kept.outputs64, note = run_reference64(model, None, self.batches)
+            note = kept.run64(self.batches)
             if note:
                 self._report.notes.append(f"{name}: {note}")
             self._baseline = kept
         self._previous = kept
         return stage
 
-    def _judge(self, ref: _Kept, cand: _Kept, ref64: list[list[torch.Tensor]] | None, *,
-               localize: bool = True) -> ParityReport:
-        report, ratios = judge(ref.outputs, cand.outputs, ref64, tolerance=self.tolerance,
-                              depth=rounding_depth(ref.model))
+    def _judge(self, ref: _Kept, cand: _Kept, truth: _Kept, *, localize: bool = True) -> ParityReport:
+        """``cand`` vs ``ref``, measured against ``truth``'s float64 outputs (the baseline's or the original's)."""
+        report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance,
+                              depth=rounding_depth(ref.model), noise64_outputs=truth.noise64)
         report.inputs = self._report.inputs
         failed = not report.errors and not all(o.passed for o in report.outputs)
         if localize and self.localize and failed and isinstance(cand.model, torch.fx.GraphModule) \

@@ -19,12 +19,14 @@ from torch.testing._comparison import default_tolerances
 import bnfold
 from bnfold.errors import InputError
 from bnfold.parity import (
+    STORAGE_DRAWS,
     OutputStats,
     Tolerance,
     as_batches,
     check_batch_independence,
     compare,
     judge,
+    storage_noise64,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "parity.md"
@@ -68,6 +70,27 @@ def test_fold_passes_the_fp64_rule_and_a_small_perturbation_fails() -> None:
     bad = compare(net, folded, (x,))
     assert not bad.passed
     assert "rmse vs float64" in bad.outputs[0].reason
+
+
+@pytest.mark.parametrize("dtype, defect", [(torch.float16, 1.02), (torch.bfloat16, 1.15)])
+def test_half_precision_rule_measures_storage_noise_and_still_catches_a_defect(dtype: torch.dtype,
+                                                                               defect: float) -> None:
+    """fp16/bf16: the bound adds the measured noise of one storage rounding per weight (``storage_noise64``);
+    a fold passes, a change of one classifier row by ~40 storage roundoffs (2 % fp16, 15 % bf16) fails."""
+    net, x = _net().to(dtype), _x(16).to(dtype)
+    noise = storage_noise64(net, [(x,)])
+    assert len(noise) == STORAGE_DRAWS and all(len(d) == 1 for d in noise)
+    assert storage_noise64(_net(), [(_x(),)]) == []  # fp32: the analytic floor covers it
+    folded = bnfold.fold(net, (x,), check=False).module
+    ok = compare(net, folded, (x,))
+    assert ok.passed, ok
+    out = ok.outputs[0]
+    floor_only = Tolerance.for_dtype(dtype, 2).bound(out.reference_rmse_vs_fp64, 0.0)
+    assert out.bound > floor_only  # S (and the analytic floor) are in the bound
+    with torch.no_grad():
+        folded.get_submodule("4").weight[0] *= defect
+    bad = compare(net, folded, (x,))
+    assert not bad.passed and "storage noise" in bad.outputs[0].reason
 
 
 def test_metrics_match_their_definitions() -> None:
