@@ -66,6 +66,7 @@ def fold(
     vs a float64 copy of the original) on ``example_inputs``.
     """
     inputs = _as_inputs(example_inputs)
+    _check_until(until)  # before the capture: a typo costs nothing
     result = fold_captured(_capture(model, inputs, capture), until=until, dump_ir=dump_ir, instruments=instruments)
     if check:
         try:
@@ -74,6 +75,12 @@ def fold(
             raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
         result.report.parity = parity.summary()
     return result
+
+
+def _check_until(until: str | None) -> None:
+    names = default_pipeline([]).names
+    if until is not None and until not in names:
+        raise InputError(f"until={until!r} names no pass", hint=f"passes are: {', '.join(names)}")
 
 
 def fold_captured(
@@ -94,8 +101,7 @@ def fold_captured(
     pipeline = default_pipeline(extra)
     ctx = PassContext(gm, owns_state=captured.owns_state)
     if until is not None:
-        if until not in pipeline.names:
-            raise ValueError(f"--until {until!r} names no pass; passes are: {', '.join(pipeline.names)}")
+        _check_until(until)
         pipeline.instruments.append(Until(until))
     run = pipeline.run(gm, ctx)
     materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from bnfold.errors import InputError
+from bnfold.errors import BnfoldError, InputError
 
 __all__ = ["InputSpec", "check_batches", "check_model_runs", "check_shape_request", "input_specs"]
 
@@ -56,6 +56,8 @@ def check_model_runs(module: torch.nn.Module, batch: Sequence[torch.Tensor], sou
     try:
         with torch.no_grad(), quiet_fx():
             module(*batch)
+    except BnfoldError:  # already a message for people (a TVM artifact's signature check, say)
+        raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         shapes = ", ".join(str(tuple(t.shape)) for t in batch)

@@ -21,8 +21,8 @@ class CaptureError(BnfoldError):
     """The model could not be turned into a torch.fx graph."""
 
 
-class InputError(BnfoldError):
-    """A file, shape or argument given by the user is unusable."""
+class InputError(BnfoldError, ValueError):
+    """A file, shape or argument given by the user is unusable (a ``ValueError`` too, for Python callers)."""
 
 
 class InternalError(BnfoldError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
+import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -164,7 +166,23 @@ def build_files(folder: Path, marker: Path) -> dict[str, Path]:
     f["escape.onnx"] = _escaping_onnx(folder / "escape.onnx")
     f["notes.txt"] = folder / "notes.txt"
     f["notes.txt"].write_text("the user's own file\n")
+    f["evil_tvm.so"] = _evil_shared_library(folder / "evil_tvm.so", marker)
     return f
+
+
+def _evil_shared_library(path: Path, marker: Path) -> Path:
+    """A shared library whose constructor creates ``marker`` as soon as it is loaded (a hostile ``model.so``);
+    without a C compiler, bytes that only look like one (the refusal comes before any load either way)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        path.write_bytes(b"\x7fELF not really")
+        return path
+    src = path.with_suffix(".c")
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+                   f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(path), str(src)], check=True, capture_output=True)
+    src.unlink()
+    return path
 
 
 def _escaping_onnx(path: Path) -> Path:

@@ -40,6 +40,7 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     ("pickle-untrusted", "inspect {pickled.pt} --input-shape 2,3,8,8", 2, "--trust-pickle", ()),
     ("npz-objects", "diagnose {model.pt2} --data {objects.npz}", 2, "without unpickling", ()),
     ("pt-data-pickle", "diagnose {model.pt2} --data {evil_data.pt}", 2, "weights_only=True", ()),
+    ("tvm-folder-untrusted", "check {model.pt2} {d}/art_tvm --input-shape 2,3,8,8", 2, "--trust-pickle", ()),
     ("onnx-external-escape", "check {model.pt2} {escape.onnx} --input-shape 4", 2, "outside the model's folder", ()),
     # -- inputs and files bnfold did not write are never lost ---------------------------------------------------
     ("optimize-into-input-folder", "optimize {model.pt2} --data {calib.npz} -o {d} --force --target none", 2,
@@ -74,6 +75,8 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     # -- options checked before any work -----------------------------------------------------------------------
     ("until-typo", "fold {model.pt2} -o {d}/o.pt2 --until canonicalise", 2, "names no pass", ()),
     ("opset-too-old", "export-onnx {model.pt2} -o {d}/o.onnx --opset 3", 2, "18..23", ()),
+    ("cache-dir-is-a-file", "compile {model.pt2} -o {d}/out --cache-dir {notes.txt}", 2, "is a file, not a folder",
+     ()),
     ("tune-trials-negative", "optimize {model.pt2} -o {d}/out --tune-trials -5", 2, "--tune-trials", ()),
     ("input-shape-absurd", "inspect {model.pt2} --input-shape 64,3,100000,100000", 2, "GiB", ()),
     ("input-shape-misfit", "fold {model.pt2} -o {d}/o.pt2 --input-shape 2,4,8,8", 2, "does not fit", ()),
@@ -104,6 +107,10 @@ def _sums(folder: Path) -> dict[str, str]:
 def _prepare(row_id: str, library: Path, d: Path) -> None:
     for p in library.iterdir():
         shutil.copy2(p, d / p.name)
+    if row_id == "tvm-folder-untrusted":  # a compiled folder whose model.so runs code when loaded
+        (d / "art_tvm").mkdir()
+        shutil.copy2(d / "evil_tvm.so", d / "art_tvm" / "model.so")
+        (d / "art_tvm" / "manifest.json").write_text('{"format": "bnfold-tvm-artifact", "format_version": 1}')
     if row_id == "fold-over-symlink-to-input":
         os.symlink(d / "model.pt2", d / "link.pt2")
     if row_id == "fold-over-hardlink-to-input":

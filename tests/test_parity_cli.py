@@ -35,8 +35,10 @@ def test_check_pt2_against_a_compiled_tvm_folder(tmp_path: Path, capsys: pytest.
         artifact = bnfold.compile(folded, (x,), tune_trials=0, progress=False, cache_dir=tmp_path / "cache")
     artifact.save(tmp_path / "net_tvm")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype("float32"))
-    code = main(["check", str(tmp_path / "net.pt2"), str(tmp_path / "net_tvm"), "--data", str(tmp_path / "x.npy"),
-                 "--json"])
+    argv = ["check", str(tmp_path / "net.pt2"), str(tmp_path / "net_tvm"), "--data", str(tmp_path / "x.npy")]
+    assert main(argv) == 2  # model.so is code: loaded only with the user's consent
+    assert "--trust-pickle" in capsys.readouterr().err
+    code = main([*argv, "--trust-pickle", "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["candidate"]["kind"] == "tvm" and record["parity"]["passed"], record
     assert record["parity"]["samples"] == 4

@@ -59,8 +59,15 @@ def _load_onnx(path: Path, _trusted_pickle: bool) -> Loaded:
     return Loaded(model, "onnx", path, None, dict(model.build_info))
 
 
-def _load_tvm(path: Path, _trusted_pickle: bool) -> Loaded:
+def _load_tvm(path: Path, trusted: bool) -> Loaded:
+    """A compiled TVM folder: its ``model.so`` is native code that runs when loaded, so it is refused unless the
+    user trusts it (``--trust-pickle``: the one switch for "this file may run code")."""
     import bnfold
+
+    if not trusted and (path / "model.so").exists():
+        raise InputError(f"{path}: a compiled TVM folder holds native code ({path / 'model.so'}) that runs as soon "
+                         "as it is loaded; bnfold does not load code from a file without your consent",
+                         hint="pass --trust-pickle if you built this folder or trust where it came from")
 
     load = getattr(bnfold, "load_artifact", None)
     if load is None:
@@ -120,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="random inputs of this shape when there is no --data (repeat per input)")
     p.add_argument("--no-batch-check", action="store_true", help="skip the batch-independence check")
     p.add_argument("--no-localize", action="store_true", help="do not search for the first diverging node")
-    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth models")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading files that run code: pickled .pt/.pth models, a compiled TVM folder")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_check)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,18 @@ def check_target_options(target: str | None, arch: str | None) -> None:
         raise InputError(f"--arch {arch} applies only to --target cuda")
     if not arch.startswith("sm_") or not arch[3:].rstrip("af").isdigit():
         raise InputError(f"--arch {arch!r} is not a CUDA architecture", hint="write it like sm_80, sm_89 or sm_90a")
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    """``--cache-dir`` is a folder or a path that can become one (checked before any work, tuned or not)."""
+    if cache_dir is None:
+        return
+    p = Path(cache_dir)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--cache-dir {p} is a file, not a folder", hint="point it at a folder (created if absent)")
+    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    if not p.exists() and parent is not None and not parent.is_dir():
+        raise InputError(f"--cache-dir {p} cannot be created: {parent} is a file")
 
 
 def check_until(until: str | None) -> None:

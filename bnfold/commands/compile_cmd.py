@@ -15,7 +15,7 @@ import warnings
 
 from bnfold.api import fold
 from bnfold.commands import SUMMARY
-from bnfold.commands.common import add_model_args, check_target_options, load_with_inputs
+from bnfold.commands.common import add_model_args, check_cache_dir, check_target_options, load_with_inputs
 from bnfold.errors import InputError
 from bnfold.outputs import check_output_dir
 from bnfold.parity import compare, json_safe
@@ -67,6 +67,7 @@ def _compile(args: argparse.Namespace) -> int:
         raise InputError(f"--dynamic-batch {args.dynamic_batch[0]},{args.dynamic_batch[1]} is not a range "
                          "1 <= MIN <= MAX")
     check_target_options(args.target, args.arch)
+    check_cache_dir(args.cache_dir)
     check_output_dir(args.output, [args.model], force=args.force, owned=artifact_entries)  # before any work
     loaded, inputs = load_with_inputs(args)
     folded = fold(loaded.module, inputs, capture=args.capture)

@@ -13,7 +13,7 @@ import json
 import torch.fx
 
 from bnfold.commands import SUMMARY
-from bnfold.commands.common import check_target_options, load_batches
+from bnfold.commands.common import check_cache_dir, check_target_options, load_batches
 from bnfold.data import load_tensors
 from bnfold.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.errors import InputError
@@ -57,6 +57,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
     check_target_options(args.target, args.arch)
+    check_cache_dir(args.cache_dir)
     inputs_given = [p for p in (args.model, args.data, args.validate) if p]
     check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
     loaded, calibration = load_batches(args, args.data)
