@@ -26,6 +26,7 @@ from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import describe, user_list
 from bnfold.passes.rule import Fail, Rule
+from bnfold.passes.uses import value_users
 
 __all__ = ["FoldIntoEmbedding", "fold_affine_into_embedding"]
 
@@ -58,7 +59,7 @@ class FoldIntoEmbedding(Rule[AffineView, Table]):
 
     def check(self, ctx: PassContext, m: AffineView) -> Table | Fail:
         emb = m.x
-        if len(emb.users) > 1:
+        if len(value_users(emb)) > 1:
             return Fail(f"embedding '{emb.name}' also feeds {user_list(emb)}; folding would change those paths too")
         if m.axis != m.rank - 1:
             return Fail(f"it normalizes axis {m.axis}, but embedding '{emb.name}' has its features on the last axis")

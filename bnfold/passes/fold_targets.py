@@ -19,6 +19,7 @@ from bnfold.passes.affine_view import AffineView
 from bnfold.passes.commute import Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.linear_ops import LinearOp, NotFoldable, match_linear_op
+from bnfold.passes.uses import value_users
 
 __all__ = ["absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target", "shift_blocked",
            "user_list"]
@@ -30,7 +31,8 @@ def linear_op(ctx: PassContext, node: torch.fx.Node) -> LinearOp | NotFoldable |
 
 
 def user_list(node: torch.fx.Node) -> str:
-    return ", ".join(f"'{u.name}'" for u in node.users)
+    """The users of ``node`` that read its values, quoted (metadata-only uses never block a fold)."""
+    return ", ".join(f"'{u.name}'" for u in value_users(node))
 
 
 def describe(node: torch.fx.Node) -> str:
@@ -50,7 +52,7 @@ def producer_target(ctx: PassContext, view: AffineView) -> LinearOp | str:
         return f"its input is {what}, not a conv/linear output"
     if isinstance(op, NotFoldable):
         return f"producer '{producer.name}' cannot be rewritten: {op.reason}"
-    if len(producer.users) > 1:
+    if len(value_users(producer)) > 1:
         return f"producer {op.describe()} also feeds {user_list(producer)}; folding would change those paths too"
     if view.axis != op.channel_axis % view.rank:
         return f"it normalizes axis {view.axis}, but {op.describe()} has its channels on another axis"
@@ -61,8 +63,9 @@ def producer_target(ctx: PassContext, view: AffineView) -> LinearOp | str:
 
 def consumer_targets(ctx: PassContext, node: torch.fx.Node, axis: int, rank: int, channels: int
                      ) -> list[LinearOp] | str:
-    """The conv/linear users of ``node`` that read it on their input-channel axis ``axis``, or why not all do."""
-    users = list(node.users)
+    """The conv/linear users of ``node`` that read it on their input-channel axis ``axis``, or why not all do
+    (users reading only its shape are not consumers: they see the same shape after the fold)."""
+    users = value_users(node)
     if not users:
         return "its output is unused"
     ops: list[LinearOp] = []
@@ -94,7 +97,7 @@ def absorbs(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> LinearOp | st
     op = linear_op(ctx, node)
     if not isinstance(op, LinearOp):
         return f"'{node.name}' is not a foldable conv/linear"
-    if len(node.users) > 1:
+    if len(value_users(node)) > 1:
         return f"{op.describe()} has other users"
     if aff.axis != op.channel_axis % len(aff.shape) or aff.a.numel() != op.out_channels:
         return f"{op.describe()} has its channels on another axis"
@@ -107,7 +110,7 @@ def push_target(ctx: PassContext, start: torch.fx.Node, aff: Affine, max_depth: 
     along) has only conv/linear consumers, with the moved affine, or why there is none within reach."""
     node = start
     for _ in range(max_depth):
-        users = list(node.users)
+        users = value_users(node)
         if len(users) != 1:
             return f"'{node.name}' has {len(users)} users"
         user = users[0]

@@ -15,6 +15,7 @@ from bnfold.passes.affine_view import AffineView
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.rule import Fail, Rule
+from bnfold.passes.uses import value_users
 
 __all__ = ["MergeAffines"]
 
@@ -42,7 +43,7 @@ class MergeAffines(Rule[Pair, str]):
 
     def check(self, ctx: PassContext, m: Pair) -> str | Fail:
         v1, v2 = m.inner, m.outer
-        if v1 is not None and len(v1.node.users) == 1 and v1.axis == v2.axis and v1.channels == v2.channels:
+        if v1 is not None and len(value_users(v1.node)) == 1 and v1.axis == v2.axis and v1.channels == v2.channels:
             return "merge"
         if bool((v2.a == 1).all()) and bool((v2.b == 0).all()):
             return "identity"

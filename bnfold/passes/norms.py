@@ -22,6 +22,7 @@ from torch import nn
 
 from bnfold.graph import fetch_attr, get_constant, module_path, normalized_kwargs
 from bnfold.passes.context import PassContext
+from bnfold.passes.uses import value_users
 
 __all__ = ["NormSplit", "bare_norm", "merge_back", "norm_label", "norm_of"]
 
@@ -137,7 +138,7 @@ def merge_back(ctx: PassContext, affine: torch.fx.Node) -> torch.fx.Node | None:
     if not isinstance(split, NormSplit):
         return None
     norm_axis = 1 if split.kind in ("group_norm", "instance_norm") else view.rank - 1
-    if len(bare.users) != 1 or view.axis != norm_axis:
+    if len(value_users(bare)) != 1 or view.axis != norm_axis:
         return None
     if split.kind == "rms_norm" and bool((view.b != 0).any()):
         return None

@@ -30,6 +30,7 @@ from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import absorbs, consumer_targets, producer_target, push_target
 from bnfold.passes.linear_ops import LinearOp
 from bnfold.passes.rule import Fail, Rule
+from bnfold.passes.uses import value_users
 
 __all__ = ["Propagate"]
 
@@ -111,8 +112,8 @@ class Propagate(Rule[AffineView, Move]):
         if isinstance(op, LinearOp):
             return Plan([(node, aff, True, user)], absorbed=1)
         leftover = Plan([(node, aff, False, user)], leftovers=1, why=[op])
-        if depth >= self.max_depth or len(node.users) > 1:
-            if len(node.users) > 1:
+        if depth >= self.max_depth or len(value_users(node)) > 1:
+            if len(value_users(node)) > 1:
                 leftover.why = [f"'{node.name}' has other users"]
             return leftover
         if node.op in ("call_function", "call_method") and node.target in ADD_TARGETS:
@@ -185,7 +186,7 @@ class Propagate(Rule[AffineView, Move]):
     def _apply_forward(self, ctx: PassContext, view: AffineView, dest: tuple[torch.fx.Node, Affine]
                        ) -> list[Change]:
         target, aff = dest
-        users = list(target.users)
+        users = value_users(target)  # shape-only users keep reading ``target``: the move keeps its shape
         new = ctx.insert_affine(target, aff.a, aff.b, aff.axis, before=target.next, sources=view.sources)
         for u in users:
             ctx.replace_input(u, target, new)

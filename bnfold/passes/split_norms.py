@@ -26,6 +26,7 @@ from bnfold.passes.fold_targets import consumer_targets, linear_op, push_target,
 from bnfold.passes.linear_ops import LinearOp
 from bnfold.passes.norms import NormSplit, bare_norm, norm_label, norm_of
 from bnfold.passes.rule import Fail, Rule
+from bnfold.passes.uses import value_users
 
 __all__ = ["SplitNormAffine"]
 
@@ -99,7 +100,7 @@ def _will_not_fold(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> str | 
         dest = push_target(ctx, node, aff)
         if isinstance(dest, str):
             return f"{ops}; moving it forward: {dest}"
-        ops = [op for op in (linear_op(ctx, u) for u in dest[0].users) if isinstance(op, LinearOp)]
+        ops = [op for op in (linear_op(ctx, u) for u in value_users(dest[0])) if isinstance(op, LinearOp)]
         shift = dest[1].b
     if shift_blocked(ops, shift):
         return "a consumer conv pads with zeros, so the shift could not fold"
