@@ -111,17 +111,25 @@ def apply_step(step: tuple[Any, ...], vals: list[torch.Tensor], mods: nn.ModuleD
 
 
 class FuzzNet(nn.Module):
-    """Runs ``plan``: each step reads values from the stack by index and pushes one result."""
+    """Runs ``plan``: each step reads values from the stack by index and pushes one result. After the steps in
+    ``shape_reads`` the result's *metadata* is read too, as timm and transformer code does (``torch._assert`` on
+    ``x.ndim`` and ``x.shape[1]``): a fold must not treat those reads as a second consumer, nor break them."""
 
-    def __init__(self, plan: list[tuple[Any, ...]], mods: dict[str, nn.Module]) -> None:
+    def __init__(self, plan: list[tuple[Any, ...]], mods: dict[str, nn.Module],
+                 shape_reads: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.plan = plan
         self.mods = nn.ModuleDict(mods)
+        self.shape_reads = shape_reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals = [x]
-        for step in self.plan:
-            vals.append(apply_step(step, vals, self.mods))
+        for i, step in enumerate(self.plan):
+            out = apply_step(step, vals, self.mods)
+            if i in self.shape_reads:
+                torch._assert(out.ndim >= 2, "a batch of at least one feature axis")
+                torch._assert(out.shape[1] > 0, "channels present")
+            vals.append(out)
         return vals[-1]
 
 
@@ -355,7 +363,11 @@ def make_case(seed: int) -> Case:
         else:
             for _ in range(rng.randint(2, 5)):
                 rng.choice([b.linear, b.linear, b.feature_norm, b.act])()
-        model, desc = FuzzNet(b.plan, b.mods), " ".join(b.log)
+        # which results also get their shape read: a separate stream, so the seed → model mapping is unchanged
+        reads = random.Random(seed + 7_777_777)
+        shape_reads = frozenset(i for i in range(len(b.plan)) if reads.random() < 0.3)
+        model, desc = FuzzNet(b.plan, b.mods, shape_reads), " ".join(b.log)
+        desc += f" (shape reads after {sorted(shape_reads)})" if shape_reads else ""
     model = model.eval()
     if dtype != torch.float32:
         model = model.to(dtype)
