@@ -14,10 +14,21 @@ Three families, each exact:
   One mechanism covers every such op (``flatten`` turns a C-channel affine into a C·H·W-feature one).
 * ``mean`` over axes other than the channel axis: ``mean(a x + b) = a mean(x) + b``; the axis index shifts
   when reduced dims before it are dropped.
+* selection (``x[:, 0]``, ``x[..., 2:5]``, ``select``/``slice``/``narrow``): forward, the coefficients are
+  selected with the data; backward, elements the selection drops never reach the output, so their coefficients
+  are free and are chosen to keep the affine per-channel (``A(x[i]) = (A'(x))[i]`` with ``A'`` = ``A`` on the kept
+  elements).
+* constant padding with value ``v``: ``pad(a x + b, v) = a pad(x, v) + b`` exactly when ``a·v + b = v`` in every
+  channel (for zero padding: no shift); reflect/replicate/circular padding copies values and always commutes.
+
+An op's other arguments may be nodes as long as they are not tensors read for their values (sizes from
+``x.shape``, the shape argument of ``reshape_as``/``view_as``): the transfer reads shapes from node metadata.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.graph import fetch_attr, node_shape, normalized_kwargs
+from bnfold.passes.uses import reads_values
 
-__all__ = ["Affine", "Transfer", "transfer_for"]
+__all__ = ["CAT", "Affine", "Transfer", "cat_forward", "transfer_for"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -109,10 +121,10 @@ def _index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move:
 
     def bwd(aff: Affine) -> Affine | str:
         where = move(torch.arange(n).reshape(in_shape)).reshape(-1)
-        if where.numel() != n:
-            return "the reshape does not move every element exactly once"
-        a_in = torch.empty(n, dtype=f64)
-        b_in = torch.empty(n, dtype=f64)
+        if where.unique().numel() != where.numel():
+            return "the op reads some element twice"
+        a_in = torch.full((n,), math.nan, dtype=f64)  # NaN: an element the op drops (its coefficient is free)
+        b_in = torch.full((n,), math.nan, dtype=f64)
         a_in[where] = aff.full(aff.a).reshape(-1)
         b_in[where] = aff.full(aff.b).reshape(-1)
         return _read_per_channel(a_in.reshape(in_shape), b_in.reshape(in_shape), "before")
@@ -121,30 +133,37 @@ def _index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move:
 
 
 def _read_per_channel(a_full: torch.Tensor, b_full: torch.Tensor, side: str) -> Affine | str:
+    """The per-channel affine whose full coefficient tensors are ``a_full``/``b_full`` (NaN = free: an element
+    the op dropped; a channel left entirely free gets the identity ``a = 1, b = 0``)."""
     shape = tuple(a_full.shape)
+    if a_full.dim() == 0:
+        return f"{side} this op the tensor has no channel axis"
     axis = _varying_axis(a_full, b_full)
     if axis is None:
         return f"{side} this reshape the coefficients no longer vary along a single axis"
-    index = [0] * len(shape)
-    index[axis] = slice(None)  # type: ignore[call-overload]
-    return Affine(a_full[tuple(index)].clone(), b_full[tuple(index)].clone(), axis, shape)
+    a = _read_per_channel_line(a_full, axis)
+    b = _read_per_channel_line(b_full, axis)
+    assert a is not None and b is not None
+    return Affine(torch.nan_to_num(a, nan=1.0), torch.nan_to_num(b, nan=0.0), axis, shape)
+
+
+def _read_per_channel_line(t: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The per-index value of ``t`` along axis ``k`` if ``t`` varies only along ``k`` (NaN entries are free and
+    match anything; an index whose entries are all free gets the identity value of ``t``'s kind later), or None."""
+    moved = t.movedim(k, 0).reshape(t.shape[k], -1)
+    known = ~torch.isnan(moved)
+    first = known.to(torch.int8).argmax(1)  # the first known entry of each line (0 when none is known)
+    value = moved[torch.arange(moved.shape[0]), first]  # NaN exactly when the line has no known entry
+    if not bool(torch.where(known, moved == value[:, None], torch.ones_like(known)).all()):
+        return None
+    return value
 
 
 def _varying_axis(a_full: torch.Tensor, b_full: torch.Tensor) -> int | None:
     shape = tuple(a_full.shape)
-    candidates = [k for k in range(len(shape)) if shape[k] > 1]
+    candidates = [k for k in range(len(shape)) if shape[k] > 1] or list(range(len(shape)))
     for k in sorted(candidates, key=lambda k: (k == 0, k)):  # prefer non-batch axes
-        idx = [0] * len(shape)
-        idx[k] = slice(None)  # type: ignore[call-overload]
-        ok = True
-        for t in (a_full, b_full):
-            line = t[tuple(idx)]
-            view = [1] * len(shape)
-            view[k] = shape[k]
-            if not torch.equal(t, line.reshape(view).expand(shape)):
-                ok = False
-                break
-        if ok:
+        if all(_read_per_channel_line(t, k) is not None for t in (a_full, b_full)):
             return k
     return None
 
@@ -198,26 +217,34 @@ _RESHAPE: set[Any] = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, aten.view.default, aten.reshape.default,
     aten._unsafe_view.default, aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
     aten.unsqueeze.default, aten.unflatten.int, "view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten",
+    aten.reshape_as.default, aten.view_as.default, "reshape_as", "view_as",
 }
+_SELECT: set[Any] = {operator.getitem, aten.select.int, aten.slice.Tensor, aten.narrow.default, torch.select,
+                     torch.narrow, "select", "narrow"}
 _PERMUTE: set[Any] = {torch.permute, torch.transpose, torch.t, aten.permute.default, aten.transpose.int,
                       aten.t.default, "permute", "transpose", "t"}
 _MEAN: set[Any] = {torch.mean, aten.mean.dim, "mean"}
-_PAD: set[Any] = {F.pad, aten.pad.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
-                  aten.reflection_pad3d.default, aten.replication_pad1d.default, aten.replication_pad2d.default,
-                  aten.replication_pad3d.default, aten._pad_circular.default}
+_CONSTANT_PAD: set[Any] = {F.pad, aten.pad.default, aten.constant_pad_nd.default}
+_PAD: set[Any] = {F.pad, aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad1d.default,
+                  aten.reflection_pad2d.default, aten.reflection_pad3d.default, aten.replication_pad1d.default,
+                  aten.replication_pad2d.default, aten.replication_pad3d.default, aten._pad_circular.default}
 
 
 def _copy_pad_check(gm: torch.fx.GraphModule, node: torch.fx.Node, rank: int) -> Callable[[Affine], str | None] | str:
     """Reflect/replicate/circular padding copies values of the same channel: it commutes with the affine,
     as long as the channel axis itself is not padded. Constant padding does not (the pad value is fixed)."""
-    mode = _arg(node, gm, "mode", "constant") if node.target in (F.pad, aten.pad.default) else "copy"
-    if mode == "constant":
-        return f"'{node.name}' pads with a constant, which a shift would not reach"
+    mode = _arg(node, gm, "mode", "constant") if node.target in _CONSTANT_PAD else "copy"
     pad = _arg(node, gm, "pad", None) or _arg(node, gm, "padding", None) or (node.args[1] if len(node.args) > 1 else ())
     first_padded = rank - len(pad) // 2
+    value = float(_arg(node, gm, "value", 0.0) or 0.0) if mode == "constant" else None
 
     def check(aff: Affine) -> str | None:
-        return "its channel axis is padded" if aff.axis >= first_padded else None
+        if aff.axis >= first_padded:
+            return "its channel axis is padded"
+        if value is not None and not bool((aff.a * value + aff.b == value).all()):
+            return (f"'{node.name}' pads with the constant {value:g}, which the affine would have to map to itself "
+                    "(zero padding: only a pure scale crosses it; the shift stays)")
+        return None
 
     return check
 
@@ -231,17 +258,90 @@ def _avg_pool_exact(padding: Any, count_include_pad: bool, divisor_override: Any
     return None
 
 
+def _select_transfer(node: torch.fx.Node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+                     ) -> tuple[Callable[[Affine], Affine | str], Callable[[Affine], Affine | str]] | str:
+    """``x[index]`` / ``select`` / ``slice`` / ``narrow`` with constant arguments: an index map."""
+    args, kwargs = node.args[1:], dict(node.kwargs)
+    if _has_node(args) or _has_node(kwargs):
+        return f"'{node.name}' selects by values computed at run time"
+    target = node.target
+    if isinstance(target, str):
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return getattr(t, str(target))(*args, **kwargs)
+    else:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return target(t, *args, **kwargs)  # type: ignore[operator]
+    try:
+        probe = fn(torch.zeros(in_shape, dtype=torch.int8))
+    except Exception:
+        return f"'{node.name}' is not a selection bnfold can replay"
+    if tuple(probe.shape) != out_shape:
+        return f"'{node.name}' selects a shape its metadata does not record"
+    return _index_transfer(in_shape, out_shape, fn)
+
+
+def _has_node(value: Any) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, torch.fx.Node)
+        return v
+
+    torch.fx.node.map_aggregate(value, visit)
+    return found
+
+
 def _arg(node: torch.fx.Node, gm: torch.fx.GraphModule, name: str, default: Any) -> Any:
     kwargs = normalized_kwargs(gm, node)
     return (node.kwargs if kwargs is None else kwargs).get(name, default)
 
 
+def _is_tensor(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes a tensor (unknown counts as yes: the conservative answer)."""
+    if "val" not in node.meta:
+        return True
+    val = node.meta["val"]
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor)
+
+
 def _first_tensor(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The one tensor whose values ``node`` reads (sizes and shape-only arguments aside), or None."""
     x = node.args[0] if node.args else node.kwargs.get("input")
     if not isinstance(x, torch.fx.Node):
         return None
-    other = [a for a in node.all_input_nodes if a is not x]
+    other = [a for a in node.all_input_nodes if a is not x and _is_tensor(a) and reads_values(node, a)]
     return None if other else x
+
+
+CAT: set[Any] = {torch.cat, torch.concat, aten.cat.default, aten.concat.default}
+
+
+def cat_forward(cat: torch.fx.Node, source: torch.fx.Node, aff: Affine) -> Affine | str:
+    """Push ``aff`` (applied to ``source``) forward through the concat ``cat`` along the affine's axis:
+    ``cat(A(x₁), x₂) = A'(cat(x₁, x₂))`` with ``a' = [a, 1]``, ``b' = [b, 0]`` (identity on the other parts)."""
+    tensors = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    out_shape = node_shape(cat)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or out_shape is None:
+        return f"'{cat.name}' concatenates along an axis or of shapes known only at run time"
+    if dim % len(out_shape) != aff.axis:
+        return f"'{cat.name}' concatenates along another axis than the affine's (the other inputs would need it too)"
+    a_parts, b_parts = [], []
+    for t in tensors:
+        shape = node_shape(t)
+        if shape is None:
+            return f"'{cat.name}' has an input of unknown shape"
+        n = shape[aff.axis]
+        if t is source:
+            a_parts.append(aff.a)
+            b_parts.append(aff.b)
+        else:
+            a_parts.append(torch.ones(n, dtype=f64))
+            b_parts.append(torch.zeros(n, dtype=f64))
+    return Affine(torch.cat(a_parts), torch.cat(b_parts), aff.axis, out_shape)
 
 
 def transfer_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Transfer | str:
@@ -299,6 +399,8 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         return _same(in_shape, out_shape, _positive_scale_no_shift)
     if target in _RESHAPE:
         return _index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
+    if target in _SELECT:
+        return _select_transfer(node, in_shape, out_shape)
     if target in _PERMUTE:
         if any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
             return f"'{node.name}' permutes by values computed at run time"

@@ -6,8 +6,9 @@
 * :func:`consumer_targets` — ``op(A(x))``: every user of ``A`` is such an op reading ``A`` as its input, on its
   input-channel axis;
 * :func:`shift_blocked`    — the consumers that cannot take a shift exactly (zero padding, conv-transpose);
-* :func:`push_target`      — the first node along a single-user chain of commuting ops whose users all are
-  conv/linear consumers of the moved affine (a forward move that ends in folds).
+* :func:`push_target`      — the first node along a single-user chain of commuting ops (and channel concats,
+  where the other inputs get the identity) whose users all are conv/linear consumers of the moved affine (a
+  forward move that ends in folds).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.fx
 
 from bnfold.passes.affine_view import AffineView
-from bnfold.passes.commute import Affine, transfer_for
+from bnfold.passes.commute import CAT, Affine, cat_forward, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.linear_ops import LinearOp, NotFoldable, match_linear_op
 from bnfold.passes.uses import value_users
@@ -114,10 +115,13 @@ def push_target(ctx: PassContext, start: torch.fx.Node, aff: Affine, max_depth: 
         if len(users) != 1:
             return f"'{node.name}' has {len(users)} users"
         user = users[0]
-        t = transfer_for(ctx.gm, user)
-        if isinstance(t, str):
-            return t
-        nxt = t.forward(aff)
+        if user.op == "call_function" and user.target in CAT:
+            nxt = cat_forward(user, node, aff)
+        else:
+            t = transfer_for(ctx.gm, user)
+            if isinstance(t, str):
+                return t
+            nxt = t.forward(aff)
         if isinstance(nxt, str):
             return f"through '{user.name}': {nxt}"
         node, aff = user, nxt

@@ -24,7 +24,7 @@ import torch.fx
 
 from bnfold.graph import node_shape
 from bnfold.passes.affine_view import ADD_TARGETS, AffineView
-from bnfold.passes.commute import Affine, transfer_for
+from bnfold.passes.commute import CAT, Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import absorbs, consumer_targets, producer_target, push_target
@@ -35,7 +35,7 @@ from bnfold.passes.uses import value_users
 __all__ = ["Propagate"]
 
 aten = torch.ops.aten
-_CAT = {torch.cat, torch.concat, aten.cat.default, aten.concat.default}
+_CAT = CAT
 
 
 @dataclass
