@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import fetch_attr, node_shape, normalized_kwargs
+from bnfold.ir.graph import fetch_attr, node_shape, normalized_kwargs
 
 __all__ = ["Affine", "Transfer", "transfer_for"]
 
