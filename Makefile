@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[onnx,tvm,test]"
 	# the native statistics kernel is built here, once, not inside the first user call (no compiler: fallback)
-	-$(PY) -m bnfold.native
+	-$(PY) -m bnfold.recalibrate.native
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -50,7 +50,7 @@ from torch import nn
 
 import bnfold
 from bnfold.targets.tvm import UntunedKernelsWarning, configure_threads, tuning_tasks
-from bnfold.targets.tvm_target import usable_cores
+from bnfold.targets.tvm.target import usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import randomize_bn

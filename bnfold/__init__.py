@@ -15,24 +15,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the public API, imported on first use (``import bnfold`` stays cheap: no torch, ONNX or TVM)
     from bnfold.api import FoldResult, fold, inspect
-    from bnfold.drift import DriftReport, diagnose
     from bnfold.errors import BnfoldError
     from bnfold.optimize import OptimizeResult, optimize
     from bnfold.parity import ParityReport, Tolerance, compare
-    from bnfold.recalibrate import RecalibrationReport, recalibrate
+    from bnfold.parity.stages import StageReport, StageTracker, track_stages
+    from bnfold.recalibrate.core import RecalibrationReport, recalibrate
+    from bnfold.recalibrate.drift import DriftReport, diagnose
     from bnfold.report import FoldReport
-    from bnfold.stages import StageReport, StageTracker, track_stages
     from bnfold.targets.tvm import compile, load_artifact
 
 _WHERE = {
     "FoldResult": "bnfold.api", "fold": "bnfold.api", "inspect": "bnfold.api",
-    "DriftReport": "bnfold.drift", "diagnose": "bnfold.drift",
+    "DriftReport": "bnfold.recalibrate.drift", "diagnose": "bnfold.recalibrate.drift",
     "BnfoldError": "bnfold.errors",
     "OptimizeResult": "bnfold.optimize", "optimize": "bnfold.optimize",
     "ParityReport": "bnfold.parity", "Tolerance": "bnfold.parity", "compare": "bnfold.parity",
-    "RecalibrationReport": "bnfold.recalibrate", "recalibrate": "bnfold.recalibrate",
+    "RecalibrationReport": "bnfold.recalibrate.core", "recalibrate": "bnfold.recalibrate.core",
     "FoldReport": "bnfold.report",
-    "StageReport": "bnfold.stages", "StageTracker": "bnfold.stages", "track_stages": "bnfold.stages",
+    "StageReport": "bnfold.parity.stages", "StageTracker": "bnfold.parity.stages",
+    "track_stages": "bnfold.parity.stages",
     "compile": "bnfold.targets.tvm", "load_artifact": "bnfold.targets.tvm",
 }
 

@@ -14,6 +14,7 @@ from torch import nn
 from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
 from bnfold.errors import InputError
+from bnfold.ir.ops import materialize_affines
 from bnfold.parity import compare
 from bnfold.passes import (
     Category,
@@ -26,7 +27,6 @@ from bnfold.passes import (
     Until,
     default_pipeline,
 )
-from bnfold.passes.ops import materialize_affines
 from bnfold.report import FoldedEntry, FoldReport, SkippedEntry
 
 __all__ = ["FoldResult", "fold", "fold_captured", "inspect"]

@@ -17,9 +17,9 @@ import torch.fx
 from torch import nn
 
 from bnfold.errors import CaptureError
-from bnfold.graph import propagate_shapes
-from bnfold.passes.detect import is_stock_batchnorm
-from bnfold.passes.linear_ops import module_kind
+from bnfold.ir.batchnorm import is_stock_batchnorm
+from bnfold.ir.graph import propagate_shapes
+from bnfold.ir.linear_ops import module_kind
 
 __all__ = ["BnfoldTracer", "CaptureMode", "Captured", "capture"]
 

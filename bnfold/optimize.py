@@ -31,10 +31,9 @@ from torch import nn
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
 from bnfold.errors import BnfoldError, InputError
-from bnfold.io import save_exported
-from bnfold.outputs import check_output_dir, output_error, publish_dir, staging_dir
-from bnfold.parity import json_safe
-from bnfold.report import FoldReport, format_table
+from bnfold.io.outputs import check_output_dir, output_error, publish_dir, staging_dir
+from bnfold.report import FoldReport, format_table, json_safe
+from bnfold.targets import get_target
 
 __all__ = ["OptimizeResult", "optimize"]
 
@@ -171,7 +170,7 @@ def optimize(
 def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
     """Re-chunk validation batches to the example batch size: exported and compiled stages have a static batch.
     A remainder smaller than one batch is dropped."""
-    from bnfold.data import split_batches
+    from bnfold.io.data import split_batches
 
     norm = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
     size = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
@@ -187,7 +186,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
          cache_dir: str | Path | None, protect: Sequence[str | Path]) -> None:
-    from bnfold.stages import StageTracker
+    from bnfold.parity.stages import StageTracker
 
     original = model
     calib = list(calibration) if calibration is not None else None
@@ -198,7 +197,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
 
     work = original
     if calib:
-        from bnfold.recalibrate import recalibrate
+        from bnfold.recalibrate.core import recalibrate
 
         with _timed(result, "recalibrate"):
             work = copy.deepcopy(original)
@@ -210,31 +209,29 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
         fr = fold(work, inputs, capture=capture, check=False)
         folded, result.fold = fr.module, fr.report
         tracker.add("folded", folded)
-        save_exported(folded, inputs, staging / "folded.pt2", protect=protect)
+        get_target("torch").lower(folded, inputs).save(staging / "folded.pt2", protect=protect)
         result.artifacts["folded"] = "folded.pt2"
     if folded is None:
         result.stages = tracker.report()
         return
 
     if onnx:
-        from bnfold.targets.onnx import OnnxRuntimeModel, export_onnx
-
         with _timed(result, "onnx"):
-            exported = export_onnx(folded, inputs, staging / "model.onnx", protect=protect)
+            runtime = get_target("onnx").lower(folded, inputs, {"path": staging / "model.onnx", "protect": protect})
             result.artifacts["onnx"] = "model.onnx"
-            tracker.add("onnx", OnnxRuntimeModel(exported.path))
+            tracker.add("onnx", runtime)
 
     if tvm_target:
         import warnings
 
-        from bnfold.targets.tvm import UntunedKernelsWarning
-        from bnfold.targets.tvm import compile as tvm_compile
-
         with _timed(result, "tvm"):
+            tvm = get_target("tvm")  # imports bnfold.targets.tvm (and with it UntunedKernelsWarning)
+            from bnfold.targets.tvm import UntunedKernelsWarning
+
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UntunedKernelsWarning)
-                artifact = tvm_compile(folded, inputs, target=tvm_target, arch=arch, tune_trials=tune_trials,
-                                       cache_dir=cache_dir, progress=False)
+                artifact = tvm.lower(folded, inputs, {"target": tvm_target, "arch": arch, "tune_trials": tune_trials,
+                                                      "cache_dir": cache_dir, "progress": False})
             for w in caught:  # untuned kernels: said in the report, not as a stray Python warning
                 if issubclass(w.category, UntunedKernelsWarning):
                     result.warnings.append(f"tvm: {w.message}")

@@ -7,10 +7,11 @@ skipped (the rule that declined and a reason a user can act on), plus pass timin
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["FoldReport", "FoldedEntry", "SkippedEntry", "format_table"]
+__all__ = ["FoldReport", "FoldedEntry", "SkippedEntry", "format_table", "json_safe"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ class FoldReport:
         }
 
     def to_json(self, **kwargs: Any) -> str:
-        from bnfold.parity import json_safe
-
         return json.dumps(json_safe(self.to_dict()), indent=2, default=str, allow_nan=False, **kwargs)
 
     def __str__(self) -> str:
@@ -139,3 +138,14 @@ def _wrap(text: str, width: int) -> list[str]:
     if cur:
         lines.append(cur)
     return lines
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -34,7 +34,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def count_batchnorm(gm: torch.fx.GraphModule) -> int:
     """BatchNorm ops (any form) still in a graph."""
-    from bnfold.passes.detect import find_batchnorm_sites
+    from bnfold.ir.batchnorm import find_batchnorm_sites
 
     return len(find_batchnorm_sites(gm))
 

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from bnfold.demo.context import DemoContext, accuracy
 from bnfold.demo.data import shift_images
-from bnfold.drift import diagnose
-from bnfold.recalibrate import recalibrate
+from bnfold.recalibrate.core import recalibrate
+from bnfold.recalibrate.drift import diagnose
 from bnfold.report import format_table
-
-if TYPE_CHECKING:
-    from bnfold.demo.run import DemoContext
 
 __all__ = ["stage_drift"]
 
@@ -39,11 +37,6 @@ def _update_bn(batches: list[torch.Tensor], model: nn.Module) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         update_bn(batches, model)
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def stage_drift(ctx: DemoContext) -> list[str]:
@@ -63,11 +56,11 @@ def stage_drift(ctx: DemoContext) -> list[str]:
     _update_bn(calibration, model)
     repaired["update_bn"] = (model.eval(), time.perf_counter() - start)
 
-    clean = _accuracy(original, data.x_test, data.y_test)
-    shifted = _accuracy(original, shifted_test, data.y_test)
+    clean = accuracy(original, data.x_test, data.y_test)
+    shifted = accuracy(original, shifted_test, data.y_test)
     rows, results = [], {}
     for name, (model, seconds) in repaired.items():
-        acc = _accuracy(model, shifted_test, data.y_test)
+        acc = accuracy(model, shifted_test, data.y_test)
         residual = diagnose(model, calibration).worst
         recovered = (acc - shifted) / (clean - shifted) if clean > shifted else float("nan")
         results[name] = {"accuracy": acc, "recovered": recovered, "seconds": seconds,
@@ -113,8 +106,8 @@ def _sweep(original: nn.Module, x: torch.Tensor, x_test: torch.Tensor, y_test: t
         _update_bn(batches, swa)
         sizes = [len(b) for b in batches]
         rows.append({"samples": n, "batches": f"{sizes[0]} x {len(sizes) - 1} + {sizes[-1]}",
-                     "recalibrate": _accuracy(ours, x_test, y_test),
-                     "update_bn": _accuracy(swa.eval(), x_test, y_test)})
+                     "recalibrate": accuracy(ours, x_test, y_test),
+                     "update_bn": accuracy(swa.eval(), x_test, y_test)})
     return rows
 
 

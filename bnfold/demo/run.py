@@ -7,36 +7,17 @@ Later capabilities add a stage to :data:`STAGES`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
 
 from bnfold.api import fold
-from bnfold.demo.data import DigitsData, load_digits
+from bnfold.demo.context import DemoContext, accuracy
+from bnfold.demo.data import load_digits
 from bnfold.demo.drift_stage import stage_drift
 from bnfold.demo.model import load_pretrained
 from bnfold.demo.tvm_stage import stage_tvm
 from bnfold.parity import compare
 from bnfold.report import format_table
 
-__all__ = ["STAGES", "DemoContext", "accuracy", "run_demo"]
-
-
-@dataclass
-class DemoContext:
-    data: DigitsData
-    original: nn.Module
-    folded: nn.Module | None = None
-    results: dict[str, Any] = field(default_factory=dict)
-    accuracy_rows: list[list[str]] = field(default_factory=list)
-
-
-def accuracy(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` (anything callable on a batch tensor)."""
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+__all__ = ["STAGES", "run_demo"]
 
 
 def _stage_fold(ctx: DemoContext) -> list[str]:
@@ -70,23 +51,24 @@ def _stage_onnx(ctx: DemoContext) -> list[str]:
     if ctx.folded is None:
         return ["== onnx ==", "skipped: no folded model"]
     try:
-        from bnfold.targets.onnx import OnnxRuntimeModel, export_onnx
+        from bnfold.targets import get_target
 
         with tempfile.TemporaryDirectory(prefix="bnfold-demo-") as tmp:
-            out = export_onnx(ctx.folded, (ctx.data.x_test[:8],), Path(tmp) / "digits_folded.onnx")
-            runtime = OnnxRuntimeModel(out.path)
+            runtime = get_target("onnx").lower(ctx.folded, (ctx.data.x_test[:8],),
+                                               {"path": Path(tmp) / "digits_folded.onnx"})
             parity = compare(ctx.original, runtime, (ctx.data.x_test,))
             acc = accuracy(runtime, ctx.data.x_test, ctx.data.y_test)
+            info = runtime.build_info
     except BnfoldError as err:
         return ["== onnx ==", f"skipped: {err}"]
-    ctx.results["onnx"] = {"build_info": out.build_info, "parity_test_set": parity.to_dict()}
+    ctx.results["onnx"] = {"build_info": info, "parity_test_set": parity.to_dict()}
     ctx.accuracy_rows.append(["onnx (ONNX Runtime)", f"{acc:.4f}"])
     s = parity.summary()
-    ops = ", ".join(f"{k} {v}" for k, v in out.build_info["op_types"].items())
+    ops = ", ".join(f"{k} {v}" for k, v in info["op_types"].items())
     return [
         "== onnx ==",
-        f"exported the folded model: {out.build_info['nodes']} ONNX nodes ({ops}), opset "
-        f"{out.build_info['opset']}, simplified by onnxsim",
+        f"exported the folded model: {info['nodes']} ONNX nodes ({ops}), opset {info['opset']}, simplified by "
+        "onnxsim",
         f"ONNX Runtime vs original on all {len(ctx.data.y_test)} held-out digits: "
         f"{'PASS' if parity.passed else 'FAIL'} (max abs {s['max_abs']:.3g}, rmse vs fp64 "
         f"{s.get('rmse_vs_fp64', float('nan')):.3g} ≤ bound {s.get('bound', float('nan')):.3g})",

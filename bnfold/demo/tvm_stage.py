@@ -9,35 +9,32 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import TYPE_CHECKING
 
+from bnfold.demo.context import DemoContext, accuracy
 from bnfold.errors import BnfoldError
 from bnfold.parity import compare
-
-if TYPE_CHECKING:
-    from bnfold.demo.run import DemoContext
 
 __all__ = ["stage_tvm"]
 
 
 def stage_tvm(ctx: DemoContext) -> list[str]:
     """Compile ``ctx.folded`` (llvm, untuned), compare it with the original, add an accuracy row."""
-    from bnfold.demo.run import accuracy
-
     if ctx.folded is None:
         return ["== tvm ==", "skipped: no folded model"]
     try:
         import tvm  # noqa: F401
     except ImportError:
         return ["== tvm ==", "skipped: Apache TVM is not installed (pip install 'bnfold[tvm]')"]
-    from bnfold.targets.tvm import UntunedKernelsWarning, compile
+    from bnfold.targets import get_target
+    from bnfold.targets.tvm import UntunedKernelsWarning
 
     x, y = ctx.data.x_test, ctx.data.y_test
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UntunedKernelsWarning)  # reported below, in the demo's words
-            artifact = compile(ctx.folded, (x,), target="llvm", tune_trials=0, progress=False)
+            artifact = get_target("tvm").lower(ctx.folded, (x,), {"target": "llvm", "tune_trials": 0,
+                                                                    "progress": False})
     except BnfoldError as err:
         return ["== tvm ==", f"skipped: {err}"]
     seconds = time.perf_counter() - t0

@@ -1,8 +1,8 @@
-"""Rule ``canonicalize``: every inference-time BatchNorm becomes one :func:`~bnfold.passes.ops.channel_affine`
+"""Rule ``canonicalize``: every inference-time BatchNorm becomes one :func:`~bnfold.ir.ops.channel_affine`
 node ``y = a ⊙ x + b`` along the channel axis (``a = γ/√(σ²+ε)``, ``b = β − μ·a``, float64).
 
 Elementwise affines with constant per-channel operands (a frozen BatchNorm traced through, a hand-written
-BN formula) need no rewriting: the fold rules read them through :func:`~bnfold.passes.affine_view.affine_view`.
+BN formula) need no rewriting: the fold rules read them through :func:`~bnfold.ir.affine_view.affine_view`.
 This rule only marks those that come from a norm-like module as report candidates.
 """
 
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from bnfold.graph import module_class, module_path
-from bnfold.passes.affine_math import bn_affine
+from bnfold.ir.affine_math import bn_affine
+from bnfold.ir.batchnorm import BatchNormSite, batchnorm_site
+from bnfold.ir.graph import module_class, module_path
+from bnfold.ir.ops import is_channel_affine
 from bnfold.passes.context import PassContext
-from bnfold.passes.detect import BatchNormSite, batchnorm_site
 from bnfold.passes.engine import Candidate, Category, Change
-from bnfold.passes.ops import is_channel_affine
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["Canonicalize"]

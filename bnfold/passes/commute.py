@@ -38,8 +38,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import fetch_attr, node_shape, normalized_kwargs
-from bnfold.passes.uses import reads_values
+from bnfold.ir.graph import fetch_attr, node_shape, normalized_kwargs
+from bnfold.ir.uses import reads_values
 
 __all__ = ["CAT", "Affine", "Transfer", "cat_forward", "transfer_for"]
 

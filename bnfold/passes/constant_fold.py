@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from bnfold.graph import fetch_attr, node_dtype
+from bnfold.ir.graph import fetch_attr, node_dtype
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change, PassResult
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from bnfold.graph import add_constant
-from bnfold.passes.affine_view import AffineView, affine_view
-from bnfold.passes.ops import channel_affine
+from bnfold.ir.affine_view import AffineView, affine_view
+from bnfold.ir.graph import add_constant
+from bnfold.ir.ops import channel_affine
 
 __all__ = ["PassContext"]
 
@@ -81,7 +81,7 @@ class PassContext:
         return per[key]
 
     def affine(self, node: torch.fx.Node) -> AffineView | None:
-        """:func:`~bnfold.passes.affine_view.affine_view` of ``node``, remembered (see :meth:`memo`)."""
+        """:func:`~bnfold.ir.affine_view.affine_view` of ``node``, remembered (see :meth:`memo`)."""
         return self.memo(node, "affine", lambda: affine_view(self.gm, node))
 
     # -- module call sites ----------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class PassContext:
     def insert_affine(self, x: torch.fx.Node, a: torch.Tensor, b: torch.Tensor, axis: int, *,
                       before: torch.fx.Node, sources: tuple[str, ...]) -> torch.fx.Node:
         """Insert ``channel_affine(x, a, b, axis)`` before ``before``; ``a``, ``b`` are held in float64 in the node's
-        arguments (see :mod:`bnfold.passes.ops`; no pass writes them in place, so they need not be copies)."""
+        arguments (see :mod:`bnfold.ir.ops`; no pass writes them in place, so they need not be copies)."""
         scale = a.detach().to(f64)
         shift = b.detach().to(f64)
         node = self.call(channel_affine, (x, scale, shift, axis), before=before, like=x, origin=before)

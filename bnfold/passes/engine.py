@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from bnfold.errors import BnfoldError, InternalError
-from bnfold.graph import cached_lookups
+from bnfold.ir.graph import cached_lookups
 from bnfold.passes.context import PassContext
 
 __all__ = [
@@ -223,8 +223,8 @@ class Verify:
     def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
         import copy
 
-        from bnfold.graph import node_dtype, node_shape, propagate_shapes
-        from bnfold.passes.ops import materialize_affines
+        from bnfold.ir.graph import node_dtype, node_shape, propagate_shapes
+        from bnfold.ir.ops import materialize_affines
 
         if not result.modified:
             return False

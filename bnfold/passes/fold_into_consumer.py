@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from bnfold.passes.affine_math import fold_into_consumer
-from bnfold.passes.affine_view import AffineView
+from bnfold.ir.affine_math import fold_into_consumer
+from bnfold.ir.affine_view import AffineView
+from bnfold.ir.linear_ops import LinearOp
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
-from bnfold.passes.fold_targets import consumer_targets, shift_blocked
-from bnfold.passes.linear_ops import LinearOp, replace_params
+from bnfold.passes.fold_targets import consumer_targets, replace_params, shift_blocked
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["FoldIntoConsumer"]

@@ -20,13 +20,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.graph import fetch_attr, get_constant, normalized_kwargs, unique_attr_name
-from bnfold.passes.affine_view import AffineView
+from bnfold.ir.affine_view import AffineView
+from bnfold.ir.graph import fetch_attr, get_constant, normalized_kwargs, unique_attr_name
+from bnfold.ir.uses import value_users
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import describe, user_list
 from bnfold.passes.rule import Fail, Rule
-from bnfold.passes.uses import value_users
 
 __all__ = ["FoldIntoEmbedding", "fold_affine_into_embedding"]
 

@@ -4,7 +4,7 @@
     conv-transpose:  W'[i, j] = a[g(i)·O_g + j] · W[i, j]     (weight (in, out/groups, k…))
 
 Checked (:func:`~bnfold.passes.fold_targets.producer_target`): the affine is the producer's only user and acts
-on its output-channel axis. Math in :func:`bnfold.passes.affine_math.fold_into_producer` (float64, cast once).
+on its output-channel axis. Math in :func:`bnfold.ir.affine_math.fold_into_producer` (float64, cast once).
 A module's weight that only this call site uses, in state bnfold owns (``ctx.writable``), is rewritten in place
 (no second copy of the weight is allocated); anything shared is cloned on fold by ``replace_params``.
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch.fx
 
-from bnfold.passes.affine_math import fold_into_producer
-from bnfold.passes.affine_view import AffineView
+from bnfold.ir.affine_math import fold_into_producer
+from bnfold.ir.affine_view import AffineView
+from bnfold.ir.linear_ops import LinearOp
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
-from bnfold.passes.fold_targets import producer_target
-from bnfold.passes.linear_ops import LinearOp, replace_params
+from bnfold.passes.fold_targets import producer_target, replace_params
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["FoldIntoProducer"]

@@ -6,6 +6,7 @@
 * :func:`consumer_targets` — ``op(A(x))``: every user of ``A`` is such an op reading ``A`` as its input, on its
   input-channel axis;
 * :func:`shift_blocked`    — the consumers that cannot take a shift exactly (zero padding, conv-transpose);
+* :func:`replace_params`   — write a fold's parameters back, clone-on-fold;
 * :func:`push_target`      — the first node along a single-user chain of commuting ops (and channel concats,
   where the other inputs get the identity) whose users all are conv/linear consumers of the moved affine (a
   forward move that ends in folds).
@@ -13,21 +14,27 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
+from torch import nn
 
-from bnfold.passes.affine_view import AffineView
+from bnfold.ir.affine_view import AffineView
+from bnfold.ir.graph import normalized_kwargs, unique_attr_name
+from bnfold.ir.linear_ops import LinearOp, NotFoldable, match_linear_op
+from bnfold.ir.uses import value_users
 from bnfold.passes.commute import CAT, Affine, cat_forward, transfer_for
 from bnfold.passes.context import PassContext
-from bnfold.passes.linear_ops import LinearOp, NotFoldable, match_linear_op
-from bnfold.passes.uses import value_users
 
-__all__ = ["absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target", "shift_blocked",
-           "user_list"]
+__all__ = ["absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target", "replace_params",
+           "shift_blocked", "user_list"]
+
+aten = torch.ops.aten
 
 
 def linear_op(ctx: PassContext, node: torch.fx.Node) -> LinearOp | NotFoldable | None:
-    """:func:`~bnfold.passes.linear_ops.match_linear_op`, remembered per node until an edit touches it."""
+    """:func:`~bnfold.ir.linear_ops.match_linear_op`, remembered per node until an edit touches it."""
     return ctx.memo(node, "linear_op", lambda: match_linear_op(ctx.gm, node))
 
 
@@ -128,3 +135,53 @@ def push_target(ctx: PassContext, start: torch.fx.Node, aff: Affine, max_depth: 
         if not isinstance(consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel()), str):
             return node, aff
     return "no conv/linear consumer within reach"
+
+
+def replace_params(
+    ctx: PassContext, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None
+) -> str:
+    """Give ``op`` new parameters (cast once to the old weight's dtype/device); return where they went.
+
+    ``weight`` and ``bias`` are fresh results of the fold arithmetic that nothing else holds: they are stored as
+    they are (no copy). Clone-on-fold: a module called from several sites (``ctx.call_sites``, counted once and
+    maintained) is copied for this site, and a functional op gets fresh constants, so no other user of the old
+    parameters ever sees the folded values. Tied parameters elsewhere stay tied. The op's output keeps its shape,
+    so its metadata stays valid.
+    """
+    dtype, device = op.weight.dtype, op.weight.device
+    new_w = weight.to(dtype=dtype, device=device)
+    new_b = None if bias is None else bias.to(dtype=dtype, device=device)
+    node = op.node
+    gm = ctx.gm
+    if op.module is not None:
+        target = str(node.target)
+        module = op.module
+        if ctx.call_sites(target) > 1:
+            module = copy.deepcopy(module)
+            target = unique_attr_name(gm, f"{target}_bnfold")
+            gm.add_submodule(target, module)
+            ctx.retarget(node, target)
+        if new_w is op.weight:  # rewritten in place (ctx.writable): the parameter already holds it
+            op.weight.requires_grad_(False)
+        else:
+            module.weight = nn.Parameter(new_w, requires_grad=False)
+        module.bias = None if new_b is None else nn.Parameter(new_b, requires_grad=False)
+        ctx.touch(node)
+        return target
+    if op.matmul:
+        w_t = ctx.constant(new_w.t().contiguous(), f"{node.name}_weight", before=node, parameter=True, copy=False)
+        if new_b is None:
+            ctx.set_call(node, aten.mm.default, (op.input, w_t), {})
+        else:
+            b = ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True, copy=False)
+            ctx.set_call(node, aten.addmm.default, (b, op.input, w_t), {})
+        return node.name
+    kwargs = normalized_kwargs(gm, node)
+    if kwargs is None:
+        raise ValueError(f"cannot normalize the arguments of {node.format_node()}")
+    kwargs["weight"] = ctx.constant(new_w, f"{node.name}_weight", before=node, parameter=True, copy=False)
+    kwargs["bias"] = (
+        None if new_b is None else ctx.constant(new_b, f"{node.name}_bias", before=node, parameter=True, copy=False)
+    )
+    ctx.set_call(node, node.target, (), kwargs)
+    return node.name

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from bnfold.graph import node_dtype
-from bnfold.passes.affine_view import AffineView, sources_of
+from bnfold.ir.affine_view import AffineView, sources_of
+from bnfold.ir.graph import node_dtype
+from bnfold.ir.norms import NormSplit, bare_norm
+from bnfold.ir.ops import is_channel_affine
+from bnfold.ir.uses import value_users
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
-from bnfold.passes.norms import merge_back
-from bnfold.passes.ops import is_channel_affine
 from bnfold.passes.rule import Rule
 
 __all__ = ["LowerAffines"]
@@ -65,3 +66,29 @@ def _lower(ctx: PassContext, view: AffineView) -> tuple[torch.fx.Node, str]:
         args = (ctx.constant(b, f"{node.name}_b", before=node), view.x, ctx.constant(a, f"{node.name}_a", before=node))
         target, form = aten.addcmul.default, "addcmul(b, x, a)"
     return ctx.call(target, args, before=node, like=node, origin=node), form
+
+
+def merge_back(ctx: PassContext, affine: torch.fx.Node) -> torch.fx.Node | None:
+    """If ``affine`` follows a norm we split (and is its only user), put it back into the norm's weight/bias."""
+    view = ctx.affine(affine)
+    if view is None:
+        return None
+    bare = view.x
+    split = bare.meta.get("bnfold_split")
+    if not isinstance(split, NormSplit):
+        return None
+    norm_axis = 1 if split.kind in ("group_norm", "instance_norm") else view.rank - 1
+    if len(value_users(bare)) != 1 or view.axis != norm_axis:
+        return None
+    if split.kind == "rms_norm" and bool((view.b != 0).any()):
+        return None
+    dtype = bare.meta["tensor_meta"].dtype if "tensor_meta" in bare.meta else torch.float32
+    w = ctx.constant(view.a.to(dtype), f"{bare.name}_weight", before=bare, parameter=True)
+    b = ctx.constant(view.b.to(dtype), f"{bare.name}_bias", before=bare, parameter=True) \
+        if split.kind != "rms_norm" else None
+    x = bare.args[0]
+    target, args = bare_norm(split, x, w, b)  # type: ignore[arg-type]
+    whole = ctx.call(target, args, before=affine, like=affine, origin=affine)
+    ctx.bypass(affine, whole)
+    ctx.erase(bare)
+    return whole

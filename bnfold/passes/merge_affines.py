@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch.fx
 
-from bnfold.passes.affine_math import compose
-from bnfold.passes.affine_view import AffineView
+from bnfold.ir.affine_math import compose
+from bnfold.ir.affine_view import AffineView
+from bnfold.ir.uses import value_users
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.rule import Fail, Rule
-from bnfold.passes.uses import value_users
 
 __all__ = ["MergeAffines"]
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from bnfold.graph import node_shape
-from bnfold.passes.affine_view import ADD_TARGETS, AffineView
+from bnfold.ir.affine_view import ADD_TARGETS, AffineView
+from bnfold.ir.graph import node_shape
+from bnfold.ir.linear_ops import LinearOp
+from bnfold.ir.uses import value_users
 from bnfold.passes.commute import CAT, Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import absorbs, consumer_targets, producer_target, push_target
-from bnfold.passes.linear_ops import LinearOp
 from bnfold.passes.rule import Fail, Rule
-from bnfold.passes.uses import value_users
 
 __all__ = ["Propagate"]
 

@@ -18,15 +18,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from bnfold.graph import module_path, node_shape
+from bnfold.ir.graph import module_path, node_shape
+from bnfold.ir.linear_ops import LinearOp
+from bnfold.ir.norms import NormSplit, bare_norm, norm_label, norm_of
+from bnfold.ir.uses import value_users
 from bnfold.passes.commute import Affine
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Candidate, Category, Change
 from bnfold.passes.fold_targets import consumer_targets, linear_op, push_target, shift_blocked
-from bnfold.passes.linear_ops import LinearOp
-from bnfold.passes.norms import NormSplit, bare_norm, norm_label, norm_of
 from bnfold.passes.rule import Fail, Rule
-from bnfold.passes.uses import value_users
 
 __all__ = ["SplitNormAffine"]
 

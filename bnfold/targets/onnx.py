@@ -39,7 +39,7 @@ import torch.fx
 from torch import nn
 
 from bnfold.errors import BnfoldError, InputError
-from bnfold.io import atomic_output
+from bnfold.io.outputs import atomic_output
 
 __all__ = ["OnnxExport", "OnnxRuntimeModel", "OnnxTarget", "export_onnx"]
 
@@ -342,7 +342,8 @@ _ORT_TYPES = {
 
 class OnnxTarget:
     """The :class:`~bnfold.targets.Target` for ONNX. ``options``: ``path`` (default: a new temporary folder),
-    ``simplify`` (True), ``dynamic_batch`` (True), ``opset`` (exporter default), ``providers`` (CPU)."""
+    ``simplify`` (True), ``dynamic_batch`` (True), ``opset`` (exporter default), ``providers`` (CPU),
+    ``protect`` (paths ``path`` must not be: the user's input files)."""
 
     name = "onnx"
 
@@ -351,5 +352,6 @@ class OnnxTarget:
         opts = dict(options or {})
         path = opts.get("path") or Path(tempfile.mkdtemp(prefix="bnfold-onnx-")) / "model.onnx"
         export_onnx(gm, example_inputs, path, simplify=bool(opts.get("simplify", True)),
-                    dynamic_batch=bool(opts.get("dynamic_batch", True)), opset=opts.get("opset"))
+                    dynamic_batch=bool(opts.get("dynamic_batch", True)), opset=opts.get("opset"),
+                    protect=opts.get("protect", ()))
         return OnnxRuntimeModel(path, providers=opts.get("providers"))

@@ -56,9 +56,9 @@ def test_generator_covers_the_space() -> None:
 
 def test_the_checker_has_teeth(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fold that forgets eps (a classic) must be caught as a parity failure on a generated conv-BN model."""
+    import bnfold.ir.batchnorm as detect
     import bnfold.passes.canonicalize as canon
-    import bnfold.passes.detect as detect
-    from bnfold.passes.affine_math import bn_affine
+    from bnfold.ir.affine_math import bn_affine
 
     def no_eps(mean, var, w, b, eps):
         return bn_affine(mean, var, w, b, 0.0)

@@ -18,8 +18,8 @@ import torch.fx
 from torch import nn
 
 from bnfold.capture import capture
+from bnfold.ir.ops import materialize_affines
 from bnfold.passes import Pass, PassContext, PassResult, Verify
-from bnfold.passes.ops import materialize_affines
 
 __all__ = ["apply", "ops", "reasons", "run_passes"]
 

@@ -8,8 +8,8 @@ from harness import ops, reasons, run_passes
 from helpers import randomize_bn
 from torch import nn
 
+from bnfold.ir.affine_view import affine_view
 from bnfold.passes import Canonicalize, Category
-from bnfold.passes.affine_view import affine_view
 
 
 def before() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Value uses vs metadata uses (:mod:`bnfold.passes.uses`): reading ``x.shape`` / ``x.ndim`` / ``x.size()`` /
+"""Value uses vs metadata uses (:mod:`bnfold.ir.uses`): reading ``x.shape`` / ``x.ndim`` / ``x.size()`` /
 the shape argument of ``reshape_as`` never blocks a fold, in either capture mode; a real second value use does."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from helpers import randomize_bn
 from torch import nn
 
 import bnfold
+from bnfold.ir.uses import value_users
 from bnfold.parity import compare
 from bnfold.passes import Canonicalize, FoldIntoConsumer, FoldIntoProducer
-from bnfold.passes.uses import value_users
 
 
 class ShapeReaders(nn.Module):

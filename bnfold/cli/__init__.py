@@ -1,0 +1,76 @@
+"""The ``bnfold`` command line. Library code never prints; this package owns the terminal.
+
+:func:`main` parses the arguments and runs one subcommand of :mod:`bnfold.cli.commands` (each imported only when
+it runs, so ``bnfold --help`` and ``--version`` never import torch).
+
+Exit codes: 0 success, 1 a check failed (parity), 2 bad input or usage, 3 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from bnfold import __version__
+from bnfold.errors import BnfoldError, InternalError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. With ``command`` (a name in :data:`bnfold.cli.commands.SUMMARY`), that command's module is imported
+    and registers its full arguments; without, every command is listed from the summary alone (no torch)."""
+    import importlib
+
+    from bnfold.cli.commands import SUMMARY
+
+    parser = argparse.ArgumentParser(prog="bnfold", description="Fold normalization layers into conv/linear "
+                                     "ops exactly, recalibrate, compile and verify.")
+    parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if command in SUMMARY:
+        importlib.import_module(f"bnfold.cli.commands.{SUMMARY[command][0]}").register(sub)
+    else:
+        for name, (_, summary) in SUMMARY.items():
+            sub.add_parser(name, help=summary)
+    return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InternalError as err:  # a pass raised: our bug, named with the pass and node (exit 3, not 2)
+        logging.getLogger("bnfold").debug("internal error", exc_info=True)
+        print(f"bnfold {args.command}: internal error: {err}\n"
+              "  this is a bnfold bug; rerun with -vv for the traceback and report it", file=sys.stderr)
+        return 3
+    except BnfoldError as err:
+        print(f"bnfold {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as err:
+        print(f"bnfold {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnfold: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug in bnfold, not the user's fault: say so, keep the trace for -v
+        logging.getLogger("bnfold").debug("internal error", exc_info=True)
+        print(f"bnfold {args.command}: internal error: {type(err).__name__}: {err}\n"
+              "  this is a bnfold bug; rerun with -vv for the traceback and report it", file=sys.stderr)
+        return 3

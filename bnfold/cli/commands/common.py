@@ -1,0 +1,164 @@
+"""Arguments and helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from bnfold.errors import InputError
+from bnfold.io.data import load_tensors, split_batches
+from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
+from bnfold.io.models import LoadedModel, load_model, parse_shapes
+
+__all__ = ["add_model_args", "check_input_shapes", "check_target_options", "check_until", "dynamic_shapes",
+           "fixed_batch", "load_batches", "load_with_inputs"]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="example input shape, e.g. 1,3,224,224 (repeat for several inputs); "
+                        "default: the example inputs stored in the .pt2")
+    p.add_argument("--dtype", default="float32", help="dtype of --input-shape inputs (default float32)")
+    p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
+                   help="graph capture: torch.fx symbolic tracing, torch.export, or auto (default)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+
+
+def check_target_options(target: str | None, arch: str | None) -> None:
+    """``--arch`` goes with ``--target cuda`` and is spelled like ``sm_90a`` (checked before any work)."""
+    if arch is None:
+        return
+    if target != "cuda":
+        raise InputError(f"--arch {arch} applies only to --target cuda")
+    if not arch.startswith("sm_") or not arch[3:].rstrip("af").isdigit():
+        raise InputError(f"--arch {arch!r} is not a CUDA architecture", hint="write it like sm_80, sm_89 or sm_90a")
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    """``--cache-dir`` is a folder or a path that can become one (checked before any work, tuned or not)."""
+    if cache_dir is None:
+        return
+    p = Path(cache_dir)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--cache-dir {p} is a file, not a folder", hint="point it at a folder (created if absent)")
+    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    if not p.exists() and parent is not None and not parent.is_dir():
+        raise InputError(f"--cache-dir {p} cannot be created: {parent} is a file")
+
+
+def check_until(until: str | None) -> None:
+    """``--until`` names a pass (checked before any work)."""
+    if until is None:
+        return
+    from bnfold.passes import default_pipeline
+
+    names = default_pipeline().names
+    if until not in names:
+        raise InputError(f"--until {until!r} names no pass", hint=f"passes are: {', '.join(names)}")
+
+
+def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
+    """Load ``args.model`` and its example inputs (``--input-shape``, checked against the model, or the ones
+    stored in the file)."""
+    requested = parse_shapes(args.input_shape, args.dtype)  # before loading: a typo costs nothing
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=bool(args.input_shape))
+    inputs = requested or loaded.example_inputs
+    if inputs is None:
+        raise InputError(f"{args.model} stores no example inputs", hint="pass --input-shape, e.g. 1,3,224,224")
+    if requested:
+        check_input_shapes(loaded.module, requested, args.input_shape)
+    return loaded, inputs
+
+
+def check_input_shapes(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], specs: list[str]) -> None:
+    """``--input-shape`` tensors fit a ``torch.export`` graph's inputs (rank and static sizes, batch included)."""
+    expected = input_specs(module)
+    if expected is None or not isinstance(module, torch.fx.GraphModule):
+        check_model_runs(module, inputs, "--input-shape " + " ".join(specs))  # shapes unknown: try them
+        return
+    if len(inputs) != len(expected):
+        raise InputError(f"{len(inputs)} --input-shape given but the model takes {len(expected)} inputs "
+                         f"({', '.join(s.describe() for s in expected)})")
+    for spec_text, t, spec in zip(specs, inputs, expected, strict=True):
+        if t.dtype != spec.dtype and t.dtype.is_floating_point and spec.dtype.is_floating_point:
+            raise InputError(f"--input-shape {spec_text} makes {str(t.dtype).removeprefix('torch.')} inputs but the "
+                             f"model takes {str(spec.dtype).removeprefix('torch.')}",
+                             hint=f"pass --dtype {str(spec.dtype).removeprefix('torch.')}")
+        ok = t.dim() == len(spec.sizes) and all(w is None or g == w for g, w in zip(t.shape, spec.sizes,
+                                                                                   strict=True))
+        if not ok:
+            raise InputError(f"--input-shape {spec_text} does not fit the model's input {spec.describe()}",
+                             hint="N marks a dynamic dimension; the others must match")
+
+
+def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]]]:
+    opt = {name: getattr(args, name, None) for name in ("batch_size", "num_samples", "num_batches", "top", "key")}
+    for name, value in opt.items():
+        if name != "key" and value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=True)
+    example = loaded.example_inputs
+    specs = input_specs(loaded.module, example)
+    dtype = next((s.dtype for s in specs or () if s.dtype.is_floating_point), torch.float32)
+    fixed = fixed_batch(loaded.module)
+    batch_size = opt["batch_size"] or fixed or 64
+    if fixed is not None and batch_size != fixed:
+        raise InputError(f"{args.model} was exported with a fixed batch size of {fixed}; --batch-size {batch_size} "
+                         "cannot run", hint=f"use --batch-size {fixed}, or re-export the model with a dynamic "
+                                            "batch dimension (torch.export.Dim)")
+    num_samples = opt["num_samples"]
+    if fixed is not None and num_samples is not None and num_samples % fixed:
+        raise InputError(f"--num-samples {num_samples} is not a multiple of the model's fixed batch size {fixed}")
+    raw = load_tensors(data, keys=opt["key"])
+    check_batches(raw, specs, data, names=opt["key"])
+    batches = split_batches([tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in raw], batch_size)
+    if not isinstance(loaded.module, torch.fx.GraphModule):  # shapes unknown: one forward finds a misfit
+        check_model_runs(loaded.module, batches[0], data)
+    if fixed is not None and batches[-1][0].shape[0] != fixed:
+        print(f"bnfold: note: dropping the last {batches[-1][0].shape[0]} samples (the model's batch size is fixed "
+              f"at {fixed})", file=sys.stderr)
+        batches = batches[:-1]
+        if not batches:
+            raise InputError(f"{data} holds fewer samples than the model's fixed batch size {fixed}")
+    return loaded, batches
+
+
+def _input_values(module: torch.nn.Module) -> list[Any]:
+    if not isinstance(module, torch.fx.GraphModule):
+        return []
+    return [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
+
+
+def fixed_batch(module: torch.nn.Module) -> int | None:
+    """The batch size a torch.export graph was specialized to, or None when dynamic/unknown."""
+    values = [v for v in _input_values(module) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not values:
+        return None
+    first = values[0].shape[0]
+    return first if isinstance(first, int) else None
+
+
+def dynamic_shapes(module: torch.nn.Module) -> tuple[dict[int, Any], ...] | None:
+    """Keep the dynamic dimensions of a loaded .pt2 when it is exported again."""
+    values = _input_values(module)
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    shapes = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(v.shape) if not isinstance(d, int)}
+                   for v in values)
+    return shapes if any(shapes) else None
+
+
+def load_batches(args: argparse.Namespace, data: str | None
+                 ) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]] | None]:
+    """Load ``args.model`` and, when ``data`` is given, its input batches: cast to the model's input dtype and
+    cut to its batch size (a .pt2 exported with a fixed batch drops a last partial batch, with a note).
+    Reads ``args.key``/``batch_size``/``num_samples``/``num_batches`` when the command defines them."""
+    if data is None:
+        return load_model(args.model, trusted_pickle=args.trust_pickle), None
+    return _load_with_data(args, data)

@@ -1,0 +1,53 @@
+"""``bnfold inspect MODEL`` (dry run) and ``bnfold fold MODEL -o OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bnfold.api import fold, inspect
+from bnfold.cli.commands import SUMMARY
+from bnfold.cli.commands.common import add_model_args, check_until, load_with_inputs
+from bnfold.io.outputs import check_output_file
+from bnfold.targets import get_target
+from bnfold.targets.torch import is_bnfold_pt2
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help=SUMMARY["inspect"][1])
+    add_model_args(p)
+    p.add_argument("--explain", action="store_true", help="print the full reason for every candidate left")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("fold", help=SUMMARY["fold"][1])
+    add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
+    p.add_argument("--until", help="stop after this pass (debugging)")
+    p.add_argument("--dump-ir", action="store_true", help="print the graph before and after every pass that changes it")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_fold)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    loaded, inputs = load_with_inputs(args)
+    report = inspect(loaded.module, inputs, capture=args.capture)
+    print(report.to_json() if args.json else report.render(explain=args.explain))
+    return 0
+
+
+def _fold(args: argparse.Namespace) -> int:
+    check_until(args.until)
+    check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_pt2)
+    loaded, inputs = load_with_inputs(args)
+    result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
+                  dump_ir=sys.stderr if args.dump_ir else None)
+    get_target("torch").lower(result.module, inputs).save(args.output, protect=[args.model])
+    print(result.report.to_json() if args.json else result.report)
+    if not args.json:
+        print(f"\nwrote {args.output}")
+    parity = result.report.parity or {}
+    return 0 if parity.get("passed", True) else 1

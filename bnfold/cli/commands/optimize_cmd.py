@@ -1,0 +1,81 @@
+"""``bnfold optimize MODEL --data CALIB -o OUT_DIR``: the one-command pre-deployment step.
+
+In: a ``.pt2`` model (and, optionally, unlabeled calibration data and validation data). Out: ``OUT_DIR`` with
+``folded.pt2``, ``model.onnx``, ``tvm/`` and ``report.json``/``report.txt``; exit code 0 when every stage keeps
+parity, 1 when one does not (the report says where the divergence starts), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch.fx
+
+from bnfold.cli.commands import SUMMARY
+from bnfold.cli.commands.common import check_cache_dir, check_target_options, load_batches
+from bnfold.errors import InputError
+from bnfold.io.data import load_tensors
+from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
+from bnfold.io.outputs import check_output_dir
+from bnfold.optimize import optimize, owned_entries
+from bnfold.report import json_safe
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("optimize", help=SUMMARY["optimize"][1])
+    p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created; must be "
+                   "new or empty unless --force)")
+    p.add_argument("--data", metavar="CALIB", help="unlabeled calibration inputs (.npz/.npy/.pt): recalibrate "
+                   "BatchNorm statistics on them before folding")
+    p.add_argument("--validate", metavar="DATA", help="validation inputs for the parity checks (default: CALIB, "
+                   "else the model's example inputs)")
+    p.add_argument("--key", action="append", metavar="NAME", help="array of the data files to use as input")
+    p.add_argument("--batch-size", type=int, help="samples per batch (default: the model's batch size)")
+    p.add_argument("--num-samples", type=int, help="use only the first N calibration samples")
+    p.add_argument("--num-batches", type=int, help="use only the first N calibration batches")
+    p.add_argument("--mode", choices=["batch", "sequential"], default="batch", help="recalibration mode")
+    p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto")
+    p.add_argument("--target", choices=["llvm", "cuda", "none"], default="llvm", help="TVM target (none: skip TVM)")
+    p.add_argument("--arch", help="CUDA architecture, e.g. sm_90a (with --target cuda)")
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the CPU build (0: apply the "
+                   "cached tuning database only)")
+    p.add_argument("--cache-dir", help="tuning database folder (shared across models)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier bnfold optimize output "
+                   "(never a folder holding other files or the inputs)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+    p.set_defaults(func=_optimize)
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    if args.tune_trials < 0:
+        raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
+    check_target_options(args.target, args.arch)
+    check_cache_dir(args.cache_dir)
+    inputs_given = [p for p in (args.model, args.data, args.validate) if p]
+    check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
+    loaded, calibration = load_batches(args, args.data)
+    inputs = loaded.example_inputs or (calibration[0] if calibration else None)
+    if inputs is None:
+        raise InputError(f"{args.model} stores no example inputs and no --data was given",
+                         hint="pass --data CALIB (its first batch is used as example inputs)")
+    validation = None
+    if args.validate:
+        dtype = next((t.dtype for t in inputs if t.is_floating_point()), None)
+        validation = load_tensors(args.validate, keys=args.key, dtype=dtype)
+        check_batches(validation, input_specs(loaded.module, inputs), args.validate, names=args.key)
+        if not isinstance(loaded.module, torch.fx.GraphModule):
+            check_model_runs(loaded.module, validation[0], args.validate)
+    result = optimize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
+                      capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
+                      tvm_target=None if args.target == "none" else args.target, arch=args.arch,
+                      tune_trials=args.tune_trials, cache_dir=args.cache_dir, overwrite=args.force,
+                      protect=inputs_given)
+    print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False) if args.json else result)
+    return 0 if result.passed else 1

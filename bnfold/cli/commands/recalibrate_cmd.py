@@ -1,0 +1,90 @@
+"""``bnfold recalibrate MODEL --data CALIB -o OUT`` and ``bnfold diagnose MODEL --data CALIB``.
+
+CALIB is read by :func:`bnfold.io.data.load_tensors` (``.npz`` / ``.npy`` / ``.pt``; format in docs/recalibration.md)
+and split into batches of ``--batch-size`` samples. Floating-point inputs are cast to the dtype of the model's
+stored example inputs (float32 when it stores none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.fx
+
+from bnfold.cli.commands import SUMMARY
+from bnfold.cli.commands.common import dynamic_shapes, load_batches
+from bnfold.errors import InputError
+from bnfold.io.outputs import check_output_file
+from bnfold.recalibrate.core import recalibrate
+from bnfold.recalibrate.drift import DEFAULT_THRESHOLD, diagnose
+from bnfold.targets import get_target
+from bnfold.targets.torch import is_bnfold_pt2
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recalibrate", help=SUMMARY["recalibrate"][1])
+    _add_common(p)
+    p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
+    p.add_argument("--mode", choices=["batch", "sequential"], default="batch",
+                   help="batch: layers normalize with batch statistics while measuring (1 pass, default); "
+                        "sequential: inference-exact, one pass per BatchNorm layer")
+    p.set_defaults(func=_recalibrate)
+
+    p = sub.add_parser("diagnose", help=SUMMARY["diagnose"][1])
+    _add_common(p)
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"drift score above which recalibration is advised (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--top", type=int, help="show only the TOP most drifted layers")
+    p.add_argument("--check", action="store_true", help="exit with code 1 when recalibration is advised")
+    p.set_defaults(func=_diagnose)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
+    p.add_argument("--data", required=True, metavar="CALIB",
+                   help="calibration inputs (no labels): .npz, .npy or .pt (see docs/recalibration.md)")
+    p.add_argument("--key", action="append", metavar="NAME",
+                   help="array/entry of CALIB to use as input, in order (repeat for several inputs)")
+    p.add_argument("--batch-size", type=int, help="samples per batch (default: the model's fixed batch size "
+                                                  "if it has one, else 64)")
+    p.add_argument("--num-samples", type=int, help="use only the first N samples")
+    p.add_argument("--num-batches", type=int, help="use only the first N batches")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    check_output_file(args.output, [args.model, args.data], force=args.force, is_ours=is_bnfold_pt2)
+    loaded, batches = load_batches(args, args.data)
+    report = recalibrate(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
+                         mode=args.mode, progress=False if args.no_progress else None)
+    example = loaded.example_inputs or batches[0]
+    dynamic = dynamic_shapes(loaded.module)
+
+    def export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+        return torch.export.export(module, inputs, dynamic_shapes=dynamic)
+
+    artifact = get_target("torch").lower(loaded.module, example, {"export": export})
+    artifact.save(args.output, protect=[args.model, args.data])
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    if not math.isfinite(args.threshold) or args.threshold < 0:
+        raise InputError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    loaded, batches = load_batches(args, args.data)
+    report = diagnose(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
+                      threshold=args.threshold, progress=False if args.no_progress else None)
+    print(report.to_json() if args.json else report.render(top=args.top))
+    return 1 if args.check and report.should_recalibrate else 0

@@ -1,0 +1,119 @@
+"""What parity runs models on: batches read the bnfold way, random inputs when none are given, outputs flattened
+to tensors, float64 copies of models and batches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from bnfold.errors import InputError
+
+__all__ = ['Batch', 'as_batches', 'batch_to_float64', 'flatten_outputs', 'random_inputs', 'run_batches', 'to_float64']
+
+
+Batch = tuple[torch.Tensor, ...]
+"""The positional inputs of one model call."""
+
+
+def as_batches(inputs: Any, arity: int | None = None) -> list[Batch]:
+    """``inputs`` as a list of batches of positional inputs, read as everywhere in bnfold
+    (:mod:`bnfold.batches`: a tensor or a tuple of tensors is one batch, a list or other iterable holds batches);
+    ``arity``: the reference's number of positional inputs, when known, to refuse a reading that cannot fit."""
+    from bnfold.batches import is_tensor_batch, iter_batches
+
+    batches: list[Batch] = []
+    for k, batch in enumerate(iter_batches(inputs, arity=arity)):
+        if isinstance(batch, torch.Tensor):
+            batches.append((batch,))
+        elif is_tensor_batch(batch):
+            batches.append(tuple(batch))
+        elif isinstance(batch, dict):
+            raise InputError(f"batch {k} is a dict (keyword inputs); parity checks call the models with positional "
+                             "inputs", hint="pass each batch as a tuple of tensors in the order forward() takes them")
+        else:
+            raise InputError(f"batch {k} is a {type(batch).__name__}, not a tensor or a tuple of tensors",
+                             hint="labels do not belong in the inputs: pass only model inputs")
+    if not batches:
+        raise InputError("no input tensors were given", hint="pass a tensor, a tuple of tensors or a list of batches")
+    return batches
+
+
+def random_inputs(example_inputs: Sequence[torch.Tensor] | None = None,
+                  input_shapes: Sequence[Sequence[int]] | None = None, *,
+                  dtype: torch.dtype = torch.float32, batches: int = 1, seed: int = 0) -> list[Batch]:
+    """Seeded random batches shaped like ``example_inputs`` (same dtypes; integer inputs drawn from their
+    observed range) or like ``input_shapes`` (``dtype``, standard normal)."""
+    gen = torch.Generator().manual_seed(seed)
+    if example_inputs is not None:
+        specs = [(tuple(t.shape), t.dtype, t) for t in example_inputs]
+    elif input_shapes is not None:
+        specs = [(tuple(int(d) for d in s), dtype, None) for s in input_shapes]
+    else:
+        raise InputError("no inputs and no input shapes: cannot run the models",
+                         hint="pass inputs (your data), example_inputs or input_shapes")
+    out: list[Batch] = []
+    for _ in range(batches):
+        batch = []
+        for shape, dt, like in specs:
+            if dt.is_floating_point:
+                batch.append(torch.randn(shape, generator=gen).to(dt))
+            elif dt == torch.bool:
+                batch.append(torch.randint(0, 2, shape, generator=gen).bool())
+            else:
+                lo, hi = (0, 10) if like is None or like.numel() == 0 else (int(like.min()), int(like.max()) + 1)
+                batch.append(torch.randint(lo, hi, shape, generator=gen).to(dt))
+        out.append(tuple(batch))
+    return out
+
+
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """All tensors in a (nested) model output, in a stable order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in flatten_outputs(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flatten_outputs(v)]
+    if hasattr(value, "__dataclass_fields__"):
+        return [t for k in value.__dataclass_fields__ for t in flatten_outputs(getattr(value, k))]
+    return []
+
+
+def to_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 deep copy of ``model`` (the reference every parity check measures against)."""
+    return copy.deepcopy(model).to(torch.float64)
+
+
+def batch_to_float64(batch: Batch) -> Batch:
+    """``batch`` with its floating-point tensors in float64 (the input of a float64 reference)."""
+    return tuple(t.double() if t.is_floating_point() else t for t in batch)
+
+
+def run_batches(fn: Callable[..., Any], batches: Sequence[Batch]) -> list[list[torch.Tensor]]:
+    """``fn`` on every batch (no autograd); each output flattened, detached and moved to the CPU."""
+    from bnfold.errors import BnfoldError, InputError
+    from bnfold.ir.graph import quiet_fx
+
+    out = []
+    with torch.no_grad():
+        for k, b in enumerate(batches):
+            try:
+                with quiet_fx():
+                    result = fn(*b)
+            except BnfoldError:
+                raise
+            except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
+                # the model (the user's, in every call of this) cannot run on the user's inputs
+                shapes = ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                                   for t in b)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise InputError(f"{type(fn).__name__} failed on batch {k} (inputs {shapes}): "
+                                 f"{type(exc).__name__}: {first}",
+                                 hint="check the inputs' shapes and dtypes against the model's") from None
+            out.append([t.detach().cpu() for t in flatten_outputs(result)])
+    return out

@@ -1,0 +1,241 @@
+"""MetaSchedule tuning of a model's kernels into the shared database (:mod:`bnfold.targets.tvm.cache`).
+
+* **Tasks** are the fused TIR kernels that run per call (:func:`bnfold.targets.tvm.tasks.extract_tasks`); the
+  budget is split by each task's share of the latency (:func:`bnfold.targets.tvm.cache.latency_costs`, FLOPs ×
+  occurrences before anything is measured) with :mod:`bnfold.targets.tvm.budget`, one MetaSchedule pass per
+  per-task budget.
+* **Reuse**: the cache's ledger says how much of the budget a model already had; only the difference is tuned,
+  starting from the database's best schedules.
+* **Isolation**: tuning runs in a private work directory and is merged (best record per workload) into the
+  shared database under a file lock, so concurrent compiles never corrupt it.
+* **Speed**: MetaSchedule's stock builder starts two fresh Python+TVM worker processes for *every* batch of
+  candidates (seconds each on a busy 2-core machine); :class:`PooledBuilder` keeps its workers and recycles
+  them every 64 builds instead. The evolutionary search is sized to the per-task budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.builder import local_builder as _local_builder
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+from bnfold.targets.tvm.budget import allocate_trials, group_by_budget
+from bnfold.targets.tvm.cache import TuningCache, latency_costs, model_key, warm_start, workload_key
+from bnfold.targets.tvm.target import TargetSpec
+from bnfold.targets.tvm.tasks import TaskInfo
+
+__all__ = ["PooledBuilder", "TuningProgress", "TuningSummary", "split_budget", "tune"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[["TuningProgress"], None]
+
+
+@dataclass
+class TuningProgress:
+    """Counts trials across all passes; ``eta_s`` extrapolates from the rate so far."""
+
+    total: int
+    done: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.done == 0:
+            return None
+        return self.elapsed_s / self.done * max(0, self.total - self.done)
+
+
+@derived_object
+class _ProgressCallback(PyMeasureCallback):
+    """Advances a :class:`TuningProgress` after every measured batch and reports it."""
+
+    def __init__(self, progress: TuningProgress, report: ProgressFn) -> None:
+        super().__init__()
+        self.progress = progress
+        self.report = report
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Sequence[Any],
+              builder_results: Sequence[Any], runner_results: Sequence[Any]) -> None:
+        p = self.progress
+        p.done += len(measure_candidates)
+        for b, r in zip(builder_results, runner_results, strict=False):
+            msg = b.error_msg or r.error_msg
+            if msg is not None:
+                p.errors += 1
+                if p.first_error is None:
+                    p.first_error = str(msg)
+                    log.warning("a tuning trial failed (later failures are only counted): %s", msg[-2000:])
+        self.report(p)
+
+
+@derived_object
+class PooledBuilder(PyBuilder):
+    """MetaSchedule's local builder, but with worker processes kept across batches (see module docstring)."""
+
+    def __init__(self, max_workers: int, timeout_sec: float = 60.0, max_uses: int = 64) -> None:
+        super().__init__()
+        self.timeout_sec = timeout_sec
+        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=max_uses)
+
+    def build(self, build_inputs: list[Any]) -> list[Any]:
+        args = [(None, None, b.mod, b.target, _local_builder._serialize_params(b.params)) for b in build_inputs]
+        results = []
+        for r in self.pool.map_with_error_catching(lambda a: _local_builder._worker_func(*a), args):
+            if r.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(r.value, None))
+            elif r.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, f"build failed: {r.value}"))
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def split_budget(costs: Sequence[float], trials: int) -> list[int]:
+    """:func:`allocate_trials`, or with fewer trials than tasks one trial each for the costliest tasks."""
+    if trials >= len(costs):
+        return allocate_trials(costs, trials)
+    top = set(sorted(range(len(costs)), key=lambda i: -costs[i])[:trials])
+    return [1 if i in top else 0 for i in range(len(costs))]
+
+
+@dataclass
+class TuningSummary:
+    """What tuning did; embedded in the artifact manifest."""
+
+    database: str | None
+    trials_requested: int
+    trials_run: int = 0
+    seconds: float = 0.0
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    untuned: list[str] = field(default_factory=list)
+    estimated_kernel_ms: float | None = None  # Σ occurrences × best measured time, from the database
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _strategy(budget: int) -> Any:
+    """Evolutionary search sized to the budget: its default 512-candidate population evolved 4 times costs
+    seconds per round, which dominates when a task only gets a few dozen trials."""
+    if budget >= 128:
+        return "evolutionary"
+    return ms.search_strategy.EvolutionarySearch(population_size=256, genetic_num_iters=3)
+
+
+def _per_iter(budget: int) -> int:
+    """Candidates per search round: two rounds or more, so the cost model learns before the last round."""
+    return max(1, min(64, (budget + 1) // 2))
+
+
+def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: TuningCache, *,
+         progress: ProgressFn | None = None, retune: bool = False, seed: int | None = None) -> TuningSummary:
+    """Tune ``tasks`` so that this model has had ``total_trials`` in all, then merge into ``cache``.
+
+    The cache's ledger remembers the largest budget each model (task set) was tuned with: a compile with the
+    same or a smaller budget tunes nothing (the database is applied as is); a larger one spends only the
+    difference, split by :func:`latency_costs` (so it goes to the kernels that are still slow), each search
+    starting from the database's best schedules. ``retune`` ignores the ledger. Returns the summary
+    (``trials`` per task: what this compile allotted; ``trials_run`` counts measured candidates).
+    """
+    key = model_key(tasks)
+    ledger = cache.ledger()
+    done_before = 0 if retune else ledger["models"].get(key, 0)
+    summary = TuningSummary(str(cache.dir), total_trials)
+    extra = total_trials - done_before
+    alloc = split_budget(latency_costs(tasks, cache, spec), extra) if extra > 0 else [0] * len(tasks)
+    spent = ledger["workloads"]
+    summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": alloc[i],
+                      "trials_before": spent.get(workload_key(t), 0)} for i, t in enumerate(tasks)]
+    todo = [i for i, a in enumerate(alloc) if a > 0]
+    if not todo:
+        summary.note = f"already tuned with {done_before} trials: database reused"
+        return summary
+    if done_before:
+        summary.note = (f"topped up from {done_before} trials: the {extra} extra went to the slowest kernels, "
+                        "starting from the database's best schedules")
+    budget = {i: alloc[i] for i in todo}
+    tracker = TuningProgress(total=sum(budget.values()))
+    report = progress or (lambda p: None)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_runs_dir(cache)))
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    user_level = ms_log.level
+    builder = PooledBuilder(spec.num_cores)
+    try:
+        with _tvm_env(spec.num_cores):
+            runner = ms.runner.LocalRunner(timeout_sec=60.0)
+            run_db = ms.database.JSONDatabase(work_dir=str(run_dir), module_equality="structural")
+            warm_start(run_db, cache, [tasks[i] for i in todo])
+            cost_model = ms.CostModel.create("xgb", num_tuning_cores=spec.num_cores)
+            callbacks = [*ms.MeasureCallback.create("default"), _ProgressCallback(tracker, report)]
+            for level, idx in group_by_budget([budget.get(i, 0) for i in range(len(tasks))]):
+                group = [tasks[i] for i in idx]
+                log.info("tuning %d task(s) with %d trials each", len(group), level)
+                # MetaSchedule's console handler takes the logger's level (DEBUG if unset) at each setup
+                ms_log.setLevel(user_level or logging.WARNING)
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    [t.task for t in group], str(run_dir), strategy=_strategy(level),
+                    num_threads=spec.num_cores, seed=seed)
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(run_dir),
+                              max_trials_global=level * len(group), max_trials_per_task=level,
+                              num_trials_per_iter=_per_iter(level), builder=builder, runner=runner,
+                              database=run_db, cost_model=cost_model, measure_callbacks=callbacks)
+        with cache.locked():
+            cache.merge(run_db, {workload_key(tasks[i]): budget[i] for i in todo}, key, total_trials)
+    except BaseException:
+        log.warning("tuning failed; its logs are kept in %s", run_dir)
+        raise
+    finally:
+        builder.close()
+        ms_log.setLevel(user_level)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary.trials_run = tracker.done
+    summary.seconds = round(tracker.elapsed_s, 1)
+    return summary
+
+
+def _runs_dir(cache: TuningCache) -> Path:
+    d = cache.dir / "runs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def _tvm_env(num_cores: int) -> Iterator[None]:
+    """Worker processes inherit these: kernels measured with the thread count they will run with."""
+    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
+    os.environ["TVM_NUM_THREADS"] = str(num_cores)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,128 @@
+"""Outputs: disk full and permission errors are clean exits saying what was not written, the umask is
+honoured, leftovers of a killed run are cleaned (only bnfold's, only from dead runs), and ``--force`` replaces
+only bnfold's own earlier output."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize_bn
+from torch import nn
+
+from bnfold.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+@pytest.fixture(scope="module")
+def pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    path = tmp_path_factory.mktemp("m") / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), str(path))
+    return path
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs, nearly full (needs root; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "filler").write_bytes(b"\0" * (60 << 10))
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_fold_on_a_full_disk_exits_2(pt2: Path, full_disk: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was SIGABRT from torch's C++ zip writer (exit -6, a C++ stack; here it would kill the test run)."""
+    out = full_disk / "folded.pt2"
+    assert main(["fold", str(pt2), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and str(out) in err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_optimize_on_a_full_disk_exits_2(pt2: Path, full_disk: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = full_disk / "deploy"
+    assert main(["optimize", str(pt2), "-o", str(out), "--target", "none", "--no-onnx"]) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk is full"), (errno.EACCES, "permission denied")])
+def test_write_errors_are_clean(pt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str], code: int, words: str) -> None:
+    def fail(_fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("bnfold.io.outputs.os.fsync", fail)
+    assert main(["fold", str(pt2), "-o", str(tmp_path / "o.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "nothing was written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_outputs_follow_the_umask(pt2: Path, tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        assert main(["fold", str(pt2), "-o", str(tmp_path / "o.pt2")]) == 0
+        assert main(["optimize", str(pt2), "-o", str(tmp_path / "d"), "--target", "none", "--no-onnx"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.pt2").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(pt2: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dead, alive = _dead_pid(), os.getppid()
+    stale_file = tmp_path / f".o.bnfold-{dead}-k3j2_x.partial.pt2"
+    stale_dir = tmp_path / f".d.bnfold-{dead}-a8b9.staging"
+    live_file = tmp_path / f".o.bnfold-{alive}-zz.partial.pt2"  # a run still going: not touched
+    users = tmp_path / ".o.partial.pt2"  # not bnfold's pattern: not touched
+    stale_file.write_bytes(b"half")
+    stale_dir.mkdir()
+    (stale_dir / "folded.pt2").write_bytes(b"half")
+    live_file.write_bytes(b"in progress")
+    users.write_bytes(b"mine")
+    assert main(["fold", str(pt2), "-o", str(tmp_path / "o.pt2")]) == 0
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live_file.exists() and users.exists()
+    assert "interrupted bnfold run" in caplog.text
+
+
+def test_force_replaces_only_bnfolds_own_output(pt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.pt2"
+    assert main(["fold", str(pt2), "-o", str(out)]) == 0
+    assert main(["fold", str(pt2), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["fold", str(pt2), "-o", str(out), "--force"]) == 0
+    deploy = tmp_path / "deploy"
+    args = ["optimize", str(pt2), "-o", str(deploy), "--target", "none", "--no-onnx"]
+    assert main(args) == 0
+    assert main([*args, "--force"]) == 0  # its own earlier output: replaced
+    (deploy / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*args, "--force"]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (deploy / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
