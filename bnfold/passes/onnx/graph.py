@@ -138,9 +138,19 @@ class OnnxGraph:
             value = p.input[0]
         return value
 
-    def is_constant(self, value: str) -> bool:
-        value = self._source(value)
+    def _transposed(self, value: str) -> onnx.NodeProto | None:
+        """The ``Transpose`` of a constant that computes ``value`` (an unfolded ``Linear`` weight), or None."""
+        p = self.producers.get(self._source(value))
+        if p is not None and p.op_type == "Transpose" and p.domain in ("", "ai.onnx") \
+                and self._is_stored(self._source(p.input[0])):
+            return p
+        return None
+
+    def _is_stored(self, value: str) -> bool:
         return (value in self.initializers and value not in self.inputs) or value in self.constant_nodes
+
+    def is_constant(self, value: str) -> bool:
+        return self._is_stored(self._source(value)) or self._transposed(value) is not None
 
     def why_not_constant(self, value: str) -> str:
         value = self._source(value)
@@ -152,7 +162,14 @@ class OnnxGraph:
         return f"'{value}' is a graph input, not a constant"
 
     def constant(self, value: str) -> np.ndarray | None:
-        """The constant tensor ``value`` (an initializer or a ``Constant`` node, through ``Identity``), or None."""
+        """The constant tensor ``value`` (an initializer or a ``Constant`` node, through ``Identity`` and a
+        ``Transpose`` of a constant), or None."""
+        t = self._transposed(value)
+        if t is not None:
+            base = self.constant(t.input[0])
+            assert base is not None
+            perm = attr(t, "perm", None)
+            return np.transpose(base, perm if perm else None)
         value = self._source(value)
         if value in self.initializers and value not in self.inputs:
             return numpy_helper.to_array(self.initializers[value], self.base_dir)
@@ -163,7 +180,8 @@ class OnnxGraph:
 
     def elem_type(self, value: str) -> int | None:
         """The ONNX element type of a constant (``TensorProto.FLOAT`` …), or None."""
-        value = self._source(value)
+        t = self._transposed(value)
+        value = self._source(t.input[0] if t is not None else value)
         if value in self.initializers:
             return int(self.initializers[value].data_type)
         n = self.constant_nodes.get(value)
@@ -198,6 +216,7 @@ class OnnxGraph:
             node.input.append("")
         if old:
             self._drop_read(old, node)
+            self.orphans.add(old)
         node.input[index] = name
         self.consumers.setdefault(name, []).append(node)
         self.touched_initializers.add(name)
@@ -281,7 +300,8 @@ class OnnxGraph:
         while pending:
             v = pending.pop()
             p = self.producers.get(v)
-            if p is not None and p.op_type == "Identity" and self.readers(v) == 0:
+            if p is not None and p.op_type in ("Identity", "Transpose") and self.readers(v) == 0 \
+                    and self.is_constant(p.input[0]):
                 self.remove_node(p)
                 if p.input[0] not in names:
                     names.add(p.input[0])

@@ -185,8 +185,9 @@ def reference64(model: onnx.ModelProto, batches: Sequence[tuple[torch.Tensor, ..
                                                              "double ran in onnx.reference (numpy)")
     except Exception as exc:
         log.debug("onnx.reference float64 run failed", exc_info=True)
-        return None, (f"no float64 reference: {why}, and onnx.reference failed too ({type(exc).__name__}); "
-                      "verdict by the elementwise assert_close tolerances")
+        first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
+        return None, (f"no float64 reference: {why}, and onnx.reference failed too ({type(exc).__name__}: "
+                      f"{first}); verdict by the elementwise assert_close tolerances")
 
 
 def rounding_depth(model: onnx.ModelProto) -> int:

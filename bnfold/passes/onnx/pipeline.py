@@ -170,9 +170,11 @@ def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external:
             offset = f.tell()
             f.write(raw)
             kept = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+            kept.raw_data = raw
             t.CopyFrom(kept)
             external_data_helper.set_external_data(t, location, offset, len(raw))
             t.data_location = onnx.TensorProto.EXTERNAL
+            t.ClearField("raw_data")
         f.flush()
         os.fsync(f.fileno())
     try:

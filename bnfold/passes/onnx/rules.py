@@ -266,8 +266,8 @@ def forward_targets(g: OnnxGraph, site: Site, a: torch.Tensor, b: torch.Tensor) 
         users = g.users(m.value)
         if len(users) != 1 or g.readers(m.value) != 1:
             break
-        if isinstance(_linear(g, users[0]), OnnxLinearOp):
-            break  # it is a consumer, and `direct` (or the last try) said why it does not fit
+        if _linear(g, users[0]) is not None:
+            break  # a conv/linear: `direct` (or the last try) said why it does not take the affine
         nxt = transfer(g, users[0], m)
         if isinstance(nxt, str):
             return f"{direct}; moving it forward: through '{users[0].name or users[0].output[0]}': {nxt}"
