@@ -106,7 +106,7 @@ def fold_captured(
     run = pipeline.run(gm, ctx)
     materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain
     gm.recompile()
-    return FoldResult(gm, _build_report(captured.mode, run))
+    return FoldResult(gm, build_report(captured.mode, run))
 
 
 def inspect(
@@ -127,7 +127,7 @@ def _reference(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _build_report(mode: str, run: PipelineResult) -> FoldReport:
+def build_report(mode: str, run: PipelineResult) -> FoldReport:
     """One entry per candidate: folded when a FOLD change consumed it and no LOWER change kept it as an op;
     otherwise skipped with every current rejection naming it (dictionaries: linear in changes + rejections)."""
     report = FoldReport(capture=mode, rounds=run.rounds)

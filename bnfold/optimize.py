@@ -115,7 +115,7 @@ def owned_entries(out: Path) -> set[str] | None:
     return {str(e) for e in doc["entries"]} | {OWNERSHIP}
 
 
-def _write_ownership(staging: Path) -> None:
+def write_ownership(staging: Path) -> None:
     entries = sorted(str(p.relative_to(staging)) for p in staging.rglob("*"))
     (staging / OWNERSHIP).write_text(json.dumps({"writer": "bnfold", "command": "optimize", "entries": entries},
                                                 indent=1) + "\n")
@@ -156,7 +156,7 @@ def optimize(
                                                             allow_nan=False))
         result.artifacts["report"] = "report.json"
         (staging / "report.txt").write_text(str(result) + "\n")
-        _write_ownership(staging)
+        write_ownership(staging)
         publish_dir(staging, out)
     except OSError as exc:  # disk full, permission: a clean error saying what was not written
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,7 +15,6 @@ A site is *foldable* when it uses constant running statistics in inference mode;
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.ir.affine_math import bn_affine
+from bnfold.ir import reasons
 from bnfold.ir.graph import fetch_attr, get_constant, module_class, module_path, node_shape, normalized_kwargs
 
 __all__ = ["BatchNormSite", "batchnorm_site", "find_batchnorm_sites", "is_stock_batchnorm"]
@@ -151,28 +150,16 @@ def _functional_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNorm
 
 
 def _check_stats(site: BatchNormSite) -> None:
-    """Set ``site.problem`` for unusable statistics, else ``site.affine``. Fast path: the statistics are fine when
-    ``a`` and ``b`` are finite and ``0 ≤ σ² < ∞`` (every non-finite input shows up in one of them); only a site
-    that fails it is examined input by input for the reason."""
+    """Set ``site.problem`` for unusable statistics, else ``site.affine``
+    (:func:`~bnfold.ir.reasons.batchnorm_problem`, shared with the ONNX back end)."""
     if site.problem is not None or site.running_var is None or site.running_mean is None:
         return
-    if math.isfinite(site.eps) and site.running_var.numel() > 0:
-        a, b = bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
-        lo, hi = torch.aminmax(site.running_var.detach())
-        if float(lo) >= 0 and math.isfinite(float(hi)) and bool(torch.isfinite(a).all()) \
-                and bool(torch.isfinite(b).all()):
-            site.affine = (a, b)
-            return
-    var = site.running_var.detach().double()
-    tensors = [site.running_mean, site.running_var, site.weight, site.bias]
-    if not all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None):
-        site.problem = f"'{site.path}' has non-finite (NaN/Inf) statistics or parameters; recalibrate it first"
-    elif bool((var < 0).any()):
-        site.problem = f"'{site.path}' has a negative running_var; its statistics are corrupt, recalibrate first"
-    elif bool((var + site.eps <= 0).any()) or not math.isfinite(site.eps):
-        site.problem = f"'{site.path}' has running_var + eps = 0 in some channel (division by zero)"
+    found = reasons.batchnorm_problem(site.path, site.running_mean, site.running_var, site.weight, site.bias,
+                                      site.eps)
+    if isinstance(found, str):
+        site.problem = found
     else:
-        site.problem = f"'{site.path}' has statistics whose affine form overflows (a or b is not finite)"
+        site.affine = found
 
 
 def batchnorm_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNormSite | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from bnfold.ir import reasons
 from bnfold.ir.affine_math import fold_into_consumer
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.linear_ops import LinearOp
@@ -45,10 +46,7 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
             return Fail(ops)
         blocked = shift_blocked(ops, m.b)
         if blocked and (bool((m.a == 1).all()) or bool((m.a == 0).any())):
-            why = "its shift would be added to the zero padding" if bool((m.a == 1).all()) else \
-                "its scale has zeros, so the shift cannot be moved before the scale"
-            return Fail(f"{blocked[0].describe()} pads with zeros (or is transposed); {why}. Use padding_mode "
-                        "'replicate'/'reflect' or padding 0 to fold it fully")
+            return Fail(reasons.shift_blocked(blocked[0].describe(), m.a))
         return Plan(ops, blocked)
 
     def rewrite(self, ctx: PassContext, m: AffineView, plan: Plan) -> list[Change]:

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from bnfold.ir import reasons
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.graph import normalized_kwargs, unique_attr_name
 from bnfold.ir.linear_ops import LinearOp, NotFoldable, match_linear_op
@@ -57,15 +58,15 @@ def producer_target(ctx: PassContext, view: AffineView) -> LinearOp | str:
     op = linear_op(ctx, producer)
     if op is None:
         what = "a graph input" if producer.op == "placeholder" else f"'{producer.name}' ({describe(producer)})"
-        return f"its input is {what}, not a conv/linear output"
+        return reasons.not_a_linear_output(what)
     if isinstance(op, NotFoldable):
-        return f"producer '{producer.name}' cannot be rewritten: {op.reason}"
+        return reasons.unusable("producer", producer.name, op.reason)
     if len(value_users(producer)) > 1:
-        return f"producer {op.describe()} also feeds {user_list(producer)}; folding would change those paths too"
+        return reasons.producer_shared(op.describe(), user_list(producer))
     if view.axis != op.channel_axis % view.rank:
-        return f"it normalizes axis {view.axis}, but {op.describe()} has its channels on another axis"
+        return reasons.producer_axis(view.axis, op.describe())
     if view.channels != op.out_channels:
-        return f"channel count {view.channels} ≠ {op.describe()} output channels {op.out_channels}"
+        return reasons.producer_channels(view.channels, op.describe(), op.out_channels)
     return op
 
 
@@ -80,15 +81,15 @@ def consumer_targets(ctx: PassContext, node: torch.fx.Node, axis: int, rank: int
     for u in users:
         op = linear_op(ctx, u)
         if op is None:
-            return f"it feeds '{u.name}' ({describe(u)}), which is not a conv/linear"
+            return reasons.consumer_not_linear(u.name, describe(u))
         if isinstance(op, NotFoldable):
-            return f"consumer '{u.name}' cannot be rewritten: {op.reason}"
+            return reasons.unusable("consumer", u.name, op.reason)
         if op.input is not node:
-            return f"it reaches {op.describe()} through an argument other than its input"
+            return reasons.consumer_other_argument(op.describe())
         if axis != op.channel_axis % rank:
-            return f"it normalizes axis {axis}, but {op.describe()} reads channels on another axis"
+            return reasons.consumer_axis(axis, op.describe())
         if channels != op.in_channels:
-            return f"channel count {channels} ≠ {op.describe()} input channels {op.in_channels}"
+            return reasons.consumer_channels(channels, op.describe(), op.in_channels)
         ops.append(op)
     return ops
 

@@ -45,7 +45,7 @@ __all__ = ["OnnxExport", "OnnxRuntimeModel", "OnnxTarget", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
-_METADATA_KEY = "bnfold.build_info"
+METADATA_KEY = "bnfold.build_info"
 _MAX_PROTO_BYTES = 2**31 - 1
 
 
@@ -134,7 +134,7 @@ def export_onnx(module: nn.Module | torch.export.ExportedProgram, example_inputs
         onnx.checker.check_model(model)
         info = _build_info(model, dynamic, simplified, opset)
         meta = model.metadata_props.add()
-        meta.key, meta.value = _METADATA_KEY, json.dumps(info)
+        meta.key, meta.value = METADATA_KEY, json.dumps(info)
         if model.ByteSize() > _MAX_PROTO_BYTES:
             raise BnfoldError("the ONNX model is larger than 2 GB, which a single .onnx file cannot hold",
                               hint="use torch.onnx.export with external_data=True directly")
@@ -242,7 +242,7 @@ def is_bnfold_onnx(path: Path) -> bool:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         return False
-    return any(p.key == _METADATA_KEY for p in model.metadata_props)
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
 
 
 class OnnxRuntimeModel:
@@ -273,7 +273,7 @@ class OnnxRuntimeModel:
         self.input_names = [i.name for i in self._inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.build_info: dict[str, Any] = json.loads(meta[_METADATA_KEY]) if _METADATA_KEY in meta else {
+        self.build_info: dict[str, Any] = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {
             "target": "onnx", "exporter": "unknown (not written by bnfold)"}
 
     def __repr__(self) -> str:

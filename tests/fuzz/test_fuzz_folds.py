@@ -56,14 +56,14 @@ def test_generator_covers_the_space() -> None:
 
 def test_the_checker_has_teeth(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fold that forgets eps (a classic) must be caught as a parity failure on a generated conv-BN model."""
-    import bnfold.ir.batchnorm as detect
+    import bnfold.ir.reasons as detect
     import bnfold.passes.canonicalize as canon
     from bnfold.ir.affine_math import bn_affine
 
     def no_eps(mean, var, w, b, eps):
         return bn_affine(mean, var, w, b, 0.0)
 
-    for module in (canon, detect):  # detection computes the affine once; canonicalize falls back to it
+    for module in (canon, detect):  # detection (via ir.reasons) computes the affine once; canonicalize falls back
         monkeypatch.setattr(module, "bn_affine", no_eps)
     case = next(c for c in map(make_case, range(200))
                 if "conv2d" in c.description and " bn " in f"{c.description} " and c.dtype == torch.float32)

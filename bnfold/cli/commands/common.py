@@ -15,8 +15,8 @@ from bnfold.io.data import load_tensors, split_batches
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.io.models import LoadedModel, load_model, parse_shapes
 
-__all__ = ["add_model_args", "check_input_shapes", "check_target_options", "check_until", "dynamic_shapes",
-           "fixed_batch", "load_batches", "load_with_inputs"]
+__all__ = ["add_factory_args", "add_model_args", "check_input_shapes", "check_target_options", "check_until",
+           "dynamic_shapes", "fixed_batch", "load_any", "load_batches", "load_with_inputs"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,40 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
                    help="graph capture: torch.fx symbolic tracing, torch.export, or auto (default)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+    add_factory_args(p)
+
+
+def add_factory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-factory", metavar="MODULE:CALLABLE", help="build the model with this callable (e.g. "
+                   "torchvision.models:resnet18) and load MODEL as its state_dict (torch.load weights_only=True)")
+    p.add_argument("--factory-kwargs", metavar="JSON", help='keyword arguments for --model-factory, e.g. '
+                   '\'{"num_classes": 10}\'')
+    p.add_argument("--allow-missing-keys", action="store_true", help="with --model-factory: let parameters the "
+                   "state_dict lacks keep their initialization (default: an error)")
+
+
+def load_any(args: argparse.Namespace, *, own_example_inputs: bool = False) -> LoadedModel:
+    """``load_model``, or a ``--model-factory`` model with MODEL as its state_dict (missing/unexpected keys are
+    printed on stderr)."""
+    spec = getattr(args, "model_factory", None)
+    if not spec:
+        if getattr(args, "factory_kwargs", None):
+            raise InputError("--factory-kwargs needs --model-factory")
+        return load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=own_example_inputs)
+    from pathlib import Path
+
+    from bnfold.io.factory import load_factory_model, parse_factory_kwargs
+
+    kwargs = parse_factory_kwargs(getattr(args, "factory_kwargs", None))
+    made = load_factory_model(spec, args.model, kwargs=kwargs, allow_missing=getattr(args, "allow_missing_keys",
+                                                                                     False))
+    if made.missing:
+        print(f"bnfold: note: {len(made.missing)} parameters kept their initialization (--allow-missing-keys): "
+              f"{', '.join(made.missing[:8])}{', …' if len(made.missing) > 8 else ''}", file=sys.stderr)
+    if made.unexpected:
+        print(f"bnfold: note: {len(made.unexpected)} entries of {args.model} fit no parameter and were ignored: "
+              f"{', '.join(made.unexpected[:8])}{', …' if len(made.unexpected) > 8 else ''}", file=sys.stderr)
+    return LoadedModel(made.module, None, Path(args.model), "factory")
 
 
 def check_target_options(target: str | None, arch: str | None) -> None:
@@ -67,7 +101,7 @@ def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch
     """Load ``args.model`` and its example inputs (``--input-shape``, checked against the model, or the ones
     stored in the file)."""
     requested = parse_shapes(args.input_shape, args.dtype)  # before loading: a typo costs nothing
-    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=bool(args.input_shape))
+    loaded = load_any(args, own_example_inputs=bool(args.input_shape))
     inputs = requested or loaded.example_inputs
     if inputs is None:
         raise InputError(f"{args.model} stores no example inputs", hint="pass --input-shape, e.g. 1,3,224,224")
@@ -102,7 +136,7 @@ def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, l
     for name, value in opt.items():
         if name != "key" and value is not None and value <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=True)
+    loaded = load_any(args, own_example_inputs=True)
     example = loaded.example_inputs
     specs = input_specs(loaded.module, example)
     dtype = next((s.dtype for s in specs or () if s.dtype.is_floating_point), torch.float32)
@@ -160,5 +194,5 @@ def load_batches(args: argparse.Namespace, data: str | None
     cut to its batch size (a .pt2 exported with a fixed batch drops a last partial batch, with a note).
     Reads ``args.key``/``batch_size``/``num_samples``/``num_batches`` when the command defines them."""
     if data is None:
-        return load_model(args.model, trusted_pickle=args.trust_pickle), None
+        return load_any(args), None
     return _load_with_data(args, data)

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from bnfold.api import fold
-from bnfold.cli.commands import SUMMARY
+from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_model_args, check_cache_dir, check_target_options, load_with_inputs
 from bnfold.errors import InputError
 from bnfold.io.outputs import check_output_dir
@@ -69,6 +69,8 @@ def _compile(args: argparse.Namespace) -> int:
                          "1 <= MIN <= MAX")
     check_target_options(args.target, args.arch)
     check_cache_dir(args.cache_dir)
+    if onnx_cmd.is_onnx(args.model):
+        return onnx_cmd.compile_onnx(args)
     check_output_dir(args.output, [args.model], force=args.force, owned=artifact_entries)  # before any work
     loaded, inputs = load_with_inputs(args)
     folded = fold(loaded.module, inputs, capture=args.capture)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bnfold.api import fold, inspect
-from bnfold.cli.commands import SUMMARY
+from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_model_args, check_until, load_with_inputs
 from bnfold.io.outputs import check_output_file
 from bnfold.targets import get_target
@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("fold", help=SUMMARY["fold"][1])
     add_model_args(p)
-    p.add_argument("-o", "--output", required=True, help="output .pt2 path (never the input file)")
+    p.add_argument("-o", "--output", required=True, help="output .pt2 path (.onnx for an .onnx model; never the input "
+                   "file)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
     p.add_argument("--until", help="stop after this pass (debugging)")
     p.add_argument("--dump-ir", action="store_true", help="print the graph before and after every pass that changes it")
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if onnx_cmd.is_onnx(args.model):
+        return onnx_cmd.inspect(args)
     loaded, inputs = load_with_inputs(args)
     report = inspect(loaded.module, inputs, capture=args.capture)
     print(report.to_json() if args.json else report.render(explain=args.explain))
@@ -40,6 +43,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fold(args: argparse.Namespace) -> int:
+    if onnx_cmd.is_onnx(args.model):
+        return onnx_cmd.fold(args)
     check_until(args.until)
     check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_pt2)
     loaded, inputs = load_with_inputs(args)

@@ -12,8 +12,8 @@ import json
 
 import torch.fx
 
-from bnfold.cli.commands import SUMMARY
-from bnfold.cli.commands.common import check_cache_dir, check_target_options, load_batches
+from bnfold.cli.commands import SUMMARY, onnx_cmd
+from bnfold.cli.commands.common import add_factory_args, check_cache_dir, check_target_options, load_batches
 from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
@@ -50,10 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+    add_factory_args(p)
     p.set_defaults(func=_optimize)
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    if onnx_cmd.is_onnx(args.model):
+        return onnx_cmd.optimize(args)
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
     check_target_options(args.target, args.arch)

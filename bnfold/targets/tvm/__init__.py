@@ -158,7 +158,12 @@ def compile(  # the public name: bnfold.compile (shadows the builtin only here)
         prepack = target in ("llvm", "cpu")
     t0 = time.monotonic()
     spec = make_target(target, arch=arch, mcpu=mcpu, num_cores=num_cores)
-    imported = import_torch(module, inputs, batch_range=tuple(dynamic_batch) if dynamic_batch else None)
+    if type(module).__name__ == "ModelProto":  # an ONNX model (folded by bnfold.passes.onnx): its own frontend
+        from bnfold.targets.tvm.onnx_import import import_onnx
+
+        imported = import_onnx(module, inputs)  # type: ignore[arg-type]
+    else:
+        imported = import_torch(module, inputs, batch_range=tuple(dynamic_batch) if dynamic_batch else None)
     t_import = time.monotonic()
     reporter = progress if callable(progress) else _Reporter(bar=bool(progress))
     try:

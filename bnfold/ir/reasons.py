@@ -1,0 +1,97 @@
+"""The reasons users read when a fold is declined, shared by every graph back end (torch.fx and ONNX).
+
+Each function words one situation; the back end supplies how it names ops (``describe``) and values. Two back ends
+that meet the same situation say the same thing, so a report reads alike whatever the model's format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bnfold.ir.affine_math import bn_affine
+
+__all__ = [
+    "batchnorm_problem",
+    "consumer_axis",
+    "consumer_channels",
+    "consumer_not_linear",
+    "consumer_other_argument",
+    "not_a_linear_output",
+    "producer_axis",
+    "producer_channels",
+    "producer_shared",
+    "shift_blocked",
+    "unusable",
+]
+
+
+def not_a_linear_output(what: str) -> str:
+    """``A(x)`` where ``x`` is ``what`` (a graph input, ``'relu_3' (relu)``)."""
+    return f"its input is {what}, not a conv/linear output"
+
+
+def unusable(role: str, name: str, reason: str) -> str:
+    """The producer/consumer ``name`` matched but cannot be rewritten (its weight is computed, …)."""
+    return f"{role} '{name}' cannot be rewritten: {reason}"
+
+
+def producer_shared(op: str, users: str) -> str:
+    return f"producer {op} also feeds {users}; folding would change those paths too"
+
+
+def producer_axis(axis: int, op: str) -> str:
+    return f"it normalizes axis {axis}, but {op} has its channels on another axis"
+
+
+def producer_channels(channels: int, op: str, out_channels: int) -> str:
+    return f"channel count {channels} ≠ {op} output channels {out_channels}"
+
+
+def consumer_not_linear(user: str, what: str) -> str:
+    return f"it feeds '{user}' ({what}), which is not a conv/linear"
+
+
+def consumer_other_argument(op: str) -> str:
+    return f"it reaches {op} through an argument other than its input"
+
+
+def consumer_axis(axis: int, op: str) -> str:
+    return f"it normalizes axis {axis}, but {op} reads channels on another axis"
+
+
+def consumer_channels(channels: int, op: str, in_channels: int) -> str:
+    return f"channel count {channels} ≠ {op} input channels {in_channels}"
+
+
+def shift_blocked(op: str, scale: torch.Tensor) -> str:
+    """Why an affine in front of a zero-padding consumer ``op`` stays: its scale is all ones (nothing to fold but
+    the shift) or has zeros (the shift cannot move before the scale)."""
+    why = "its shift would be added to the zero padding" if bool((scale == 1).all()) else \
+        "its scale has zeros, so the shift cannot be moved before the scale"
+    return (f"{op} pads with zeros (or is transposed); {why}. Use padding_mode "
+            "'replicate'/'reflect' or padding 0 to fold it fully")
+
+
+def batchnorm_problem(path: str, running_mean: torch.Tensor, running_var: torch.Tensor,
+                      weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``(a, b)`` of an inference BatchNorm (:func:`~bnfold.ir.affine_math.bn_affine`, float64), or why its
+    statistics cannot be folded. Fast path: they are fine when ``a`` and ``b`` are finite and ``0 ≤ σ² < ∞``
+    (every non-finite input shows up in one of them); only a failing one is examined input by input."""
+    if math.isfinite(eps) and running_var.numel() > 0:
+        a, b = bn_affine(running_mean, running_var, weight, bias, eps)
+        lo, hi = torch.aminmax(running_var.detach())
+        if float(lo) >= 0 and math.isfinite(float(hi)) and bool(torch.isfinite(a).all()) \
+                and bool(torch.isfinite(b).all()):
+            return a, b
+    var = running_var.detach().double()
+    tensors = [running_mean, running_var, weight, bias]
+    if not all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None):
+        return f"'{path}' has non-finite (NaN/Inf) statistics or parameters; recalibrate it first"
+    if bool((var < 0).any()):
+        return f"'{path}' has a negative running_var; its statistics are corrupt, recalibrate first"
+    if bool((var + eps <= 0).any()) or not math.isfinite(eps):
+        return f"'{path}' has running_var + eps = 0 in some channel (division by zero)"
+    return f"'{path}' has statistics whose affine form overflows (a or b is not finite)"

@@ -1,0 +1,102 @@
+"""Static shapes of an ONNX graph's values, from ONNX shape inference run on a light copy of the model.
+
+The copy turns large initializers into graph inputs of the same type and shape (inference needs their shapes,
+never their bytes), so a model of any size is inferred without copying its weights. A dimension is an ``int``,
+a symbol (``str``, e.g. ``"batch"``) or ``None`` (unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import onnx
+
+if TYPE_CHECKING:
+    from bnfold.passes.onnx.graph import OnnxGraph
+
+__all__ = ["Shape", "infer_shapes", "rank", "shape"]
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int | str | None, ...]
+
+_INLINE_LIMIT = 64  # initializers up to this many elements stay (Reshape targets, axes: inference reads them)
+
+
+def _dims(t: onnx.TypeProto) -> Shape | None:
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    out: list[int | str | None] = []
+    for d in t.tensor_type.shape.dim:
+        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return tuple(out)
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Shapes of every value ONNX shape inference can type (empty when inference fails)."""
+    light = onnx.ModelProto()
+    _light_copy(model, light)
+    _inputs_for_large(light)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # a model ONNX cannot type: rules that need shapes say "shape unknown"
+        log.info("ONNX shape inference failed: %s: %s", type(exc).__name__, exc)
+        return {}
+    g = inferred.graph
+    out: dict[str, Shape] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        dims = _dims(vi.type)
+        if dims is not None:
+            out[vi.name] = dims
+    for t in model.graph.initializer:
+        out.setdefault(t.name, tuple(int(d) for d in t.dims))
+    return out
+
+
+def _light_copy(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
+    """Copy ``model`` into ``light`` without the bytes of large initializers."""
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= _INLINE_LIMIT:
+            g.initializer.append(t)
+        else:
+            meta = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+            g.initializer.append(meta)
+
+
+def _inputs_for_large(light: onnx.ModelProto) -> None:
+    """Large initializers of ``light`` become typed graph inputs (their shapes stay known)."""
+    g = light.graph
+    declared = {i.name for i in g.input}
+    keep = []
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= _INLINE_LIMIT:
+            keep.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def shape(g: OnnxGraph, value: str) -> Shape | None:
+    return g.shapes.get(value)
+
+
+def rank(g: OnnxGraph, value: str) -> int | None:
+    s = g.shapes.get(value)
+    return None if s is None else len(s)
