@@ -135,7 +135,8 @@ def check_folded(model: onnx.ModelProto) -> None:
         from bnfold.errors import InternalError
 
         raise InternalError(f"the folded ONNX model fails onnx.checker: {type(exc).__name__}: {exc}",
-                            hint="please report this with the model") from exc
+                            hint="please report this with the model", pass_name="onnx.checker", node=None,
+                            passes_before=RULES) from exc
 
 
 def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,

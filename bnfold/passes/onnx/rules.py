@@ -322,15 +322,22 @@ def _to_shift(g: OnnxGraph, site: Site, shift: torch.Tensor, r: int, dtype: np.d
 
 
 def _reset_norm(g: OnnxGraph, site: Site) -> None:
-    """``γ = 1``, no ``β``: the norm keeps only its parameter-free part."""
+    """``γ = 1``, ``β = 0``: the norm keeps only its parameter-free part. ``β`` is dropped where the op allows it
+    (LayerNormalization, RMSNormalization) and written as zeros where it is a required input
+    (GroupNormalization)."""
     node = site.node
     old = g.constant(node.input[1])
     assert old is not None and site.dtype is not None
     g.orphans.update(i for i in node.input[1:] if i)
     g.write_input(node, 1, np.ones(old.shape, dtype=site.dtype))
     if len(node.input) > 2 and node.input[2]:
-        g.consumers[node.input[2]] = [u for u in g.consumers.get(node.input[2], []) if u is not node]
-        del node.input[2:]
+        if node.op_type == "GroupNormalization":
+            beta = g.constant(node.input[2])
+            assert beta is not None
+            g.write_input(node, 2, np.zeros(beta.shape, dtype=site.dtype))
+        else:
+            g.consumers[node.input[2]] = [u for u in g.consumers.get(node.input[2], []) if u is not node]
+            del node.input[2:]
 
 
 def _try_producer(g: OnnxGraph, site: Site, run: OnnxFoldRun) -> str | None:
