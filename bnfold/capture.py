@@ -18,7 +18,7 @@ from torch import nn
 
 from bnfold.errors import CaptureError
 from bnfold.ir.batchnorm import is_stock_batchnorm
-from bnfold.ir.graph import propagate_shapes
+from bnfold.ir.graph import propagate_shapes, shapes_from_vals
 from bnfold.ir.linear_ops import module_kind
 
 __all__ = ["BnfoldTracer", "CaptureMode", "Captured", "capture"]
@@ -105,7 +105,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     for m in order:
         try:
             gm = _symbolic(model) if m == "symbolic" else _export(model, inputs)
-            propagate_shapes(gm, inputs)
+            if m == "symbolic" or not shapes_from_vals(gm):  # export already recorded every node's fake value
+                propagate_shapes(gm, inputs)
             return Captured(gm, m, inputs, owns_state=copy_model)
         except Exception as exc:
             log.debug("capture by %s failed: %s", m, exc)

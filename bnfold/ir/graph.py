@@ -28,6 +28,7 @@ __all__ = [
     "node_shape",
     "normalized_kwargs",
     "propagate_shapes",
+    "shapes_from_vals",
     "unique_attr_name",
 ]
 
@@ -129,6 +130,27 @@ def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
     from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
     return _extract_tensor_metadata(t)
+
+
+def shapes_from_vals(gm: torch.fx.GraphModule) -> bool:
+    """Record ``tensor_meta`` from the fake values ``torch.export`` already left in ``node.meta['val']``; False
+    (nothing changed) when a node that computes something has no value recorded."""
+    metas: dict[torch.fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("output", "get_attr"):
+            continue
+        if "val" not in node.meta:
+            if node.op == "call_module" and not node.users:  # export's input guards: nothing to record
+                continue
+            return False
+        val = node.meta["val"]
+        if isinstance(val, torch.Tensor):
+            metas[node] = _tensor_meta(val)
+        elif isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+            metas[node] = tuple(_tensor_meta(v) for v in val)
+    for node, meta in metas.items():
+        node.meta["tensor_meta"] = meta
+    return True
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
