@@ -82,6 +82,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "googlenet": (_tv("googlenet", num_classes=10, aux_logits=False, init_weights=True), (1, 3, 64, 64)),
     "mnasnet0_5": (_tv("mnasnet0_5", num_classes=10), (1, 3, 32, 32)),
     "timm_resnet10t": (_timm("resnet10t"), (1, 3, 32, 32)),
+    "timm_levit_128s": (_timm("levit_128s", img_size=64), (1, 3, 64, 64)),
 }
 
 
