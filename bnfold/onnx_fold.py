@@ -24,9 +24,10 @@ from bnfold.errors import InputError
 from bnfold.io.outputs import atomic_output
 from bnfold.passes.engine import PipelineResult
 from bnfold.passes.onnx.graph import OnnxGraph
+from bnfold.passes.onnx.moves import SYMBOL_SIZES
 from bnfold.passes.onnx.report import OnnxFoldReport
 from bnfold.passes.onnx.rules import RULES, run_rules
-from bnfold.passes.onnx.shapes import infer_shapes
+from bnfold.passes.onnx.shapes import concrete_shapes, infer_shapes
 
 __all__ = ["LoadedOnnx", "fold_model", "load_onnx", "op_counts", "save_onnx"]
 
@@ -114,6 +115,7 @@ def fold_model(model: onnx.ModelProto, *, base_dir: str = "", dry_run: bool = Fa
     before = op_counts(model)
     g = OnnxGraph(model, base_dir=base_dir)
     g.shapes = infer_shapes(model)
+    g.shapes_at = concrete_shapes(model, SYMBOL_SIZES)
     run = run_rules(g)
     result = PipelineResult(run.rounds, run.changes, [r for rs in run.rejections.values() for r in rs],
                             list(run.candidates.values()), list(run.timings.values()), converged=True)

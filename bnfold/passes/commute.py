@@ -41,7 +41,9 @@ from torch import nn
 from bnfold.ir.graph import fetch_attr, node_shape, normalized_kwargs
 from bnfold.ir.uses import reads_values
 
-__all__ = ["CAT", "Affine", "Transfer", "cat_forward", "transfer_for"]
+__all__ = ["CAT", "Affine", "Crossing", "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split",
+           "index_transfer", "no_check", "positive_scale", "positive_scale_no_shift", "same", "spatial_axis_guard",
+           "transfer_for"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -62,6 +64,10 @@ class Affine:
         return v.reshape(view).expand(self.shape)
 
 
+Crossing = Callable[[Affine], "Affine | str"]
+"""One direction of a transfer: the affine on the other side of an op, or why it does not cross it."""
+
+
 @dataclass(frozen=True)
 class Transfer:
     """How an affine crosses ``node`` (its single tensor input ``x``)."""
@@ -72,7 +78,7 @@ class Transfer:
     backward: Callable[[Affine], Affine | str]
 
 
-def _same(in_shape: tuple[int, ...], out_shape: tuple[int, ...], check: Callable[[Affine], str | None]
+def same(in_shape: tuple[int, ...], out_shape: tuple[int, ...], check: Callable[[Affine], str | None]
           ) -> tuple[Callable[[Affine], Affine | str], Callable[[Affine], Affine | str]]:
     def fwd(aff: Affine) -> Affine | str:
         why = check(aff)
@@ -85,21 +91,21 @@ def _same(in_shape: tuple[int, ...], out_shape: tuple[int, ...], check: Callable
     return fwd, bwd
 
 
-def _no_check(_: Affine) -> str | None:
+def no_check(_: Affine) -> str | None:
     return None
 
 
-def _positive_scale(aff: Affine) -> str | None:
+def positive_scale(aff: Affine) -> str | None:
     return None if bool((aff.a > 0).all()) else "its scale is not positive in every channel"
 
 
-def _positive_scale_no_shift(aff: Affine) -> str | None:
+def positive_scale_no_shift(aff: Affine) -> str | None:
     if not bool((aff.a > 0).all()):
         return "ReLU commutes only with a positive scale, and this scale has non-positive channels"
     return None if bool((aff.b == 0).all()) else "ReLU does not commute with a shift (relu(x + b) ≠ relu(x) + b)"
 
 
-def _spatial_axis_guard(check: Callable[[Affine], str | None]) -> Callable[[Affine], str | None]:
+def spatial_axis_guard(check: Callable[[Affine], str | None]) -> Callable[[Affine], str | None]:
     """Pools/interpolation act on dims ≥ 2; the affine must be on the channel axis 1."""
     def guarded(aff: Affine) -> str | None:
         if aff.axis != 1:
@@ -108,7 +114,7 @@ def _spatial_axis_guard(check: Callable[[Affine], str | None]) -> Callable[[Affi
     return guarded
 
 
-def _index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor]
+def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor]
                     ) -> tuple[Callable[[Affine], Affine | str], Callable[[Affine], Affine | str]]:
     """Data movement: carry coefficients through ``move`` (forward) or its inverse permutation (backward)."""
     n = 1
@@ -249,7 +255,7 @@ def _copy_pad_check(gm: torch.fx.GraphModule, node: torch.fx.Node, rank: int) ->
     return check
 
 
-def _avg_pool_exact(padding: Any, count_include_pad: bool, divisor_override: Any) -> str | None:
+def avg_pool_exact(padding: Any, count_include_pad: bool, divisor_override: Any) -> str | None:
     if divisor_override:
         return "the average pool uses divisor_override, so a constant shift is rescaled"
     pads = padding if isinstance(padding, (tuple, list)) else [padding]
@@ -277,7 +283,7 @@ def _select_transfer(node: torch.fx.Node, in_shape: tuple[int, ...], out_shape: 
         return f"'{node.name}' is not a selection bnfold can replay"
     if tuple(probe.shape) != out_shape:
         return f"'{node.name}' selects a shape its metadata does not record"
-    return _index_transfer(in_shape, out_shape, fn)
+    return index_transfer(in_shape, out_shape, fn)
 
 
 def _has_node(value: Any) -> bool:
@@ -320,28 +326,46 @@ CAT: set[Any] = {torch.cat, torch.concat, aten.cat.default, aten.concat.default}
 
 
 def cat_forward(cat: torch.fx.Node, source: torch.fx.Node, aff: Affine) -> Affine | str:
-    """Push ``aff`` (applied to ``source``) forward through the concat ``cat`` along the affine's axis:
-    ``cat(A(x₁), x₂) = A'(cat(x₁, x₂))`` with ``a' = [a, 1]``, ``b' = [b, 0]`` (identity on the other parts)."""
+    """Push ``aff`` (applied to ``source``) forward through the concat ``cat`` (:func:`concat_forward`)."""
     tensors = cat.args[0]
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     out_shape = node_shape(cat)
     if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or out_shape is None:
         return f"'{cat.name}' concatenates along an axis or of shapes known only at run time"
-    if dim % len(out_shape) != aff.axis:
-        return f"'{cat.name}' concatenates along another axis than the affine's (the other inputs would need it too)"
+    shapes = [node_shape(t) if isinstance(t, torch.fx.Node) else None for t in tensors]
+    if any(s is None for s in shapes):
+        return f"'{cat.name}' has an input of unknown shape"
+    return concat_forward(cat.name, [s[dim % len(out_shape)] for s in shapes if s is not None],
+                          [t is source for t in tensors], dim % len(out_shape), aff, out_shape)
+
+
+def concat_forward(name: str, sizes: list[int], is_source: list[bool], dim: int, aff: Affine,
+                   out_shape: tuple[int, ...]) -> Affine | str:
+    """``aff`` (on the inputs marked ``is_source``, ``sizes[k]`` long along the concat axis ``dim``) moved past the
+    concat ``name``: ``cat(A(x₁), x₂) = A'(cat(x₁, x₂))`` with ``a' = [a, 1]``, ``b' = [b, 0]`` (identity on the
+    other parts)."""
+    if dim != aff.axis:
+        return f"'{name}' concatenates along another axis than the affine's (the other inputs would need it too)"
     a_parts, b_parts = [], []
-    for t in tensors:
-        shape = node_shape(t)
-        if shape is None:
-            return f"'{cat.name}' has an input of unknown shape"
-        n = shape[aff.axis]
-        if t is source:
-            a_parts.append(aff.a)
-            b_parts.append(aff.b)
-        else:
-            a_parts.append(torch.ones(n, dtype=f64))
-            b_parts.append(torch.zeros(n, dtype=f64))
+    for n, mine in zip(sizes, is_source, strict=True):
+        a_parts.append(aff.a if mine else torch.ones(n, dtype=f64))
+        b_parts.append(aff.b if mine else torch.zeros(n, dtype=f64))
     return Affine(torch.cat(a_parts), torch.cat(b_parts), aff.axis, out_shape)
+
+
+def concat_split(aff: Affine, dim: int, shapes: list[tuple[int, ...]]) -> list[Affine]:
+    """``aff`` on ``cat(u₁…uₙ, dim)`` as one affine per input (``shapes``): ``A(cat(u₁…uₙ)) = cat(A₁(u₁)…Aₙ(uₙ))``,
+    ``(a, b)`` split along the concat axis, or the whole ``(a, b)`` for each input when it concatenates along
+    another axis."""
+    parts, offset = [], 0
+    for shape in shapes:
+        if dim == aff.axis:
+            n = shape[dim]
+            parts.append(Affine(aff.a[offset:offset + n], aff.b[offset:offset + n], aff.axis, shape))
+            offset += n
+        else:
+            parts.append(Affine(aff.a, aff.b, aff.axis, shape))
+    return parts
 
 
 def transfer_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Transfer | str:
@@ -365,18 +389,18 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
             if m.training and not isinstance(m, nn.Identity):
                 return f"dropout '{node.name}' is in training mode"
-            return _same(in_shape, out_shape, _no_check)
+            return same(in_shape, out_shape, no_check)
         if isinstance(m, _VALUE_MODULES) and same_rank:
-            return _same(in_shape, out_shape, _spatial_axis_guard(_no_check))
+            return same(in_shape, out_shape, spatial_axis_guard(no_check))
         if isinstance(m, _AVG_MODULES) and same_rank:
-            why = _avg_pool_exact(m.padding, m.count_include_pad, getattr(m, "divisor_override", None))
-            return why or _same(in_shape, out_shape, _spatial_axis_guard(_no_check))
+            why = avg_pool_exact(m.padding, m.count_include_pad, getattr(m, "divisor_override", None))
+            return why or same(in_shape, out_shape, spatial_axis_guard(no_check))
         if isinstance(m, _MAX_MODULES) and same_rank:
-            return _same(in_shape, out_shape, _spatial_axis_guard(_positive_scale))
+            return same(in_shape, out_shape, spatial_axis_guard(positive_scale))
         if isinstance(m, nn.ReLU):
-            return _same(in_shape, out_shape, _positive_scale_no_shift)
+            return same(in_shape, out_shape, positive_scale_no_shift)
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
-            return _index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
+            return index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
         return f"'{node.name}' ({type(m).__name__}) does not commute with a per-channel affine"
     if node.op not in ("call_function", "call_method"):
         return f"'{node.name}' is not an op"
@@ -384,21 +408,21 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         training = _arg(node, gm, "training", _arg(node, gm, "train", True))
         if training:
             return f"dropout '{node.name}' runs in training mode"
-        return _same(in_shape, out_shape, _no_check)
+        return same(in_shape, out_shape, no_check)
     if target in _VALUE_FUNCS and same_rank:
-        check = _no_check if target in ("contiguous", "clone", torch.clone, aten.clone.default,
-                                        aten.contiguous.default, aten.alias.default) else _spatial_axis_guard(_no_check)
-        return _same(in_shape, out_shape, check)
+        check = no_check if target in ("contiguous", "clone", torch.clone, aten.clone.default,
+                                        aten.contiguous.default, aten.alias.default) else spatial_axis_guard(no_check)
+        return same(in_shape, out_shape, check)
     if target in _AVG_FUNCS and same_rank:
-        why = _avg_pool_exact(_arg(node, gm, "padding", 0), bool(_arg(node, gm, "count_include_pad", True)),
+        why = avg_pool_exact(_arg(node, gm, "padding", 0), bool(_arg(node, gm, "count_include_pad", True)),
                               _arg(node, gm, "divisor_override", None))
-        return why or _same(in_shape, out_shape, _spatial_axis_guard(_no_check))
+        return why or same(in_shape, out_shape, spatial_axis_guard(no_check))
     if target in _MAX_FUNCS and same_rank:
-        return _same(in_shape, out_shape, _spatial_axis_guard(_positive_scale))
+        return same(in_shape, out_shape, spatial_axis_guard(positive_scale))
     if target in _RELU_FUNCS:
-        return _same(in_shape, out_shape, _positive_scale_no_shift)
+        return same(in_shape, out_shape, positive_scale_no_shift)
     if target in _RESHAPE:
-        return _index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
+        return index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
     if target in _SELECT:
         return _select_transfer(node, in_shape, out_shape)
     if target in _PERMUTE:
@@ -407,10 +431,10 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         args, kwargs = node.args[1:], dict(node.kwargs)
         fn = (lambda t: getattr(t, str(target))(*args, **kwargs)) if isinstance(target, str) else \
             (lambda t: target(t, *args, **kwargs))  # type: ignore[operator]
-        return _index_transfer(in_shape, out_shape, fn)
+        return index_transfer(in_shape, out_shape, fn)
     if target in _PAD and same_rank:
         check = _copy_pad_check(gm, node, len(in_shape))
-        return check if isinstance(check, str) else _same(in_shape, out_shape, check)
+        return check if isinstance(check, str) else same(in_shape, out_shape, check)
     if target in _MEAN:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))

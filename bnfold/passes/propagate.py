@@ -26,7 +26,7 @@ from bnfold.ir.affine_view import ADD_TARGETS, AffineView
 from bnfold.ir.graph import node_shape
 from bnfold.ir.linear_ops import LinearOp
 from bnfold.ir.uses import value_users
-from bnfold.passes.commute import CAT, Affine, transfer_for
+from bnfold.passes.commute import CAT, Affine, concat_split, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
 from bnfold.passes.fold_targets import absorbs, consumer_targets, producer_target, push_target
@@ -152,21 +152,13 @@ class Propagate(Rule[AffineView, Move]):
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
             return None
         dim %= len(aff.shape)
-        repeated = len({id(t) for t in tensors}) != len(tensors)
+        if len({id(t) for t in tensors}) != len(tensors):
+            return None  # the same tensor concatenated twice: one edge, several affines
+        shapes = [node_shape(t) if isinstance(t, torch.fx.Node) else None for t in tensors]
+        if any(s is None for s in shapes):
+            return None
         plan = Plan()
-        offset = 0
-        for t in tensors:
-            shape = node_shape(t)
-            if not isinstance(t, torch.fx.Node) or shape is None:
-                return None
-            if dim == aff.axis:
-                n = shape[dim]
-                part = Affine(aff.a[offset:offset + n], aff.b[offset:offset + n], aff.axis, shape)
-                offset += n
-            else:
-                part = Affine(aff.a, aff.b, aff.axis, shape)
-            if repeated:
-                return None  # the same tensor concatenated twice: one edge, several affines
+        for t, part in zip(tensors, concat_split(aff, dim, [s for s in shapes if s is not None]), strict=True):
             plan = plan + self._pull(ctx, t, part, depth + 1, node)
         return plan
 

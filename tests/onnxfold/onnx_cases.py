@@ -63,12 +63,12 @@ def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:
     return make
 
 
-def _timm(name: str) -> Callable[[], nn.Module]:
+def _timm(name: str, **kw: object) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         import timm
 
         torch.manual_seed(0)
-        return randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
+        return randomize_bn(timm.create_model(name, pretrained=False, num_classes=10, **kw))
     return make
 
 
@@ -82,6 +82,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "googlenet": (_tv("googlenet", num_classes=10, aux_logits=False, init_weights=True), (1, 3, 64, 64)),
     "mnasnet0_5": (_tv("mnasnet0_5", num_classes=10), (1, 3, 32, 32)),
     "timm_resnet10t": (_timm("resnet10t"), (1, 3, 32, 32)),
+    "timm_levit_128s": (_timm("levit_128s", img_size=64), (1, 3, 64, 64)),
 }
 
 
@@ -157,6 +158,81 @@ def shared_weight_model(path: Path) -> Path:
     return path
 
 
+class LinearNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: a bias-free Linear, then BatchNorm1d over the tokens flattened into the batch
+    (ONNX: MatMul → Flatten → BatchNormalization → Reshape)."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(i, o, bias=False)
+        self.bn = nn.BatchNorm1d(o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _LeViTMLP(nn.Module):
+    def __init__(self, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.ln1 = LinearNorm(dim, hidden)
+        self.act = nn.Hardswish()
+        self.ln2 = LinearNorm(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ln2(self.act(self.ln1(x)))
+
+
+def levit_mlp() -> tuple[nn.Module, tuple[int, ...]]:
+    """A LeViT residual MLP: two LinearNorms; each BatchNorm moves back through Flatten into its MatMul."""
+    torch.manual_seed(6)
+    return randomize_bn(_LeViTMLP()), (2, 5, 16)
+
+
+class _ConcatThenConv(nn.Module):
+    """ReLU → BatchNorm2d, concatenated with another branch, then a 1x1 conv: the BN moves forward through the
+    Concat (identity coefficients for the other branch) into the conv."""
+
+    def __init__(self, dim: int = 2) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.out = nn.Conv2d(9, 6, 1) if dim == 1 else nn.Conv2d(4, 6, 1)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.bn(torch.relu(self.a(x)))
+        v = torch.relu(self.b(x))
+        if self.dim != 1:
+            v = v[:, :4]
+        return self.out(torch.cat([u, v], self.dim))
+
+
+def concat_forward(dim: int = 1) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(7)
+    return randomize_bn(_ConcatThenConv(dim)), (1, 3, 8, 8)
+
+
+class _ConvsConcatBN(nn.Module):
+    """Two convs concatenated on channels, then BatchNorm2d → ReLU: the BN splits back into both convs."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 1)
+        self.bn = nn.BatchNorm2d(9)
+        self.leak = leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.a(x)
+        y = torch.relu(self.bn(torch.cat([u, self.b(x)], 1)))
+        return y + u.mean() if self.leak else y  # leak: the first conv's output is also read elsewhere
+
+
+def concat_backward(leak: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(8)
+    return randomize_bn(_ConvsConcatBN(leak)), (1, 3, 8, 8)
+
+
 BUILT: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
     "convtranspose_g4_bn": convtranspose_bn,
     "gemm_transB_bn": gemm_bn,
@@ -164,4 +240,7 @@ BUILT: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
     "bn_conv_pad1": lambda: bn_conv(1),
     "bn_flatten_gemm": bn_flatten_linear,
     "layernorm_matmul": layernorm_linear,
+    "levit_mlp": levit_mlp,
+    "concat_forward_conv": concat_forward,
+    "conv_concat_bn": concat_backward,
 }

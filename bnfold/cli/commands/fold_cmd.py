@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
     p.add_argument("--until", help="stop after this pass (debugging)")
     p.add_argument("--dump-ir", action="store_true", help="print the graph before and after every pass that changes it")
+    p.add_argument("--data", metavar="DATA", help="inputs for the parity check (.npz/.npy/.pt; an .onnx model only)")
+    p.add_argument("--key", action="append", metavar="NAME", help="array of --data to use as input (repeatable)")
+    p.add_argument("--batch-size", type=int, help="samples per parity batch (default: the model's fixed batch, or 64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_fold)
 
@@ -45,6 +48,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _fold(args: argparse.Namespace) -> int:
     if onnx_cmd.is_onnx(args.model):
         return onnx_cmd.fold(args)
+    if args.data:
+        from bnfold.errors import InputError
+
+        raise InputError("--data (parity inputs) applies to an .onnx model here",
+                         hint="for a torch model, check parity on your data with `bnfold check` or `bnfold optimize "
+                              "--validate DATA`")
     check_until(args.until)
     check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_pt2)
     loaded, inputs = load_with_inputs(args)

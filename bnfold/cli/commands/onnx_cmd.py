@@ -48,7 +48,10 @@ def parity_batches(model: Any, args: argparse.Namespace, data: str | None = None
         from bnfold.io.data import load_tensors, split_batches
 
         raw = load_tensors(data, keys=getattr(args, "key", None), dtype=float_dtype)
-        batches = split_batches(raw, getattr(args, "batch_size", None) or 64)
+        dims = [s.type.tensor_type.shape.dim for s in specs]
+        fixed = {int(d[0].dim_value) for d in dims if len(d) and d[0].HasField("dim_value")}
+        default = next(iter(fixed)) if len(fixed) == 1 else 64  # a fixed-batch model runs only that batch size
+        batches = split_batches(raw, getattr(args, "batch_size", None) or default)
         for b in batches:
             if len(b) != len(specs):
                 raise InputError(f"{data} holds {len(b)} arrays per sample but the model takes {len(specs)} inputs "
@@ -127,8 +130,9 @@ def fold(args: argparse.Namespace) -> int:
     if not is_onnx(args.output):
         raise InputError(f"-o {args.output}: an .onnx model is folded into an .onnx file",
                          hint="name the output like model_folded.onnx")
-    check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_onnx)
-    report = _fold_and_check(args, Path(args.output), [args.model])
+    inputs = [p for p in (args.model, getattr(args, "data", None)) if p]
+    check_output_file(args.output, inputs, force=args.force, is_ours=is_bnfold_onnx)
+    report = _fold_and_check(args, Path(args.output), inputs, data=getattr(args, "data", None))
     print(_json(report) if args.json else report)
     if not args.json:
         print(f"\nwrote {args.output}")
@@ -192,15 +196,51 @@ def _compile(model_path: Path, dest: Path, args: argparse.Namespace, data: str |
     model = onnx.load(str(model_path))
     batches = parity_batches(model, args, data)
     example = batches[0] if batches else random_onnx_inputs(model)[0]
-    artifact = tvm_compile(model, example, target=args.target, tune_trials=getattr(args, "tune_trials", 0),
+    dynamic, note = _tvm_batch(model, args, [int(b[0].shape[0]) for b in (batches or [example]) if b[0].dim()])
+    def build(batch_range: tuple[int, int] | None) -> Any:
+        return tvm_compile(model, example, target=args.target, tune_trials=getattr(args, "tune_trials", 0),
                            cache_dir=getattr(args, "cache_dir", None), arch=getattr(args, "arch", None),
-                           progress=not getattr(args, "no_progress", False))
+                           dynamic_batch=batch_range, progress=not getattr(args, "no_progress", False))
+
+    try:
+        artifact = build(dynamic)
+    except InputError as exc:
+        if dynamic is None or getattr(args, "dynamic_batch", None):
+            raise
+        note = (f"the ONNX inputs have a dynamic batch, but TVM could not build it with one ({exc}); compiled "
+                f"static at batch {int(example[0].shape[0])}")
+        artifact = build(None)
     info = artifact.build_info
+    if note:
+        info.setdefault("notes", []).append(note)
     if info["target"]["kind"] == "llvm":
         info["parity_vs_folded"] = compare(OrtModel(model_path), artifact, batches or [example],
                                            batch_independence=False, localize=False).summary()
     artifact.save(dest)
     return dict(info)
+
+
+ONNX_DYNAMIC_BATCH = (1, 64)
+"""Batch range of an untuned TVM build of an ONNX file whose inputs have a dynamic batch (``--dynamic-batch``
+overrides it where the command has it)."""
+
+
+def _tvm_batch(model: Any, args: argparse.Namespace, sizes: list[int]) -> tuple[tuple[int, int] | None, str | None]:
+    """The dynamic batch range for the TVM build of ``model`` (None: static) and a note when a dynamic ONNX batch
+    is compiled static."""
+    from bnfold.parity.ort import graph_inputs
+
+    specs = graph_inputs(model)
+    dims = [s.type.tensor_type.shape.dim for s in specs]
+    dynamic = bool(specs) and all(len(d) > 0 and not d[0].HasField("dim_value") for d in dims)
+    asked = getattr(args, "dynamic_batch", None)
+    if not dynamic:
+        return (tuple(asked) if asked else None), None
+    if getattr(args, "tune_trials", 0):
+        return None, (f"the ONNX inputs have a dynamic batch; compiled static at batch {sizes[0] if sizes else '?'} "
+                      "because MetaSchedule tunes static shapes only")
+    lo, hi = tuple(asked) if asked else ONNX_DYNAMIC_BATCH
+    return (lo, max(hi, *sizes, 2)), None
 
 
 def compile_onnx(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ class OnnxGraph:
         self.touched_initializers: set[str] = set()
         self.orphans: set[str] = set()  # constants an edit stopped reading (removed at the end when unread)
         self.shapes: dict[str, tuple[int | str | None, ...]] = {}  # filled by the pipeline (shapes.py)
+        self.shapes_at: dict[int, dict[str, tuple[int, ...]]] = {}  # numeric shapes per dynamic size (shapes.py)
         self.reindex()
 
     # -- index ---------------------------------------------------------------------------------------------------
@@ -124,6 +125,17 @@ class OnnxGraph:
         """How many places read ``value``: node inputs (each occurrence), sub-graph reads, graph outputs."""
         count = sum(1 for n in self.users(value) for i in n.input if i == value)
         return count + self.sub_reads[value] + (value in self.outputs)
+
+    def value_readers(self, value: str) -> int:
+        """:meth:`readers` that read ``value``'s values: ``Shape`` / ``Size`` nodes read only its shape, which a
+        fold keeps (the ONNX twin of :func:`bnfold.ir.uses.value_users`)."""
+        shape_only = sum(1 for n in self.users(value) if n.op_type in ("Shape", "Size")
+                         and n.domain in ("", "ai.onnx") for i in n.input if i == value)
+        return self.readers(value) - shape_only
+
+    def value_users(self, value: str) -> list[onnx.NodeProto]:
+        """:meth:`users` that read ``value``'s values (``Shape`` / ``Size`` nodes left out)."""
+        return [n for n in self.users(value) if not (n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx"))]
 
     def only_reader(self, value: str, node: onnx.NodeProto) -> bool:
         """``node`` is the single place that reads ``value`` (once, no graph output, no sub-graph)."""

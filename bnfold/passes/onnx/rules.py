@@ -9,15 +9,23 @@ end. Each rule is ``check`` (a plan, or the reason it cannot apply) then ``rewri
 
     The BatchNormalization disappears; the producer takes over its output name (graph outputs keep their names).
 
-``fold_into_consumer``  ``op(A(x)) → op'(x)``: every reader of the affine's output (directly, or after a forward move
-    through Identity / Dropout / Flatten / flattening Reshape / Transpose / average pools / max pools when ``a > 0``)
-    is a Conv / Gemm / MatMul reading it as its input, on its input-channel axis::
+``fold_into_consumer``  ``op(A(x)) → op'(x)``: every reader of the affine's output is a Conv / Gemm / MatMul
+    reading it as its input, on its input-channel axis::
 
         linear:  W'[:, i] = W[:, i] · a[i],   b' = b + W · b_A
         conv:    W'[o, i] = W[o, i] · a[g(o)·I_g + i],   b'[o] = b[o] + Σ_{i,k} W[o, i, k] · b_A[g(o)·I_g + i]
 
     A conv that reads zero padding (or a conv-transpose) takes only the scale; the BatchNormalization becomes the
     pure shift ``a ⊙ x + b = a ⊙ (x + b/a)``: one ``Add`` in front of it (reported as such).
+
+``propagate``  neither fits where it is: move the affine exactly — the torch back end's mechanism
+    (:mod:`bnfold.passes.onnx.moves` → :mod:`bnfold.passes.commute`), in its words —
+
+    * back (:func:`pull_back`): through Flatten / Reshape / Transpose / Squeeze / Unsqueeze / Slice / Gather /
+      pools / Relu / Identity / Dropout, and channel Concats (``(a, b)`` split per input), into every conv/linear
+      producer it reaches, each branch read only along that path (``Shape`` readers aside);
+    * forward (:func:`forward_targets`): along a single-reader chain of the same ops and channel Concats (identity
+      coefficients for the other inputs) to conv/linear consumers, folded as above.
 
 ``split_norm_affine``  the affine part ``(γ, β)`` of a LayerNormalization / RMSNormalization / GroupNormalization
     folds into its consumers as above when it folds completely (no consumer blocks the shift); the norm stays with
@@ -35,8 +43,10 @@ import torch
 
 from bnfold.ir import reasons
 from bnfold.ir.affine_math import fold_into_consumer, fold_into_producer
+from bnfold.passes.commute import Affine
 from bnfold.passes.engine import Candidate, Category, Change, PassTiming, Rejection
-from bnfold.passes.onnx.graph import OnnxGraph, attr
+from bnfold.passes.onnx.graph import OnnxGraph
+from bnfold.passes.onnx.moves import SYMBOL_SIZES, concat_backward, concat_forward_onnx, concrete_shape, crossing
 from bnfold.passes.onnx.ops import NotFoldable, OnnxLinearOp, match_linear_op, write_linear_op
 from bnfold.passes.onnx.shapes import rank, shape
 from bnfold.passes.onnx.sites import Site, find_site
@@ -45,7 +55,8 @@ __all__ = ["RULES", "OnnxFoldRun", "run_rules"]
 
 PRODUCER, CONSUMER, SPLIT, CANONICALIZE = "fold_into_producer", "fold_into_consumer", "split_norm_affine", \
     "canonicalize"
-RULES = (CANONICALIZE, SPLIT, PRODUCER, CONSUMER)
+PROPAGATE = "propagate"
+RULES = (CANONICALIZE, SPLIT, PRODUCER, CONSUMER, PROPAGATE)
 MAX_MOVE = 16
 
 
@@ -129,15 +140,14 @@ def producer_target(g: OnnxGraph, site: Site) -> OnnxLinearOp | str:
 
 @dataclass
 class Moved:
-    """The affine ``(a, b)`` on ``axis`` of ``value`` after a forward move (``first``: the first op moved
-    through, None when the consumers read the site's output directly)."""
+    """The affine ``(a, b)`` on ``axis`` of ``value`` after a forward move (``through``: the ops moved through,
+    empty when the consumers read the site's output directly), and the consumers ``ops`` that take it."""
 
     value: str
     a: torch.Tensor
     b: torch.Tensor
     axis: int
     rank: int | None
-    first: onnx.NodeProto | None = None
     through: list[str] = field(default_factory=list)
     ops: list[OnnxLinearOp] = field(default_factory=list)
 
@@ -180,107 +190,112 @@ def shift_blocked(ops: list[OnnxLinearOp], shift: torch.Tensor) -> list[OnnxLine
     return [op for op in ops if op.reads_padding_zeros()]
 
 
-def _static(dims: tuple[int | str | None, ...] | None) -> bool:
-    return dims is not None and all(isinstance(d, int) for d in dims)
+def start_affine(g: OnnxGraph, value: str, a: torch.Tensor, b: torch.Tensor, axis: int) -> Affine | str:
+    """``(a, b)`` on ``axis`` of ``value`` as an :class:`~bnfold.passes.commute.Affine` on its shape (symbols set
+    as :mod:`~bnfold.passes.onnx.moves` does), or why its shape is not known well enough to move it."""
+    s, s3 = (concrete_shape(g, value, v) for v in SYMBOL_SIZES)
+    if s is None or s3 is None:
+        return "the shape of its input is unknown"
+    ax = _norm_axis(axis, len(s))
+    if ax is None or not 0 <= ax < len(s) or s[ax] != a.numel() or s3[ax] != a.numel():
+        return "its channel axis has a size known only at run time"
+    return Affine(a, b, ax, s)
 
 
-def _spread(a: torch.Tensor, dims: tuple[int, ...], j: int) -> torch.Tensor:
-    """Coefficients ``a`` along axis ``j`` of a block of shape ``dims``, flattened (C-order)."""
-    view = [1] * len(dims)
-    view[j] = -1
-    return a.reshape(view).expand(dims).reshape(-1)
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
 
 
-def transfer(g: OnnxGraph, node: onnx.NodeProto, m: Moved) -> Moved | str:
-    """The affine ``m`` (on ``node``'s input) moved to ``node``'s output, or why it does not commute exactly."""
-    op, name = node.op_type, node.name or node.output[0]
-    out = node.output[0]
-    ax = _norm_axis(m.axis, m.rank)
-    nxt = Moved(out, m.a, m.b, m.axis, m.rank, m.first or node, [*m.through, f"{op} '{name}'"])
-    if node.domain not in ("", "ai.onnx") or (len([o for o in node.output if o]) != 1 and op != "Dropout"):
-        return f"'{name}' ({op}) does not commute with a per-channel affine"
-    if op == "Identity":
-        return nxt
-    if op == "Dropout":
-        if any(o for o in node.output[1:]) or (len(node.input) > 2 and node.input[2]
-                                               and not _false(g, node.input[2])):
-            return f"dropout '{name}' runs in training mode"
-        return nxt
-    if op in ("GlobalAveragePool", "AveragePool", "MaxPool", "GlobalMaxPool"):
-        if ax != 1:
-            return "it acts on a pooled/resampled axis"
-        if op == "AveragePool" and int(attr(node, "count_include_pad", 0)) \
-                and any(int(p) for p in attr(node, "pads", []) or []):
-            return "the average pool averages zero padding (count_include_pad=True), so the shift changes at borders"
-        if op in ("MaxPool", "GlobalMaxPool") and not bool((m.a > 0).all()):
-            return "max-pool commutes only with a positive scale, and this scale has non-positive channels"
-        return nxt
-    if op == "Transpose":
-        if ax is None:
-            return f"the rank before '{name}' is unknown"
-        perm = list(attr(node, "perm", []) or range(m.rank or 0)[::-1])
-        if ax not in perm:
-            return f"'{name}' (Transpose) has an unexpected permutation"
-        nxt.axis, nxt.rank = perm.index(ax), len(perm)
-        return nxt
-    if op in ("Flatten", "Reshape"):
-        before, after = shape(g, node.input[0]), shape(g, out)
-        if before is None or ax is None:
-            return f"the shape before '{name}' is unknown"
-        if op == "Flatten":
-            k = int(attr(node, "axis", 1))
-            k = k + len(before) if k < 0 else k
-        else:  # a Reshape that flattens: (d0, …) → (d0, prod(rest))
-            if after is None or len(after) != 2 or not (after[0] == before[0] and after[0] is not None):
-                return "after this reshape the coefficients no longer vary along a single axis"
-            k = 1
-        if ax < k:
-            return "after this reshape the coefficients no longer vary along a single axis"
-        tail = before[k:]
-        if not _static(tail):
-            return f"the dimensions '{name}' flattens are not static"
-        dims = tuple(int(d) for d in tail)  # type: ignore[arg-type]
-        if op == "Reshape" and after is not None and isinstance(after[1], int) and after[1] != int(np.prod(dims)):
-            return "the reshape does not move every element exactly once"
-        nxt.a, nxt.b = _spread(m.a, dims, ax - k), _spread(m.b, dims, ax - k)
-        nxt.axis, nxt.rank = 1, 2
-        return nxt
-    return f"'{name}' ({op}) does not commute with a per-channel affine"
-
-
-def _false(g: OnnxGraph, value: str) -> bool:
-    v = g.constant(value)
-    return v is not None and not bool(np.asarray(v).any())
-
-
-def forward_targets(g: OnnxGraph, site: Site, a: torch.Tensor, b: torch.Tensor) -> Moved | str:
-    """Consumers of ``site``'s affine: its readers, or the readers at the end of a single-reader chain of ops it
-    moves through exactly."""
+def forward_targets(g: OnnxGraph, site: Site, a: torch.Tensor, b: torch.Tensor, *, moves: bool
+                    ) -> Moved | str:
+    """Consumers of ``site``'s affine: its readers, or (``moves``) the readers at the end of a single-reader
+    chain of ops it moves through exactly (:func:`~bnfold.passes.onnx.moves.crossing`, channel concats)."""
     r = rank(g, site.x)
-    m = Moved(site.y, a, b, site.axis, r)
     direct = consumer_targets(g, site.y, site.axis, r, a.numel())
     if not isinstance(direct, str):
-        m.ops = direct
-        return m
+        return Moved(site.y, a, b, site.axis, r, ops=direct)
+    if not moves:
+        return direct
+    aff = start_affine(g, site.x, a, b, site.axis)
+    if isinstance(aff, str):
+        return aff
+    value, through = site.y, []
     for _ in range(MAX_MOVE):
-        users = g.users(m.value)
-        if len(users) != 1 or g.readers(m.value) != 1:
-            break
-        if _linear(g, users[0]) is not None:
-            break  # a conv/linear: `direct` (or the last try) said why it does not take the affine
-        nxt = transfer(g, users[0], m)
+        users = g.value_users(value)
+        if len(users) != 1 or g.value_readers(value) != 1:
+            p = g.producer(value)
+            return f"'{value if p is None else _label(p)}' has {g.value_readers(value)} users"
+        user = users[0]
+        if user.op_type == "Concat" and user.domain in ("", "ai.onnx"):
+            nxt: Affine | str = concat_forward_onnx(g, user, value, aff)
+        else:
+            c = crossing(g, user)
+            if isinstance(c, str):
+                return c
+            nxt = c.forward(aff)
         if isinstance(nxt, str):
-            return f"{direct}; moving it forward: through '{users[0].name or users[0].output[0]}': {nxt}"
-        m = nxt
-        ops = consumer_targets(g, m.value, m.axis, m.rank, m.a.numel())
+            return f"through '{_label(user)}': {nxt}"
+        value, aff = user.output[0], nxt
+        through.append(f"{user.op_type} '{_label(user)}'")
+        ops = consumer_targets(g, value, aff.axis, len(aff.shape), aff.a.numel())
         if not isinstance(ops, str):
-            m.ops = ops
-            return m
-        direct_after = ops
-        direct = f"{direct}; moved forward through {', '.join(m.through)}: {direct_after}"
-        if len(g.users(m.value)) != 1:
-            return direct
-    return direct
+            return Moved(value, aff.a, aff.b, aff.axis, len(aff.shape), through, ops)
+    return "no conv/linear consumer within reach"
+
+
+@dataclass
+class Pulled:
+    """Where an affine lands after a backward move: one ``(producer, affine on its output)`` per branch."""
+
+    targets: list[tuple[OnnxLinearOp, Affine]]
+    through: list[str]
+
+
+def pull_back(g: OnnxGraph, value: str, aff: Affine, depth: int = 0) -> Pulled | str:
+    """Move ``aff`` (on ``value``) back through commuting ops (:func:`~bnfold.passes.onnx.moves.crossing`) and
+    channel concats (split per input) until every branch ends at a conv/linear whose output only that path reads
+    (the torch back end's ``propagate`` pull, in the same words), or say why not."""
+    p = g.producer(value)
+    if p is None:
+        return f"'{value}' is not a foldable conv/linear"
+    name = _label(p)
+    op = _linear(g, p)
+    if isinstance(op, OnnxLinearOp) and op.output == value:
+        if g.value_readers(value) > 1:
+            return f"{op.describe()} has other users"
+        if not _axis_fits(op.out_axis, aff.axis, len(aff.shape)) or aff.a.numel() != op.out_channels:
+            return f"{op.describe()} has its channels on another axis"
+        return Pulled([(op, aff)], [])
+    if isinstance(op, NotFoldable):
+        return reasons.unusable("producer", name, op.reason)
+    if g.value_readers(value) > 1:
+        return f"'{name}' has other users"
+    if depth >= MAX_MOVE:
+        return "no conv/linear producer within reach"
+    if p.op_type == "Concat" and p.domain in ("", "ai.onnx"):
+        if len(set(p.input)) != len(p.input):
+            return f"'{name}' concatenates the same tensor twice"
+        parts = concat_backward(g, p, aff)
+        if isinstance(parts, str):
+            return parts
+        pulled = Pulled([], [f"Concat '{name}'"])
+        for i, part in zip(p.input, parts, strict=True):
+            got = pull_back(g, i, part, depth + 1)
+            if isinstance(got, str):
+                return got
+            pulled.targets += got.targets
+            pulled.through += got.through
+        return pulled
+    c = crossing(g, p)
+    if isinstance(c, str):
+        return c
+    inner = c.backward(aff)
+    if isinstance(inner, str):
+        return f"through '{name}': {inner}"
+    got = pull_back(g, c.x, inner, depth + 1)
+    if isinstance(got, str):
+        return got
+    return Pulled(got.targets, [f"{p.op_type} '{name}'", *got.through])
 
 
 # -- rewrites ------------------------------------------------------------------------------------------------------
@@ -356,7 +371,41 @@ def _try_producer(g: OnnxGraph, site: Site, run: OnnxFoldRun) -> str | None:
     return None
 
 
-def _try_consumer(g: OnnxGraph, site: Site, run: OnnxFoldRun) -> str | None:
+def _try_back(g: OnnxGraph, site: Site, run: OnnxFoldRun) -> str | None:
+    """Move the BatchNormalization back (:func:`pull_back`) into the conv/linear producers it reaches; the op
+    that wrote its input takes over its output name."""
+    assert site.a is not None and site.b is not None
+    aff = start_affine(g, site.x, site.a, site.b, site.axis)
+    if isinstance(aff, str):
+        return aff
+    pulled = pull_back(g, site.x, aff)
+    if isinstance(pulled, str):
+        return pulled
+    where = []
+    for op, part in pulled.targets:
+        w, b = fold_into_producer(op.weight, op.bias, part.a, part.b, kind=op.kind, groups=op.groups)
+        where.append(write_linear_op(g, op, w, b))
+    g.orphans.update(i for i in site.node.input[1:] if i)
+    g.remove_node(site.node, keep_value_info=True)
+    last = g.producer(site.x)
+    assert last is not None
+    g.rename_output(last, site.x, site.y)
+    for u in list(g.users(site.x)):  # shape-only readers of the input (Shape, Size) read the same shape
+        g.replace_input(u, site.x, site.y)
+    run.changes.append(Change(PROPAGATE, site.id, f"moved back through {', '.join(pulled.through)} onto "
+                              f"{', '.join(where)}", Category.MOVE, site.sources))
+    for w in where:
+        run.changes.append(Change(PRODUCER, site.id, f"folded into {w} (moved back through "
+                                  f"{', '.join(pulled.through)})", Category.FOLD, site.sources, w))
+    return None
+
+
+def _direct_consumers(g: OnnxGraph, site: Site) -> bool:
+    assert site.a is not None
+    return not isinstance(consumer_targets(g, site.y, site.axis, rank(g, site.x), site.a.numel()), str)
+
+
+def _try_consumer(g: OnnxGraph, site: Site, run: OnnxFoldRun, *, moves: bool = True) -> str | None:
     assert site.a is not None and site.b is not None
     if site.groups:  # a per-group GroupNorm affine: its channel count comes from the consumer / the shape
         s = shape(g, site.x)
@@ -372,7 +421,7 @@ def _try_consumer(g: OnnxGraph, site: Site, run: OnnxFoldRun) -> str | None:
         a, b = per
     else:
         a, b = site.a, site.b
-    moved = forward_targets(g, site, a, b)
+    moved = forward_targets(g, site, a, b, moves=moves)
     if isinstance(moved, str):
         return moved
     blocked = shift_blocked(moved.ops, moved.b)
@@ -397,6 +446,9 @@ def _try_consumer(g: OnnxGraph, site: Site, run: OnnxFoldRun) -> str | None:
         _bypass(g, site, moved)
     where = _fold_consumers(g, moved, scale_only=bool(blocked))
     via = f" (moved through {', '.join(moved.through)})" if moved.through else ""
+    if moved.through:
+        run.changes.append(Change(PROPAGATE, site.id, f"moved forward through {', '.join(moved.through)} to its "
+                                  "conv/linear consumers", Category.MOVE, site.sources))
     for w in where:
         detail = f"folded into consumer {w}{via}"
         if blocked:
@@ -447,8 +499,8 @@ def run_rules(g: OnnxGraph, *, max_rounds: int = 20) -> OnnxFoldRun:
                     continue
                 declined.append(Rejection(PRODUCER, site.id, why, site.sources))
             t0 = time.process_time()
-            why = _try_consumer(g, site, run)
             rule = SPLIT if site.norm else CONSUMER
+            why = _try_consumer(g, site, run, moves=site.norm)
             run.time(rule, time.process_time() - t0, why is None)
             if why is None:
                 run.rejections.pop(site.id, None)
@@ -457,6 +509,18 @@ def run_rules(g: OnnxGraph, *, max_rounds: int = 20) -> OnnxFoldRun:
             if site.norm and not why.startswith("its affine stays"):
                 why = f"its affine stays in the norm: {why}"
             declined.append(Rejection(rule, site.id, why, site.sources))
+            if not site.norm and not _direct_consumers(g, site):
+                t0 = time.process_time()
+                back = _try_back(g, site, run)
+                fwd = _try_consumer(g, site, run) if back is not None else None
+                run.time(PROPAGATE, time.process_time() - t0, back is None or fwd is None)
+                if back is None or fwd is None:
+                    run.rejections.pop(site.id, None)
+                    changed = True
+                    continue
+                declined.append(Rejection(PROPAGATE, site.id,
+                                          f"cannot move it to a conv/linear: backward, {back}; forward, {fwd}",
+                                          site.sources))
             run.rejections[site.id] = declined
         if not changed:
             break

@@ -15,7 +15,7 @@ import onnx
 if TYPE_CHECKING:
     from bnfold.passes.onnx.graph import OnnxGraph
 
-__all__ = ["Shape", "infer_shapes", "rank", "shape"]
+__all__ = ["Shape", "concrete_shapes", "infer_shapes", "rank", "shape"]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,15 @@ def _dims(t: onnx.TypeProto) -> Shape | None:
     return tuple(out)
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    """Shapes of every value ONNX shape inference can type (empty when inference fails)."""
+def infer_shapes(model: onnx.ModelProto, *, dynamic: int | None = None) -> dict[str, Shape]:
+    """Shapes of every value ONNX shape inference can type (empty when inference fails). ``dynamic``: every
+    dimension of a graph input that is not a number (a dynamic batch, a symbol) is set to this size first, so
+    values computed from it get concrete sizes too (``B·N`` after a flatten, for instance)."""
     light = onnx.ModelProto()
     _light_copy(model, light)
     _inputs_for_large(light)
+    if dynamic is not None:
+        _fix_dynamic(light.graph, dynamic)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # a model ONNX cannot type: rules that need shapes say "shape unknown"
@@ -91,6 +95,29 @@ def _inputs_for_large(light: onnx.ModelProto) -> None:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     del g.initializer[:]
     g.initializer.extend(keep)
+
+
+def _fix_dynamic(g: onnx.GraphProto, size: int) -> None:
+    """Give every non-numeric input dimension of ``g`` the size ``size``; drop what the graph declares about other
+    values' shapes (their symbols would no longer match)."""
+    for vi in g.input:
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_value = size
+    del g.value_info[:]
+    for vi in g.output:
+        if vi.type.tensor_type.HasField("shape"):
+            vi.type.tensor_type.ClearField("shape")
+
+
+def concrete_shapes(model: onnx.ModelProto, sizes: tuple[int, ...]) -> dict[int, dict[str, tuple[int, ...]]]:
+    """For each size in ``sizes``, the fully numeric shapes inference finds with the dynamic input dimensions set
+    to it (:func:`infer_shapes` with ``dynamic``)."""
+    out: dict[int, dict[str, tuple[int, ...]]] = {}
+    for v in sizes:
+        shapes = infer_shapes(model, dynamic=v)
+        out[v] = {k: tuple(int(d) for d in s) for k, s in shapes.items() if all(isinstance(d, int) for d in s)}
+    return out
 
 
 def shape(g: OnnxGraph, value: str) -> Shape | None:

@@ -161,7 +161,8 @@ def compile(  # the public name: bnfold.compile (shadows the builtin only here)
     if type(module).__name__ == "ModelProto":  # an ONNX model (folded by bnfold.passes.onnx): its own frontend
         from bnfold.targets.tvm.onnx_import import import_onnx
 
-        imported = import_onnx(module, inputs)  # type: ignore[arg-type]
+        imported = import_onnx(module, inputs,  # type: ignore[arg-type]
+                               batch_range=tuple(dynamic_batch) if dynamic_batch else None)
     else:
         imported = import_torch(module, inputs, batch_range=tuple(dynamic_batch) if dynamic_batch else None)
     t_import = time.monotonic()
