@@ -167,7 +167,7 @@ def hf_models() -> dict[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]:
     def llama() -> tuple[nn.Module, tuple[Any, ...]]:
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, use_cache=False)
         return randomize_norms(LlamaForCausalLM(cfg)), (ids,)
 
     def bert() -> tuple[nn.Module, tuple[Any, ...]]:
@@ -184,7 +184,7 @@ def hf_models() -> dict[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]:
 
     def gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
         torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, use_cache=False)
         return randomize_norms(GPT2LMHeadModel(cfg)), (ids,)
 
     return {"hf_llama": llama, "hf_bert": bert, "hf_vit": vit, "hf_gpt2": gpt2}
