@@ -75,8 +75,9 @@ def fold(
     ``capture="auto"`` folds with *both* captures and keeps the one that folds more candidates (then: leaves
     fewer; a tie goes to symbolic tracing, which keeps the user's module structure), so it never folds fewer than
     the better of the two; the report says which capture won and why (``report.capture_choice``). Its cost is
-    the second capture plus a second run of the passes: measured at 64 px on a busy 2-core host, about 1.6–2.2x
-    the time of a symbolic-only fold (docs/architecture.md, "Capture"). An ExportedProgram (or its ``.module()``,
+    both folds, i.e. about the time of a symbolic fold plus an export fold (export dominates): measured on timm
+    models at 64 px on a busy 2-core host, 0.9–5.4 s, 1.5–5x a symbolic-only fold and 1.0–1.1x an export-only
+    one (table in docs/architecture.md, "Capture"). An ExportedProgram (or its ``.module()``,
     e.g. a loaded ``.pt2``) is already an export graph: it is re-exported only.
 
     ``dynamic_shapes``: the dynamic dimensions, in ``torch.export``'s format (e.g. ``({0: Dim("batch")},)``);
