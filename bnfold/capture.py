@@ -1,6 +1,11 @@
 """Capture an ``nn.Module`` as a ``torch.fx.GraphModule``: by ``torch.fx.symbolic_trace`` (module structure
 kept, conv/linear/BN as ``call_module``) or by ``torch.export`` (aten ops, works through most Python control
-flow). ``"auto"`` tries symbolic tracing first and falls back to export. Every pass works on both.
+flow). ``"auto"`` here tries symbolic tracing first and falls back to export (:func:`bnfold.fold`'s ``"auto"``
+runs both and keeps the better fold). Every pass works on both.
+
+Dynamic dimensions: ``dynamic_shapes`` (``torch.export``'s format) is passed to the export; an ExportedProgram
+or its ``.module()`` brings its own (:func:`bnfold.dynamic.dynamic_dims`). ``Captured.dynamic_shapes`` keeps
+them for whoever exports the folded graph again (a symbolic trace is shape-generic: it only records them).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from bnfold import dynamic
 from bnfold.errors import CaptureError
 from bnfold.ir.batchnorm import is_stock_batchnorm
 from bnfold.ir.graph import propagate_shapes, shapes_from_vals
@@ -50,6 +56,7 @@ class Captured:
     mode: Literal["symbolic", "export"]
     example_inputs: tuple[torch.Tensor, ...]
     owns_state: bool = False
+    dynamic_shapes: dynamic.DynamicShapes | None = None
 
 
 @contextlib.contextmanager
@@ -77,37 +84,45 @@ def _symbolic(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, name)
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
-    ep = torch.export.export(model, inputs, strict=False)
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: object) -> torch.fx.GraphModule:
+    ep = dynamic.export(model, inputs, dynamic_shapes)
     gm = ep.module()
     assert isinstance(gm, torch.fx.GraphModule)
     return gm
 
 
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-            mode: CaptureMode = "auto", *, copy_model: bool = True) -> Captured:
+            mode: CaptureMode = "auto", *, copy_model: bool = True,
+            dynamic_shapes: object = None) -> Captured:
     """Turn ``model`` into a GraphModule with shapes recorded on every node.
 
     The model is deep-copied first (``copy_model``), so nothing bnfold does touches the caller's module.
+    ``dynamic_shapes``: as :func:`torch.export.export` takes it (default: the exported program's own, if any).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs)
     if mode not in ("symbolic", "export", "auto"):
         raise CaptureError(f"unknown capture mode {mode!r}", hint="use 'symbolic', 'export' or 'auto'")
+    if dynamic.is_exported(model):  # already an export graph: re-export it (module paths and dims survive)
+        if dynamic_shapes is None:
+            dynamic_shapes = dynamic.dynamic_dims(model)  # type: ignore[arg-type]
+        mode = "export" if mode == "auto" else mode
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
-        mode = "export" if mode == "auto" else mode
     if copy_model:
         model = copy.deepcopy(model)
     errors: list[str] = []
     order: list[Literal["symbolic", "export"]] = ["symbolic", "export"] if mode == "auto" else [mode]
     for m in order:
         try:
-            gm = _symbolic(model) if m == "symbolic" else _export(model, inputs)
-            if m == "symbolic" or not shapes_from_vals(gm):  # export already recorded every node's fake value
+            gm = _symbolic(model) if m == "symbolic" else _export(model, inputs, dynamic_shapes)
+            # export already recorded every node's (fake) value; with dynamic dims those sizes are symbolic, and
+            # the passes read concrete example shapes: propagate again from the example inputs then
+            if m == "symbolic" or dynamic_shapes is not None or not shapes_from_vals(gm):
                 propagate_shapes(gm, inputs)
-            return Captured(gm, m, inputs, owns_state=copy_model)
+            return Captured(gm, m, inputs, owns_state=copy_model,
+                            dynamic_shapes=dynamic_shapes)  # type: ignore[arg-type]
         except Exception as exc:
             log.debug("capture by %s failed: %s", m, exc)
             cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc

@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnfold import dynamic
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
 from bnfold.errors import BnfoldError, InputError
@@ -129,6 +131,7 @@ def optimize(
     calibration: Iterable[Any] | None = None,
     validation: Iterable[Any] | None = None,
     capture: CaptureMode = "auto",
+    dynamic_shapes: object = None,
     recalibrate_mode: str = "batch",
     onnx: bool = True,
     tvm_target: str | None = "llvm",
@@ -144,6 +147,11 @@ def optimize(
 
     ``tvm_target``: ``"llvm"`` (this CPU), ``"cuda"`` (with ``arch``, e.g. ``"sm_90a"``; compiled here, run only
     where a GPU is) or ``None`` to skip TVM. The caller's model is never modified.
+
+    ``dynamic_shapes`` (``torch.export``'s format; default: those of an exported ``model``, e.g. a loaded
+    ``.pt2``) stay dynamic through every stage: ``folded.pt2`` keeps them, ``model.onnx`` gets its batch
+    dimension from them, and a dynamic batch ``lo..hi`` becomes the TVM build's batch range (an unbounded
+    ``hi`` is capped at :data:`bnfold.dynamic.DEFAULT_MAX_BATCH`; such a build is untuned).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     out = check_output_dir(out_dir, protect, force=overwrite, owned=owned_entries)
@@ -151,7 +159,7 @@ def optimize(
     result = OptimizeResult(out, None, None, None)
     try:
         _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
-             tvm_target, arch, tune_trials, cache_dir, protect)
+             tvm_target, arch, tune_trials, cache_dir, protect, dynamic_shapes)
         (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
                                                             allow_nan=False))
         result.artifacts["report"] = "report.json"
@@ -185,7 +193,7 @@ def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list
 def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
-         cache_dir: str | Path | None, protect: Sequence[str | Path]) -> None:
+         cache_dir: str | Path | None, protect: Sequence[str | Path], dynamic_shapes: object = None) -> None:
     from bnfold.parity.stages import StageTracker
 
     original = model
@@ -205,11 +213,15 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             tracker.add("recalibrated", work, expected_change=True)
 
     folded = None
+    dims = None
+    if dynamic_shapes is None and dynamic.is_exported(original):
+        dynamic_shapes = dynamic.dynamic_dims(original)  # type: ignore[arg-type]
     with _timed(result, "fold"):
-        fr = fold(work, inputs, capture=capture, check=False)
-        folded, result.fold = fr.module, fr.report
+        fr = fold(work, inputs, capture=capture, dynamic_shapes=dynamic_shapes, check=False)
+        folded, result.fold, dims = fr.module, fr.report, fr.dynamic_shapes
         tracker.add("folded", folded)
-        get_target("torch").lower(folded, inputs).save(staging / "folded.pt2", protect=protect)
+        get_target("torch").lower(folded, inputs, {"dynamic_shapes": dims}).save(staging / "folded.pt2",
+                                                                                 protect=protect)
         result.artifacts["folded"] = "folded.pt2"
     if folded is None:
         result.stages = tracker.report()
@@ -217,21 +229,32 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
 
     if onnx:
         with _timed(result, "onnx"):
-            runtime = get_target("onnx").lower(folded, inputs, {"path": staging / "model.onnx", "protect": protect})
+            from bnfold.targets.onnx import StaticBatchWarning
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", StaticBatchWarning)  # said in the report instead
+                runtime = get_target("onnx").lower(folded, inputs, {"path": staging / "model.onnx",
+                                                                    "protect": protect, "dynamic_shapes": dims})
             result.artifacts["onnx"] = "model.onnx"
+            if runtime.build_info.get("static_reason"):
+                result.warnings.append(f"onnx: fixed batch: {runtime.build_info['static_reason']}")
             tracker.add("onnx", runtime)
 
     if tvm_target:
-        import warnings
-
         with _timed(result, "tvm"):
             tvm = get_target("tvm")  # imports bnfold.targets.tvm (and with it UntunedKernelsWarning)
             from bnfold.targets.tvm import UntunedKernelsWarning
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UntunedKernelsWarning)
+                batch = dynamic.batch_range(dims)
+                if batch is not None and tune_trials:
+                    result.warnings.append(f"tvm: built for the example batch (tuning needs static shapes), not "
+                                           f"the dynamic batch {batch[0]}..{batch[1]}")
+                    batch = None
                 artifact = tvm.lower(folded, inputs, {"target": tvm_target, "arch": arch, "tune_trials": tune_trials,
-                                                      "cache_dir": cache_dir, "progress": False})
+                                                      "cache_dir": cache_dir, "progress": False,
+                                                      "dynamic_batch": batch})
             for w in caught:  # untuned kernels: said in the report, not as a stray Python warning
                 if issubclass(w.category, UntunedKernelsWarning):
                     result.warnings.append(f"tvm: {w.message}")

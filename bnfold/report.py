@@ -35,7 +35,11 @@ class SkippedEntry:
 
 @dataclass
 class FoldReport:
-    """What a fold did. ``folded``/``skipped`` partition the candidates; ``changes`` counts all rewrites."""
+    """What a fold did. ``folded``/``skipped`` partition the candidates; ``changes`` counts all rewrites.
+
+    ``capture``: the capture the fold used; ``capture_choice``: why (``capture="auto"``), with
+    ``capture_alternatives`` (per capture tried: folded/left counts and seconds, or the capture error);
+    ``dynamic_shapes``: the dynamic dimensions the folded module keeps (per dim: input, dim, name, min, max)."""
 
     capture: str
     folded: list[FoldedEntry] = field(default_factory=list)
@@ -45,6 +49,9 @@ class FoldReport:
     rounds: int = 0
     parity: dict[str, Any] | None = None
     dry_run: bool = False
+    capture_choice: str | None = None
+    capture_alternatives: dict[str, dict[str, Any]] | None = None
+    dynamic_shapes: list[dict[str, Any]] | None = None
 
     @property
     def modified(self) -> bool:
@@ -53,6 +60,9 @@ class FoldReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "capture": self.capture,
+            "capture_choice": self.capture_choice,
+            "capture_alternatives": self.capture_alternatives,
+            "dynamic_shapes": self.dynamic_shapes,
             "dry_run": self.dry_run,
             "candidates": len(self.folded) + len(self.skipped),
             "folded": [asdict(e) for e in self.folded],
@@ -74,6 +84,12 @@ class FoldReport:
         verb = "would fold" if self.dry_run else "folded"
         lines = [f"bnfold ({self.capture} capture): {n} normalization candidates, {len(self.folded)} {verb}, "
                  f"{len(self.skipped)} left"]
+        if self.capture_choice:
+            lines.append(f"capture: {self.capture} ({self.capture_choice})")
+        if self.dynamic_shapes:
+            lines.append("dynamic: " + ", ".join(
+                f"input {d['input']} dim {d['dim']} ({d['name']}: {d['min']}..{d['max'] or 'inf'})"
+                for d in self.dynamic_shapes if "dim" in d))
         if self.folded:
             lines.append("")
             lines.append(format_table(["candidate", "kind", "rule", "into"],

@@ -138,3 +138,106 @@ def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
             "assert bnfold.optimize.__name__ == 'optimize' and callable(bnfold.optimize)\n"
             "assert bnfold.fold.__module__ == 'bnfold.api' and set(dir(bnfold)) >= set(bnfold.__all__)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- capture="auto" keeps the better fold; reports name module paths (issue 12) ---------------------------------
+
+def _tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer, tiny, with non-trivial LayerNorm affines. Symbolic tracing keeps
+    ``nn.MultiheadAttention`` as one module, so its input LayerNorm has no linear to fold into; export sees the
+    in-projection as a linear and folds it."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                          num_classes=10).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.LayerNorm):
+            nn.init.normal_(mod.weight)
+            nn.init.normal_(mod.bias)
+    return m
+
+
+def _assert_exact(model: nn.Module, folded: nn.Module, *batches: torch.Tensor) -> None:
+    from bnfold.parity import compare
+
+    report = compare(model, folded, [(b,) for b in batches])  # vs the unfolded model and a float64 reference
+    assert report.passed, report.to_dict()
+
+
+def test_auto_folds_as_many_as_the_better_capture() -> None:
+    model, x = _tiny_vit(), torch.randn(2, 3, 32, 32)
+    symbolic = bnfold.fold(model, x, capture="symbolic").report
+    export = bnfold.fold(model, x, capture="export").report
+    assert len(symbolic.folded) < len(export.folded) == 5  # symbolic loses the two attention-input norms
+    result = bnfold.fold(model, x)
+    report = result.report
+    assert report.capture == "export" and len(report.folded) == len(export.folded)
+    assert report.capture_choice == f"it folds 5, symbolic folds {len(symbolic.folded)}"
+    assert report.capture_alternatives is not None
+    assert report.capture_alternatives["symbolic"]["folded"] == len(symbolic.folded)
+    assert report.capture_alternatives["export"]["folded"] == 5
+    assert "capture: export (it folds 5" in report.render()
+    _assert_exact(model, result.module, x)
+
+
+def test_auto_prefers_symbolic_on_a_tie() -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    report = bnfold.fold(model, torch.randn(2, 3, 16, 16)).report
+    assert report.capture == "symbolic" and len(report.folded) == 1
+    assert report.capture_choice is not None and "symbolic keeps the model's modules" in report.capture_choice
+    assert report.to_dict()["capture_alternatives"]["export"]["folded"] == 1
+
+
+class _QKV(nn.Module):
+    """One LayerNorm feeding three separate projections (Llama-style q/k/v)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        nn.init.normal_(self.norm.weight)
+        nn.init.normal_(self.norm.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), -1) @ self.v(h)
+
+
+def test_a_norm_folded_into_several_linears_names_all_of_them(capture_mode: str) -> None:
+    model, x = _QKV().eval(), torch.randn(2, 5, 16)
+    result = bnfold.fold(model, x, capture=capture_mode)
+    [entry] = result.report.folded
+    assert entry.path == "norm"
+    assert entry.into == "q, k, v"  # module paths in both captures, not export's node names
+    _assert_exact(model, result.module, x)
+
+
+def test_an_exported_program_reports_module_paths_and_keeps_its_dynamic_batch(tmp_path) -> None:
+    from bnfold.io.models import load_model
+
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10).eval())
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), str(tmp_path / "r.pt2"))
+    loaded = load_model(tmp_path / "r.pt2")
+    result = bnfold.fold(loaded.module, loaded.example_inputs)
+    report = result.report
+    assert report.capture == "export" and "exported program" in (report.capture_choice or "")
+    paths = {e.path: e.into for e in report.folded}
+    assert paths["bn1"] == "conv1" and paths["layer4.1.bn2"] == "layer4.1.conv2"  # not batch_norm_default_…
+    assert report.dynamic_shapes == [{"input": 0, "dim": 0, "name": "batch", "min": 1, "max": 16}]
+    assert result.dynamic_shapes is not None
+    _assert_exact(model, result.module, *(torch.randn(b, 3, 32, 32) for b in (1, 3, 7)))
+
+
+def test_fold_with_dynamic_shapes_runs_at_other_batch_sizes() -> None:
+    model, x = _tiny_vit(), torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    result = bnfold.fold(model, x, capture="export", dynamic_shapes=({0: batch},))
+    assert len(result.report.folded) == 5
+    assert result.report.dynamic_shapes == [{"input": 0, "dim": 0, "name": "batch", "min": 1, "max": 16}]
+    _assert_exact(model, result.module, *(torch.randn(b, 3, 32, 32) for b in (1, 3, 7)))
+    static = bnfold.fold(model, x, capture="export", check=False).module
+    with pytest.raises((RuntimeError, AssertionError)):  # without dynamic_shapes: fixed at the example batch
+        static(torch.randn(3, 3, 32, 32))

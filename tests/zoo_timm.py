@@ -159,8 +159,16 @@ def fold_row(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], capt
 
 def hf_models() -> dict[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]:
     """Small Hugging Face models (random init) and their example inputs."""
-    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              ViTConfig, ViTModel)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        ViTConfig,
+        ViTModel,
+    )
 
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 

@@ -2,16 +2,23 @@
 
 Lowering only (the model is folded before it gets here):
 
-1. The module is exported with ``torch.export.export(strict=False)``, dimension 0 of every input marked
-   ``Dim.AUTO`` (a batch of 1 is doubled first so it is not specialized); if that fails the batch stays fixed
-   (``build_info["dynamic_batch"] = False``). A ``torch.export`` GraphModule's ``_guards_fn`` (which restates
-   the shapes it was captured with) is dropped from a copy first. The caller's module is never changed.
+1. The module is exported with ``torch.export.export(strict=False)``, with the caller's ``dynamic_shapes``
+   or else dimension 0 of every input marked ``Dim.AUTO`` (a batch of 1 is doubled first so it is not
+   specialized); if that fails the batch stays fixed (``build_info["dynamic_batch"] = False``). A
+   ``torch.export`` GraphModule's ``_guards_fn`` (which restates the shapes it was captured with) is dropped
+   from a copy first. The caller's module is never changed.
 2. ``torch.onnx.export(exported_program, dynamo=True)`` translates it. The TorchScript exporter
    (``dynamo=False``) is not used: with torch 2.14 it fails on both kinds of GraphModule bnfold produces
    (symbolic-traced: ``'Graph' object has no attribute 'outputs'``; ``ExportedProgram.module()``:
    ``Calling train() is not supported``).
 3. onnxsim simplifies it, checking the result on a random input (``check_n=1``); a failed check is an error.
-4. ``onnx.checker`` validates the model; it is written atomically (temporary file + rename), with how it was
+4. A model that declares a dynamic batch is run by ONNX Runtime at a batch size other than the example's
+   (:func:`check_dynamic_batch`). A graph captured by ``torch.export`` at a fixed batch has that batch baked
+   into its ``view``/``reshape`` sizes, and re-exporting it with a dynamic dim does not undo that: the file
+   would declare a dynamic batch and fail at any other size. Such a model is exported again with the example's
+   fixed batch, ``build_info["static_reason"]`` says why, and a :class:`StaticBatchWarning` is issued (fold
+   with ``dynamic_shapes`` — or from a ``.pt2`` with a dynamic batch — to get a graph that stays dynamic).
+5. ``onnx.checker`` validates the model; it is written atomically (temporary file + rename), with how it was
    built stored as JSON in the metadata property ``bnfold.build_info``.
 
 :class:`OnnxRuntimeModel` runs the file with ONNX Runtime and is callable on torch tensors, so
@@ -28,6 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,10 +46,12 @@ import torch
 import torch.fx
 from torch import nn
 
+from bnfold import dynamic as dynamic_dims
 from bnfold.errors import BnfoldError, InputError
 from bnfold.io.outputs import atomic_output
 
-__all__ = ["OnnxExport", "OnnxRuntimeModel", "OnnxTarget", "export_onnx"]
+__all__ = ["OnnxExport", "OnnxRuntimeModel", "OnnxTarget", "StaticBatchWarning", "check_dynamic_batch",
+           "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,11 @@ def _require(module: str) -> Any:
     except ImportError:
         raise BnfoldError(f"the ONNX target needs the '{module}' package, which is not installed",
                           hint="pip install 'bnfold[onnx]'") from None
+
+
+class StaticBatchWarning(UserWarning):
+    """An ONNX model was asked for with a dynamic batch but written with a fixed one (the reason is the message
+    and ``build_info["static_reason"]``)."""
 
 
 @dataclass
@@ -87,20 +102,24 @@ def _dynamic_batch(ep: torch.export.ExportedProgram) -> bool:
                and not isinstance(n.meta["val"].shape[0], int) for n in user)
 
 
-def _export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
-                    ) -> tuple[torch.export.ExportedProgram, bool]:
-    if dynamic_batch and inputs and all(t.dim() > 0 for t in inputs):
-        batch = inputs
-        if all(t.shape[0] == 1 for t in inputs):  # Dim.AUTO specializes a size of 1; show it two samples
-            batch = tuple(torch.cat([t, t]) for t in inputs)
-        dims = tuple({0: torch.export.Dim.AUTO} for _ in batch)
-        try:
-            ep = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
-            return ep, _dynamic_batch(ep)
-        except Exception as exc:
-            log.warning("exporting with a dynamic batch dimension failed (%s: %s); the ONNX model will have a "
-                        "fixed batch size", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-    return torch.export.export(module, inputs, strict=False), False
+def _export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool,
+                    dynamic_shapes: Any = None) -> tuple[torch.export.ExportedProgram, str | None]:
+    """The exported program, and why its batch is fixed when a dynamic one was asked for (else ``None``)."""
+    if not dynamic_batch:
+        return torch.export.export(module, inputs, strict=False), None
+    if not inputs or not all(t.dim() > 0 for t in inputs):
+        return torch.export.export(module, inputs, strict=False), "an input has no batch dimension"
+    dims = dynamic_shapes if dynamic_shapes is not None else tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    try:
+        ep = dynamic_dims.export(module, inputs, dims)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        reason = f"exporting with a dynamic batch dimension failed ({type(exc).__name__}: {first[:200]})"
+        return torch.export.export(module, inputs, strict=False), reason
+    if _dynamic_batch(ep):
+        return ep, None
+    return ep, ("torch.export kept the batch dimension fixed: the graph specializes on the example's batch "
+                "(an export capture at a fixed batch: fold with dynamic_shapes)")
 
 
 def _name_batch_dim(model: Any) -> None:
@@ -118,21 +137,37 @@ def _name_batch_dim(model: Any) -> None:
 
 def export_onnx(module: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor],
                 path: str | os.PathLike[str], *, simplify: bool = True, dynamic_batch: bool = True,
-                opset: int | None = None, protect: Sequence[str | os.PathLike[str]] = ()) -> OnnxExport:
+                opset: int | None = None, protect: Sequence[str | os.PathLike[str]] = (),
+                dynamic_shapes: Any = None) -> OnnxExport:
     """Export ``module`` to an ONNX file at ``path`` (steps in the module docstring).
 
     ``example_inputs``: one batch of positional inputs (a batch dimension first when ``dynamic_batch``).
-    ``protect``: paths that must not be overwritten (the user's input files).
+    ``dynamic_shapes``: the dims to export dynamic (``torch.export``'s format; default: dimension 0 of every
+    input, ``Dim.AUTO``). ``protect``: paths that must not be overwritten (the user's input files).
     """
     onnx = _require("onnx")
     inputs = tuple(example_inputs)
     with atomic_output(path, protect=protect) as tmp:  # checks the destination before the (slow) export
-        model, dynamic = _to_onnx(module, inputs, dynamic_batch, opset)
+        model, static_reason = _to_onnx(module, inputs, dynamic_batch, opset, dynamic_shapes)
         simplified = False
         if simplify:
             model, simplified = _simplify(model, inputs)
+        if dynamic_batch and static_reason is None:
+            static_reason = check_dynamic_batch(model, inputs)
+            if static_reason is not None:  # declared dynamic but is not: write it with the example's batch
+                model, _ = _to_onnx(module, inputs, False, opset)
+                if simplify:
+                    model, simplified = _simplify(model, inputs)
+        if static_reason is not None:
+            batch = inputs[0].shape[0] if inputs and inputs[0].dim() else "?"
+            warnings.warn(StaticBatchWarning(f"the ONNX model is written with a fixed batch of {batch}: "
+                                             f"{static_reason}"), stacklevel=2)
+            log.warning("ONNX export: fixed batch (%s)", static_reason)
+        dynamic = dynamic_batch and static_reason is None
         onnx.checker.check_model(model)
         info = _build_info(model, dynamic, simplified, opset)
+        if static_reason is not None:
+            info["static_reason"] = static_reason
         meta = model.metadata_props.add()
         meta.key, meta.value = METADATA_KEY, json.dumps(info)
         if model.ByteSize() > _MAX_PROTO_BYTES:
@@ -143,13 +178,51 @@ def export_onnx(module: nn.Module | torch.export.ExportedProgram, example_inputs
     return OnnxExport(Path(path), info)
 
 
+def check_dynamic_batch(model: Any, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Run ``model`` (a ModelProto declaring a dynamic batch) in ONNX Runtime at a batch size other than the
+    example's: ``None`` when it runs and every output that had the example's batch has the new one, else why not.
+    """
+    ort = _require("onnxruntime")
+    import numpy as np
+
+    b = int(inputs[0].shape[0])
+    other = b + 1
+    gen = torch.Generator().manual_seed(0)
+    feed = {}
+    for spec, t in zip(model.graph.input, inputs, strict=False):
+        shape = (other, *t.shape[1:])
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) if t.is_floating_point() else \
+            t[:1].expand(shape).clone()  # integer inputs (token ids): repeat a valid row
+        feed[spec.name] = x.to(t.dtype).numpy() if t.dtype != torch.bfloat16 else x.float().numpy()
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # the failure is reported here, not on stderr
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outs = session.run(None, feed)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return (f"at batch {other} ONNX Runtime fails ({first[:200]}); the graph has the example batch {b} baked "
+                "into its shapes (a torch.export capture at a fixed batch: fold with dynamic_shapes)")
+    declared = [o.type.tensor_type.shape.dim for o in model.graph.output]
+    for k, (o, dims) in enumerate(zip(outs, declared, strict=False)):
+        batched = bool(dims) and (dims[0].dim_param or dims[0].dim_value == b)
+        if batched and (np.ndim(o) == 0 or o.shape[0] != other):
+            return f"at batch {other} output {k} has shape {tuple(np.shape(o))}: its batch is fixed at {b}"
+    return None
+
+
 def _to_onnx(module: nn.Module | torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
-             dynamic_batch: bool, opset: int | None) -> tuple[Any, bool]:
-    """The exporter's ModelProto, and whether its batch dimension is dynamic."""
-    if isinstance(module, torch.export.ExportedProgram):
-        ep, dynamic = module, _dynamic_batch(module)
+             dynamic_batch: bool, opset: int | None, dynamic_shapes: Any = None) -> tuple[Any, str | None]:
+    """The exporter's ModelProto, and why its batch is fixed when a dynamic one was asked for (else ``None``)."""
+    reason = None
+    if isinstance(module, torch.export.ExportedProgram) and dynamic_batch:
+        ep = module
+        if not _dynamic_batch(ep):
+            reason = "the ExportedProgram has a fixed batch"
     else:
-        ep, dynamic = _export_program(_without_guards(module), inputs, dynamic_batch)
+        if isinstance(module, torch.export.ExportedProgram):
+            module = module.module()
+        ep, reason = _export_program(_without_guards(module), inputs, dynamic_batch, dynamic_shapes)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(ep, (), None, dynamo=True, external_data=False, optimize=True,
@@ -159,9 +232,9 @@ def _to_onnx(module: nn.Module | torch.export.ExportedProgram, inputs: tuple[tor
                           hint="run with -vv for the exporter's traceback; ops without an ONNX translation need "
                                "a custom_translation_table") from exc
     model = program.model_proto
-    if dynamic:
+    if dynamic_batch and reason is None:
         _name_batch_dim(model)
-    return model, dynamic
+    return model, reason
 
 
 def _simplify(model: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, bool]:
@@ -343,7 +416,8 @@ _ORT_TYPES = {
 class OnnxTarget:
     """The :class:`~bnfold.targets.Target` for ONNX. ``options``: ``path`` (default: a new temporary folder),
     ``simplify`` (True), ``dynamic_batch`` (True), ``opset`` (exporter default), ``providers`` (CPU),
-    ``protect`` (paths ``path`` must not be: the user's input files)."""
+    ``protect`` (paths ``path`` must not be: the user's input files), ``dynamic_shapes`` (see
+    :func:`export_onnx`)."""
 
     name = "onnx"
 
@@ -353,5 +427,5 @@ class OnnxTarget:
         path = opts.get("path") or Path(tempfile.mkdtemp(prefix="bnfold-onnx-")) / "model.onnx"
         export_onnx(gm, example_inputs, path, simplify=bool(opts.get("simplify", True)),
                     dynamic_batch=bool(opts.get("dynamic_batch", True)), opset=opts.get("opset"),
-                    protect=opts.get("protect", ()))
+                    protect=opts.get("protect", ()), dynamic_shapes=opts.get("dynamic_shapes"))
         return OnnxRuntimeModel(path, providers=opts.get("providers"))

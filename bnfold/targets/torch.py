@@ -21,6 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from bnfold import dynamic
 from bnfold.io.outputs import write_bytes_atomic
 
 __all__ = ["MARKER", "TorchArtifact", "TorchTarget", "is_bnfold_pt2", "save_exported"]
@@ -31,11 +32,16 @@ MARKER = "bnfold.json"
 
 def save_exported(module: nn.Module, example_inputs: Sequence[torch.Tensor], dest: str | os.PathLike[str], *,
                   protect: Sequence[str | os.PathLike[str]] = (),
-                  export: Callable[..., torch.export.ExportedProgram] | None = None) -> Path:
-    """Export ``module`` with ``torch.export`` and save it to ``dest`` atomically."""
+                  export: Callable[..., torch.export.ExportedProgram] | None = None,
+                  dynamic_shapes: Any = None) -> Path:
+    """Export ``module`` with ``torch.export`` and save it to ``dest`` atomically. ``dynamic_shapes``
+    (``torch.export``'s format, e.g. :attr:`bnfold.api.FoldResult.dynamic_shapes`) keeps those dims dynamic."""
     from bnfold import __version__
 
-    ep = (export or torch.export.export)(module, tuple(example_inputs))
+    if export is not None:
+        ep = export(module, tuple(example_inputs))
+    else:
+        ep = dynamic.export(module, tuple(example_inputs), dynamic_shapes)
     buffer = io.BytesIO()  # serialized in memory first: torch's C++ writer aborts the process on a full disk
     torch.export.save(ep, buffer, extra_files={MARKER: json.dumps({"writer": "bnfold", "version": __version__})})
     return write_bytes_atomic(dest, buffer.getvalue(), protect=protect)
@@ -54,15 +60,18 @@ class TorchArtifact:
     """A torch module as an :class:`~bnfold.targets.Artifact`: called eagerly, saved as a ``.pt2``.
 
     ``export``: how :meth:`save` runs ``torch.export`` (default ``torch.export.export``; the CLI passes one
-    with dynamic shapes for a model loaded from such a file)."""
+    with dynamic shapes for a model loaded from such a file); ``dynamic_shapes``: the dims :meth:`save` keeps
+    dynamic (with the default export)."""
 
     def __init__(self, module: nn.Module, example_inputs: Sequence[torch.Tensor], *,
-                 export: Callable[..., torch.export.ExportedProgram] | None = None) -> None:
+                 export: Callable[..., torch.export.ExportedProgram] | None = None,
+                 dynamic_shapes: Any = None) -> None:
         from bnfold import __version__
 
         self.module = module
         self.example_inputs = tuple(example_inputs)
         self.export = export
+        self.dynamic_shapes = dynamic_shapes
         self.build_info: dict[str, Any] = {"target": "torch", "format": "pt2", "torch": torch.__version__,
                                            "bnfold": __version__}
 
@@ -74,14 +83,17 @@ class TorchArtifact:
 
     def save(self, path: str | os.PathLike[str], *, protect: Sequence[str | os.PathLike[str]] = ()) -> Path:
         """Export the module and write it to ``path`` as a ``.pt2`` (:func:`save_exported`)."""
-        return save_exported(self.module, self.example_inputs, path, protect=protect, export=self.export)
+        return save_exported(self.module, self.example_inputs, path, protect=protect, export=self.export,
+                             dynamic_shapes=self.dynamic_shapes)
 
 
 class TorchTarget:
-    """The :class:`~bnfold.targets.Target` for torch. ``options``: ``export`` (see :class:`TorchArtifact`)."""
+    """The :class:`~bnfold.targets.Target` for torch. ``options``: ``export``, ``dynamic_shapes`` (see
+    :class:`TorchArtifact`)."""
 
     name = "torch"
 
     def lower(self, gm: torch.fx.GraphModule | nn.Module, example_inputs: Sequence[torch.Tensor],
               options: Mapping[str, Any] | None = None) -> TorchArtifact:
-        return TorchArtifact(gm, example_inputs, export=dict(options or {}).get("export"))
+        opts = dict(options or {})
+        return TorchArtifact(gm, example_inputs, export=opts.get("export"), dynamic_shapes=opts.get("dynamic_shapes"))

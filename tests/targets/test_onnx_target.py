@@ -176,3 +176,75 @@ def test_cli_check_bad_inputs_exit_2(files: dict[str, Path], capsys: pytest.Capt
     assert main(["check", str(files["orig"]), str(files["folded"]), "--data", str(files["data"]),
                  "--data-key", "missing"]) == 2
     assert "has no array" in capsys.readouterr().err
+
+
+# -- a dynamic batch that really is dynamic (issue 12) ----------------------------------------------------------
+
+class _LeViTStyle(nn.Module):
+    """LeViT's ``Linear → x.flatten(0, 1) → BatchNorm1d → reshape_as(x)`` on tokens, twice, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.l1, self.bn1 = nn.Linear(16, 32), nn.BatchNorm1d(32)
+        self.l2, self.bn2 = nn.Linear(32, 16), nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    @staticmethod
+    def _lin_bn(x: torch.Tensor, lin: nn.Linear, bn: nn.BatchNorm1d) -> torch.Tensor:
+        x = lin(x)
+        return bn(x.flatten(0, 1)).reshape_as(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        t = torch.nn.functional.hardswish(self._lin_bn(t, self.l1, self.bn1))
+        t = self._lin_bn(t, self.l2, self.bn2)
+        return self.head(t.mean(1))
+
+
+def _vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                          num_classes=10).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.LayerNorm):
+            nn.init.normal_(mod.weight)
+            nn.init.normal_(mod.bias)
+    return m
+
+
+@pytest.mark.parametrize("make", [_vit, lambda: randomize_bn(_LeViTStyle()).eval()], ids=["vit", "levit_style"])
+def test_an_export_captured_fold_with_a_dynamic_batch_runs_in_ort_at_other_batch_sizes(make, tmp_path: Path
+                                                                                         ) -> None:
+    model, x = make(), torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    result = bnfold.fold(model, x, capture="export", dynamic_shapes=({0: batch},))
+    assert result.report.folded
+    out = export_onnx(result.module, (x,), tmp_path / "m.onnx", dynamic_shapes=result.dynamic_shapes)
+    assert out.build_info["dynamic_batch"] and "static_reason" not in out.build_info
+    runtime = OnnxRuntimeModel(out.path)
+    for b in (1, 3, 5):  # never the example's 2; each size on its own, vs the model and a float64 reference
+        report = compare(model, runtime, [(torch.randn(b, 3, 32, 32),)])
+        assert report.passed, (b, report.to_dict())
+
+
+def test_a_graph_with_the_batch_baked_in_is_written_static_and_says_so(tmp_path: Path) -> None:
+    """Regression: a fold captured by torch.export at batch 2 has 2 in its reshape sizes; its ONNX file declared
+    a dynamic batch and failed in ORT at any other size ("Reshape node 'node_view'"). Now it is written with the
+    fixed batch, and says so (the re-export claims a dynamic batch: ORT at batch 3 finds it baked)."""
+    from bnfold.targets.onnx import StaticBatchWarning
+
+    model, x = _vit(), torch.randn(2, 3, 32, 32)
+    folded = bnfold.fold(model, x, capture="export").module
+    with pytest.warns(StaticBatchWarning, match="fixed batch of 2"):
+        out = export_onnx(folded, (x,), tmp_path / "m.onnx")
+    reason = out.build_info["static_reason"]
+    assert out.build_info["dynamic_batch"] is False and "baked" in reason and "fold with dynamic_shapes" in reason
+    proto = onnx.load(str(out.path))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    runtime = OnnxRuntimeModel(out.path)
+    assert runtime.build_info["static_reason"] == out.build_info["static_reason"]
+    report = compare(model, runtime, [(torch.randn(4, 3, 32, 32),)])  # 4 = two runs of the fixed batch 2
+    assert report.passed, report.to_dict()

@@ -275,6 +275,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
         print(f"wrote {out.path}: {info['nodes']} nodes, opset {info['opset']}, "
               f"{'dynamic' if info['dynamic_batch'] else 'fixed'} batch, "
               f"{'simplified by onnxsim' if info['simplified'] else 'not simplified'}")
+        if info.get("static_reason"):
+            print(f"note: the batch is fixed: {info['static_reason']}")
         if report is not None:
             print(report.render())
     return 0 if report is None or report.passed else 1

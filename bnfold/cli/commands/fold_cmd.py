@@ -59,7 +59,8 @@ def _fold(args: argparse.Namespace) -> int:
     loaded, inputs = load_with_inputs(args)
     result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
                   dump_ir=sys.stderr if args.dump_ir else None)
-    get_target("torch").lower(result.module, inputs).save(args.output, protect=[args.model])
+    get_target("torch").lower(result.module, inputs, {"dynamic_shapes": result.dynamic_shapes}).save(
+        args.output, protect=[args.model])
     print(result.report.to_json() if args.json else result.report)
     if not args.json:
         print(f"\nwrote {args.output}")

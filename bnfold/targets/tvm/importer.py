@@ -7,6 +7,7 @@ artifact can refuse inputs it was not compiled for with a clear message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ def import_torch(model: nn.Module | torch.export.ExportedProgram, example_inputs
     inputs = tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise InputError("example inputs must be a non-empty sequence of tensors")
-    module = _as_module(model).eval()
+    module = _as_module(model)
+    with contextlib.suppress(NotImplementedError):  # ep.module() refuses eval(): it is inference-only already
+        module = module.eval()
     ex_inputs = _export_inputs(tuple(t.detach().cpu() for t in inputs), batch_range)
     dynamic_shapes = None
     if batch_range is not None:
