@@ -58,16 +58,26 @@ def fold(
     check: bool = True,
     dump_ir: IO[str] | None = None,
     instruments: Sequence[Instrument] = (),
+    reparameterize: bool = False,
 ) -> FoldResult:
     """Capture ``model``, fold every normalization that can be folded exactly, and report.
 
     The caller's model is never modified. ``until`` stops after the named pass (debugging); ``dump_ir`` receives
     the graph before and after every pass that changed it; ``check`` runs parity (original vs folded, and both
     vs a float64 copy of the original) on ``example_inputs``.
+
+    ``reparameterize`` merges parallel branches that are linear in the same input and summed (RepVGG, MobileOne,
+    FastViT: a kxk conv+BN, a 1x1 conv+BN and an identity BN) into one conv, exactly. It is off by default here
+    because it changes which modules the folded graph has — without it, every conv/linear of the model is still
+    there under its own path, only the normalizations are gone, which per-module tooling (quantization configs,
+    hooks, state-dict mappings) relies on. The report still lists what it would merge (the identity branches'
+    BatchNorms, with a reason naming this option). :func:`bnfold.optimize`, which produces deployment artifacts,
+    turns it on by default.
     """
     inputs = _as_inputs(example_inputs)
     _check_until(until)  # before the capture: a typo costs nothing
-    result = fold_captured(_capture(model, inputs, capture), until=until, dump_ir=dump_ir, instruments=instruments)
+    result = fold_captured(_capture(model, inputs, capture), until=until, dump_ir=dump_ir, instruments=instruments,
+                           reparameterize=reparameterize)
     if check:
         try:
             parity = compare(_reference(model), result.module, inputs)
@@ -89,6 +99,7 @@ def fold_captured(
     until: str | None = None,
     dump_ir: IO[str] | None = None,
     instruments: Sequence[Instrument] = (),
+    reparameterize: bool = False,
 ) -> FoldResult:
     """Run the fold pipeline on a graph from :func:`bnfold.capture.capture` (rewritten in place) and report.
 
@@ -98,7 +109,7 @@ def fold_captured(
     extra = list(instruments)
     if dump_ir is not None:
         extra.append(DumpIR(dump_ir))
-    pipeline = default_pipeline(extra)
+    pipeline = default_pipeline(extra, reparameterize=reparameterize)
     ctx = PassContext(gm, owns_state=captured.owns_state)
     if until is not None:
         _check_until(until)
@@ -114,9 +125,10 @@ def inspect(
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     *,
     capture: CaptureMode = "auto",
+    reparameterize: bool = False,
 ) -> FoldReport:
     """Dry run: what :func:`fold` would fold and why it would leave the rest (the model is untouched)."""
-    report = fold(model, example_inputs, capture=capture, check=False).report
+    report = fold(model, example_inputs, capture=capture, check=False, reparameterize=reparameterize).report
     report.dry_run = True
     return report
 

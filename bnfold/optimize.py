@@ -137,6 +137,7 @@ def optimize(
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
     protect: Sequence[str | Path] = (),
+    reparameterize: bool = True,
 ) -> OptimizeResult:
     """Recalibrate (when ``calibration`` batches are given), fold, export and compile ``model``; check parity of
     every stage on ``validation`` batches (default: the calibration batches, else ``example_inputs``); write
@@ -144,6 +145,10 @@ def optimize(
 
     ``tvm_target``: ``"llvm"`` (this CPU), ``"cuda"`` (with ``arch``, e.g. ``"sm_90a"``; compiled here, run only
     where a GPU is) or ``None`` to skip TVM. The caller's model is never modified.
+
+    ``reparameterize`` (on by default here, unlike :func:`bnfold.fold`): merge parallel conv/identity branches
+    summed at an add (RepVGG, MobileOne, FastViT) into one conv — exact, and the artifacts are for deployment,
+    where one conv is faster than several.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     out = check_output_dir(out_dir, protect, force=overwrite, owned=owned_entries)
@@ -151,7 +156,7 @@ def optimize(
     result = OptimizeResult(out, None, None, None)
     try:
         _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
-             tvm_target, arch, tune_trials, cache_dir, protect)
+             tvm_target, arch, tune_trials, cache_dir, protect, reparameterize)
         (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
                                                             allow_nan=False))
         result.artifacts["report"] = "report.json"
@@ -185,7 +190,7 @@ def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list
 def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
-         cache_dir: str | Path | None, protect: Sequence[str | Path]) -> None:
+         cache_dir: str | Path | None, protect: Sequence[str | Path], reparameterize: bool = True) -> None:
     from bnfold.parity.stages import StageTracker
 
     original = model
@@ -206,7 +211,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
 
     folded = None
     with _timed(result, "fold"):
-        fr = fold(work, inputs, capture=capture, check=False)
+        fr = fold(work, inputs, capture=capture, check=False, reparameterize=reparameterize)
         folded, result.fold = fr.module, fr.report
         tracker.add("folded", folded)
         get_target("torch").lower(folded, inputs).save(staging / "folded.pt2", protect=protect)

@@ -20,7 +20,7 @@ from bnfold.ir.affine_math import fold_into_consumer
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.linear_ops import LinearOp
 from bnfold.passes.context import PassContext
-from bnfold.passes.engine import Category, Change
+from bnfold.passes.engine import FOLDED_KEY, Category, Change
 from bnfold.passes.fold_targets import consumer_targets, replace_params, shift_blocked
 from bnfold.passes.rule import Fail, Rule
 
@@ -59,6 +59,7 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
             w, b = fold_into_consumer(op.weight, op.bias, m.a, None if partial else m.b, kind=op.kind,
                                       groups=op.groups)
             where = replace_params(ctx, op, w, b)
+            op.node.meta[FOLDED_KEY] = (*op.node.meta.get(FOLDED_KEY, ()), *m.sources)
             ctx.replace_input(op.node, m.node, leftover if partial and leftover is not None else m.x)
             detail = f"folded into consumer {op.describe()}"
             if partial:
