@@ -65,6 +65,7 @@ def fold(
     check: bool = True,
     dump_ir: IO[str] | None = None,
     instruments: Sequence[Instrument] = (),
+    reparameterize: bool = False,
 ) -> FoldResult:
     """Capture ``model``, fold every normalization that can be folded exactly, and report.
 
@@ -84,14 +85,23 @@ def fold(
     the export capture uses them, and :attr:`FoldResult.dynamic_shapes` carries them to whoever exports the
     folded module (``bnfold fold``'s ``.pt2``, ``bnfold optimize``'s ONNX and TVM builds). Default: static, or
     the exported program's own dims when ``model`` is one.
+
+    ``reparameterize`` merges parallel branches that are linear in the same input and summed (RepVGG, MobileOne,
+    FastViT: a kxk conv+BN, a 1x1 conv+BN and an identity BN) into one conv, exactly. It is off by default here
+    because it changes which modules the folded graph has — without it, every conv/linear of the model is still
+    there under its own path, only the normalizations are gone, which per-module tooling (quantization configs,
+    hooks, state-dict mappings) relies on. The report still lists what it would merge (the identity branches'
+    BatchNorms, with a reason naming this option). :func:`bnfold.optimize`, which produces deployment artifacts,
+    turns it on by default.
     """
     inputs = _as_inputs(example_inputs)
     _check_until(until)  # before the capture: a typo costs nothing
     if capture == "auto" and not dynamic.is_exported(model):
-        result = _fold_auto(model, inputs, dynamic_shapes, until, dump_ir, instruments)
+        result = _fold_auto(model, inputs, dynamic_shapes, until, dump_ir, instruments, reparameterize)
     else:
         captured = _capture(model, inputs, capture, dynamic_shapes=dynamic_shapes)
-        result = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments)
+        result = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
+                               reparameterize=reparameterize)
         if capture == "auto":
             result.report.capture_choice = "the model is an exported program: re-exported (module paths and " \
                                            "dynamic dims kept)"
@@ -109,7 +119,7 @@ def _score(report: FoldReport) -> tuple[int, int]:
 
 
 def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: object, until: str | None,
-               dump_ir: IO[str] | None, instruments: Sequence[Instrument]) -> FoldResult:
+               dump_ir: IO[str] | None, instruments: Sequence[Instrument], reparameterize: bool) -> FoldResult:
     """Fold with both captures; keep the better fold (see :func:`fold`)."""
     results: dict[str, tuple[FoldResult, float]] = {}
     errors: dict[str, str] = {}
@@ -122,7 +132,8 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
             continue
         if dump_ir is not None:
             dump_ir.write(f"### capture: {mode}\n")
-        folded = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments)
+        folded = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
+                               reparameterize=reparameterize)
         results[mode] = (folded, time.perf_counter() - start)
     if not results:
         raise CaptureError(f"could not capture {type(model).__name__} as a graph "
@@ -165,6 +176,7 @@ def fold_captured(
     until: str | None = None,
     dump_ir: IO[str] | None = None,
     instruments: Sequence[Instrument] = (),
+    reparameterize: bool = False,
 ) -> FoldResult:
     """Run the fold pipeline on a graph from :func:`bnfold.capture.capture` (rewritten in place) and report.
 
@@ -174,7 +186,7 @@ def fold_captured(
     extra = list(instruments)
     if dump_ir is not None:
         extra.append(DumpIR(dump_ir))
-    pipeline = default_pipeline(extra)
+    pipeline = default_pipeline(extra, reparameterize=reparameterize)
     ctx = PassContext(gm, owns_state=captured.owns_state)
     if until is not None:
         _check_until(until)
@@ -192,9 +204,10 @@ def inspect(
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     *,
     capture: CaptureMode = "auto",
+    reparameterize: bool = False,
 ) -> FoldReport:
     """Dry run: what :func:`fold` would fold and why it would leave the rest (the model is untouched)."""
-    report = fold(model, example_inputs, capture=capture, check=False).report
+    report = fold(model, example_inputs, capture=capture, check=False, reparameterize=reparameterize).report
     report.dry_run = True
     return report
 

@@ -140,6 +140,7 @@ def optimize(
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
     protect: Sequence[str | Path] = (),
+    reparameterize: bool = True,
 ) -> OptimizeResult:
     """Recalibrate (when ``calibration`` batches are given), fold, export and compile ``model``; check parity of
     every stage on ``validation`` batches (default: the calibration batches, else ``example_inputs``); write
@@ -152,6 +153,10 @@ def optimize(
     ``.pt2``) stay dynamic through every stage: ``folded.pt2`` keeps them, ``model.onnx`` gets its batch
     dimension from them, and a dynamic batch ``lo..hi`` becomes the TVM build's batch range (an unbounded
     ``hi`` is capped at :data:`bnfold.dynamic.DEFAULT_MAX_BATCH`; such a build is untuned).
+
+    ``reparameterize`` (on by default here, unlike :func:`bnfold.fold`): merge parallel conv/identity branches
+    summed at an add (RepVGG, MobileOne, FastViT) into one conv — exact, and the artifacts are for deployment,
+    where one conv is faster than several.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     out = check_output_dir(out_dir, protect, force=overwrite, owned=owned_entries)
@@ -159,7 +164,7 @@ def optimize(
     result = OptimizeResult(out, None, None, None)
     try:
         _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
-             tvm_target, arch, tune_trials, cache_dir, protect, dynamic_shapes)
+             tvm_target, arch, tune_trials, cache_dir, protect, dynamic_shapes, reparameterize)
         (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
                                                             allow_nan=False))
         result.artifacts["report"] = "report.json"
@@ -193,7 +198,8 @@ def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list
 def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
-         cache_dir: str | Path | None, protect: Sequence[str | Path], dynamic_shapes: object = None) -> None:
+         cache_dir: str | Path | None, protect: Sequence[str | Path], dynamic_shapes: object = None,
+         reparameterize: bool = True) -> None:
     from bnfold.parity.stages import StageTracker
 
     original = model
@@ -217,7 +223,8 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
     if dynamic_shapes is None and dynamic.is_exported(original):
         dynamic_shapes = dynamic.dynamic_dims(original)  # type: ignore[arg-type]
     with _timed(result, "fold"):
-        fr = fold(work, inputs, capture=capture, dynamic_shapes=dynamic_shapes, check=False)
+        fr = fold(work, inputs, capture=capture, dynamic_shapes=dynamic_shapes, check=False,
+                  reparameterize=reparameterize)
         folded, result.fold, dims = fr.module, fr.report, fr.dynamic_shapes
         tracker.add("folded", folded)
         get_target("torch").lower(folded, inputs, {"dynamic_shapes": dims}).save(staging / "folded.pt2",

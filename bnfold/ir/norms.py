@@ -22,7 +22,7 @@ from torch import nn
 
 from bnfold.ir.graph import fetch_attr, get_constant, module_path, normalized_kwargs
 
-__all__ = ["NormSplit", "bare_norm", "norm_label", "norm_of"]
+__all__ = ["NormSplit", "bare_norm", "handwritten_norm", "norm_label", "norm_of"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -124,3 +124,82 @@ def norm_label(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     if node.op == "call_module":
         return type(fetch_attr(gm, str(node.target))).__name__
     return f"aten.{getattr(node.target, '__name__', node.target)}"
+
+
+# -- norms written by hand (Hugging Face's LlamaRMSNorm, T5LayerNorm, …) ------------------------------------------
+
+_CASTS = frozenset({"to", "to_copy", "type", "float", "contiguous", "clone", "type_as"})
+
+
+def _op(node: Any) -> str | None:
+    """An op's bare name alike in both captures (``operator.mul``, ``aten.mul.Tensor``, ``"mul"`` → ``mul``)."""
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    t = node.target
+    name = (t if isinstance(t, str) else getattr(t, "__name__", str(t))).split(".")[0].lstrip("_")
+    return "div" if name == "truediv" else name
+
+
+def _uncast(node: Any) -> Any:
+    while _op(node) in _CASTS and node.args:
+        node = node.args[0]
+    return node
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.args if isinstance(a, torch.fx.Node)]
+
+
+def _is_mean_square(node: Any) -> bool:
+    """``mean(h², -1)`` (``pow(h, 2)``, ``h * h`` or ``square(h)``) or ``var(h)``."""
+    node = _uncast(node)
+    if _op(node) in ("var", "var_mean"):
+        return True
+    if _op(node) != "mean" or not node.args:
+        return False
+    sq = _uncast(node.args[0])
+    name = _op(sq)
+    if name in ("pow", "square") and (name == "square" or (len(sq.args) > 1 and sq.args[1] == 2)):
+        return True
+    return name == "mul" and len(sq.args) == 2 and sq.args[0] is sq.args[1]
+
+
+def _inverse_rms(node: Any) -> bool:
+    """``rsqrt(ms + eps)`` / ``rsqrt(ms)``, with ``ms`` a mean square (see :func:`_is_mean_square`)."""
+    node = _uncast(node)
+    if _op(node) != "rsqrt" or not node.args:
+        return False
+    inner = _uncast(node.args[0])
+    if _op(inner) == "add":
+        return any(_is_mean_square(a) for a in _tensor_args(inner))
+    return _is_mean_square(inner)
+
+
+def _rms(node: Any) -> bool:
+    """``sqrt(ms + eps)``."""
+    node = _uncast(node)
+    if _op(node) != "sqrt" or not node.args:
+        return False
+    inner = _uncast(node.args[0])
+    return any(_is_mean_square(a) for a in _tensor_args(inner)) if _op(inner) == "add" else _is_mean_square(inner)
+
+
+def handwritten_norm(x: Any) -> str | None:
+    """``"RMSNorm"`` / ``"LayerNorm"`` when ``x`` (what a per-channel weight multiplies) is a normalization written
+    out in tensor ops — ``h · rsqrt(mean(h²) + ε)`` or ``h / sqrt(…)``, possibly cast (``.to(dtype)``); LayerNorm
+    when ``h = x − mean(x)`` (centred). A label for the report only: whether a fold is exact never depends on it."""
+    node = _uncast(x)
+    name = _op(node)
+    if name not in ("mul", "div") or len(node.args) != 2:
+        return None
+    h, r = node.args
+    if name == "mul" and not _inverse_rms(r):
+        h, r = r, h
+        if not _inverse_rms(r):
+            return None
+    if name == "div" and not _rms(r):
+        return None
+    h = _uncast(h)
+    if _op(h) == "sub" and len(h.args) == 2 and _op(_uncast(h.args[1])) == "mean":
+        return "LayerNorm"
+    return "RMSNorm"

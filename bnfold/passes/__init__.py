@@ -33,6 +33,7 @@ from bnfold.passes.fold_into_producer import FoldIntoProducer
 from bnfold.passes.lower_affines import LowerAffines
 from bnfold.passes.merge_affines import MergeAffines
 from bnfold.passes.propagate import Propagate
+from bnfold.passes.reparameterize import Reparameterize
 from bnfold.passes.rule import Fail, Rule
 from bnfold.passes.split_norms import SplitNormAffine
 
@@ -60,6 +61,7 @@ __all__ = [
     "PipelineResult",
     "Propagate",
     "Rejection",
+    "Reparameterize",
     "Rule",
     "SplitNormAffine",
     "Until",
@@ -76,6 +78,7 @@ FIXED_POINT: tuple[type[Pass], ...] = (
     FoldIntoProducer,   # A(conv(x)) → conv'(x)
     FoldIntoConsumer,   # conv(A(x)) → conv'(x)
     FoldIntoEmbedding,  # A(embedding(i)) → embedding'(i)
+    Reparameterize,     # conv_K(x) + conv_k(x) + A(x) → conv'(x)  (optional: default_pipeline(reparameterize=…))
     Propagate,          # move A through commuting ops to where it folds
 )
 FINALIZE: tuple[type[Pass], ...] = (
@@ -84,6 +87,11 @@ FINALIZE: tuple[type[Pass], ...] = (
 )
 
 
-def default_pipeline(instruments: Sequence[Instrument] = ()) -> Pipeline:
-    """The fold pipeline: :data:`FIXED_POINT` to a fixed point, then :data:`FINALIZE` once."""
-    return Pipeline([p() for p in FIXED_POINT], finalize=[p() for p in FINALIZE], instruments=instruments)
+def default_pipeline(instruments: Sequence[Instrument] = (), *, reparameterize: bool = False) -> Pipeline:
+    """The fold pipeline: :data:`FIXED_POINT` to a fixed point, then :data:`FINALIZE` once.
+
+    ``reparameterize``: merge parallel conv/identity branches summed at an add into one conv
+    (:mod:`~bnfold.passes.reparameterize`). Off, the rule still runs but only reports what it would merge."""
+    passes: list[Pass] = [Reparameterize(enabled=reparameterize) if p is Reparameterize else p()
+                          for p in FIXED_POINT]
+    return Pipeline(passes, finalize=[p() for p in FINALIZE], instruments=instruments)

@@ -3,7 +3,11 @@ node ``y = a ⊙ x + b`` along the channel axis (``a = γ/√(σ²+ε)``, ``b = 
 
 Elementwise affines with constant per-channel operands (a frozen BatchNorm traced through, a hand-written
 BN formula) need no rewriting: the fold rules read them through :func:`~bnfold.ir.affine_view.affine_view`.
-This rule only marks those that come from a norm-like module as report candidates.
+This rule only marks them as report candidates: those that come from a norm-like module, and any per-channel
+``mul``/``add`` by a parameter or buffer of the model (a hand-written RMSNorm/LayerNorm's weight and bias —
+Hugging Face's ``weight * (x * rsqrt(mean(x²) + ε))`` —, LayerScale, a channel bias). Such a candidate is named by
+the module that owns the parameter (``model.layers.0.input_layernorm``), so a norm's weight and bias are one
+candidate, folded only when both parts fold; a hand-written RMSNorm/LayerNorm is reported as that norm.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import torch
 import torch.fx
 
 from bnfold.ir.affine_math import bn_affine
+from bnfold.ir.affine_view import AffineView
 from bnfold.ir.batchnorm import BatchNormSite, batchnorm_site
-from bnfold.ir.graph import module_class, module_path
+from bnfold.ir.graph import fetch_attr, module_class, module_path
+from bnfold.ir.norms import handwritten_norm
 from bnfold.ir.ops import is_channel_affine
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Candidate, Category, Change
@@ -49,10 +55,10 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
                 or node.meta.get("bnfold_sources") or ctx.affine(node) is None:
             return None
         cls = module_class(node)
-        if not cls or not _NORM_CLASS.search(cls):
-            return None
-        path = module_path(node)
-        return TracedNorm(node, path, f"{cls} (traced: x·scale+shift)", path)
+        if cls and _NORM_CLASS.search(cls):
+            path = module_path(node)
+            return TracedNorm(node, path, f"{cls} (traced: x·scale+shift)", path)
+        return _parameter_affine(ctx, node, cls)
 
     def candidate(self, ctx: PassContext, m: BatchNormSite | TracedNorm) -> Candidate:
         return Candidate(m.id, m.kind, m.path)
@@ -82,3 +88,28 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
                     ctx.erase(u)
         ctx.erase(site.node)
         return [self.change(site.id, f"{site.kind} at '{site.path}' → channel_affine", (site.id,))]
+
+
+def _parameter_affine(ctx: PassContext, node: torch.fx.Node, cls: str | None) -> TracedNorm | None:
+    """A per-channel affine whose constant is a parameter/buffer of the model (not one bnfold made)."""
+    params = [str(a.target) for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+              and not str(a.target).startswith("_bnfold") and isinstance(fetch_attr(ctx.gm, str(a.target)),
+                                                                          torch.Tensor)]
+    if not params:
+        return None
+    owner, _, leaf = params[0].rpartition(".")
+    path = owner or params[0]  # a parameter of the root module: its own name
+    view = ctx.affine(node)
+    assert view is not None
+    inner = ctx.affine(view.x)  # a norm's bias is added to its weighted output
+    norm = handwritten_norm(view.x) or (handwritten_norm(inner.x) if inner is not None else None)
+    where = f"{cls}, " if cls else ""
+    if norm is not None:
+        kind = f"{norm} ({where}hand-written, affine part)"
+    else:
+        kind = f"per-channel {'scale' if _is_scale(view) else 'affine'} by '{leaf}' ({where}elementwise)"
+    return TracedNorm(node, path, kind, path)
+
+
+def _is_scale(view: AffineView) -> bool:
+    return bool((view.b == 0).all())

@@ -106,12 +106,19 @@ class PassContext:
         storage = tensor.untyped_storage()
         if storage.nbytes() != tensor.numel() * tensor.element_size():
             return False
+        return self._slots(tensor) == 1
+
+    def tied(self, tensor: torch.Tensor) -> bool:
+        """Is ``tensor``'s storage also held by another parameter/buffer slot (tied input/output embeddings)?"""
+        return self._slots(tensor) > 1
+
+    def _slots(self, tensor: torch.Tensor) -> int:
         if self._storages is None:
             self._storages = Counter(
                 t.untyped_storage().data_ptr()
                 for _, t in (*self.gm.named_parameters(remove_duplicate=False),
                              *self.gm.named_buffers(remove_duplicate=False)))
-        return self._storages[storage.data_ptr()] == 1
+        return self._storages[tensor.untyped_storage().data_ptr()]
 
     # -- edits ----------------------------------------------------------------------------------------------------
     def constant(self, value: torch.Tensor, hint: str, *, before: torch.fx.Node, parameter: bool = False,

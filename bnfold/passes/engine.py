@@ -31,6 +31,7 @@ from bnfold.ir.graph import cached_lookups
 from bnfold.passes.context import PassContext
 
 __all__ = [
+    "FOLDED_KEY",
     "Candidate",
     "Category",
     "Change",
@@ -48,6 +49,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+FOLDED_KEY = "bnfold_folded"
+"""``node.meta`` key of a conv/linear: the report candidates folded into it so far (set by the fold rules), so that
+a rule that later merges that op into another (``reparameterize``) can report them as folded there."""
 
 
 class Category(enum.StrEnum):

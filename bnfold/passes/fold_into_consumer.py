@@ -20,8 +20,8 @@ from bnfold.ir.affine_math import fold_into_consumer
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.linear_ops import LinearOp
 from bnfold.passes.context import PassContext
-from bnfold.passes.engine import Category, Change
-from bnfold.passes.fold_targets import consumer_targets, replace_params, shift_blocked
+from bnfold.passes.engine import FOLDED_KEY, Category, Change
+from bnfold.passes.fold_targets import consumer_targets, replace_params, shift_blocked, untie_note
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["FoldIntoConsumer"]
@@ -58,9 +58,11 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
             partial = op in plan.blocked
             w, b = fold_into_consumer(op.weight, op.bias, m.a, None if partial else m.b, kind=op.kind,
                                       groups=op.groups)
+            untied = untie_note(ctx, op)
             where = replace_params(ctx, op, w, b)
+            op.node.meta[FOLDED_KEY] = (*op.node.meta.get(FOLDED_KEY, ()), *m.sources)
             ctx.replace_input(op.node, m.node, leftover if partial and leftover is not None else m.x)
-            detail = f"folded into consumer {op.describe()}"
+            detail = f"folded into consumer {op.describe()}{untied}"
             if partial:
                 detail += " (scale only: it pads with zeros, so the shift stays as one add before it)"
             changes.append(self.change(m.node, detail, m.sources, into=where))

@@ -17,8 +17,8 @@ from bnfold.ir.affine_math import fold_into_producer
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.linear_ops import LinearOp
 from bnfold.passes.context import PassContext
-from bnfold.passes.engine import Category, Change
-from bnfold.passes.fold_targets import producer_target, replace_params
+from bnfold.passes.engine import FOLDED_KEY, Category, Change
+from bnfold.passes.fold_targets import producer_target, replace_params, untie_note
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["FoldIntoProducer"]
@@ -40,6 +40,8 @@ class FoldIntoProducer(Rule[AffineView, LinearOp]):
             and ctx.writable(plan.weight)
         w, b = fold_into_producer(plan.weight, plan.bias, m.a, m.b, kind=plan.kind, groups=plan.groups,
                                   out_dtype=plan.weight.dtype, out=plan.weight if in_place else None)
+        untied = untie_note(ctx, plan)
         where = replace_params(ctx, plan, w, b)
+        plan.node.meta[FOLDED_KEY] = (*plan.node.meta.get(FOLDED_KEY, ()), *m.sources)
         ctx.bypass(m.node, plan.node)
-        return [self.change(m.node, f"folded into {plan.describe()}", m.sources, into=where)]
+        return [self.change(m.node, f"folded into {plan.describe()}{untied}", m.sources, into=where)]

@@ -29,7 +29,7 @@ from bnfold.passes.commute import CAT, Affine, cat_forward, transfer_for
 from bnfold.passes.context import PassContext
 
 __all__ = ["absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target", "replace_params",
-           "shift_blocked", "user_list"]
+           "shift_blocked", "untie_note", "user_list"]
 
 aten = torch.ops.aten
 
@@ -136,6 +136,15 @@ def push_target(ctx: PassContext, start: torch.fx.Node, aff: Affine, max_depth: 
         if not isinstance(consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel()), str):
             return node, aff
     return "no conv/linear consumer within reach"
+
+
+def untie_note(ctx: PassContext, op: LinearOp) -> str:
+    """What the report says when ``op``'s weight is tied to another parameter (before :func:`replace_params`, which
+    always gives the folded site its own tensors, so the other user — a tied input embedding — is unchanged)."""
+    if not ctx.tied(op.weight):
+        return ""
+    return "; its weight was tied to another parameter: untied, the folded site has its own copy and the other " \
+           "keeps the original"
 
 
 def replace_params(

@@ -51,9 +51,10 @@ class MergeAffines(Rule[Pair, str]):
 
     def rewrite(self, ctx: PassContext, m: Pair, plan: str) -> list[Change]:
         v2 = m.outer
-        if plan == "identity":
+        if plan == "identity":  # nothing left to fold: for the report, folded away (into nothing)
             ctx.bypass(v2.node, v2.x)
-            return [self.change(v2.node, "removed identity affine", v2.sources)]
+            return [Change(self.name, v2.node.name, "an identity (a ≡ 1, b ≡ 0): removed", Category.FOLD,
+                           v2.sources)]
         v1 = m.inner
         assert v1 is not None
         a, b = compose(v1.a, v1.b, v2.a, v2.b)

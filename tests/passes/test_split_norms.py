@@ -91,13 +91,18 @@ def test_small_vision_transformer(capture_mode: str) -> None:
 
 def test_convnext_layernorms(capture_mode: str) -> None:
     """torchvision's ConvNeXt, two stages of two blocks (convnext_tiny's structure at a fraction of its size):
-    each block's LN folds into pwconv1, the downsampling LN2d into its conv, the classifier's LN into the head."""
+    each block's LN folds into pwconv1, the downsampling LN2d into its conv, the classifier's LN into the head.
+    Each block's LayerScale (``layer_scale * x``, a per-channel scale by a parameter) is a candidate too; it feeds
+    the residual add (through ``stochastic_depth``, opaque to the symbolic tracer), so it is left."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
     torch.manual_seed(0)
     model = randomize_norms(ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=10))
-    result = fold_and_check(model, (torch.randn(1, 3, 32, 32),), capture_mode, folded=6, left=1)
-    assert "users" in result.report.skipped[0].reason  # the stem LN output also feeds a residual add
+    result = fold_and_check(model, (torch.randn(1, 3, 32, 32),), capture_mode, folded=6, left=5)
+    (stem,) = [e for e in result.report.skipped if "layer_norm" in e.kind.lower()]
+    assert "users" in stem.reason  # the stem LN output also feeds a residual add
+    scales = [e for e in result.report.skipped if "layer_scale" in e.kind]
+    assert len(scales) == 4 and all("which is not a conv/linear" in e.reason for e in scales)
 
 
 # -- the rule run directly (Before / Expected) --------------------------------------------------------------------

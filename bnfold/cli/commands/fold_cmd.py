@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help=SUMMARY["inspect"][1])
     add_model_args(p)
     p.add_argument("--explain", action="store_true", help="print the full reason for every candidate left")
+    _add_reparameterize(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
 
@@ -33,14 +34,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", action="append", metavar="NAME", help="array of --data to use as input (repeatable)")
     p.add_argument("--batch-size", type=int, help="samples per parity batch (default: the model's fixed batch, or 64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_reparameterize(p)
     p.set_defaults(func=_fold)
+
+
+def _add_reparameterize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reparameterize", action=argparse.BooleanOptionalAction, default=False,
+                   help="merge parallel conv/identity branches summed at an add (RepVGG, MobileOne, FastViT) into "
+                        "one conv, exactly; changes which modules the folded model has (default: off; "
+                        "bnfold optimize does it)")
 
 
 def _inspect(args: argparse.Namespace) -> int:
     if onnx_cmd.is_onnx(args.model):
         return onnx_cmd.inspect(args)
     loaded, inputs = load_with_inputs(args)
-    report = inspect(loaded.module, inputs, capture=args.capture)
+    report = inspect(loaded.module, inputs, capture=args.capture, reparameterize=args.reparameterize)
     print(report.to_json() if args.json else report.render(explain=args.explain))
     return 0
 
@@ -58,7 +67,7 @@ def _fold(args: argparse.Namespace) -> int:
     check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_pt2)
     loaded, inputs = load_with_inputs(args)
     result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
-                  dump_ir=sys.stderr if args.dump_ir else None)
+                  dump_ir=sys.stderr if args.dump_ir else None, reparameterize=args.reparameterize)
     get_target("torch").lower(result.module, inputs, {"dynamic_shapes": result.dynamic_shapes}).save(
         args.output, protect=[args.model])
     print(result.report.to_json() if args.json else result.report)

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cached tuning database only)")
     p.add_argument("--cache-dir", help="tuning database folder (shared across models)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--reparameterize", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge parallel conv/identity branches summed at an add into one conv (default: on)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier bnfold optimize output "
                    "(never a folder holding other files or the inputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -79,6 +81,6 @@ def _optimize(args: argparse.Namespace) -> int:
                       capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
                       tvm_target=None if args.target == "none" else args.target, arch=args.arch,
                       tune_trials=args.tune_trials, cache_dir=args.cache_dir, overwrite=args.force,
-                      protect=inputs_given)
+                      protect=inputs_given, reparameterize=args.reparameterize)
     print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False) if args.json else result)
     return 0 if result.passed else 1
