@@ -222,7 +222,8 @@ def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None
     """One entry per candidate: folded when a FOLD change consumed it and no LOWER change kept it as an op;
     otherwise skipped with every current rejection naming it (dictionaries: linear in changes + rejections).
 
-    A candidate folded into several ops (a norm feeding q, k and v) names every one of them in ``into``. With
+    A candidate folded into several ops (a norm feeding q, k and v) names every one of them in ``into``; one moved
+    on by a later rule (a branch BN merged by ``reparameterize``) names where it ended up. With
     ``gm`` (the folded graph), an op named by its node (an export capture's functional linear) is named by the
     module path it came from (``blocks.0.attn.qkv``) instead."""
     report = FoldReport(capture=mode, rounds=run.rounds)
@@ -243,7 +244,9 @@ def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None
             reasons.setdefault(s, []).append(r)
     for cand in run.candidates:
         if cand.id in folded_by and cand.id not in lowered:
-            cs = folded_by[cand.id]
+            # where it ended up: the changes of the last rule that moved it (a BN folded into a conv that a later
+            # rule merged into another conv is in the merged one; a norm folded into q, k and v by one rule: all)
+            cs = [c for c in folded_by[cand.id] if c.rule == folded_by[cand.id][-1].rule]
             into = _unique(paths.get(c.into, c.into) for c in cs if c.into)
             detail = _unique(c.detail for c in cs)
             report.folded.append(FoldedEntry(cand.id, cand.kind, cand.path, cs[0].rule, ", ".join(into),
