@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from bnfold.parity.core import ParityReport, judge, run_reference64
+from bnfold.parity.core import ParityReport, judge, needs_storage_noise, run_reference64
 from bnfold.parity.independence import BatchIndependence, check_batch_independence
 from bnfold.parity.inputs import Batch, as_batches, random_inputs, run_batches
 from bnfold.parity.noise import storage_noise64
@@ -196,10 +196,15 @@ class _Kept:
     noise64: list[list[list[torch.Tensor]]] = field(default_factory=list)
 
     def run64(self, batches: Sequence[Batch]) -> str:
-        """Run the float64 reference of this stage (and its storage noise); return the note when there is none."""
+        """Run the float64 reference of this stage; return the note when there is none."""
         self.outputs64, note = run_reference64(self.model, None, batches)
-        self.noise64 = storage_noise64(self.model, batches) if self.outputs64 is not None else []
         return note
+
+    def storage_noise(self, batches: Sequence[Batch]) -> list[list[list[torch.Tensor]]]:
+        """The storage noise of this stage's model (measured once, when a verdict first needs it)."""
+        if not self.noise64:
+            self.noise64 = storage_noise64(self.model, batches)
+        return self.noise64
 
 
 class StageTracker:
@@ -278,8 +283,13 @@ class StageTracker:
 
     def _judge(self, ref: _Kept, cand: _Kept, truth: _Kept, *, localize: bool = True) -> ParityReport:
         """``cand`` vs ``ref``, measured against ``truth``'s float64 outputs (the baseline's or the original's)."""
-        report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance,
-                              depth=rounding_depth(ref.model), noise64_outputs=truth.noise64)
+        depth = rounding_depth(ref.model)
+        report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance, depth=depth)
+        if truth.outputs64 is not None and needs_storage_noise(report):
+            noise = truth.storage_noise(self.batches)
+            if noise:
+                report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance,
+                                      depth=depth, noise64_outputs=noise)
         report.inputs = self._report.inputs
         failed = not report.errors and not all(o.passed for o in report.outputs)
         if localize and self.localize and failed and isinstance(cand.model, torch.fx.GraphModule) \

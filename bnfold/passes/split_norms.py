@@ -56,6 +56,9 @@ class Split:
 class SplitNormAffine(Rule[Norm, Split]):
     name = "split_norm_affine"
     category = Category.CANONICALIZE
+    # the check looks ahead along the norm's users (a move through commuting ops): a later fold downstream (a BN
+    # between the norm and its conv folding into that conv) can make a rejected split possible — look again
+    revisit_rejected = True
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> Norm | None:
         if node.meta.get("bnfold_split"):

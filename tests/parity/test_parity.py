@@ -75,18 +75,15 @@ def test_fold_passes_the_fp64_rule_and_a_small_perturbation_fails() -> None:
 @pytest.mark.parametrize("dtype, defect", [(torch.float16, 1.02), (torch.bfloat16, 1.15)])
 def test_half_precision_rule_measures_storage_noise_and_still_catches_a_defect(dtype: torch.dtype,
                                                                                defect: float) -> None:
-    """fp16/bf16: the bound adds the measured noise of one storage rounding per weight (``storage_noise64``);
-    a fold passes, a change of one classifier row by ~40 storage roundoffs (2 % fp16, 15 % bf16) fails."""
+    """The bound may add the measured noise of one storage rounding per weight and layer output
+    (``storage_noise64``, measured only when the analytic bound fails); a fold passes, a change of one classifier
+    row by ~40 storage roundoffs (2 % fp16, 15 % bf16) still fails with it."""
     net, x = _net().to(dtype), _x(16).to(dtype)
     noise = storage_noise64(net, [(x,)])
     assert len(noise) == STORAGE_DRAWS and all(len(d) == 1 for d in noise)
-    assert storage_noise64(_net(), [(_x(),)]) == []  # fp32: the analytic floor covers it
     folded = bnfold.fold(net, (x,), check=False).module
     ok = compare(net, folded, (x,))
     assert ok.passed, ok
-    out = ok.outputs[0]
-    floor_only = Tolerance.for_dtype(dtype, 2).bound(out.reference_rmse_vs_fp64, 0.0)
-    assert out.bound > floor_only  # S (and the analytic floor) are in the bound
     with torch.no_grad():
         folded.get_submodule("4").weight[0] *= defect
     bad = compare(net, folded, (x,))
