@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,25 +18,42 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: helpers
+from helpers import randomize_bn as _randomize_bn
+
 __all__ = ["ARCHS", "BUILT", "export", "randomize_bn"]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters for every BatchNorm (mean 0 / var 1 hide bugs); eval mode."""
-    g = torch.Generator().manual_seed(seed)
+    """:func:`helpers.randomize_bn` (random BatchNorm statistics and affines: mean 0 / var 1 hide bugs), plus random
+    LayerNorm/GroupNorm affines; eval mode."""
+    model = _randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 2.0 + 0.1)
-                if m.weight is not None:
-                    m.weight.copy_(torch.randn(c, generator=g))
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
             if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
     return model.eval()
+
+
+def bn_count(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def fold_file(src: Path, tmp: Path) -> tuple[onnx.ModelProto, onnx.ModelProto, Any, Path, list[Path]]:
+    """Load ``src``, fold it (ONNX rules), write it to ``tmp`` (checked by ``onnx.checker``); return the original,
+    the folded model, the report, the written path and every file written (external data too)."""
+    from bnfold.onnx_fold import fold_model, load_onnx, save_onnx
+
+    loaded = load_onnx(src)
+    original = onnx.ModelProto()
+    original.CopyFrom(loaded.model)
+    report = fold_model(loaded.model, base_dir=str(src.parent))
+    dest = tmp / f"{src.stem}.folded.onnx"
+    written = save_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold, protect=[src])
+    onnx.checker.check_model(str(dest), full_check=True)
+    return original, loaded.model, report, dest, written
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path, *, dynamic_batch: bool = True, opset: int = 17,

@@ -15,24 +15,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onnx_cases import BUILT, export
+from onnx_cases import BUILT, export, fold_file
+from onnx_cases import bn_count as _bn
 
-from bnfold.onnx_fold import fold_model, load_onnx, save_onnx
+from bnfold.onnx_fold import fold_model, load_onnx
 from bnfold.parity.ort import onnx_parity
-
-
-def _bn(m: onnx.ModelProto) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
-
-
-def _fold(src: Path, tmp: Path):
-    loaded = load_onnx(src)
-    original = onnx.ModelProto()
-    original.CopyFrom(loaded.model)
-    report = fold_model(loaded.model)
-    dest = tmp / f"{src.stem}.folded.onnx"
-    save_onnx(loaded.model, dest)
-    return original, loaded.model, report, dest
 
 
 def _bn_node(rng: np.random.Generator, x: str, y: str, c: int, name: str = "bn") -> tuple[onnx.NodeProto, list]:
@@ -68,7 +55,7 @@ def test_bn_after_slice_of_channels_folds_back_into_the_conv(tmp_path: Path) -> 
             (("st", [2]), ("en", [6]), ("ax", [1]))]
     src = _conv_then(tmp_path / "slice.onnx", helper.make_node("Slice", ["c", "st", "en", "ax"], ["moved"],
                                                                name="slice"), ints, 4)
-    original, folded, report, dest = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(folded) == 0 and report.folded[0].into == "Conv 'conv'", report.render(explain=True)
     assert "moved back through Slice 'slice'" in report.folded[0].detail
     assert onnx_parity(original, dest).passed
@@ -78,7 +65,7 @@ def test_bn_after_channel_gather_folds_back_into_the_conv(tmp_path: Path) -> Non
     idx = numpy_helper.from_array(np.array([2, 0, 3, 1], np.int64), "idx")
     src = _conv_then(tmp_path / "gather.onnx", helper.make_node("Gather", ["c", "idx"], ["moved"], name="gather",
                                                                 axis=1), [idx], 4, out_ch=4)
-    original, folded, report, dest = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(folded) == 0, report.render(explain=True)
     assert onnx_parity(original, dest).passed
 
@@ -101,7 +88,7 @@ def test_bn1d_after_transpose_folds_back_into_matmul(tmp_path: Path) -> None:
              helper.make_node("Transpose", ["mm"], ["t"], name="tr", perm=[0, 2, 1]), bn]
     inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W"), *bn_inits]
     src = _model(tmp_path / "tr.onnx", nodes, inits, ["batch", 5, 16], ["batch", 8, 5])
-    original, folded, report, dest = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(folded) == 0 and report.folded[0].rule == "fold_into_producer", report.render(explain=True)
     assert onnx_parity(original, dest).passed
 
@@ -126,7 +113,7 @@ def test_levit_linear_norm_folds_back_through_flatten(tmp_path: Path) -> None:
     output: a shape-only reader does not block the fold)."""
     model, shape = BUILT["levit_mlp"]()
     src = export(model, torch.randn(shape), tmp_path / "levit.onnx")
-    original, folded, report, dest = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(original) == 2 and _bn(folded) == 0, report.render(explain=True)
     assert all(e.rule == "fold_into_producer" and "MatMul" in e.into for e in report.folded)
     parity = onnx_parity(original, dest)
@@ -158,7 +145,7 @@ def test_levit_matmul_read_elsewhere_is_left_with_reason(tmp_path: Path) -> None
 def test_bn_moves_through_channel_concat(name: str, tmp_path: Path) -> None:
     model, shape = BUILT[name]()
     src = export(model, torch.randn(shape), tmp_path / f"{name}.onnx")
-    original, folded, report, dest = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(folded) == 0 and not report.skipped, report.render(explain=True)
     changes = [c for c in report.changes if c["category"] == "fold"]
     if name == "conv_concat_bn":  # split into both convs

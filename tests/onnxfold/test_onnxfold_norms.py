@@ -5,6 +5,7 @@ against the float64 rule."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.onnx_fold import fold_model, load_onnx, save_onnx
+sys.path.insert(0, str(Path(__file__).parent))
+from onnx_cases import fold_file
+
 from bnfold.parity.ort import onnx_parity
 
 RNG = np.random.default_rng(0)
@@ -42,21 +45,13 @@ def _supported(path: Path) -> None:
         pytest.skip(f"ONNX Runtime {ort.__version__} cannot run it: {exc}")
 
 
-def _fold(src: Path, tmp: Path) -> tuple[onnx.ModelProto, object, Path]:
-    loaded = load_onnx(src)
-    report = fold_model(loaded.model, base_dir=str(src.parent))
-    dest = tmp / f"{src.stem}.folded.onnx"
-    save_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold, protect=[src])
-    return loaded.model, report, dest
-
-
 def test_rmsnorm_scale_folds_into_the_matmul(tmp_path: Path) -> None:
     src = _save([helper.make_node("RMSNormalization", ["x", "gamma"], ["n"], axis=-1, epsilon=1e-5),
                  helper.make_node("MatMul", ["n", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
                 {"gamma": _f32(16, low=0.5, high=2.0), "w": _f32(16, 8), "b": _f32(8)},
                 ["batch", 5, 16], ["batch", 5, 8], 23, tmp_path / "rms.onnx")
     _supported(src)
-    folded, report, dest = _fold(src, tmp_path)
+    _, folded, report, dest, _ = fold_file(src, tmp_path)
     assert len(report.folded) == 1 and not report.skipped, report
     gamma = next(numpy_helper.to_array(t) for t in folded.graph.initializer if t.name.startswith("gamma")
                  or t.name in {i for n in folded.graph.node if n.op_type == "RMSNormalization" for i in n.input[1:]})
@@ -71,7 +66,7 @@ def test_groupnorm_affine_folds_into_a_pointwise_conv(tmp_path: Path) -> None:
                 {"gamma": _f32(4, low=0.5, high=2.0), "beta": _f32(4), "w": _f32(6, 4, 1, 1), "b": _f32(6)},
                 ["batch", 4, 5, 5], ["batch", 6, 5, 5], 21, tmp_path / "gn.onnx")
     _supported(src)
-    _, report, dest = _fold(src, tmp_path)
+    _, _, report, dest, _ = fold_file(src, tmp_path)
     assert len(report.folded) == 1 and not report.skipped, report
     assert onnx_parity(src, dest).passed
 
@@ -83,7 +78,7 @@ def test_negative_groupnorm_before_zero_padded_conv_stays_whole(tmp_path: Path) 
                 {"gamma": _f32(4, low=0.5, high=2.0), "beta": _f32(4), "w": _f32(6, 4, 3, 3), "b": _f32(6)},
                 ["batch", 4, 5, 5], ["batch", 6, 5, 5], 21, tmp_path / "gn3.onnx")
     _supported(src)
-    _, report, dest = _fold(src, tmp_path)
+    _, _, report, dest, _ = fold_file(src, tmp_path)
     assert not report.folded and len(report.skipped) == 1
     assert "pads with zeros" in report.skipped[0].reason
     assert onnx_parity(src, dest).passed

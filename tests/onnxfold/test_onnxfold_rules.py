@@ -14,25 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onnx_cases import ARCHS, BUILT, export, shared_weight_model
+from onnx_cases import ARCHS, BUILT, export, fold_file, shared_weight_model
+from onnx_cases import bn_count as _bn
 
-from bnfold.onnx_fold import fold_model, load_onnx, save_onnx
+from bnfold.onnx_fold import fold_model, load_onnx
 from bnfold.parity.ort import onnx_parity
-
-
-def _bn(m: onnx.ModelProto) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
-
-
-def _fold(src: Path, tmp: Path):
-    loaded = load_onnx(src)
-    original = onnx.ModelProto()
-    original.CopyFrom(loaded.model)
-    report = fold_model(loaded.model, base_dir=str(src.parent))
-    dest = tmp / f"{src.stem}.folded.onnx"
-    written = save_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold, protect=[src])
-    onnx.checker.check_model(str(dest), full_check=True)
-    return original, loaded.model, report, dest, written
 
 
 @pytest.mark.parametrize("name", ["convtranspose_g4_bn", "gemm_transB_bn", "bn_conv_pad0", "bn_flatten_gemm",
@@ -40,7 +26,7 @@ def _fold(src: Path, tmp: Path):
 def test_built_case_folds_with_parity(name: str, tmp_path: Path) -> None:
     model, shape = BUILT[name]()
     src = export(model, torch.randn(shape), tmp_path / f"{name}.onnx")
-    original, folded, report, dest, _ = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert report.folded and not report.skipped, report.render()
     assert _bn(folded) == 0
     parity = onnx_parity(original, dest)
@@ -56,7 +42,7 @@ def test_convtranspose_groups_use_the_per_group_channel_map(tmp_path: Path) -> N
     """Regression for the onnxscript rewriter's bug: scaling ConvTranspose weight axis 1 as if group were 1."""
     model, shape = BUILT["convtranspose_g4_bn"]()
     src = export(model, torch.randn(shape), tmp_path / "ct.onnx")
-    _, _folded, report, dest, _ = _fold(src, tmp_path)
+    _, _folded, report, dest, _ = fold_file(src, tmp_path)
     assert report.folded[0].rule == "fold_into_producer" and "ConvTranspose" in report.folded[0].into
     x = torch.randn(3, *shape[1:])
     got = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
@@ -68,7 +54,7 @@ def test_convtranspose_groups_use_the_per_group_channel_map(tmp_path: Path) -> N
 def test_bn_before_zero_padding_conv_takes_scale_only(tmp_path: Path) -> None:
     model, shape = BUILT["bn_conv_pad1"]()
     src = export(model, torch.randn(shape), tmp_path / "pad1.onnx")
-    original, folded, report, dest, _ = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(folded) == 0
     assert "scale only" in report.folded[0].detail
     ops = [n.op_type for n in folded.graph.node]
@@ -78,7 +64,7 @@ def test_bn_before_zero_padding_conv_takes_scale_only(tmp_path: Path) -> None:
 
 def test_shared_initializer_is_cloned_not_overwritten(tmp_path: Path) -> None:
     src = shared_weight_model(tmp_path / "shared.onnx")
-    original, folded, report, dest, _ = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert len(report.folded) == 2 and _bn(folded) == 0
     weights = [n.input[1] for n in folded.graph.node if n.op_type == "Conv"]
     assert len(set(weights)) == 2  # one clone per conv (each has its own BN)
@@ -124,7 +110,7 @@ def test_external_data_stays_external(tmp_path: Path) -> None:
     model, shape = BUILT["bn_flatten_gemm"]()
     (tmp_path / "in").mkdir()
     src = export(model, torch.randn(shape), tmp_path / "in" / "m.onnx", external=True)
-    original, _folded, _report, dest, written = _fold(src, tmp_path)
+    original, _folded, _report, dest, written = fold_file(src, tmp_path)
     assert [p.name for p in written] == ["m.folded.onnx", "m.folded.onnx.data"]
     raw = onnx.load(str(dest), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
@@ -134,7 +120,7 @@ def test_external_data_stays_external(tmp_path: Path) -> None:
 def test_resnet18_matches_onnxsim_and_keeps_names(tmp_path: Path) -> None:
     make, shape = ARCHS["resnet18"]
     src = export(make(), torch.randn(shape), tmp_path / "r18.onnx")
-    original, folded, report, dest, _ = _fold(src, tmp_path)
+    original, folded, report, dest, _ = fold_file(src, tmp_path)
     assert _bn(original) == 20 and _bn(folded) == 0 and not report.skipped
     assert [o.name for o in folded.graph.output] == ["y"]
     assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
