@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, InternalError
 
 # timm name -> input size (px); the model is built with num_classes=10 (and img_size where the model takes it)
 TIMM: dict[str, int] = {
@@ -140,6 +140,8 @@ def fold_row(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], capt
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = bnfold.fold(model, inputs, capture=capture, check=False)  # type: ignore[arg-type]
+    except InternalError:  # a bnfold bug: never a row, always a failure
+        raise
     except BnfoldError as err:
         row.error = str(err).splitlines()[0][:160]
         row.seconds = time.perf_counter() - start

@@ -219,11 +219,35 @@ def node_dtype(node: Any) -> torch.dtype | None:
 
 
 def normalized_kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any] | None:
-    """A ``call_function`` node's arguments by name (aten schema or Python signature), or ``None``."""
+    """A ``call_function`` node's arguments by name (aten schema or Python signature), or ``None``. An overloaded
+    function whose schema the values alone do not pick (``torch.conv2d``'s ``padding`` is ints or a string) is
+    matched with the arguments' types."""
     if node.op != "call_function":
         return None
-    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    try:
+        pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    except RuntimeError:  # "the schema match was ambiguous"
+        try:
+            pair = node.normalized_arguments(
+                gm, arg_types=tuple(_arg_type(a) for a in node.args),
+                kwarg_types={k: _arg_type(v) for k, v in node.kwargs.items()}, normalize_to_only_use_kwargs=True)
+        except RuntimeError:
+            return None
     return None if pair is None else dict(pair.kwargs)
+
+
+def _arg_type(value: Any) -> Any:
+    """The type torch.fx's schema matching expects for an argument value (``List[int]`` for a list of ints)."""
+    import typing
+
+    if isinstance(value, torch.fx.Node):
+        val = value.meta.get("val")
+        return type(val) if val is not None and not isinstance(val, torch.Tensor) else torch.Tensor
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, int) for v in value):
+            return typing.List[int]  # noqa: UP006 (the schema's own spelling)
+        return list
+    return type(value)
 
 
 def module_path(node: torch.fx.Node) -> str:

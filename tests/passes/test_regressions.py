@@ -195,3 +195,27 @@ def test_quarot_17_gptqmodel_1550_norm_not_folded_into_tied_lm_head(capture_mode
         # the folded model's embedding lookup still returns the original vectors
         folded_embed = [t for name, t in result.module.state_dict().items() if t.shape == embedding.shape]
         assert any(torch.equal(t, embedding) for t in folded_embed)
+
+
+class _StdConvResidual(torch.nn.Module):
+    """timm's StdConv2d (ResNetV2/BiT, NFNet): ``F.conv2d`` on a standardized weight with integer padding — a call
+    whose schema torch.fx cannot pick from the values alone (``padding`` is ints or a string)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) * 0.5
+        return x + torch.nn.functional.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_functional_conv_with_ambiguous_schema_is_read_not_a_crash(capture_mode: str) -> None:
+    """Found on timm resnetv2_50x1_bit: normalizing the arguments of ``F.conv2d`` raised "the schema match was
+    ambiguous" inside the reparameterize rule (an internal error, exit 3). Arguments are now matched with their
+    types; the model folds (nothing to fold here) with parity."""
+    import bnfold
+
+    model, x = _StdConvResidual().eval(), torch.randn(2, 4, 6, 6)
+    result = bnfold.fold(model, (x,), capture=capture_mode, check=True)
+    assert result.report.parity["passed"]
