@@ -18,7 +18,6 @@ import contextlib
 import copy
 import json
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -33,7 +32,7 @@ from bnfold import dynamic
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
 from bnfold.errors import BnfoldError, InputError
-from bnfold.io.outputs import check_output_dir, output_error, publish_dir, staging_dir
+from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.report import FoldReport, format_table, json_safe
 from bnfold.targets import get_target
 
@@ -160,9 +159,8 @@ def optimize(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     out = check_output_dir(out_dir, protect, force=overwrite, owned=owned_entries)
-    staging = staging_dir(out)
     result = OptimizeResult(out, None, None, None)
-    try:
+    with staged_output(out) as staging:
         _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
              tvm_target, arch, tune_trials, cache_dir, protect, dynamic_shapes, reparameterize)
         (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
@@ -170,13 +168,6 @@ def optimize(
         result.artifacts["report"] = "report.json"
         (staging / "report.txt").write_text(str(result) + "\n")
         write_ownership(staging)
-        publish_dir(staging, out)
-    except OSError as exc:  # disk full, permission: a clean error saying what was not written
-        shutil.rmtree(staging, ignore_errors=True)
-        raise output_error(out, exc) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return result
 
 

@@ -56,3 +56,19 @@ def fold_and_check(model: nn.Module, inputs: tuple[torch.Tensor, ...], capture: 
     parity = compare(model, result.module, inputs)
     assert parity.passed, parity.to_dict()
     return result
+
+
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer, tiny, with non-trivial LayerNorm affines. Symbolic tracing keeps
+    ``nn.MultiheadAttention`` as one module, so its input LayerNorm has no linear to fold into; export sees the
+    in-projection as a linear and folds it."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                          num_classes=10).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.LayerNorm):
+            nn.init.normal_(mod.weight)
+            nn.init.normal_(mod.bias)
+    return m

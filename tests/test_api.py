@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from helpers import count_batchnorm, randomize_bn
+from helpers import count_batchnorm, randomize_bn, tiny_vit
 from torch import nn
 
 import bnfold
@@ -142,22 +142,6 @@ def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
 
 # -- capture="auto" keeps the better fold; reports name module paths (issue 12) ---------------------------------
 
-def _tiny_vit() -> nn.Module:
-    """torchvision's VisionTransformer, tiny, with non-trivial LayerNorm affines. Symbolic tracing keeps
-    ``nn.MultiheadAttention`` as one module, so its input LayerNorm has no linear to fold into; export sees the
-    in-projection as a linear and folds it."""
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                          num_classes=10).eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.LayerNorm):
-            nn.init.normal_(mod.weight)
-            nn.init.normal_(mod.bias)
-    return m
-
-
 def _assert_exact(model: nn.Module, folded: nn.Module, *batches: torch.Tensor) -> None:
     from bnfold.parity import compare
 
@@ -166,7 +150,7 @@ def _assert_exact(model: nn.Module, folded: nn.Module, *batches: torch.Tensor) -
 
 
 def test_auto_folds_as_many_as_the_better_capture() -> None:
-    model, x = _tiny_vit(), torch.randn(2, 3, 32, 32)
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
     symbolic = bnfold.fold(model, x, capture="symbolic").report
     export = bnfold.fold(model, x, capture="export").report
     assert len(symbolic.folded) < len(export.folded) == 5  # symbolic loses the two attention-input norms
@@ -232,7 +216,7 @@ def test_an_exported_program_reports_module_paths_and_keeps_its_dynamic_batch(tm
 
 
 def test_fold_with_dynamic_shapes_runs_at_other_batch_sizes() -> None:
-    model, x = _tiny_vit(), torch.randn(2, 3, 32, 32)
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=16)
     result = bnfold.fold(model, x, capture="export", dynamic_shapes=({0: batch},))
     assert len(result.report.folded) == 5

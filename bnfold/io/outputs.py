@@ -29,7 +29,7 @@ from pathlib import Path
 from bnfold.errors import InputError, OutputError
 
 __all__ = ["atomic_output", "check_output_dir", "check_output_file", "clean_stale", "output_error", "publish_dir",
-           "same_file", "staging_dir",
+           "same_file", "staged_output", "staging_dir",
            "write_bytes_atomic"]
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,25 @@ def staging_dir(out: PathLike) -> Path:
     except OSError as exc:
         raise output_error(o, exc) from None
     return d
+
+
+@contextlib.contextmanager
+def staged_output(out: PathLike) -> Iterator[Path]:
+    """Build the folder ``out`` in a staging folder beside it (:func:`staging_dir`) and publish it
+    (:func:`publish_dir`) when the block ends normally; on any exception the staging folder is removed — a disk or
+    permission error becomes an :class:`~bnfold.errors.OutputError` saying what was not written — and ``out`` is
+    left as it was."""
+    o = Path(out)
+    staging = staging_dir(o)
+    try:
+        yield staging
+        publish_dir(staging, o)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise output_error(o, exc) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def publish_dir(staging: Path, out: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import randomize_bn, tiny_vit
 from torch import nn
 
 import bnfold
@@ -202,20 +202,7 @@ class _LeViTStyle(nn.Module):
         return self.head(t.mean(1))
 
 
-def _vit() -> nn.Module:
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                          num_classes=10).eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.LayerNorm):
-            nn.init.normal_(mod.weight)
-            nn.init.normal_(mod.bias)
-    return m
-
-
-@pytest.mark.parametrize("make", [_vit, lambda: randomize_bn(_LeViTStyle()).eval()], ids=["vit", "levit_style"])
+@pytest.mark.parametrize("make", [tiny_vit, lambda: randomize_bn(_LeViTStyle()).eval()], ids=["vit", "levit_style"])
 def test_an_export_captured_fold_with_a_dynamic_batch_runs_in_ort_at_other_batch_sizes(make, tmp_path: Path
                                                                                          ) -> None:
     model, x = make(), torch.randn(2, 3, 32, 32)
@@ -236,7 +223,7 @@ def test_a_graph_with_the_batch_baked_in_is_written_static_and_says_so(tmp_path:
     fixed batch, and says so (the re-export claims a dynamic batch: ORT at batch 3 finds it baked)."""
     from bnfold.targets.onnx import StaticBatchWarning
 
-    model, x = _vit(), torch.randn(2, 3, 32, 32)
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
     folded = bnfold.fold(model, x, capture="export").module
     with pytest.warns(StaticBatchWarning, match="fixed batch of 2"):
         out = export_onnx(folded, (x,), tmp_path / "m.onnx")

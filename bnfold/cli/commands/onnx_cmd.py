@@ -141,7 +141,7 @@ def fold(args: argparse.Namespace) -> int:
 
 def optimize(args: argparse.Namespace) -> int:
     """``bnfold optimize MODEL.onnx -o OUT_DIR``: fold, parity with ONNX Runtime, optional TVM build."""
-    from bnfold.io.outputs import check_output_dir, publish_dir, staging_dir
+    from bnfold.io.outputs import check_output_dir, staged_output
     from bnfold.optimize import owned_entries, write_ownership
 
     if args.data:
@@ -152,8 +152,7 @@ def optimize(args: argparse.Namespace) -> int:
         raise InputError("--model-factory loads a state_dict into a torch model; the model here is an .onnx file")
     inputs_given = [p for p in (args.model, args.validate) if p]
     out = check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)
-    staging = staging_dir(out)
-    try:
+    with staged_output(out) as staging:
         report = _fold_and_check(args, staging / "folded.onnx", inputs_given, data=args.validate)
         stages: dict[str, Any] = {"fold": report.to_dict()}
         passed = bool((report.parity or {}).get("passed", True))
@@ -169,10 +168,6 @@ def optimize(args: argparse.Namespace) -> int:
                                                         allow_nan=False) + "\n")
         (staging / "report.txt").write_text(text + "\n")
         write_ownership(staging)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(json.dumps({"passed": passed, "stages": stages}, indent=2, default=str) if args.json else text)
     if not args.json:
         print(f"\nwrote {out}/ (folded.onnx, report.json, report.txt{', tvm/' if args.target != 'none' else ''})")
@@ -247,7 +242,7 @@ def compile_onnx(args: argparse.Namespace) -> int:
     """``bnfold compile MODEL.onnx -o OUT_DIR``: fold (ONNX rules) and compile the folded graph with TVM."""
     import tempfile
 
-    from bnfold.io.outputs import check_output_dir
+    from bnfold.io.outputs import check_output_dir, staged_output
     from bnfold.report import json_safe
     from bnfold.targets.tvm.artifact import artifact_entries
 
@@ -258,12 +253,8 @@ def compile_onnx(args: argparse.Namespace) -> int:
         staging = Path(tmp) / "tvm"
         info = _compile(Path(tmp) / "folded.onnx", staging, args)
         info["fold"] = {"folded": len(report.folded), "left": len(report.skipped), "parity": report.parity}
-        from bnfold.io.outputs import publish_dir, staging_dir
-
-        final = staging_dir(Path(args.output))
-        shutil.rmtree(final)
-        shutil.copytree(staging, final)
-        publish_dir(final, Path(args.output))
+        with staged_output(args.output) as final:
+            shutil.copytree(staging, final, dirs_exist_ok=True)
     passed = bool(info.get("parity_vs_folded", {}).get("passed", True)) and bool(
         (report.parity or {}).get("passed", True))
     if args.json:

@@ -227,25 +227,17 @@ class TvmArtifact:
         An existing folder is replaced only if ``overwrite`` and it is itself an artifact holding nothing but
         the files its manifest lists; a folder containing a path in ``protect`` (the user's inputs) never is.
         """
-        from bnfold.io.outputs import check_output_dir, output_error, publish_dir, staging_dir
+        from bnfold.io.outputs import check_output_dir, staged_output
 
         dest = Path(path)
         if dest.exists() and dest.resolve() == self._dir.resolve():
             return dest
         check_output_dir(dest, protect, force=overwrite, owned=artifact_entries)
-        tmp = staging_dir(dest)
-        try:
+        with staged_output(dest) as tmp:
             for f in self.files():
                 if f.name != MANIFEST:
                     shutil.copy2(f, tmp / f.name)
             (tmp / MANIFEST).write_text(json.dumps(self.build_info, indent=2, default=str) + "\n")
-            publish_dir(tmp, dest)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise output_error(dest, exc) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
     def __repr__(self) -> str:
