@@ -196,12 +196,17 @@ def rounding_depth(model: onnx.ModelProto) -> int:
 
 
 def onnx_parity(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.ModelProto | str | os.PathLike[str],
-                batches: Sequence[tuple[torch.Tensor, ...]] | None = None, *, seed: int = 0) -> ParityReport:
+                batches: Sequence[tuple[torch.Tensor, ...]] | None = None, *, seed: int = 0,
+                random_batches: bool = False) -> ParityReport:
     """Run ``original`` and ``folded`` with ONNX Runtime on ``batches`` (random when None) and judge parity with the
-    float64 rule when a float64 reference can be computed (module docstring), else elementwise."""
+    float64 rule when a float64 reference can be computed (module docstring), else elementwise.
+    ``random_batches``: the given batches are random ones (shaped by ``--input-shape``), not the user's data."""
     orig = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
-    source = "user"
+    source = "random" if random_batches else "user"
     notes: list[str] = []
+    if random_batches:
+        notes.append("compared on random inputs shaped by --input-shape; parity on random data says little about "
+                     "your data — pass real batches (--data)")
     if batches is None:
         batch, described = random_onnx_inputs(orig, seed=seed)
         batches, source = [batch], "random"

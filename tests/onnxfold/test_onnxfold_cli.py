@@ -30,6 +30,12 @@ def test_fold_checks_parity_on_the_users_data(tmp_path: Path) -> None:
     parity = json.loads(r.stdout)["parity"]
     assert parity["passed"] and parity["inputs"] == "user", parity
     assert not any("random inputs" in n for n in parity.get("notes", [])), parity
+    out2 = tmp_path / "g.shape.onnx"  # --input-shape: random inputs, and the report says so
+    r = subprocess.run([*BNFOLD, "fold", str(src), "-o", str(out2), "--input-shape", ",".join(map(str, shape)),
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    parity = json.loads(r.stdout)["parity"]
+    assert parity["inputs"] == "random", parity
 
 
 def test_fold_data_that_does_not_fit_the_model_exits_2(tmp_path: Path) -> None:

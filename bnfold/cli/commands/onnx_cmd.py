@@ -110,7 +110,7 @@ def _fold_and_check(args: argparse.Namespace, dest: Path, protect: list[str], da
     if loaded.external:
         report.notes.append(f"the input kept its weights in external data; so does the output ({written[-1].name})")
     try:
-        parity = onnx_parity(original, dest, batches)
+        parity = onnx_parity(original, dest, batches, random_batches=batches is not None and not data)
     except InputError:
         raise
     except Exception as exc:
