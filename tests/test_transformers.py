@@ -11,69 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo_timm import bert, llama, qwen2, vit
 
 import bnfold
 from bnfold.errors import CaptureError
 from bnfold.parity import compare
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-class Out(nn.Module):
-    """The model's one tensor output (``logits`` / ``last_hidden_state``)."""
-
-    def __init__(self, model: nn.Module, key: str) -> None:
-        super().__init__()
-        self.m, self.key = model, key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.m(x), self.key)
-
-
-def _randomize_norms(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return model.eval()
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
-
-
-def llama() -> tuple[nn.Module, torch.Tensor]:
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, use_cache=False)
-    torch.manual_seed(0)
-    return Out(_randomize_norms(transformers.LlamaForCausalLM(cfg)), "logits"), _ids()
-
-
-def qwen2() -> tuple[nn.Module, torch.Tensor]:
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, use_cache=False)
-    torch.manual_seed(0)
-    return Out(_randomize_norms(transformers.Qwen2ForCausalLM(cfg)), "logits"), _ids()
-
-
-def bert() -> tuple[nn.Module, torch.Tensor]:
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return Out(_randomize_norms(transformers.BertModel(cfg, add_pooling_layer=False)), "last_hidden_state"), _ids()
-
-
-def vit() -> tuple[nn.Module, torch.Tensor]:
-    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4)
-    torch.manual_seed(0)
-    model = Out(_randomize_norms(transformers.ViTModel(cfg, add_pooling_layer=False)), "last_hidden_state")
-    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def _fold(model: nn.Module, x: torch.Tensor, mode: str) -> bnfold.FoldResult:

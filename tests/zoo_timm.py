@@ -159,42 +159,81 @@ def fold_row(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], capt
     return row
 
 
+class Out(nn.Module):
+    """A transformers model's one tensor output (``logits`` / ``last_hidden_state``): plain tensors for fold and
+    parity."""
+
+    def __init__(self, model: nn.Module, key: str) -> None:
+        super().__init__()
+        self.m, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.m(x), self.key)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def llama() -> tuple[nn.Module, torch.Tensor]:
+    """A 2-layer Llama decoder with its LM head tied to the input embedding."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, use_cache=False)
+    torch.manual_seed(0)
+    return Out(randomize_norms(transformers.LlamaForCausalLM(cfg)), "logits"), _ids()
+
+
+def qwen2() -> tuple[nn.Module, torch.Tensor]:
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, use_cache=False)
+    torch.manual_seed(0)
+    return Out(randomize_norms(transformers.Qwen2ForCausalLM(cfg)), "logits"), _ids()
+
+
+def bert() -> tuple[nn.Module, torch.Tensor]:
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return Out(randomize_norms(transformers.BertModel(cfg, add_pooling_layer=False)), "last_hidden_state"), _ids()
+
+
+def vit() -> tuple[nn.Module, torch.Tensor]:
+    import transformers
+
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = Out(randomize_norms(transformers.ViTModel(cfg, add_pooling_layer=False)), "last_hidden_state")
+    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def gpt2() -> tuple[nn.Module, torch.Tensor]:
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return Out(randomize_norms(transformers.GPT2LMHeadModel(cfg)), "logits"), _ids()
+
+
+HF: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    "hf_llama": llama, "hf_qwen2": qwen2, "hf_bert": bert, "hf_vit": vit, "hf_gpt2": gpt2}
+"""Small transformers models (random init, random norm affines) and an example input each."""
+
+
 def hf_models() -> dict[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]:
-    """Small Hugging Face models (random init) and their example inputs."""
-    from transformers import (
-        BertConfig,
-        BertModel,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        ViTConfig,
-        ViTModel,
-    )
-
-    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-
-    def llama() -> tuple[nn.Module, tuple[Any, ...]]:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, use_cache=False)
-        return randomize_norms(LlamaForCausalLM(cfg)), (ids,)
-
-    def bert() -> tuple[nn.Module, tuple[Any, ...]]:
-        torch.manual_seed(0)
-        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=32)
-        return randomize_norms(BertModel(cfg, add_pooling_layer=False)), (ids,)
-
-    def vit() -> tuple[nn.Module, tuple[Any, ...]]:
-        torch.manual_seed(0)
-        cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64)
-        return randomize_norms(ViTModel(cfg, add_pooling_layer=False)), (torch.randn(2, 3, 32, 32),)
-
-    def gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
-        torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, use_cache=False)
-        return randomize_norms(GPT2LMHeadModel(cfg)), (ids,)
-
-    return {"hf_llama": llama, "hf_bert": bert, "hf_vit": vit, "hf_gpt2": gpt2}
+    """:data:`HF` with the input as a tuple (what :func:`fold_row` takes)."""
+    def wrap(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> Callable[[], tuple[nn.Module, tuple[Any, ...]]]:
+        def make() -> tuple[nn.Module, tuple[Any, ...]]:
+            model, x = build()
+            return model, (x,)
+        return make
+    return {name: wrap(build) for name, build in HF.items()}
