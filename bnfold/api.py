@@ -28,6 +28,7 @@ from bnfold.passes import (
     PipelineResult,
     Rejection,
     Until,
+    check_until,
     default_pipeline,
 )
 from bnfold.report import FoldedEntry, FoldReport, SkippedEntry
@@ -95,7 +96,7 @@ def fold(
     turns it on by default.
     """
     inputs = _as_inputs(example_inputs)
-    _check_until(until)  # before the capture: a typo costs nothing
+    check_until(until)  # before the capture: a typo costs nothing
     if capture == "auto" and not dynamic.is_exported(model):
         result = _fold_auto(model, inputs, dynamic_shapes, until, dump_ir, instruments, reparameterize)
     else:
@@ -164,12 +165,6 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     return chosen
 
 
-def _check_until(until: str | None) -> None:
-    names = default_pipeline([]).names
-    if until is not None and until not in names:
-        raise InputError(f"until={until!r} names no pass", hint=f"passes are: {', '.join(names)}")
-
-
 def fold_captured(
     captured: Captured,
     *,
@@ -189,7 +184,7 @@ def fold_captured(
     pipeline = default_pipeline(extra, reparameterize=reparameterize)
     ctx = PassContext(gm, owns_state=captured.owns_state)
     if until is not None:
-        _check_until(until)
+        check_until(until)
         pipeline.instruments.append(Until(until))
     run = pipeline.run(gm, ctx)
     materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain

@@ -66,6 +66,7 @@ __all__ = [
     "SplitNormAffine",
     "Until",
     "Verify",
+    "check_until",
     "default_pipeline",
 ]
 
@@ -95,3 +96,15 @@ def default_pipeline(instruments: Sequence[Instrument] = (), *, reparameterize: 
     passes: list[Pass] = [Reparameterize(enabled=reparameterize) if p is Reparameterize else p()
                           for p in FIXED_POINT]
     return Pipeline(passes, finalize=[p() for p in FINALIZE], instruments=instruments)
+
+
+def check_until(until: str | None, *, spelled: str = "until=") -> None:
+    """``until`` names a pass of :func:`default_pipeline` (checked before any work); ``spelled``: how the user
+    wrote the option (``"until="`` in Python, ``"--until "`` on the command line), for the message."""
+    if until is None:
+        return
+    names = default_pipeline().names
+    if until not in names:
+        from bnfold.errors import InputError
+
+        raise InputError(f"{spelled}{until!r} names no pass", hint=f"passes are: {', '.join(names)}")

@@ -88,13 +88,9 @@ def check_cache_dir(cache_dir: str | None) -> None:
 
 def check_until(until: str | None) -> None:
     """``--until`` names a pass (checked before any work)."""
-    if until is None:
-        return
-    from bnfold.passes import default_pipeline
+    from bnfold.passes import check_until as check
 
-    names = default_pipeline().names
-    if until not in names:
-        raise InputError(f"--until {until!r} names no pass", hint=f"passes are: {', '.join(names)}")
+    check(until, spelled="--until ")
 
 
 def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
