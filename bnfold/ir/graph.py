@@ -132,17 +132,18 @@ def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
     return _extract_tensor_metadata(t)
 
 
-def shapes_from_vals(gm: torch.fx.GraphModule) -> bool:
-    """Record ``tensor_meta`` from the fake values ``torch.export`` already left in ``node.meta['val']``; False
-    (nothing changed) when a node that computes something has no value recorded."""
+def shapes_from_vals(gm: torch.fx.GraphModule, *, complete: bool = True) -> bool:
+    """Record ``tensor_meta`` from the (fake) values in ``node.meta['val']`` — those ``torch.export`` leaves, or a
+    fake-tensor propagation. ``complete``: all or nothing — False (nothing recorded) when a node that computes
+    something has no value (export's input-guard call, which returns nothing, is not one)."""
     metas: dict[torch.fx.Node, Any] = {}
     for node in gm.graph.nodes:
-        if node.op in ("output", "get_attr"):
+        if node.op == "output":
             continue
         if "val" not in node.meta:
-            if node.op == "call_module" and not node.users:  # export's input guards: nothing to record
-                continue
-            return False
+            if complete and not (node.op == "call_module" and not node.users):
+                return False
+            continue
         val = node.meta["val"]
         if isinstance(val, torch.Tensor):
             metas[node] = _tensor_meta(val)
@@ -165,12 +166,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
-        for node in gm.graph.nodes:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                node.meta["tensor_meta"] = _tensor_meta(val)
-            elif isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
-                node.meta["tensor_meta"] = tuple(_tensor_meta(v) for v in val)
+        shapes_from_vals(gm, complete=False)
         return
     except Exception as exc:  # fake propagation is an optimisation only
         log.debug("fake shape propagation failed (%s); running the graph for real", exc)
