@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-__all__ = ["METADATA_ATTRS", "reads_values", "value_users"]
+__all__ = ["METADATA_ATTRS", "nodes_in", "reads_values", "value_users"]
 
 METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_sparse", "is_quantized",
                             "is_floating_point", "requires_grad"})
@@ -72,15 +72,10 @@ def _metadata_positions(user: torch.fx.Node) -> tuple[int, ...]:
     return ()
 
 
-def _mentions(value: Any, node: torch.fx.Node) -> bool:
-    found = False
-
-    def visit(v: Any) -> Any:
-        nonlocal found
-        found = found or v is node
-        return v
-
-    torch.fx.node.map_arg(value, visit)
+def nodes_in(value: Any) -> list[torch.fx.Node]:
+    """The graph nodes inside an argument value (nested tuples, lists and dicts included)."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(value, found.append)
     return found
 
 
@@ -89,9 +84,9 @@ def reads_values(user: torch.fx.Node, node: torch.fx.Node) -> bool:
     meta = _metadata_positions(user)
     if not meta:
         return True
-    if any(_mentions(v, node) for v in user.kwargs.values()):
+    if node in nodes_in(user.kwargs):
         return True
-    return any(_mentions(a, node) for i, a in enumerate(user.args) if i not in meta)
+    return node in nodes_in([a for i, a in enumerate(user.args) if i not in meta])
 
 
 def value_users(node: torch.fx.Node) -> list[torch.fx.Node]:

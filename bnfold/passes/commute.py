@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.ir.graph import fetch_attr, node_shape, normalized_kwargs
-from bnfold.ir.uses import reads_values
+from bnfold.ir.uses import nodes_in, reads_values
 
 __all__ = ["CAT", "Affine", "Crossing", "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split",
            "index_transfer", "no_check", "positive_scale", "positive_scale_no_shift", "same", "spatial_axis_guard",
@@ -268,7 +268,7 @@ def _select_transfer(node: torch.fx.Node, in_shape: tuple[int, ...], out_shape: 
                      ) -> tuple[Callable[[Affine], Affine | str], Callable[[Affine], Affine | str]] | str:
     """``x[index]`` / ``select`` / ``slice`` / ``narrow`` with constant arguments: an index map."""
     args, kwargs = node.args[1:], dict(node.kwargs)
-    if _has_node(args) or _has_node(kwargs):
+    if nodes_in(args) or nodes_in(kwargs):
         return f"'{node.name}' selects by values computed at run time"
     target = node.target
     if isinstance(target, str):
@@ -284,18 +284,6 @@ def _select_transfer(node: torch.fx.Node, in_shape: tuple[int, ...], out_shape: 
     if tuple(probe.shape) != out_shape:
         return f"'{node.name}' selects a shape its metadata does not record"
     return index_transfer(in_shape, out_shape, fn)
-
-
-def _has_node(value: Any) -> bool:
-    found = False
-
-    def visit(v: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(v, torch.fx.Node)
-        return v
-
-    torch.fx.node.map_aggregate(value, visit)
-    return found
 
 
 def _arg(node: torch.fx.Node, gm: torch.fx.GraphModule, name: str, default: Any) -> Any:
