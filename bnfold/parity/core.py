@@ -23,7 +23,7 @@ from bnfold.report import format_table, json_safe
 if TYPE_CHECKING:
     from bnfold.parity.localize import Localization
 
-__all__ = ['ParityReport', 'compare', 'judge', 'needs_storage_noise', 'run_reference64']
+__all__ = ['Noise64', 'ParityReport', 'compare', 'judge', 'run_reference64']
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,32 @@ def _vs64(o: OutputParity) -> str:
     return f"{o.rmse_vs_fp64:.3g} / {o.reference_rmse_vs_fp64:.3g} ≤ {o.bound:.3g}"
 
 
+Noise64 = Sequence[Sequence[Sequence[torch.Tensor]]]
+"""Per storage-noise draw, its outputs per batch (:func:`~bnfold.parity.noise.storage_noise64`)."""
+
+
 def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs: Sequence[Sequence[torch.Tensor]],
           reference64_outputs: Sequence[Sequence[torch.Tensor]] | None = None, *,
           tolerance: Tolerance | None = None, depth: int = 1,
-          noise64_outputs: Sequence[Sequence[Sequence[torch.Tensor]]] = ()) -> tuple[ParityReport, list[float]]:
+          storage_noise: Callable[[], Noise64] | None = None) -> tuple[ParityReport, list[float]]:
     """The report for precomputed outputs (one list of tensors per batch), and per batch the worst
     ``rmse/bound`` ratio (``inf`` for a batch that fails outright) — used to pick the batch to localize on.
     ``depth``: the reference's :func:`rounding_depth`, for the per-dtype defaults when ``tolerance`` is None;
-    ``noise64_outputs``: per storage-noise draw, its outputs per batch
-    (:func:`~bnfold.parity.noise.storage_noise64`)."""
+    ``storage_noise``: measures the storage noise ``S`` — called only when the verdict fails on the analytic
+    bound alone, the one case ``S`` (which only raises the bound) can change."""
+    report, ratios = _judge_once(reference_outputs, candidate_outputs, reference64_outputs, tolerance, depth, ())
+    if storage_noise is not None and reference64_outputs is not None and _needs_storage_noise(report):
+        noise = storage_noise()
+        if noise:
+            report, ratios = _judge_once(reference_outputs, candidate_outputs, reference64_outputs, tolerance,
+                                         depth, noise)
+    return report, ratios
+
+
+def _judge_once(reference_outputs: Sequence[Sequence[torch.Tensor]],
+                candidate_outputs: Sequence[Sequence[torch.Tensor]],
+                reference64_outputs: Sequence[Sequence[torch.Tensor]] | None, tolerance: Tolerance | None,
+                depth: int, noise64_outputs: Noise64) -> tuple[ParityReport, list[float]]:
     report = ParityReport(batches=len(reference_outputs))
     totals: list[OutputStats] = []
     tols: list[Tolerance] = []
@@ -196,7 +213,7 @@ def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs
     return report, ratios
 
 
-def needs_storage_noise(report: ParityReport) -> bool:
+def _needs_storage_noise(report: ParityReport) -> bool:
     """Whether measuring the storage noise ``S`` could turn ``report``'s verdict: some output fails the float64
     rule on its bound alone (no errors, no NaN, no non-finite mismatch, no empty output)."""
     if report.errors:
@@ -261,13 +278,8 @@ def compare(
     ref_out = run_batches(reference, batches)
     cand_out = run_batches(candidate, batches)
     ref64_out, note64 = run_reference64(reference, reference64, batches)
-    depth = rounding_depth(reference)
-    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=depth)
-    if needs_storage_noise(report):  # only S can still change the verdict: measure it (it only raises the bound)
-        noise = storage_noise64(reference, batches)
-        if noise:
-            report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=depth,
-                                   noise64_outputs=noise)
+    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=rounding_depth(reference),
+                           storage_noise=lambda: storage_noise64(reference, batches))
     report.inputs = source
     if source == "random":
         shapes = ", ".join("x".join(map(str, t.shape)) for t in batches[0])

@@ -41,6 +41,7 @@ def storage_noise64(reference: Any, batches: Sequence[Batch], draws: int = STORA
         return []
     u_s = max(storage_roundoff(d) for d in dtypes)
     gen = torch.Generator().manual_seed(seed)
+    batches64 = [batch_to_float64(b) for b in batches]
     out = []
     for _ in range(draws):
         try:
@@ -50,7 +51,7 @@ def storage_noise64(reference: Any, batches: Sequence[Batch], draws: int = STORA
                     t.mul_(_relative_noise(t, u_s, gen))
             hooks = [m.register_forward_hook(_output_rounding(u_s, gen)) for m in _leaf_modules(noisy)]
             try:
-                out.append(run_batches(noisy, [batch_to_float64(b) for b in batches]))
+                out.append(run_batches(noisy, batches64))
             finally:
                 for h in hooks:
                     h.remove()

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from bnfold.parity.core import ParityReport, judge, needs_storage_noise, run_reference64
+from bnfold.parity.core import ParityReport, judge, run_reference64
 from bnfold.parity.independence import BatchIndependence, check_batch_independence
 from bnfold.parity.inputs import Batch, as_batches, random_inputs, run_batches
 from bnfold.parity.noise import storage_noise64
@@ -283,13 +283,9 @@ class StageTracker:
 
     def _judge(self, ref: _Kept, cand: _Kept, truth: _Kept, *, localize: bool = True) -> ParityReport:
         """``cand`` vs ``ref``, measured against ``truth``'s float64 outputs (the baseline's or the original's)."""
-        depth = rounding_depth(ref.model)
-        report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance, depth=depth)
-        if truth.outputs64 is not None and needs_storage_noise(report):
-            noise = truth.storage_noise(self.batches)
-            if noise:
-                report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance,
-                                      depth=depth, noise64_outputs=noise)
+        report, ratios = judge(ref.outputs, cand.outputs, truth.outputs64, tolerance=self.tolerance,
+                               depth=rounding_depth(ref.model),
+                               storage_noise=lambda: truth.storage_noise(self.batches))
         report.inputs = self._report.inputs
         failed = not report.errors and not all(o.passed for o in report.outputs)
         if localize and self.localize and failed and isinstance(cand.model, torch.fx.GraphModule) \
