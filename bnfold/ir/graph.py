@@ -12,7 +12,7 @@ import io
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, List  # noqa: UP035 (List[int] is how torch schemas spell a list of ints)
 
 import torch
 import torch.fx
@@ -234,14 +234,12 @@ def normalized_kwargs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str
 
 def _arg_type(value: Any) -> Any:
     """The type torch.fx's schema matching expects for an argument value (``List[int]`` for a list of ints)."""
-    import typing
-
     if isinstance(value, torch.fx.Node):
         val = value.meta.get("val")
         return type(val) if val is not None and not isinstance(val, torch.Tensor) else torch.Tensor
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, int) for v in value):
-            return typing.List[int]  # noqa: UP006 (the schema's own spelling)
+            return List[int]  # noqa: UP006 (the schema's own spelling)
         return list
     return type(value)
 
