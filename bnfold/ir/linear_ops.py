@@ -38,7 +38,7 @@ _FUNCTIONS: dict[Any, OpKind] = {
     aten.linear.default: "linear",
 }
 _CONVOLUTION = {aten.convolution.default, aten._convolution.default}
-_MATMUL = {aten.addmm.default, aten.mm.default}
+_MATMUL = {aten.addmm.default, aten.mm.default, torch.addmm, torch.mm}  # torch.*: Conv1D (GPT-2) traced
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,8 @@ def match_linear_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp |
 
 
 def _match_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearOp | NotFoldable | None:
-    """``addmm(bias, x, Wᵀ)`` / ``mm(x, Wᵀ)``: a Linear after ``run_decompositions`` (weight transposed)."""
+    """``addmm(bias, x, Wᵀ)`` / ``mm(x, Wᵀ)``: a Linear after ``run_decompositions``, or a layer that stores its
+    weight as (in, out) (transformers' ``Conv1D``, GPT-2) traced symbolically."""
     kw = _kwargs(gm, node)
     if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1:
         return NotFoldable(node, "its addmm scales by alpha/beta")

@@ -255,11 +255,9 @@ def _capture(model: nn.Module, batch: Batch, mode: str) -> torch.fx.GraphModule:
     without its shape propagation, which localization does not need."""
     model = copy.deepcopy(model)
     if mode == "symbolic":
-        from bnfold.capture import BnfoldTracer
+        from bnfold.capture import symbolic_trace
 
-        tracer = BnfoldTracer()
-        graph = tracer.trace(model)
-        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return symbolic_trace(model, tuple(batch)).module
     gm = torch.export.export(model, tuple(batch), strict=False).module()
     assert isinstance(gm, torch.fx.GraphModule)
     return gm

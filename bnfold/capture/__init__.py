@@ -10,10 +10,9 @@ them for whoever exports the folded graph again (a symbolic trace is shape-gener
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,66 +21,30 @@ import torch.fx
 from torch import nn
 
 from bnfold import dynamic
+from bnfold.capture.tracer import BnfoldTracer, SymbolicTrace, symbolic_trace
 from bnfold.errors import CaptureError
-from bnfold.ir.batchnorm import is_stock_batchnorm
 from bnfold.ir.graph import propagate_shapes, shapes_from_vals
-from bnfold.ir.linear_ops import module_kind
 
-__all__ = ["BnfoldTracer", "CaptureMode", "Captured", "capture"]
+__all__ = ["BnfoldTracer", "CaptureMode", "Captured", "SymbolicTrace", "capture", "symbolic_trace"]
 
 log = logging.getLogger(__name__)
 
 CaptureMode = Literal["symbolic", "export", "auto"]
 
 
-class BnfoldTracer(torch.fx.Tracer):
-    """``symbolic_trace`` tracer that keeps stock conv/linear/BN modules (and their plain subclasses, such as
-    torchvision's ``Conv3DSimple``) as leaves, and traces *through* subclasses that override ``forward``
-    (a BN that also applies an activation shows up as ``F.batch_norm`` followed by the activation)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_stock_batchnorm(m) or module_kind(m) is not None:
-            return True
-        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd | nn.Linear):
-            return False  # overridden forward: trace through it
-        return super().is_leaf_module(m, module_qualified_name)
-
-
 @dataclass
 class Captured:
     """``module``: the graph; ``owns_state``: its parameters and buffers are bnfold's own copies (the model was
-    deep-copied), so folds may overwrite a weight in place when nothing else in the graph shares it."""
+    deep-copied), so folds may overwrite a weight in place when nothing else in the graph shares it;
+    ``decisions``: a symbolic trace guided by the example inputs took these Python decisions on their shapes
+    and dtypes (:class:`bnfold.capture.tracer.SymbolicTrace`; the graph checks its inputs against them)."""
 
     module: torch.fx.GraphModule
     mode: Literal["symbolic", "export"]
     example_inputs: tuple[torch.Tensor, ...]
     owns_state: bool = False
     dynamic_shapes: dynamic.DynamicShapes | None = None
-
-
-@contextlib.contextmanager
-def _traceable_batchnorm() -> Iterator[None]:
-    """Make ``_BatchNorm.forward`` symbolically traceable when a subclass calls ``super().forward``: its input
-    checks (``input.dim()``, ``input.size(1)``) branch on tensor values, which symbolic tracing cannot do.
-    The checks are validation only; shapes are checked again when the traced graph runs."""
-    classes = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
-    saved = [(cls, name, cls.__dict__[name]) for cls in classes
-             for name in ("_check_input_dim", "_check_non_zero_input_channels") if name in cls.__dict__]
-    try:
-        for cls, name, _ in saved:
-            setattr(cls, name, lambda self, input: None)
-        yield
-    finally:
-        for cls, name, fn in saved:
-            setattr(cls, name, fn)
-
-
-def _symbolic(model: nn.Module) -> torch.fx.GraphModule:
-    tracer = BnfoldTracer()
-    with _traceable_batchnorm():
-        graph = tracer.trace(model)
-    name = model.__class__.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    decisions: tuple[str, ...] = ()
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: object) -> torch.fx.GraphModule:
@@ -116,13 +79,18 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     order: list[Literal["symbolic", "export"]] = ["symbolic", "export"] if mode == "auto" else [mode]
     for m in order:
         try:
-            gm = _symbolic(model) if m == "symbolic" else _export(model, inputs, dynamic_shapes)
+            decisions: tuple[str, ...] = ()
+            if m == "symbolic":
+                traced = symbolic_trace(model, inputs, specialize=dynamic_shapes is None)
+                gm, decisions = traced.module, traced.decisions
+            else:
+                gm = _export(model, inputs, dynamic_shapes)
             # export already recorded every node's (fake) value; with dynamic dims those sizes are symbolic, and
             # the passes read concrete example shapes: propagate again from the example inputs then
             if m == "symbolic" or dynamic_shapes is not None or not shapes_from_vals(gm):
                 propagate_shapes(gm, inputs)
-            return Captured(gm, m, inputs, owns_state=copy_model,
-                            dynamic_shapes=dynamic_shapes)  # type: ignore[arg-type]
+            return Captured(gm, m, inputs, owns_state=copy_model, dynamic_shapes=dynamic_shapes,  # type: ignore[arg-type]
+                            decisions=decisions)
         except Exception as exc:
             log.debug("capture by %s failed: %s", m, exc)
             cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc
