@@ -122,3 +122,18 @@ def test_handwritten_layernorm_and_layerscale_are_candidates(capture_mode: str) 
     assert norm.path == "norm" and norm.kind.startswith("LayerNorm (HandNorm, hand-written")
     (scale,) = report.skipped
     assert scale.path == "scale" and "per-channel scale by 'scale'" in scale.kind and scale.reason
+
+
+def test_unwrapped_model_returns_its_model_output(capture_mode: str) -> None:
+    """The model itself, not wrapped: its optional inputs stay at their defaults (``attention_mask=None``, …),
+    and the folded graph returns the same ``ModelOutput`` class (fx alone would return a plain dict)."""
+    model, x = llama()
+    lm = model.m
+    result = bnfold.fold(lm, (x,), capture=capture_mode)
+    out, ref = result.module(x), lm(x)
+    assert type(out) is type(ref) and list(out.keys()) == list(ref.keys()) == ["logits"]
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert {e.path for e in result.report.folded} == {"model.layers.0.input_layernorm",
+                                                      "model.layers.0.post_attention_layernorm",
+                                                      "model.layers.1.input_layernorm",
+                                                      "model.layers.1.post_attention_layernorm", "model.norm"}

@@ -25,7 +25,7 @@ import logging
 import operator
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -63,6 +63,13 @@ class BnfoldTracer(torch.fx.Tracer):
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd | nn.Linear):
             return False  # overridden forward: trace through it
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_arg(self, a: Any) -> Any:
+        """A dataclass that is also a dict (``transformers``' ``ModelOutput``) is rebuilt as itself from its set
+        fields, as ``torch.export`` returns it (fx alone would turn it into a plain dict)."""
+        if isinstance(a, dict) and is_dataclass(a) and not isinstance(a, type):
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        return super().create_arg(a)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: dict[str, Any] | tuple[Any, ...] | None = None
@@ -109,10 +116,10 @@ class GuidedProxy(Proxy):
         return self.tracer.length(self)
 
     def __getattr__(self, k: str) -> Any:
-        if k == "dtype":  # a graph's dtypes are fixed: answer from the value, no node
+        if k in ("dtype", "device"):  # fixed for a graph, as in torch.export's: answered, no node
             value = self.tracer.value(self)
             if isinstance(value, torch.Tensor):
-                return value.dtype
+                return getattr(value, k)
         return GuidedAttribute(self, k)
 
     def __index__(self) -> int:
