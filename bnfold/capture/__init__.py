@@ -1,11 +1,13 @@
-"""Capture an ``nn.Module`` as a ``torch.fx.GraphModule``: by ``torch.fx.symbolic_trace`` (module structure
-kept, conv/linear/BN as ``call_module``) or by ``torch.export`` (aten ops, works through most Python control
-flow). ``"auto"`` here tries symbolic tracing first and falls back to export (:func:`bnfold.fold`'s ``"auto"``
-runs both and keeps the better fold). Every pass works on both.
+"""Capture an ``nn.Module`` as a ``torch.fx.GraphModule``: by symbolic tracing (module structure kept,
+conv/linear/BN as ``call_module``; guided by the example inputs where the model branches on shapes or dtypes:
+:mod:`bnfold.capture.tracer`) or by ``torch.export`` (aten ops, works through most Python control flow).
+``"auto"`` here tries symbolic tracing first and falls back to export (:func:`bnfold.fold`'s ``"auto"`` runs both
+and keeps the better fold). Every pass works on both.
 
 Dynamic dimensions: ``dynamic_shapes`` (``torch.export``'s format) is passed to the export; an ExportedProgram
 or its ``.module()`` brings its own (:func:`bnfold.dynamic.dynamic_dims`). ``Captured.dynamic_shapes`` keeps
-them for whoever exports the folded graph again (a symbolic trace is shape-generic: it only records them).
+them for whoever exports the folded graph again (a plain symbolic trace is shape-generic: it only records them;
+a guided one that had to decide on the example shapes is refused with dynamic shapes).
 """
 
 from __future__ import annotations
