@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import logging
 import operator
+import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
@@ -103,6 +104,10 @@ def input_names(forward: Callable[..., Any], n: int) -> list[str] | None:
     return names if len(names) == n else None
 
 
+class _MissingValue(LookupError):
+    """An argument of the node has no fake value (the message: why the first one has none)."""
+
+
 class DataDependentControlFlow(TraceError):
     """The model takes a Python decision on tensor values while being traced: a graph cannot hold it."""
 
@@ -150,6 +155,7 @@ class GuidedTracer(BnfoldTracer):
                          for t in example_inputs]
         self.decisions: list[str] = []
         self._values: dict[torch.fx.Node, Any] = {}
+        self._failures: dict[torch.fx.Node, str] = {}  # why a node has no value
         self._placeholders = 0
         self._evaluating = False
 
@@ -166,7 +172,11 @@ class GuidedTracer(BnfoldTracer):
             return proxy
         try:
             self._values[proxy.node] = self._evaluate(kind, target, args, kwargs)
-        except Exception as exc:  # no value: a decision on this node fails as in plain symbolic tracing
+        except _MissingValue as exc:  # an input has none: the first node that failed is the reason
+            self._failures[proxy.node] = str(exc)
+        except Exception as exc:  # no value: a decision on this node fails, saying why
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            self._failures[proxy.node] = f"{proxy.node.name}: {type(exc).__name__}: {first_line}"
             log.debug("no fake value for %s %s: %s", kind, target, exc)
         return proxy
 
@@ -197,7 +207,7 @@ class GuidedTracer(BnfoldTracer):
         if isinstance(a, Proxy):
             value = self.value(a)
             if value is _NO_VALUE:
-                raise LookupError(f"no value for {a.node}")
+                raise _MissingValue(self._failures.get(a.node, f"{a.node.name} has no value"))
             return value
         return self._fake(a)
 
@@ -223,16 +233,18 @@ class GuidedTracer(BnfoldTracer):
     def _decide(self, proxy: Proxy, what: str, take: Callable[[Any], Any]) -> Any:
         value = self.value(proxy)
         if value is _NO_VALUE:
-            raise TraceError(f"symbolically traced variables cannot be used as inputs to control flow ({what} "
-                             f"of {proxy.node.format_node()}, whose value could not be computed) at "
-                             f"{_user_frame()}")
+            why = self._failures.get(proxy.node, "not an input, parameter, buffer or op result")
+            raise TraceError(f"symbolically traced variables cannot be used as inputs to control flow: {what} of "
+                             f"{_describe(proxy.node)} at {_user_frame()}, whose fake value could not be "
+                             f"computed ({why})")
         try:
             result = take(value)
         except Exception as exc:
             if isinstance(value, torch.Tensor):
                 raise DataDependentControlFlow(
                     f"data-dependent control flow at {_user_frame()}: {what} of a tensor's values "
-                    f"({proxy.node.format_node()}), which a symbolic trace cannot know") from exc
+                    f"({_describe(proxy.node)}), which a symbolic trace cannot know: write the branch with "
+                    f"torch.where (both sides in the graph), or fold with capture='export'") from exc
             raise
         self.decisions.append(f"{_user_frame()}: {what} = {result!r}")
         return result
@@ -253,6 +265,11 @@ class GuidedTracer(BnfoldTracer):
         return (obj[i] for i in range(n))
 
 
+def _describe(node: torch.fx.Node) -> str:
+    target = getattr(node.target, "__name__", node.target)
+    return f"'{node.name}' ({node.op} {target})"
+
+
 def _fetch(root: nn.Module, target: str) -> Any:
     value: Any = root
     for atom in target.split("."):
@@ -260,12 +277,14 @@ def _fetch(root: nn.Module, target: str) -> Any:
     return value
 
 
+_NOT_MODEL_CODE = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
 def _user_frame() -> str:
     """``file:line`` of the innermost frame outside torch and bnfold's capture: the model code deciding."""
     for frame in reversed(traceback.extract_stack()):
-        name = frame.filename.replace("\\", "/")
-        if "/torch/" not in name and "/bnfold/capture/" not in name:
-            return f"{name.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
+        if not frame.filename.startswith(_NOT_MODEL_CODE):
+            return f"{frame.filename.rsplit('site-packages' + os.sep, 1)[-1]}:{frame.lineno}"
     return "<unknown>"
 
 

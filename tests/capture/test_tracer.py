@@ -78,6 +78,16 @@ class ValueBranch(Plain):
         return self.fc(h)
 
 
+class DataDependentShape(Plain):
+    """Branches on a shape that depends on values (``nonzero``): its fake value cannot be computed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if torch.nonzero(h).shape[0] > 0:
+            h = -h
+        return self.fc(h)
+
+
 class TensorCheck(Plain):
     """Refuses anything but a real tensor, which a symbolic proxy is not (``torch.export`` passes one)."""
 
@@ -153,6 +163,12 @@ def test_data_dependent_control_flow_fails_naming_the_line() -> None:
         symbolic_trace(model, (X,))
     with pytest.raises(CaptureError, match="symbolic: DataDependentControlFlow: data-dependent control flow at"):
         capture(model, (X,), "symbolic")
+
+
+def test_a_value_that_cannot_be_computed_is_named_with_the_reason() -> None:
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"bool of .* at .*test_tracer.py:\d+, whose fake value could "
+                                                        r"not be computed \(.*nonzero"):
+        symbolic_trace(_randomize(DataDependentShape()), (X,))
 
 
 def test_auto_falls_back_to_export_when_symbolic_capture_fails() -> None:
