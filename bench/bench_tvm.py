@@ -132,8 +132,15 @@ def bench_model(arch: str, args: argparse.Namespace, cache_dir: Path, threads: i
         second_s = time.perf_counter() - t0
     for w in caught:
         log.warning("%s", w.message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntunedKernelsWarning)
+        t0 = time.perf_counter()
+        default = bnfold.compile(folded, (x,), tune_trials=0, cache_dir=cache_dir / "empty", prepack=args.prepack,
+                                 layout=args.layout, progress=False)  # no database: bnfold's hand schedules
+        default_s = time.perf_counter() - t0
     tuning = art.build_info["tuning"]
     parity = bnfold.compare(folded, art, (x,)).summary()
+    parity_default = bnfold.compare(folded, default, (x,)).summary()
     same = bool(torch.equal(art(x), art2(x)))
     with tempfile.TemporaryDirectory(prefix="bench-tvm-") as tmp:
         ort_run = _onnx_runner(folded, x, Path(tmp), threads)
@@ -141,6 +148,7 @@ def bench_model(arch: str, args: argparse.Namespace, cache_dir: Path, threads: i
             "pytorch eager (unfolded)": lambda: model(x),
             "pytorch eager (folded)": lambda: folded(x),
             "onnx runtime (folded)": ort_run,
+            "bnfold + tvm (default schedules, untuned)": lambda: default(x),
             "bnfold + tvm (tuned)": lambda: art(x),
         }
         timings = _time_interleaved(engines, args.rounds, args.per_round, args.warmup)
@@ -150,6 +158,8 @@ def bench_model(arch: str, args: argparse.Namespace, cache_dir: Path, threads: i
         "first_compile_s": round(first_s, 1), "second_compile_s": round(second_s, 1),
         "second_compile_trials_run": art2.build_info["tuning"]["trials_run"], "second_compile_same_output": same,
         "untuned": tuning["untuned"], "parity_vs_folded": parity, "timings": timings,
+        "default_compile_s": round(default_s, 1), "default_parity_vs_folded": parity_default,
+        "estimated_kernel_ms": tuning.get("estimated_kernel_ms"),
         "per_task": tuning["tasks"],
     }
 
@@ -163,14 +173,17 @@ def _table(results: list[dict[str, Any]]) -> str:
             ratio = t["median_ms"] / tvm_ms
             lines.append(f"| {r['model']} | {engine} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | "
                          f"{'—' if engine.startswith('bnfold') else f'{ratio:.2f}×'} |")
-    lines += ["", "| model | kernels | trial budget | trials run | tuning time | first compile | second compile "
-              "(cached db) | untuned kernels | parity vs folded |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| model | kernels | trial budget | trials run | tuning time | s / trial | first compile | "
+              "second compile (cached db) | default-schedule compile | unscheduled kernels | parity vs folded "
+              "(tuned / default) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        p = r["parity_vs_folded"]
+        p, d = r["parity_vs_folded"], r["default_parity_vs_folded"]
+        per_trial = r["tuning_s"] / r["trials_run"] if r["trials_run"] else float("nan")
         lines.append(f"| {r['model']} | {r['kernels']} | {r['trials_budget']} | {r['trials_run']} | "
-                     f"{r['tuning_s'] / 60:.1f} min | {r['first_compile_s'] / 60:.1f} min | "
-                     f"{r['second_compile_s']:.1f} s | {len(r['untuned'])} | "
-                     f"{'PASS' if p['passed'] else 'FAIL'} (max abs {p['max_abs']:.2g}) |")
+                     f"{r['tuning_s'] / 60:.1f} min | {per_trial:.2f} | {r['first_compile_s'] / 60:.1f} min | "
+                     f"{r['second_compile_s']:.1f} s | {r['default_compile_s']:.1f} s | {len(r['untuned'])} | "
+                     f"{'PASS' if p['passed'] else 'FAIL'} ({p['max_abs']:.2g}) / "
+                     f"{'PASS' if d['passed'] else 'FAIL'} ({d['max_abs']:.2g}) |")
     return "\n".join(lines)
 
 
@@ -182,7 +195,7 @@ def main() -> int:
                                      "--trials-per-kernel for the models it names)")
     ap.add_argument("--cache-dir", help="tuning database root (default: a fresh temporary folder)")
     ap.add_argument("--no-prepack", dest="prepack", action="store_false", help="tune without weight prepacking")
-    ap.add_argument("--layout", choices=["NCHW", "NHWC"], help="convolution layout for TVM (default NCHW)")
+    ap.add_argument("--layout", choices=["NCHWc", "NCHW", "NHWC"], help="convolution layout for TVM (default NCHWc)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=10)
@@ -202,10 +215,15 @@ def main() -> int:
     import onnxruntime
     import tvm
 
-    meta = {"machine": platform.machine(), "cpu": _cpu_name(), "threads": threads, "torch": torch.__version__,
+    from bnfold.targets.tvm.target import cpu_target
+
+    spec = cpu_target()
+    meta = {"machine": platform.machine(), "cpu": _cpu_name(), "mcpu": spec.mcpu,
+            "isa": spec.isa()["features"], "threads": threads, "torch": torch.__version__,
             "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "load_average_end": os.getloadavg(),
-            "prepack": args.prepack, "layout": args.layout or "NCHW",
+            "prepack": args.prepack, "layout": args.layout or "NCHWc",
             "wait_policy": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT")}}
+    print(f"host: {meta['cpu']} (mcpu {meta['mcpu']}; {', '.join(meta['isa'])}), {threads} threads")
     print(_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))

@@ -34,6 +34,7 @@ from bnfold.capture import CaptureMode
 from bnfold.errors import BnfoldError, InputError
 from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.report import FoldReport, format_table, json_safe
+from bnfold.speed import fastest, measure_latency, slower_than_eager
 from bnfold.targets import get_target
 
 __all__ = ["OptimizeResult", "optimize"]
@@ -53,6 +54,7 @@ class OptimizeResult:
     errors: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # per artifact, example batch
 
     @property
     def passed(self) -> bool:
@@ -66,6 +68,8 @@ class OptimizeResult:
             "errors": self.errors,
             "warnings": self.warnings,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "latency_ms": self.latency_ms,
+            "fastest": fastest(self.latency_ms),
             "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
             "fold": None if self.fold is None else self.fold.to_dict(),
             "stages": None if self.stages is None else self.stages.to_dict(),
@@ -81,6 +85,10 @@ class OptimizeResult:
             lines += [str(self.stages), ""]
         rows = [[name, path] for name, path in self.artifacts.items()]
         lines.append(format_table(["artifact", "path"], rows))
+        if self.latency_ms:
+            rows = [[name, f"{t['median_ms']:.2f}", f"{t['min_ms']:.2f}"] for name, t in self.latency_ms.items()]
+            lines += ["", format_table(["latency (example batch)", "median ms", "min ms"], rows),
+                      f"fastest: {fastest(self.latency_ms)}"]
         for stage, err in self.errors.items():
             lines.append(f"ERROR in {stage}: {err}")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -186,6 +194,22 @@ def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list
     return full
 
 
+EAGER, TVM = "pytorch eager (original)", "tvm"
+
+
+def _measure_speed(result: OptimizeResult, engines: dict[str, Any], inputs: tuple[torch.Tensor, ...]) -> None:
+    """Every runnable artifact timed side by side at the example batch; a TVM artifact slower than the model it
+    came from is said in the report (deploy the faster one, or tune)."""
+    if len(engines) < 2:
+        return
+    result.latency_ms = measure_latency(engines, inputs)
+    ratio = slower_than_eager(result.latency_ms, TVM, EAGER)
+    if ratio is not None:
+        result.warnings.append(
+            f"tvm: the compiled artifact is {ratio:.2f}x slower than PyTorch eager on this host at the example "
+            f"batch; deploy {fastest(result.latency_ms)!r} or tune it (--tune-trials N, ~32 per kernel)")
+
+
 def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
@@ -199,6 +223,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
                                 inputs)
     tracker = StageTracker(check_data)
     tracker.add("original", original)
+    engines: dict[str, Any] = {EAGER: original}
 
     work = original
     if calib:
@@ -218,6 +243,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
                   reparameterize=reparameterize)
         folded, result.fold, dims = fr.module, fr.report, fr.dynamic_shapes
         tracker.add("folded", folded)
+        engines["pytorch eager (folded)"] = folded
         get_target("torch").lower(folded, inputs, {"dynamic_shapes": dims}).save(staging / "folded.pt2",
                                                                                  protect=protect)
         result.artifacts["folded"] = "folded.pt2"
@@ -237,6 +263,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             if runtime.build_info.get("static_reason"):
                 result.warnings.append(f"onnx: fixed batch: {runtime.build_info['static_reason']}")
             tracker.add("onnx", runtime)
+            engines["onnx runtime"] = runtime
 
     if tvm_target:
         with _timed(result, "tvm"):
@@ -262,6 +289,9 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             result.artifacts["tvm"] = "tvm/"
             if artifact.runnable:
                 tracker.add("tvm", artifact)
+                engines[TVM] = artifact
             else:
                 tracker.report().notes.append(f"tvm ({tvm_target}) artifact not run: no matching device here")
     result.stages = tracker.report()
+    with _timed(result, "speed"):
+        _measure_speed(result, engines, inputs)

@@ -34,6 +34,10 @@ def test_optimize_writes_verified_artifacts(tmp_path: Path, digits) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["fold"]["candidates"] == 4 and len(report["fold"]["folded"]) == 4
     assert report["recalibration"] is not None
+    # every artifact timed side by side at the example batch, the fastest named
+    assert set(report["latency_ms"]) == {"pytorch eager (original)", "pytorch eager (folded)", "onnx runtime", "tvm"}
+    assert all(t["median_ms"] > 0 and t["calls"] >= 10 for t in report["latency_ms"].values())
+    assert report["fastest"] in report["latency_ms"] and "fastest:" in (out / "report.txt").read_text()
     # the caller's model is untouched (recalibration works on a copy)
     fresh = load_pretrained()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(),

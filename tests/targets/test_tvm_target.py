@@ -136,14 +136,28 @@ def test_cuda_arch_rule():
 
 # ---------------------------------------------------------------- CPU compile, untuned
 
-def test_untuned_build_warns_listing_kernels_and_matches(small, tmp_path):
+def test_untuned_build_runs_default_schedules_and_matches(small, tmp_path):
+    """Without tuning every kernel gets bnfold's hand schedule (blocked NCHWc convs): nothing is left as plain
+    loops, so no UntunedKernelsWarning, and the artifact matches the folded model."""
     gm, x = small
-    with pytest.warns(UntunedKernelsWarning, match=r"NO tuned schedule .*fused_conv2d"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedKernelsWarning)
         art = compile(gm, (x,), cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # an untuned build does not create a database
     info = art.build_info
-    assert info["tuning"]["untuned"] and all(t["trials"] == 0 for t in info["tuning"]["tasks"])
+    assert info["tuning"]["untuned"] == [] and all(t["trials"] == 0 for t in info["tuning"]["tasks"])
+    assert any("conv2d" in k for k in info["tuning"]["default_scheduled"])
     assert bnfold.compare(gm, art, (x,)).passed
+
+
+def test_kernels_without_any_schedule_are_named_in_a_warning():
+    from bnfold.targets.tvm import _warn_untuned
+
+    manifest = {"tuning": {"untuned": ["fused_conv2d_add"], "tasks": [{"name": "fused_conv2d_add", "flops": 2.0,
+                                                                       "weight": 1}]},
+                "signature": {"batch_range": None}}
+    with pytest.warns(UntunedKernelsWarning, match=r"NO schedule.*100%.*fused_conv2d_add"):
+        _warn_untuned(manifest)
 
 
 def test_manifest_records_versions_target_isa_and_signature(small_artifact):
@@ -413,7 +427,7 @@ def test_cli_compile_writes_artifact_folder(tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "parity vs folded model: PASS" in captured.out
-    assert "NO tuned schedule" in captured.err
+    assert "untuned kernels: 0" in captured.out and "NO schedule" not in captured.err
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["parity_vs_folded"]["passed"] is True
     loaded = load_artifact(out)

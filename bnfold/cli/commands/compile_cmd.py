@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retune", action="store_true", help="tune even kernels the database already covers")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="keep the weights' layout (default: tuned convolutions choose theirs, re-laid out at load)")
-    p.add_argument("--layout", choices=["NCHW", "NHWC"], help="convolution layout for CPU builds (default NCHW)")
+    p.add_argument("--layout", choices=["NCHWc", "NCHW", "NHWC"],
+                   help="convolution layout for CPU builds (default NCHWc: channels blocked by the SIMD width)")
     p.add_argument("--dynamic-batch", type=_batch_range, metavar="MIN,MAX",
                    help="accept batch sizes MIN..MAX (untuned CPU / CUDA builds only)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier artifact")

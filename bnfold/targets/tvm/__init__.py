@@ -3,9 +3,10 @@
 Lowering only, never folding: pass the folded module (``bnfold.fold(model, x).module``). The route is
 ``torch.export`` → ``tvm.relax.frontend.torch.from_exported_program`` → Relax → ``tvm.compile``; see
 :mod:`bnfold.targets.tvm.build` for the pipelines, :mod:`bnfold.targets.tvm.tuning` for MetaSchedule
-tuning and :mod:`bnfold.targets.tvm.cache` for the shared tuning database. Untuned CPU kernels are roughly
-40x slower than PyTorch's, so whenever a kernel ends up without a tuned schedule, :class:`UntunedKernelsWarning`
-lists it.
+tuning and :mod:`bnfold.targets.tvm.cache` for the shared tuning database. A CPU kernel the database has no tuned
+schedule for runs bnfold's hand schedule (:mod:`bnfold.targets.tvm.schedules`: register-tiled, vectorized,
+parallel, on blocked NCHWc layouts); a kernel no schedule at all applies to would run as plain loops (roughly 40x
+slower than PyTorch), and :class:`UntunedKernelsWarning` lists it.
 
 This module imports TVM lazily: ``import bnfold`` works without it.
 """
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class UntunedKernelsWarning(UserWarning):
-    """Some kernels of a CPU build have no tuned schedule (plain loops: no threads, little vectorization)."""
+    """Some kernels of a CPU build have no schedule, tuned or default (plain loops: no threads, little
+    vectorization)."""
 
 
 #: TVM thread-pool settings bnfold applies unless the user set them (see :func:`configure_threads`).
@@ -112,8 +114,8 @@ def _warn_untuned(manifest: Mapping[str, Any]) -> None:
     hint = ("compile with a static batch and tune_trials=N (CLI: --tune-trials N), e.g. 32 per kernel"
             if manifest["signature"].get("batch_range") is None else "dynamic-batch builds cannot be tuned")
     warnings.warn(UntunedKernelsWarning(
-        f"{len(untuned)} kernel(s) have NO tuned schedule ({100 * share:.0f}% of the model's FLOPs); untuned CPU "
-        f"code is typically 10-40x slower than tuned: {names}. Fix: {hint}."), stacklevel=3)
+        f"{len(untuned)} kernel(s) have NO schedule, tuned or default ({100 * share:.0f}% of the model's FLOPs); "
+        f"unscheduled CPU code is typically 10-40x slower than tuned: {names}. Fix: {hint}."), stacklevel=3)
 
 
 def compile(  # the public name: bnfold.compile (shadows the builtin only here)
@@ -139,7 +141,8 @@ def compile(  # the public name: bnfold.compile (shadows the builtin only here)
     ``dynamic_batch=(lo, hi)``: accept any batch size in that range (untuned/CUDA builds only).
     ``prepack``: tuned convolutions pick their weight layout, weights re-laid out once at load (default: on
     for CPU; measured ~1.7x faster on a 3x3 convolution here).
-    ``layout="NHWC"``: run 2-D convolutions channels-last (CPU; often vectorizes better).
+    ``layout``: CPU layout of 2-D convolutions — ``"NCHWc"`` (default: channels blocked by the SIMD width, end to
+    end), ``"NCHW"`` or ``"NHWC"``.
     ``mcpu``/``num_cores``: override the host CPU / core count. ``progress``: tqdm bar on a terminal (True),
     log lines only (False), or a callable receiving :class:`~bnfold.targets.tvm.tuning.TuningProgress`.
     """

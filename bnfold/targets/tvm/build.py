@@ -29,6 +29,8 @@ from tvm import relax
 from bnfold.errors import BnfoldError, InputError
 from bnfold.targets.tvm.cache import TuningCache, default_cache_dir
 from bnfold.targets.tvm.importer import Imported
+from bnfold.targets.tvm.layout import blocked_conv_passes
+from bnfold.targets.tvm.schedules import apply_default_schedules, params_for
 from bnfold.targets.tvm.target import TargetSpec
 from bnfold.targets.tvm.tasks import TaskInfo, extract_tasks
 from bnfold.targets.tvm.tuning import TuningSummary, tune
@@ -49,7 +51,7 @@ class BuildOptions:
     tune_trials: int = 0
     cache_dir: str | Path | None = None
     prepack: bool = False
-    layout: str | None = None  # "NHWC": convert 2-D convolutions to NHWC/HWIO before tuning
+    layout: str | None = None  # one of LAYOUTS; None: "NCHWc"
     retune: bool = False
     progress: Callable | None = None
 
@@ -62,12 +64,20 @@ class Built:
     cuda_source: str | None = None
 
 
+LAYOUTS = ("NCHWc", "NCHW", "NHWC")
+"""CPU convolution layouts: blocked ``NCHW[c]c`` (the default, :mod:`bnfold.targets.tvm.layout`), plain NCHW,
+channels-last."""
+
+
 def _prepare_cpu(mod: tvm.IRModule, spec: TargetSpec, prepack: bool, layout: str | None = None) -> tvm.IRModule:
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
-    if layout == "NHWC":
+    layout = layout or "NCHWc"
+    if layout == "NCHWc":
+        passes += blocked_conv_passes(params_for(spec.target).lanes)
+    elif layout == "NHWC":
         passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
-    elif layout not in (None, "NCHW"):
-        raise InputError(f"unknown layout {layout!r}", hint="use 'NCHW' (default) or 'NHWC'")
+    elif layout != "NCHW":
+        raise InputError(f"unknown layout {layout!r}", hint="use 'NCHWc' (default, blocked), 'NCHW' or 'NHWC'")
     passes.append(relax.get_pipeline("zero"))
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
@@ -161,6 +171,7 @@ def _cpu_pipeline(imported: Imported, spec: TargetSpec, opts: BuildOptions) -> t
                          hint="compile a fixed batch size to tune it, or pass tune_trials=0")
     else:
         summary = TuningSummary(None, 0, note="dynamic batch: untuned (MetaSchedule needs static shapes)")
+    mod = _schedule_untuned(mod, spec, summary)
     if opts.prepack:
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
     mod = relax.transform.LiftTransformParams()(mod)
@@ -168,6 +179,18 @@ def _cpu_pipeline(imported: Imported, spec: TargetSpec, opts: BuildOptions) -> t
         mod = relax.transform.FoldConstant()(mod)
     summary.untuned = untuned_kernels(mod)
     return mod, summary
+
+
+def _schedule_untuned(mod: tvm.IRModule, spec: TargetSpec, summary: TuningSummary) -> tvm.IRModule:
+    """Give every kernel the database has no schedule for bnfold's hand schedule
+    (:mod:`bnfold.targets.tvm.schedules`); record which kernels got it."""
+    todo = [gv.name_hint for gv in _called_prim_funcs(mod)
+            if not ((mod[gv].attrs or {}).get("tirx.is_scheduled") or relax.analysis.has_reshape_pattern(mod[gv]))]
+    if not todo:
+        return mod
+    mod, missed = apply_default_schedules(mod, spec.target, todo)
+    summary.default_scheduled = sorted(set(todo) - set(missed))
+    return mod
 
 
 def _cuda_pipeline(imported: Imported, spec: TargetSpec, opts: BuildOptions) -> tuple[tvm.IRModule, TuningSummary]:

@@ -8,6 +8,12 @@
   starting from the database's best schedules.
 * **Isolation**: tuning runs in a private work directory and is merged (best record per workload) into the
   shared database under a file lock, so concurrent compiles never corrupt it.
+* **Design space**: MetaSchedule's stock space (multi-level tiling) *and* bnfold's register-tiled schedule with
+  its tile sizes sampled (:func:`bnfold.targets.tvm.schedules.tiled_space`); before searching, each task's
+  default hand schedule is measured and committed, so the database's best is never worse than the untuned
+  build and the search starts from it.
+* **Fail fast**: when every candidate of a task's first batch fails to build or run, tuning stops with the first
+  error instead of spending the rest of the budget on the same failure.
 * **Speed**: MetaSchedule's stock builder starts two fresh Python+TVM worker processes for *every* batch of
   candidates (seconds each on a busy 2-core machine); :class:`PooledBuilder` keeps its workers and recycles
   them every 64 builds instead. The evolutionary search is sized to the per-task budget.
@@ -33,12 +39,15 @@ from tvm.s_tir.meta_schedule.builder import local_builder as _local_builder
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
+from bnfold.errors import BnfoldError
 from bnfold.targets.tvm.budget import allocate_trials, group_by_budget
 from bnfold.targets.tvm.cache import TuningCache, latency_costs, model_key, warm_start, workload_key
+from bnfold.targets.tvm.schedules import default_schedule, params_for, tiled_space
 from bnfold.targets.tvm.target import TargetSpec
 from bnfold.targets.tvm.tasks import TaskInfo
 
-__all__ = ["PooledBuilder", "TuningProgress", "TuningSummary", "split_budget", "tune"]
+__all__ = ["PooledBuilder", "TuningFailed", "TuningProgress", "TuningSummary", "seed_defaults", "split_budget",
+           "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ class TuningProgress:
     total: int
     done: int = 0
     errors: int = 0
+    succeeded: int = 0
+    aborted: bool = False
     first_error: str | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -64,6 +75,10 @@ class TuningProgress:
         if self.done == 0:
             return None
         return self.elapsed_s / self.done * max(0, self.total - self.done)
+
+
+class TuningFailed(RuntimeError):
+    """Every candidate of a batch failed and none has succeeded yet: the failure is systematic."""
 
 
 @derived_object
@@ -79,29 +94,61 @@ class _ProgressCallback(PyMeasureCallback):
               builder_results: Sequence[Any], runner_results: Sequence[Any]) -> None:
         p = self.progress
         p.done += len(measure_candidates)
+        failed = 0
         for b, r in zip(builder_results, runner_results, strict=False):
             msg = b.error_msg or r.error_msg
             if msg is not None:
+                failed += 1
                 p.errors += 1
                 if p.first_error is None:
                     p.first_error = str(msg)
                     log.warning("a tuning trial failed (later failures are only counted): %s", msg[-2000:])
+        p.succeeded += len(measure_candidates) - failed
         self.report(p)
+        if measure_candidates and failed == len(measure_candidates) and p.succeeded == 0:
+            p.aborted = True
+            raise TuningFailed(p.first_error or "unknown error")
+
+
+def _warm_worker() -> None:
+    """Run once in each builder process before its first (timed) build: the imports a build needs."""
+    import tvm.driver
+    import tvm.s_tir.transform
+    import tvm.support.tar  # noqa: F401
+
+
+def _build_candidate(mod: Any, target: Any, params: Any) -> Any:
+    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``: that import parses every
+    CUDA/ARM tensor intrinsic through TVMScript's inspect-heavy parser, 25 s on an idle 2-core Zen 5 here, over a
+    minute on a loaded Zen 3 — so each fresh worker's first build hit the 60 s timeout, the worker was killed and
+    replaced, and *every* build of a tuning run timed out. An already scheduled fp32 module needs no intrinsic
+    registry to compile."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _build_and_export(mod: Any, target: Any, params: bytearray | None) -> str:
+    rt_mod = _build_candidate(mod, target, _local_builder._deserialize_params(params))
+    return _local_builder.default_export(rt_mod)
 
 
 @derived_object
 class PooledBuilder(PyBuilder):
-    """MetaSchedule's local builder, but with worker processes kept across batches (see module docstring)."""
+    """MetaSchedule's local builder, but with worker processes kept across batches and warmed up outside the
+    build timeout (see module docstring and :func:`_build_candidate`)."""
 
     def __init__(self, max_workers: int, timeout_sec: float = 60.0, max_uses: int = 64) -> None:
         super().__init__()
         self.timeout_sec = timeout_sec
-        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=max_uses)
+        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=max_uses,
+                                      initializer=_warm_worker)
 
     def build(self, build_inputs: list[Any]) -> list[Any]:
-        args = [(None, None, b.mod, b.target, _local_builder._serialize_params(b.params)) for b in build_inputs]
+        args = [(b.mod, b.target, _local_builder._serialize_params(b.params)) for b in build_inputs]
         results = []
-        for r in self.pool.map_with_error_catching(lambda a: _local_builder._worker_func(*a), args):
+        for r in self.pool.map_with_error_catching(lambda a: _build_and_export(*a), args):
             if r.status == StatusKind.COMPLETE:
                 results.append(BuilderResult(r.value, None))
             elif r.status == StatusKind.TIMEOUT:
@@ -131,7 +178,8 @@ class TuningSummary:
     trials_run: int = 0
     seconds: float = 0.0
     tasks: list[dict[str, Any]] = field(default_factory=list)
-    untuned: list[str] = field(default_factory=list)
+    untuned: list[str] = field(default_factory=list)  # kernels compiled as legalized (no schedule at all)
+    default_scheduled: list[str] = field(default_factory=list)  # kernels running bnfold's hand schedule
     estimated_kernel_ms: float | None = None  # Σ occurrences × best measured time, from the database
     note: str = ""
 
@@ -191,6 +239,8 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
             run_db = ms.database.JSONDatabase(work_dir=str(run_dir), module_equality="structural")
             warm_start(run_db, cache, [tasks[i] for i in todo])
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=spec.num_cores)
+            seeded = seed_defaults([tasks[i] for i in todo], spec, builder, runner, run_db)
+            log.info("default schedules measured and committed for %d of %d task(s)", seeded, len(todo))
             callbacks = [*ms.MeasureCallback.create("default"), _ProgressCallback(tracker, report)]
             for level, idx in group_by_budget([budget.get(i, 0) for i in range(len(tasks))]):
                 group = [tasks[i] for i in idx]
@@ -198,7 +248,7 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
                 # MetaSchedule's console handler takes the logger's level (DEBUG if unset) at each setup
                 ms_log.setLevel(user_level or logging.WARNING)
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    [t.task for t in group], str(run_dir), strategy=_strategy(level),
+                    [t.task for t in group], str(run_dir), space=_space(spec), strategy=_strategy(level),
                     num_threads=spec.num_cores, seed=seed)
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(run_dir),
                               max_trials_global=level * len(group), max_trials_per_task=level,
@@ -206,8 +256,14 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
                               database=run_db, cost_model=cost_model, measure_callbacks=callbacks)
         with cache.locked():
             cache.merge(run_db, {workload_key(tasks[i]): budget[i] for i in todo}, key, total_trials)
-    except BaseException:
+    except BaseException as e:
         log.warning("tuning failed; its logs are kept in %s", run_dir)
+        if tracker.aborted:
+            raise BnfoldError(
+                f"tuning stopped after its first batch: all {tracker.done} candidate(s) failed, first error: "
+                f"{(tracker.first_error or '')[-1500:]}",
+                hint=f"nothing was written to the database; logs in {run_dir}. If builds time out, the machine "
+                     "is overloaded or the timeout is too short for this CPU: retry when it is idle") from e
         raise
     finally:
         builder.close()
@@ -216,6 +272,39 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     summary.trials_run = tracker.done
     summary.seconds = round(tracker.elapsed_s, 1)
     return summary
+
+
+def _space(spec: TargetSpec) -> Any:
+    """MetaSchedule's stock design space and bnfold's tiled schedule, sampled side by side."""
+    return ms.space_generator.SpaceGeneratorUnion(
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(tiled_space(params_for(spec.target)))])
+
+
+def seed_defaults(tasks: Sequence[TaskInfo], spec: TargetSpec, builder: Any, runner: Any, db: Any) -> int:
+    """Measure each task's default hand schedule and commit it to ``db`` as a tuning record (the search's
+    starting point, and the floor of what tuning can return). Returns how many were committed."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    p = params_for(spec.target)
+    scheds = [(t, default_schedule(t.workload["main"], spec.target, p)) for t in tasks]
+    scheds = [(t, s) for t, s in scheds if s is not None]
+    built = builder.build([BuilderInput(s.mod, spec.target) for _, s in scheds])
+    ok = [(t, s, b) for (t, s), b in zip(scheds, built, strict=True) if b.error_msg is None]
+    futures = runner.run([RunnerInput(b.artifact_path, "cpu", ArgInfo.from_entry_func(s.mod, remove_preproc=True))
+                          for _, s, b in ok])
+    committed = 0
+    for (t, s, _), fut in zip(ok, futures, strict=True):
+        res = fut.result()
+        if res.error_msg is not None or not res.run_secs:
+            log.warning("default schedule of %s could not be measured: %s", t.name, str(res.error_msg)[-500:])
+            continue
+        db.commit_tuning_record(ms.database.TuningRecord(
+            s.trace, db.commit_workload(t.workload), [float(v) for v in res.run_secs], spec.target,
+            ArgInfo.from_prim_func(t.workload["main"])))
+        committed += 1
+    return committed
 
 
 def _runs_dir(cache: TuningCache) -> Path:

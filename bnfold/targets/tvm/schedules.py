@@ -1,0 +1,346 @@
+"""Hand-written CPU schedules for the fused kernels of a legalized Relax module: what an *untuned* build runs,
+and a design space that MetaSchedule tunes (the same function with sampled tile sizes).
+
+The kernels that matter are reductions with an elementwise epilogue: ``conv2d`` (+ bias, residual add,
+activation), depthwise/grouped conv, ``matmul`` (+ bias). One mechanism schedules them all — a register-tiled
+reduction (the direct-convolution scheme of oneDNN's and TVM's old x86 NCHWc kernels, expressed on the NCHW
+kernels Relax legalizes):
+
+    out[s_1 … s_k, v] = Σ_r  A[…] · B[…]          (v: the *vector axis*, r: every reduction axis)
+
+* the vector axis ``v`` is split ``v = (v_o, v_m, v_i)``, ``v_i`` = the SIMD width (16 fp32 lanes with
+  AVX-512, 8 with AVX2), ``v_m`` register blocks; a second spatial axis ``t`` (the output width) is split
+  ``t = (t_o, t_i)``; the accumulators ``v_m × t_i × v_i`` live in registers (a ``local`` buffer whose layout
+  puts ``v`` last, fully unrolled), and ``v_m·t_i ≤ registers − 4``;
+* loop order ``(outer spatial, parallel) · t_o · r… · v_m · t_i · v_i``: every reduction step is ``v_m`` vector
+  loads of the layout-free operand (the weights, re-laid out once at build time by MetaSchedule's
+  ``RewriteLayout`` so that ``v_i`` is contiguous: OIHW → O/16·I·H·W·16o) and ``t_i`` broadcasts;
+* the epilogue (bias, residual add, clip/ReLU) is computed per tile right after its accumulation, from registers.
+
+The vector axis is the output channel when the weights are indexed by it and the data is not (dense conv,
+matmul), else the output width (depthwise: channels are independent planes). Everything else (pads, pools,
+means, reshapes, elementwise) gets a parallel outer loop and a vectorized inner loop.
+
+``ScheduleParams`` carries the host's SIMD width and register count; :func:`conv_space` is the same schedule with
+``t_i`` and ``v_m`` sampled, for MetaSchedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir
+from tvm import tirx as tir
+from tvm.s_tir import meta_schedule as ms
+
+__all__ = ["ScheduleParams", "apply_default_schedules", "params_for", "schedule_kernel", "tiled_space"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULED = "tirx.is_scheduled"
+
+Sampler = Callable[[s_tir.Schedule, Sequence[int], int], int] | None
+"""Picks a tile size among candidates (``None``: the largest that fits, the default schedule)."""
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    """``lanes``: fp32 lanes per vector register; ``registers``: vector registers; ``cores``: parallel width."""
+
+    lanes: int
+    registers: int
+    cores: int
+
+
+def params_for(target: tvm.target.Target) -> ScheduleParams:
+    """SIMD width and register file of an LLVM target, from the features LLVM enables for its ``mcpu``."""
+    import tvm.target.codegen as codegen
+
+    feats = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    if "avx512f" in feats:
+        return ScheduleParams(16, 32, cores)
+    if "avx2" in feats or "avx" in feats:
+        return ScheduleParams(8, 16, cores)
+    return ScheduleParams(4, 16, cores)  # SSE / NEON
+
+
+def _ext(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
+    """A loop's extent; a symbolic one (a dynamic batch) cannot be tiled: ValueError."""
+    ext = sch.get(loop).extent
+    if not isinstance(ext, tir.IntImm):
+        raise ValueError(f"loop extent {ext} is not a constant")
+    return int(ext)
+
+
+def _ext_or_big(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
+    """A loop's extent, a symbolic extent counted as large (it is a batch dimension)."""
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tir.IntImm) else 1 << 20
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    return any(iv.iter_type == tir.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _main_reduction(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
+    """The reduction block with the most loops (the conv/matmul of a fused kernel), if any."""
+    blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if _is_reduction(sch, b)]
+    return max(blocks, key=lambda b: len(sch.get_loops(b)), default=None)
+
+
+def _loop_vars_used(expr_list: Sequence[tir.PrimExpr]) -> set[str]:
+    return {v.name for e in expr_list for v in tir.analysis.undefined_vars(e, [])}
+
+
+def _vector_axis(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int | None:
+    """Index (among the block's spatial iter vars) of the axis to vectorize, see the module docstring."""
+    blk = sch.get(block)
+    spatial = [i for i, iv in enumerate(blk.iter_vars) if iv.iter_type == tir.IterVar.DataPar]
+    names = [iv.var.name for iv in blk.iter_vars]
+    func = sch.mod[sch.func_working_on]
+    free = {int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])}
+    free_bufs = {func.params[i].name for i in free if i < len(func.params)}
+    reads = [(r.source.name, _loop_vars_used([rg.min for rg in r.region])) for r in blk.reads]
+    write = blk.writes[0]
+    out_last = _loop_vars_used([write.region[-1].min])
+    # 1. an axis that only layout-free operands (weights) depend on: vector loads from the re-laid-out weights
+    for i in spatial:
+        v = names[i]
+        users = [b for b, used in reads if v in used]
+        if users and all(b in free_bufs for b in users):
+            return i
+    # 2. the output's innermost axis (contiguous stores and, for unit stride, contiguous loads)
+    for i in spatial:
+        if names[i] in out_last:
+            return i
+    return None
+
+
+def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> s_tir.schedule.SBlockRV | None:
+    """Inline the elementwise chain after ``block`` into its last block; return that block (None: no epilogue)."""
+    consumers = sch.get_consumers(block)
+    while len(consumers) == 1 and sch.get_consumers(consumers[0]):
+        sch.compute_inline(consumers[0])
+        consumers = sch.get_consumers(block)
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def _pick(sch: s_tir.Schedule, options: Sequence[int], sampler: Sampler) -> int:
+    if sampler is None or len(options) == 1:
+        return max(options)
+    return sampler(sch, options, max(options))
+
+
+def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams,
+                   sampler: Sampler = None) -> None:
+    """The register-tiled reduction of the module docstring on ``block`` (and its epilogue)."""
+    vec = _vector_axis(sch, block)
+    if vec is None:
+        raise ValueError("no axis to vectorize")
+    epilogue = _inline_epilogue(sch, block)
+    blk = sch.get(block)
+    kinds = [iv.iter_type for iv in blk.iter_vars]
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds):
+        raise ValueError("block is not in its initial loop nest")
+    spatial = [i for i, k in enumerate(kinds) if k == tir.IterVar.DataPar]
+    red = [loops[i] for i, k in enumerate(kinds) if k == tir.IterVar.CommReduce]
+    # the tile axis: the innermost spatial axis other than the vector axis, with extent > 1
+    others = [i for i in spatial if i != vec and _ext_or_big(sch, loops[i]) > 1]
+    t_axis = others[-1] if others else None
+    # accumulators in registers: v last in a local buffer
+    ndim = len(sch.get(block).writes[0].region)
+    if epilogue is None:
+        acc = sch.cache_write(block, 0, "local")
+        epilogue = acc
+    else:
+        sch.set_scope(block, 0, "local")
+    vpos = _out_position(sch, block, vec)
+    if vpos is not None and vpos != ndim - 1:
+        order = [i for i in range(ndim) if i != vpos] + [vpos]
+        sch.transform_layout(block, ("write", 0), tir.IndexMap.from_func(
+            lambda *ax: [ax[i] for i in order], ndim=ndim))
+    v_ext = _ext(sch, loops[vec])
+    lanes = max(d for d in _divisors(v_ext) if d <= p.lanes)
+    budget = max(1, p.registers - 4)
+    t_ext = _ext(sch, loops[t_axis]) if t_axis is not None else 1
+    m_opts = [d for d in _divisors(v_ext // lanes) if d <= budget]
+    m = _pick(sch, m_opts, sampler) if sampler else _best_m(m_opts, _divisors(t_ext), budget)
+    t_opts = [d for d in _divisors(t_ext) if d * m <= budget] or [1]
+    ti = _pick(sch, t_opts, sampler)
+    v_o, v_m, v_i = sch.split(loops[vec], [None, m, lanes])
+    outer = [loops[i] for i in spatial if i not in (vec, t_axis)]
+    if t_axis is not None:
+        t_o, t_i = sch.split(loops[t_axis], [None, ti])
+        sch.reorder(*outer, v_o, t_o, *red, v_m, t_i, v_i)
+        tile_loop = t_o
+        sch.unroll(t_i)
+    else:
+        sch.reorder(*outer, v_o, *red, v_m, v_i)
+        tile_loop = v_o
+    sch.unroll(v_m)
+    sch.vectorize(v_i)
+    sch.reverse_compute_at(epilogue, tile_loop)
+    _vectorize_innermost(sch, epilogue, p)
+    par = sch.get_loops(block)[:len(outer) + 1]  # the reorder put the outer spatial loops and v_o first
+    fused = sch.fuse(*par) if len(par) > 1 else par[0]
+    sch.parallel(fused)
+    sch.decompose_reduction(block, red[0] if red else v_m)
+
+
+def _best_m(m_opts: Sequence[int], t_opts: Sequence[int], budget: int) -> int:
+    """Register blocks: the most accumulators that fit; among those, the fewest loads per reduction step
+    (``m`` vector loads + ``t`` broadcasts for ``m·t`` FMAs: the most square tile)."""
+    best = max(((m * t, -(m + t), m) for m in m_opts for t in t_opts if m * t <= budget), default=(1, -2, 1))
+    return best[2]
+
+
+def _out_position(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, axis: int) -> int | None:
+    """Which dimension of the block's output the iter var ``axis`` indexes."""
+    blk = sch.get(block)
+    name = blk.iter_vars[axis].var.name
+    for d, rg in enumerate(blk.writes[0].region):
+        if name in _loop_vars_used([rg.min]):
+            return d
+    return None
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
+    loops = sch.get_loops(block)
+    if loops and _ext_or_big(sch, loops[-1]) in (p.lanes, 2 * p.lanes, p.lanes // 2):
+        sch.vectorize(loops[-1])
+
+
+def schedule_elementwise(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
+    """Parallel outer loops (enough iterations for every core), vectorized innermost loop when it is spatial."""
+    blk = sch.get(block)
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    kinds = [iv.iter_type for iv in blk.iter_vars] if len(blk.iter_vars) == len(loops) else None
+    n_spatial = len(loops) if kinds is None else next(
+        (i for i, k in enumerate(kinds) if k != tir.IterVar.DataPar), len(loops))
+    if n_spatial == 0:
+        return
+    par, work = [], 1
+    for lp in loops[:n_spatial]:
+        par.append(lp)
+        work *= _ext_or_big(sch, lp)
+        if work >= 8 * p.cores:
+            break
+    if len(par) == n_spatial == len(loops) and len(par) > 1:
+        par = par[:-1]  # keep the innermost to vectorize
+    if par:
+        sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+    inner = sch.get_loops(block)[-1]
+    if n_spatial == len(loops) and not any(inner.same_as(lp) for lp in par):
+        ext = _ext_or_big(sch, inner)
+        if p.lanes <= ext < 1 << 20:
+            if ext > 4 * p.lanes:
+                _, inner = sch.split(inner, [None, p.lanes])
+            sch.vectorize(inner)
+
+
+def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = None) -> None:
+    """Schedule every block of ``sch``'s kernel: the main reduction tiled, the rest parallel + vectorized."""
+    main = _main_reduction(sch)
+    if main is not None:
+        try:
+            tile_reduction(sch, main, p, sampler)
+        except (ValueError, RuntimeError) as e:  # e.g. a reduction with no vectorizable axis
+            log.debug("%s: register tiling not applicable (%s)", sch.mod, e)
+            raise
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if main is not None and sch.get(b).name_hint.startswith(sch.get(main).name_hint):
+            continue
+        if sch.get(b).annotations.get("meta_schedule.layout_rewrite_preproc"):
+            continue
+        if len(sch.get_loops(b)) and not _already_parallel(sch, b):
+            schedule_elementwise(sch, b, p)
+
+
+def _already_parallel(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    return any(sch.get(lp).kind == tir.ForKind.PARALLEL for lp in sch.get_loops(block))
+
+
+def _postprocess(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    """MetaSchedule's layout rewrite of the layout-free operands (weights), as tuning would apply it."""
+    ctx = ms.TuneContext(mod=sch.mod, target=target, space_generator="post-order-apply",
+                         search_strategy="replay-trace")
+    rewrite = ms.postproc.RewriteLayout()
+    rewrite._initialize_with_tune_context(ctx)
+    sch.enter_postproc()  # a tuning run replays the trace without what follows, then applies its postprocs
+    return bool(rewrite.apply(sch))
+
+
+def default_schedule(func: tir.PrimFunc, target: tvm.target.Target, p: ScheduleParams) -> s_tir.Schedule | None:
+    """``func`` with the hand schedule applied (None when it does not apply: left to the caller)."""
+    mod = tvm.IRModule({"main": func})
+    for attempt in (True, False):  # first with the tiled reduction, then elementwise-only
+        sch = s_tir.Schedule(mod)
+        try:
+            if attempt:
+                schedule_kernel(sch, p)
+            else:
+                for b in sch.get_child_blocks(sch.get_sblock("root")):
+                    if not _is_reduction(sch, b) and sch.get_loops(b):
+                        schedule_elementwise(sch, b, p)
+            if not _postprocess(sch, target):
+                continue
+            return sch
+        except (ValueError, RuntimeError) as e:  # ScheduleError and TVM's errors are RuntimeErrors
+            log.debug("default schedule failed (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return None
+
+
+def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
+                            names: Sequence[str] | None = None) -> tuple[tvm.IRModule, list[str]]:
+    """Replace every unscheduled PrimFunc of ``mod`` (or those in ``names``) by its hand schedule.
+
+    Returns the module and the kernels no hand schedule applied to (they compile as written).
+    """
+    p = params_for(target)
+    updates, missed = {}, []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tir.PrimFunc) or (names is not None and gv.name_hint not in names):
+            continue
+        if (func.attrs or {}).get(SCHEDULED):
+            continue
+        sch = default_schedule(func, target, p)
+        if sch is None:
+            missed.append(gv.name_hint)
+            continue
+        updates[gv] = sch.mod["main"].with_attr(SCHEDULED, True).with_attr("global_symbol", gv.name_hint) \
+            if (func.attrs or {}).get("global_symbol") else sch.mod["main"].with_attr(SCHEDULED, True)
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod, sorted(missed)
+
+
+def tiled_space(p: ScheduleParams) -> Callable[[s_tir.Schedule], None]:
+    """The default schedule with its tile sizes sampled: a MetaSchedule design space (``ScheduleFn``)."""
+
+    def sampler(sch: s_tir.Schedule, options: Sequence[int], default: int) -> int:
+        opts = list(options)
+        probs = [1.0 / len(opts)] * len(opts)
+        return int(sch.get(sch.sample_categorical(opts, probs)))
+
+    def space(sch: s_tir.Schedule) -> None:
+        try:
+            schedule_kernel(sch.copy(), p, sampler)  # a dry run: a failed primitive would leave sch half done
+        except (ValueError, RuntimeError):
+            for b in sch.get_child_blocks(sch.get_sblock("root")):
+                if not _is_reduction(sch, b) and sch.get_loops(b):
+                    schedule_elementwise(sch, b, p)
+            return
+        schedule_kernel(sch, p, sampler)
+
+    return space
