@@ -8,8 +8,9 @@ fp32, 224×224): the kernels :func:`bnfold.compile` would build (blocked NCHWc l
 schedule the build would use — the tuning database's best record when ``--cache-dir`` has one, else bnfold's
 default hand schedule — compiled alone and timed with TVM's ``time_evaluator`` (best of ``--repeat`` × 20 calls)
 on the usable cores. oneDNN: ``F.conv2d`` on a tensor of the layer's input shape with the same weights' shape,
-stride, padding and groups (PyTorch dispatches fp32 CPU convs to oneDNN), matched to the TVM kernel by its conv
-FLOPs. Peak: ``torch.mm`` of two 2048×2048 fp32 matrices (MKL/oneDNN sgemm), the practical ceiling for these
+stride, padding and groups (PyTorch dispatches fp32 CPU convs to oneDNN), matched to the TVM kernel by its
+channels, kernel size, stride and input size read off the kernel's buffers.
+Peak: ``torch.mm`` of two 2048×2048 fp32 matrices (MKL/oneDNN sgemm), the practical ceiling for these
 kernels on this host.
 """
 
@@ -60,8 +61,10 @@ def sgemm_peak(threads: int) -> float:
 def onednn_convs(model: nn.Module, x: torch.Tensor, repeat: int) -> list[dict[str, Any]]:
     """Every Conv2d of ``model`` timed alone with PyTorch (oneDNN), with its conv FLOPs."""
     shapes: dict[nn.Conv2d, tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out: shapes.setdefault(mod, tuple(inp[0].shape)))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    def record(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        shapes.setdefault(mod, tuple(inp[0].shape))  # type: ignore[arg-type]
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -74,9 +77,23 @@ def onednn_convs(model: nn.Module, x: torch.Tensor, repeat: int) -> list[dict[st
             flops = 2 * out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
             t = _best_of(lambda c=conv, i=inp: F.conv2d(i, c.weight, c.bias, c.stride, c.padding, c.dilation,
                                                         c.groups), repeat, 20)
-            rows.append({"flops": flops, "us": t * 1e6, "shape": f"{shape[1]}→{conv.out_channels} "
+            key = (shape[1], conv.out_channels, conv.kernel_size[0], conv.stride[0], shape[2])
+            rows.append({"flops": flops, "us": t * 1e6, "key": key, "shape": f"{shape[1]}→{conv.out_channels} "
                          f"k{conv.kernel_size[0]} s{conv.stride[0]} g{conv.groups} @{shape[2]}×{shape[3]}"})
     return rows
+
+
+def conv_key(func: Any) -> tuple[int, ...] | None:
+    """(in channels, out channels, kernel, stride, input height) of a conv kernel, read off its buffers
+    (plain NCHW/OIHW or blocked NCHW[c]c/OIHW[c]i[c]o), or None when it is not a conv."""
+    shapes = [[int(d) for d in p.shape] for p in func.params]
+    if len(shapes) < 3 or len(shapes[1]) not in (4, 6) or len(shapes[0]) not in (4, 5):
+        return None
+    data, weight, out = shapes[0], shapes[1], shapes[-1]
+    channels = data[1] * (data[4] if len(data) == 5 else 1)
+    o = weight[0] * (weight[5] if len(weight) == 6 else 1)
+    kh, height, out_h = weight[2], data[2], out[2]
+    return (channels, o, kh, max(1, round(height / out_h)) if out_h else 1, height)
 
 
 def tvm_kernels(folded: nn.Module, x: torch.Tensor, cache_dir: str | None, repeat: int,
@@ -118,7 +135,8 @@ def tvm_kernels(folded: nn.Module, x: torch.Tensor, cache_dir: str | None, repea
                 for b in mod["main"].params]
         ev = lib.mod.time_evaluator("main", dev, number=20, repeat=repeat)
         sec = min(ev(*args).results)
-        rows.append({"name": t.name, "weight": t.weight, "flops": t.flops, "us": sec * 1e6, "schedule": source})
+        rows.append({"name": t.name, "weight": t.weight, "flops": t.flops, "us": sec * 1e6, "schedule": source,
+                     "key": conv_key(t.workload["main"])})
     return rows
 
 
@@ -137,9 +155,10 @@ def report(arch: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
     folded = bnfold.fold(model, (x,)).module
     convs = onednn_convs(model, x, args.repeat)
     kernels = tvm_kernels(folded, x, args.cache_dir, args.repeat, args.layout)
+    by_key = {c["key"]: c for c in convs}
     for k in kernels:
-        match = min(convs, key=lambda c: abs(c["flops"] - k["flops"]) / c["flops"], default=None)
-        if match is not None and abs(match["flops"] - k["flops"]) <= 0.02 * match["flops"]:
+        match = by_key.get(tuple(k["key"])) if k["key"] else None
+        if match is not None:
             k["onednn_us"], k["conv"] = match["us"], match["shape"]
     return {"model": arch, "threads": threads, "peak_gflops": peak, "kernels": kernels}
 

@@ -46,4 +46,6 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 def blocked_conv_passes(block: int) -> list[tvm.transform.Pass]:
     """Convert 2-D convolutions to ``NCHW{block}c`` and legalize them (run before the zero pipeline)."""
     return [relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}),
+            # one tensor feeding two blocked convs (a residual block's input) is transformed once, not twice
+            relax.transform.EliminateCommonSubexpr(),
             relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d})]

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
+LOWERING_VERSION = 2
+"""Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
+database's folder name, so records measured against older kernels are not applied over newer defaults."""
+
 Sampler = Callable[[s_tir.Schedule, Sequence[int], int], int] | None
 """Picks a tile size among candidates (``None``: the largest that fits, the default schedule)."""
 
@@ -100,26 +104,32 @@ def _loop_vars_used(expr_list: Sequence[tir.PrimExpr]) -> set[str]:
     return {v.name for e in expr_list for v in tir.analysis.undefined_vars(e, [])}
 
 
-def _vector_axis(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int | None:
-    """Index (among the block's spatial iter vars) of the axis to vectorize, see the module docstring."""
+def _weight_only_axes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
+    """Spatial iter vars that only layout-free operands (the weights) are indexed by: along them every step
+    loads a different weight and reuses the same input (an output channel, plain or blocked)."""
     blk = sch.get(block)
-    spatial = [i for i, iv in enumerate(blk.iter_vars) if iv.iter_type == tir.IterVar.DataPar]
-    names = [iv.var.name for iv in blk.iter_vars]
     func = sch.mod[sch.func_working_on]
     free = {int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])}
     free_bufs = {func.params[i].name for i in free if i < len(func.params)}
     reads = [(r.source.name, _loop_vars_used([rg.min for rg in r.region])) for r in blk.reads]
-    write = blk.writes[0]
-    out_last = _loop_vars_used([write.region[-1].min])
-    # 1. an axis that only layout-free operands (weights) depend on: vector loads from the re-laid-out weights
-    for i in spatial:
-        v = names[i]
-        users = [b for b, used in reads if v in used]
-        if users and all(b in free_bufs for b in users):
-            return i
-    # 2. the output's innermost axis (contiguous stores and, for unit stride, contiguous loads)
-    for i in spatial:
-        if names[i] in out_last:
+    out = []
+    for i, iv in enumerate(blk.iter_vars):
+        users = [b for b, used in reads if iv.var.name in used]
+        if iv.iter_type == tir.IterVar.DataPar and users and all(b in free_bufs for b in users):
+            out.append(i)
+    return out
+
+
+def _vector_axis(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int | None:
+    """Index (among the block's iter vars) of the axis to vectorize, see the module docstring: a weight-only axis,
+    the one innermost in the output if several (NCHW[c]c's ``c`` before ``C/c``); else the output's innermost."""
+    blk = sch.get(block)
+    weight_only = _weight_only_axes(sch, block)
+    if weight_only:
+        return max(weight_only, key=lambda i: _out_position(sch, block, i) or 0)
+    out_last = _loop_vars_used([blk.writes[0].region[-1].min])
+    for i, iv in enumerate(blk.iter_vars):
+        if iv.iter_type == tir.IterVar.DataPar and iv.var.name in out_last:
             return i
     return None
 
@@ -153,8 +163,17 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
         raise ValueError("block is not in its initial loop nest")
     spatial = [i for i, k in enumerate(kinds) if k == tir.IterVar.DataPar]
     red = [loops[i] for i, k in enumerate(kinds) if k == tir.IterVar.CommReduce]
-    # the tile axis: the innermost spatial axis other than the vector axis, with extent > 1
-    others = [i for i in spatial if i != vec and _ext_or_big(sch, loops[i]) > 1]
+    v_ext = _ext(sch, loops[vec])
+    lanes = max(d for d in _divisors(v_ext) if d <= p.lanes)
+    # register blocks along the vector axis itself (plain NCHW: 64 channels = 4 vectors), else along another
+    # weight-only axis (blocked NCHWc: the channel-block axis C/c)
+    m_axis = None
+    if v_ext == lanes:
+        extra = [i for i in _weight_only_axes(sch, block) if i != vec and _ext_or_big(sch, loops[i]) > 1]
+        m_axis = extra[0] if extra else None
+    m_total = v_ext // lanes if m_axis is None else _ext(sch, loops[m_axis])
+    # the tile axis: the innermost spatial axis other than those, with extent > 1
+    others = [i for i in spatial if i not in (vec, m_axis) and _ext_or_big(sch, loops[i]) > 1]
     t_axis = others[-1] if others else None
     # accumulators in registers: v last in a local buffer
     ndim = len(sch.get(block).writes[0].region)
@@ -168,32 +187,55 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
         order = [i for i in range(ndim) if i != vpos] + [vpos]
         sch.transform_layout(block, ("write", 0), tir.IndexMap.from_func(
             lambda *ax: [ax[i] for i in order], ndim=ndim))
-    v_ext = _ext(sch, loops[vec])
-    lanes = max(d for d in _divisors(v_ext) if d <= p.lanes)
     budget = max(1, p.registers - 4)
     t_ext = _ext(sch, loops[t_axis]) if t_axis is not None else 1
-    m_opts = [d for d in _divisors(v_ext // lanes) if d <= budget]
+    m_opts = [d for d in _divisors(m_total) if d <= budget]
     m = _pick(sch, m_opts, sampler) if sampler else _best_m(m_opts, _divisors(t_ext), budget)
     t_opts = [d for d in _divisors(t_ext) if d * m <= budget] or [1]
     ti = _pick(sch, t_opts, sampler)
-    v_o, v_m, v_i = sch.split(loops[vec], [None, m, lanes])
-    outer = [loops[i] for i in spatial if i not in (vec, t_axis)]
+    if m_axis is None:
+        v_o, v_m, v_i = sch.split(loops[vec], [None, m, lanes])
+        heads = [v_o]
+    else:
+        m_o, v_m = sch.split(loops[m_axis], [None, m])
+        v_o, v_i = sch.split(loops[vec], [None, lanes])
+        heads = [m_o, v_o]
+    outer = [loops[i] for i in spatial if i not in (vec, t_axis, m_axis)]
+    red = _blocked_reduction_order(sch, block, red, p)
     if t_axis is not None:
         t_o, t_i = sch.split(loops[t_axis], [None, ti])
-        sch.reorder(*outer, v_o, t_o, *red, v_m, t_i, v_i)
+        sch.reorder(*outer, *heads, t_o, *red, v_m, t_i, v_i)
         tile_loop = t_o
         sch.unroll(t_i)
     else:
-        sch.reorder(*outer, v_o, *red, v_m, v_i)
-        tile_loop = v_o
+        sch.reorder(*outer, *heads, *red, v_m, v_i)
+        tile_loop = heads[-1]
     sch.unroll(v_m)
     sch.vectorize(v_i)
     sch.reverse_compute_at(epilogue, tile_loop)
     _vectorize_innermost(sch, epilogue, p)
-    par = sch.get_loops(block)[:len(outer) + 1]  # the reorder put the outer spatial loops and v_o first
+    par = sch.get_loops(block)[:len(outer) + len(heads)]  # the reorder put these first
     fused = sch.fuse(*par) if len(par) > 1 else par[0]
     sch.parallel(fused)
     sch.decompose_reduction(block, red[0] if red else v_m)
+
+
+def _blocked_reduction_order(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
+                             red: list[s_tir.schedule.LoopRV], p: ScheduleParams) -> list[s_tir.schedule.LoopRV]:
+    """With blocked input (NCHW[c]c: ``x[…, ic // c, …, ic % c]``), the reduction over input channels is split
+    ``ic = (ic_o, ic_i)`` and ``ic_i`` moved innermost, so consecutive steps broadcast from one cache line."""
+    if len(red) < 2:
+        return red
+    blk = sch.get(block)
+    func = sch.mod[sch.func_working_on]
+    free = {func.params[int(i)].name for i in (func.attrs or {}).get("layout_free_buffers", [])}
+    first = next(iv for iv in blk.iter_vars if iv.iter_type == tir.IterVar.CommReduce).var.name
+    blocked = any(r.source.name not in free and first in _loop_vars_used([r.region[-1].min]) for r in blk.reads)
+    ext = _ext_or_big(sch, red[0])
+    if not blocked or ext % p.lanes or ext == p.lanes:
+        return red
+    r_o, r_i = sch.split(red[0], [None, p.lanes])
+    return [r_o, *red[1:], r_i]
 
 
 def _best_m(m_opts: Sequence[int], t_opts: Sequence[int], budget: int) -> int:

@@ -70,9 +70,13 @@ class TargetSpec:
         }
 
     def cache_key(self) -> str:
-        """Directory name for this target's tuning database (one per target and TVM version)."""
+        """Directory name for this target's tuning database: one per target, TVM version and version of bnfold's
+        CPU lowering (:data:`~bnfold.targets.tvm.schedules.LOWERING_VERSION`: a database tuned against older
+        kernels or hand schedules would otherwise override better new defaults)."""
+        from bnfold.targets.tvm.schedules import LOWERING_VERSION
+
         name = self.arch if self.kind == "cuda" else self.mcpu
-        return f"{self.kind}-{name}-{self.num_cores}c-tvm{tvm.__version__}".replace("/", "_")
+        return f"{self.kind}-{name}-{self.num_cores}c-tvm{tvm.__version__}-l{LOWERING_VERSION}".replace("/", "_")
 
 
 def cpu_target(mcpu: str | None = None, num_cores: int | None = None) -> TargetSpec:

@@ -232,7 +232,7 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_runs_dir(cache)))
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     user_level = ms_log.level
-    builder = PooledBuilder(spec.num_cores)
+    builder = PooledBuilder(spec.num_cores, timeout_sec=build_timeout_s())
     try:
         with _tvm_env(spec.num_cores):
             runner = ms.runner.LocalRunner(timeout_sec=60.0)
@@ -272,6 +272,23 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     summary.trials_run = tracker.done
     summary.seconds = round(tracker.elapsed_s, 1)
     return summary
+
+
+BUILD_TIMEOUT_ENV = "BNFOLD_TVM_BUILD_TIMEOUT"
+
+
+def build_timeout_s() -> float:
+    """Seconds one candidate may take to compile (default 60; ``$BNFOLD_TVM_BUILD_TIMEOUT`` overrides it for
+    slow or loaded hosts)."""
+    raw = os.environ.get(BUILD_TIMEOUT_ENV, "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise BnfoldError(f"${BUILD_TIMEOUT_ENV}={raw!r} is not a positive number of seconds",
+                          hint=f"e.g. {BUILD_TIMEOUT_ENV}=120, or unset it for the default 60")
+    return value
 
 
 def _space(spec: TargetSpec) -> Any:
