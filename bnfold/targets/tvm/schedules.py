@@ -2,27 +2,29 @@
 and a design space that MetaSchedule tunes (the same function with sampled tile sizes).
 
 The kernels that matter are reductions with an elementwise epilogue: ``conv2d`` (+ bias, residual add,
-activation), depthwise/grouped conv, ``matmul`` (+ bias). One mechanism schedules them all — a register-tiled
-reduction (the direct-convolution scheme of oneDNN's and TVM's old x86 NCHWc kernels, expressed on the NCHW
-kernels Relax legalizes):
+activation) on blocked ``NCHW[c]c`` data (:mod:`bnfold.targets.tvm.layout`) or plain NCHW, depthwise/grouped
+conv, ``matmul`` (+ bias). One mechanism schedules them all — a register-tiled reduction (the direct-convolution
+scheme of oneDNN's, MLAS's and TVM's old x86 NCHWc kernels):
 
     out[s_1 … s_k, v] = Σ_r  A[…] · B[…]          (v: the *vector axis*, r: every reduction axis)
 
-* the vector axis ``v`` is split ``v = (v_o, v_m, v_i)``, ``v_i`` = the SIMD width (16 fp32 lanes with
-  AVX-512, 8 with AVX2), ``v_m`` register blocks; a second spatial axis ``t`` (the output width) is split
-  ``t = (t_o, t_i)``; the accumulators ``v_m × t_i × v_i`` live in registers (a ``local`` buffer whose layout
-  puts ``v`` last, fully unrolled), and ``v_m·t_i ≤ registers − 4``;
-* loop order ``(outer spatial, parallel) · t_o · r… · v_m · t_i · v_i``: every reduction step is ``v_m`` vector
-  loads of the layout-free operand (the weights, re-laid out once at build time by MetaSchedule's
-  ``RewriteLayout`` so that ``v_i`` is contiguous: OIHW → O/16·I·H·W·16o) and ``t_i`` broadcasts;
+* the vector axis ``v`` (split to ``v_i`` = the SIMD width: 16 fp32 lanes with AVX-512, 8 with AVX2) is a
+  *weight-only* axis — one the weights are indexed by and the input is not, the innermost in the output if there
+  are several (NCHW[c]c: the ``c`` in ``C/c·c``; NCHW, matmul: the output channel) — else the output's innermost
+  axis (depthwise: channels are independent planes, so the width);
+* ``m`` register blocks come from the rest of the vector axis (plain NCHW: 64 channels = 4 vectors) or from a
+  second weight-only axis (NCHW[c]c: ``C/c``), ``t`` from the output width; the ``m × t`` vector accumulators
+  live in registers (a ``local`` buffer with ``v`` last, fully unrolled), ``m·t ≤ registers − 4``, the most
+  square tile preferred (fewest loads per FMA);
+* loop order ``(outer spatial, parallel) · t_o · r… · m · t_i · v_i``: every reduction step is ``m`` vector loads
+  of the weights (re-laid out once at build time by MetaSchedule's ``RewriteLayout`` so that ``v_i`` is
+  contiguous) and ``t`` broadcasts of the input; with blocked input the input-channel reduction is split
+  ``ic = (ic_o, ic_i)``, ``ic_i`` innermost, so consecutive broadcasts read one cache line;
 * the epilogue (bias, residual add, clip/ReLU) is computed per tile right after its accumulation, from registers.
 
-The vector axis is the output channel when the weights are indexed by it and the data is not (dense conv,
-matmul), else the output width (depthwise: channels are independent planes). Everything else (pads, pools,
-means, reshapes, elementwise) gets a parallel outer loop and a vectorized inner loop.
-
-``ScheduleParams`` carries the host's SIMD width and register count; :func:`conv_space` is the same schedule with
-``t_i`` and ``v_m`` sampled, for MetaSchedule.
+Everything else (pads, pools, means, layout transforms, elementwise) gets a parallel outer loop and a vectorized
+inner loop. ``ScheduleParams`` carries the target's SIMD width and register count; :func:`tiled_space` is the
+same schedule with ``m`` and ``t`` sampled: a MetaSchedule design space.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 2
+LOWERING_VERSION = 3
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -291,10 +293,56 @@ def schedule_elementwise(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p:
             sch.vectorize(inner)
 
 
+def _reads_weights(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    func = sch.mod[sch.func_working_on]
+    free = {func.params[int(i)].name for i in (func.attrs or {}).get("layout_free_buffers", [])}
+    return any(r.source.name in free for r in sch.get(block).reads)
+
+
+def window_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
+    """A reduction over a window of its input with no weights (max/avg pool, mean): the padding is computed
+    inline, the innermost output axis split by the SIMD width with the window loops outside it (unrolled), the
+    other output axes parallel; vectorized when the input is read contiguously along that axis (blocked
+    NCHW[c]c pools), else left to scalar code (a strided NCHW pool would be a gather)."""
+    for producer in sch.get_producers(block):
+        if not _is_reduction(sch, producer) and len(sch.get_consumers(producer)) == 1:
+            sch.compute_inline(producer)
+    blk = sch.get(block)
+    loops = sch.get_loops(block)
+    kinds = [iv.iter_type for iv in blk.iter_vars]
+    if len(loops) != len(kinds):
+        raise ValueError("block is not in its initial loop nest")
+    red = [loops[i] for i, k in enumerate(kinds) if k == tir.IterVar.CommReduce]
+    inner = max(i for i, k in enumerate(kinds) if k == tir.IterVar.DataPar)
+    outer = [loops[i] for i, k in enumerate(kinds) if k == tir.IterVar.DataPar and i != inner]
+    if not outer:
+        raise ValueError("nothing to run in parallel")
+    width = max(d for d in _divisors(_ext(sch, loops[inner])) if d <= p.lanes)
+    var = blk.iter_vars[inner].var
+    contiguous = any(r.region[-1].min.same_as(var) for r in blk.reads)  # x[…, c] read as x[…, c]
+    i_o, i_i = sch.split(loops[inner], [None, width])
+    sch.reorder(*outer, i_o, *red, i_i)
+    for r in red:
+        if _ext(sch, r) <= 16:
+            sch.unroll(r)
+    if contiguous and width == p.lanes:
+        sch.vectorize(i_i)
+    else:
+        sch.unroll(i_i)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if red:
+        sch.decompose_reduction(block, red[0])
+    consumer = sch.get_consumers(block)
+    if len(consumer) == 1 and not sch.get_consumers(consumer[0]):
+        sch.reverse_compute_at(consumer[0], i_o)
+
+
 def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = None) -> None:
     """Schedule every block of ``sch``'s kernel: the main reduction tiled, the rest parallel + vectorized."""
     main = _main_reduction(sch)
-    if main is not None:
+    if main is not None and not _reads_weights(sch, main):
+        window_reduction(sch, main, p)
+    elif main is not None:
         try:
             tile_reduction(sch, main, p, sampler)
         except (ValueError, RuntimeError) as e:  # e.g. a reduction with no vectorizable axis
