@@ -477,3 +477,65 @@ def test_tvm_18703_19574_unfolded_bn_runs_in_inference_mode(tmp_path):
         expected = model(x)
     torch.testing.assert_close(art(x), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(art(other)[0], art(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_default_schedules_for_an_avx2_cpu_compile_and_match(small, tmp_path):
+    """The hand schedules take their vector width from the target's ISA: an AVX2 build (8 fp32 lanes, 16
+    registers; runs on any AVX2 or AVX-512 host) compiles every kernel and matches the folded model."""
+    from bnfold.targets.tvm.schedules import params_for
+    from bnfold.targets.tvm.target import cpu_target
+
+    flags = host_cpu_flags()
+    if not flags or "avx2" not in flags:
+        pytest.skip("this host cannot run AVX2 code")
+    assert params_for(cpu_target("x86-64-v3").target).lanes == 8
+    assert params_for(cpu_target("x86-64-v4").target).lanes == 16
+    assert params_for(cpu_target("x86-64").target).lanes == 4
+    gm, x = small
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedKernelsWarning)
+        art = compile(gm, (x,), mcpu="x86-64-v3", cache_dir=tmp_path / "cache")
+    assert art.build_info["target"]["mcpu"] == "x86-64-v3" and art.build_info["tuning"]["default_scheduled"]
+    assert bnfold.compare(gm, art, (x,)).passed
+
+
+@pytest.mark.slow
+def test_tiny_budget_tunes_for_an_avx2_cpu(small, tmp_path):
+    """Tuning works for an AVX2 target too (what an AMD Zen 3 host compiles for): every kernel gets a measured
+    schedule, none left unscheduled."""
+    flags = host_cpu_flags()
+    if not flags or "avx2" not in flags:
+        pytest.skip("this host cannot run AVX2 code")
+    gm, x = small
+    art = compile(gm, (x,), mcpu="x86-64-v3", tune_trials=8, cache_dir=tmp_path / "cache", progress=False)
+    tuning = art.build_info["tuning"]
+    assert tuning["untuned"] == [] and tuning["trials_run"] >= len(tuning["tasks"])
+    assert all(t.get("best_us") for t in tuning["tasks"])
+    assert bnfold.compare(gm, art, (x,)).passed
+
+
+@pytest.mark.slow
+def test_tuning_stops_after_a_first_batch_that_all_fails(small, tmp_path, monkeypatch):
+    """Every build timing out (here: a 1 ms build timeout) stops tuning at once with the first error, instead of
+    spending the budget; nothing is written to the database."""
+    from bnfold.errors import BnfoldError
+
+    monkeypatch.setenv("BNFOLD_TVM_BUILD_TIMEOUT", "0.001")
+    gm, x = small
+    with pytest.raises(BnfoldError, match=r"tuning stopped after its first batch.*timed out"):
+        compile(gm, (x,), tune_trials=64, cache_dir=tmp_path / "cache", progress=False)
+    runs = list((tmp_path / "cache").rglob("database_tuning_record.json"))
+    assert all(p.stat().st_size == 0 or "runs" in p.parts for p in runs)
+
+
+def test_build_timeout_from_the_environment(monkeypatch):
+    from bnfold.errors import BnfoldError
+    from bnfold.targets.tvm.tuning import build_timeout_s
+
+    monkeypatch.delenv("BNFOLD_TVM_BUILD_TIMEOUT", raising=False)
+    assert build_timeout_s() == 60.0
+    monkeypatch.setenv("BNFOLD_TVM_BUILD_TIMEOUT", "150")
+    assert build_timeout_s() == 150.0
+    monkeypatch.setenv("BNFOLD_TVM_BUILD_TIMEOUT", "soon")
+    with pytest.raises(BnfoldError, match="not a positive number"):
+        build_timeout_s()

@@ -363,10 +363,8 @@ def _already_parallel(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bo
 
 def _postprocess(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
     """MetaSchedule's layout rewrite of the layout-free operands (weights), as tuning would apply it."""
-    ctx = ms.TuneContext(mod=sch.mod, target=target, space_generator="post-order-apply",
-                         search_strategy="replay-trace")
+    # (no TuneContext: creating one imports tvm.s_tir.tensor_intrin, ~25 s; RewriteLayout needs nothing from it)
     rewrite = ms.postproc.RewriteLayout()
-    rewrite._initialize_with_tune_context(ctx)
     sch.enter_postproc()  # a tuning run replays the trace without what follows, then applies its postprocs
     return bool(rewrite.apply(sch))
 
