@@ -106,13 +106,19 @@ def _loop_vars_used(expr_list: Sequence[tir.PrimExpr]) -> set[str]:
     return {v.name for e in expr_list for v in tir.analysis.undefined_vars(e, [])}
 
 
+def _weights(sch: s_tir.Schedule) -> set[str]:
+    """Buffers holding weights: the layout-free parameters, and every parameter after the first (the data) —
+    after ``ConvertLayout`` a conv's weight is a re-laid-out copy, which Relax does not mark layout-free."""
+    func = sch.mod[sch.func_working_on]
+    free = {func.params[int(i)].name for i in (func.attrs or {}).get("layout_free_buffers", [])}
+    return free | {prm.name for prm in list(func.params)[1:]}
+
+
 def _weight_only_axes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
     """Spatial iter vars that only layout-free operands (the weights) are indexed by: along them every step
     loads a different weight and reuses the same input (an output channel, plain or blocked)."""
     blk = sch.get(block)
-    func = sch.mod[sch.func_working_on]
-    free = {int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])}
-    free_bufs = {func.params[i].name for i in free if i < len(func.params)}
+    free_bufs = _weights(sch)
     reads = [(r.source.name, _loop_vars_used([rg.min for rg in r.region])) for r in blk.reads]
     out = []
     for i, iv in enumerate(blk.iter_vars):
@@ -229,8 +235,7 @@ def _blocked_reduction_order(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     if len(red) < 2:
         return red
     blk = sch.get(block)
-    func = sch.mod[sch.func_working_on]
-    free = {func.params[int(i)].name for i in (func.attrs or {}).get("layout_free_buffers", [])}
+    free = _weights(sch)
     first = next(iv for iv in blk.iter_vars if iv.iter_type == tir.IterVar.CommReduce).var.name
     blocked = any(r.source.name not in free and first in _loop_vars_used([r.region[-1].min]) for r in blk.reads)
     ext = _ext_or_big(sch, red[0])
@@ -294,9 +299,8 @@ def schedule_elementwise(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p:
 
 
 def _reads_weights(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
-    func = sch.mod[sch.func_working_on]
-    free = {func.params[int(i)].name for i in (func.attrs or {}).get("layout_free_buffers", [])}
-    return any(r.source.name in free for r in sch.get(block).reads)
+    weights = _weights(sch)
+    return any(r.source.name in weights for r in sch.get(block).reads)
 
 
 def window_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
@@ -363,8 +367,12 @@ def _already_parallel(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bo
 
 def _postprocess(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
     """MetaSchedule's layout rewrite of the layout-free operands (weights), as tuning would apply it."""
-    # (no TuneContext: creating one imports tvm.s_tir.tensor_intrin, ~25 s; RewriteLayout needs nothing from it)
+    # The TuneContext is needed: without it RewriteLayout leaves blocked weights in place (measured: resnet18's
+    # NCHWc convs 4-6x slower). Creating one imports tvm.s_tir.tensor_intrin (~25 s, once per process).
+    ctx = ms.TuneContext(mod=sch.mod, target=target, space_generator="post-order-apply",
+                         search_strategy="replay-trace")
     rewrite = ms.postproc.RewriteLayout()
+    rewrite._initialize_with_tune_context(ctx)
     sch.enter_postproc()  # a tuning run replays the trace without what follows, then applies its postprocs
     return bool(rewrite.apply(sch))
 
