@@ -175,25 +175,25 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 
 
-def llama() -> tuple[nn.Module, torch.Tensor]:
-    """A 2-layer Llama decoder with its LM head tied to the input embedding."""
+def _decoder(config: str, model: str) -> tuple[nn.Module, torch.Tensor]:
+    """A 2-layer transformers decoder (``config``/``model`` class names) with its LM head tied to the input
+    embedding."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, use_cache=False)
+    cfg = getattr(transformers, config)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True, use_cache=False)
     torch.manual_seed(0)
-    return Out(randomize_norms(transformers.LlamaForCausalLM(cfg)), "logits"), _ids()
+    return Out(randomize_norms(getattr(transformers, model)(cfg)), "logits"), _ids()
+
+
+def llama() -> tuple[nn.Module, torch.Tensor]:
+    """A 2-layer Llama decoder with its LM head tied to the input embedding."""
+    return _decoder("LlamaConfig", "LlamaForCausalLM")
 
 
 def qwen2() -> tuple[nn.Module, torch.Tensor]:
-    import transformers
-
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, use_cache=False)
-    torch.manual_seed(0)
-    return Out(randomize_norms(transformers.Qwen2ForCausalLM(cfg)), "logits"), _ids()
+    return _decoder("Qwen2Config", "Qwen2ForCausalLM")
 
 
 def bert() -> tuple[nn.Module, torch.Tensor]:

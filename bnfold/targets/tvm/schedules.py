@@ -361,6 +361,13 @@ def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = N
             schedule_elementwise(sch, b, p)
 
 
+def schedule_non_reductions(sch: s_tir.Schedule, p: ScheduleParams) -> None:
+    """The fallback when the main reduction cannot be tiled: every other block parallel + vectorized."""
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if not _is_reduction(sch, b) and sch.get_loops(b):
+            schedule_elementwise(sch, b, p)
+
+
 def _already_parallel(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     return any(sch.get(lp).kind == tir.ForKind.PARALLEL for lp in sch.get_loops(block))
 
@@ -386,9 +393,7 @@ def default_schedule(func: tir.PrimFunc, target: tvm.target.Target, p: ScheduleP
             if attempt:
                 schedule_kernel(sch, p)
             else:
-                for b in sch.get_child_blocks(sch.get_sblock("root")):
-                    if not _is_reduction(sch, b) and sch.get_loops(b):
-                        schedule_elementwise(sch, b, p)
+                schedule_non_reductions(sch, p)
             if not _postprocess(sch, target):
                 continue
             return sch
@@ -414,8 +419,10 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
         if sch is None:
             missed.append(gv.name_hint)
             continue
-        updates[gv] = sch.mod["main"].with_attr(SCHEDULED, True).with_attr("global_symbol", gv.name_hint) \
-            if (func.attrs or {}).get("global_symbol") else sch.mod["main"].with_attr(SCHEDULED, True)
+        scheduled = sch.mod["main"].with_attr(SCHEDULED, True)
+        if (func.attrs or {}).get("global_symbol"):
+            scheduled = scheduled.with_attr("global_symbol", gv.name_hint)
+        updates[gv] = scheduled
     for gv, f in updates.items():
         mod[gv] = f
     return mod, sorted(missed)
@@ -433,9 +440,7 @@ def tiled_space(p: ScheduleParams) -> Callable[[s_tir.Schedule], None]:
         try:
             schedule_kernel(sch.copy(), p, sampler)  # a dry run: a failed primitive would leave sch half done
         except (ValueError, RuntimeError):
-            for b in sch.get_child_blocks(sch.get_sblock("root")):
-                if not _is_reduction(sch, b) and sch.get_loops(b):
-                    schedule_elementwise(sch, b, p)
+            schedule_non_reductions(sch, p)
             return
         schedule_kernel(sch, p, sampler)
 
