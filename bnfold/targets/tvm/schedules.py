@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 3
+LOWERING_VERSION = 4
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -163,6 +163,8 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
     vec = _vector_axis(sch, block)
     if vec is None:
         raise ValueError("no axis to vectorize")
+    if not _weight_only_axes(sch, block):  # depthwise: the padding is read in place, not copied first
+        _inline_producers(sch, block)
     epilogue = _inline_epilogue(sch, block)
     blk = sch.get(block)
     kinds = [iv.iter_type for iv in blk.iter_vars]
@@ -303,14 +305,19 @@ def _reads_weights(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     return any(r.source.name in weights for r in sch.get(block).reads)
 
 
+def _inline_producers(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
+    """Compute ``block``'s elementwise producers (a padding) inline where they are read."""
+    for producer in sch.get_producers(block):
+        if not _is_reduction(sch, producer) and len(sch.get_consumers(producer)) == 1:
+            sch.compute_inline(producer)
+
+
 def window_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
     """A reduction over a window of its input with no weights (max/avg pool, mean): the padding is computed
     inline, the innermost output axis split by the SIMD width with the window loops outside it (unrolled), the
     other output axes parallel; vectorized when the input is read contiguously along that axis (blocked
     NCHW[c]c pools), else left to scalar code (a strided NCHW pool would be a gather)."""
-    for producer in sch.get_producers(block):
-        if not _is_reduction(sch, producer) and len(sch.get_consumers(producer)) == 1:
-            sch.compute_inline(producer)
+    _inline_producers(sch, block)
     blk = sch.get(block)
     loops = sch.get_loops(block)
     kinds = [iv.iter_type for iv in blk.iter_vars]
