@@ -14,8 +14,8 @@ For each model (random weights, randomized BatchNorm statistics, seeded):
 4. compiles again with the same database (the "second compile": nothing left to tune) and times it;
 5. checks parity of the TVM artifact against the folded model (bnfold's fp64-reference rule);
 6. times all engines on the same input in interleaved rounds (``--rounds`` × ``--per-round`` calls each, after a
-   warm-up), so a burst of load from other processes hits every engine alike; reports the median and the
-   minimum per call.
+   warm-up, and one untimed call at the start of each engine's turn), so a burst of load from other processes
+   hits every engine alike; reports the median and the minimum per call.
 
 Every engine gets the same thread budget: the usable cores (PyTorch ``set_num_threads``, ORT
 ``intra_op_num_threads``, TVM ``TVM_NUM_THREADS``). Results print as a Markdown table (paste into
@@ -25,18 +25,22 @@ BENCHMARKS.md) and, with ``--json``, as a JSON file.
 from __future__ import annotations
 
 import os
+import sys
 
-# Shared machine: idle worker threads must sleep, not spin (a spinning pool under load made a 1 ms PyTorch
-# conv take 70-130 ms here). Same rule for every engine: OpenMP (PyTorch) passive, ORT without spinning,
-# TVM with a zero spin count (bnfold's default). Must be set before torch starts its OpenMP runtime.
+# Idle worker threads: each engine as it ships. ORT spins briefly before sleeping (its default,
+# session.intra_op.allow_spinning=1), TVM yields 1000 times (bnfold's default), OpenMP (PyTorch) is made passive:
+# its active wait would keep spinning through the next engine's turn in this process (a spinning pool under load
+# made a 1 ms PyTorch conv take 70-130 ms here). --no-spin: no engine spins (ORT allow_spinning=0, TVM 0).
+# Must be set before torch starts its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--no-spin" in sys.argv:
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import argparse
 import json
 import logging
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -83,8 +87,7 @@ def _onnx_runner(folded: nn.Module, x: torch.Tensor, workdir: Path, threads: int
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if os.environ.get(
-        "OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if "--no-spin" in sys.argv else "1")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     feed = {name: x.numpy()}
@@ -101,6 +104,7 @@ def _time_interleaved(engines: dict[str, Callable[[], Any]], rounds: int, per_ro
                 fn()
         for _ in range(rounds):
             for name, fn in engines.items():
+                fn()  # untimed: the previous engine's idle workers stop spinning during this call
                 for _ in range(per_round):
                     t = time.perf_counter()
                     fn()
@@ -201,6 +205,8 @@ def main() -> int:
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", help="write results as JSON here")
+    ap.add_argument("--no-spin", action="store_true", help="no engine spins while idle (ORT allow_spinning=0, "
+                    "TVM spin count 0); default: ORT and TVM as they ship")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threads = usable_cores()
@@ -222,7 +228,8 @@ def main() -> int:
             "isa": spec.isa()["features"], "threads": threads, "torch": torch.__version__,
             "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "load_average_end": os.getloadavg(),
             "prepack": args.prepack, "layout": args.layout or "NCHWc",
-            "wait_policy": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT")}}
+            "wait_policy": {**{k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT")},
+                            "ort_allow_spinning": not args.no_spin}}
     print(f"host: {meta['cpu']} (mcpu {meta['mcpu']}; {', '.join(meta['isa'])}), {threads} threads")
     print(_table(results))
     if args.json:

@@ -124,7 +124,7 @@ def tvm_kernels(folded: nn.Module, x: torch.Tensor, cache_dir: str | None, repea
             sch = db.query_schedule(t.workload, spec.target, "main")
             source = "tuned" if sch is not None else source
         if sch is None:
-            sch = default_schedule(t.workload["main"], spec.target, p)
+            sch = default_schedule(t.workload["main"], p)
         if sch is None:
             source, mod = "none", t.workload
         else:

@@ -186,7 +186,7 @@ def test_tvm_uses_all_usable_cores_without_pinning(small_artifact, small):
     assert tvm.get_global_func("runtime.NumThreads")() == usable_cores()
     assert small_artifact.build_info["target"]["num_cores"] == usable_cores()
     assert os.environ["TVM_BIND_THREADS"] == "0"
-    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "1000"  # a short, yielding spin, not TVM's 300000
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])

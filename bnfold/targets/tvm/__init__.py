@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, InputError
+from bnfold.targets.tvm.threads import THREAD_ENV_DEFAULTS, configure_threads
 
 if TYPE_CHECKING:
     from bnfold.targets.tvm.artifact import TvmArtifact
@@ -40,30 +41,6 @@ log = logging.getLogger(__name__)
 class UntunedKernelsWarning(UserWarning):
     """Some kernels of a CPU build have no schedule, tuned or default (plain loops: no threads, little
     vectorization)."""
-
-
-#: TVM thread-pool settings bnfold applies unless the user set them (see :func:`configure_threads`).
-THREAD_ENV_DEFAULTS = {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
-
-
-def configure_threads(num_cores: int | None = None) -> int:
-    """Give TVM's thread pool ``num_cores`` threads (default: the usable physical cores), unpinned, non-spinning.
-
-    TVM otherwise takes ``hardware_concurrency / 2`` threads on x86 (1 on a 2-vCPU machine), or
-    ``OMP_NUM_THREADS`` if set; pins them *and the calling thread* to cores (which later confines PyTorch's
-    threads to one core); and lets idle workers spin 300000 times after every kernel. Spinning workers fight
-    PyTorch's (and everyone else's) threads for the cores: measured here under load, a tuned 3x3 conv took
-    8.0 ms with spinning and 1.6 ms without. An explicit ``TVM_NUM_THREADS`` / ``TVM_BIND_THREADS`` /
-    ``TVM_THREAD_POOL_SPIN_COUNT`` wins. Takes effect for pools created afterwards (TVM creates its pool at
-    the first parallel kernel).
-    """
-    from bnfold.targets.tvm.target import usable_cores
-
-    n = num_cores or usable_cores()
-    os.environ.setdefault("TVM_NUM_THREADS", str(n))
-    for k, v in THREAD_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    return int(os.environ["TVM_NUM_THREADS"])
 
 
 def _require_tvm() -> None:

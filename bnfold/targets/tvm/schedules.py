@@ -379,19 +379,18 @@ def _already_parallel(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bo
     return any(sch.get(lp).kind == tir.ForKind.PARALLEL for lp in sch.get_loops(block))
 
 
-def _postprocess(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
-    """MetaSchedule's layout rewrite of the layout-free operands (weights), as tuning would apply it."""
-    # The TuneContext is needed: without it RewriteLayout leaves blocked weights in place (measured: resnet18's
-    # NCHWc convs 4-6x slower). Creating one imports tvm.s_tir.tensor_intrin (~25 s, once per process).
-    ctx = ms.TuneContext(mod=sch.mod, target=target, space_generator="post-order-apply",
-                         search_strategy="replay-trace")
+def _postprocess(sch: s_tir.Schedule) -> bool:
+    """MetaSchedule's layout rewrite of the layout-free operands (weights), as tuning would apply it.
+
+    No ``TuneContext``: ``RewriteLayout``'s initialization is empty, and creating one imports
+    ``tvm.s_tir.tensor_intrin`` (~25 s per process). Checked: the rewritten kernels are identical with and without.
+    """
     rewrite = ms.postproc.RewriteLayout()
-    rewrite._initialize_with_tune_context(ctx)
     sch.enter_postproc()  # a tuning run replays the trace without what follows, then applies its postprocs
     return bool(rewrite.apply(sch))
 
 
-def default_schedule(func: tir.PrimFunc, target: tvm.target.Target, p: ScheduleParams) -> s_tir.Schedule | None:
+def default_schedule(func: tir.PrimFunc, p: ScheduleParams) -> s_tir.Schedule | None:
     """``func`` with the hand schedule applied (None when it does not apply: left to the caller)."""
     mod = tvm.IRModule({"main": func})
     for attempt in (True, False):  # first with the tiled reduction, then elementwise-only
@@ -401,7 +400,7 @@ def default_schedule(func: tir.PrimFunc, target: tvm.target.Target, p: ScheduleP
                 schedule_kernel(sch, p)
             else:
                 schedule_non_reductions(sch, p)
-            if not _postprocess(sch, target):
+            if not _postprocess(sch):
                 continue
             return sch
         except (ValueError, RuntimeError) as e:  # ScheduleError and TVM's errors are RuntimeErrors
@@ -422,7 +421,7 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
             continue
         if (func.attrs or {}).get(SCHEDULED):
             continue
-        sch = default_schedule(func, target, p)
+        sch = default_schedule(func, p)
         if sch is None:
             missed.append(gv.name_hint)
             continue

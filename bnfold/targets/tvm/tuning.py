@@ -45,6 +45,7 @@ from bnfold.targets.tvm.cache import TuningCache, latency_costs, model_key, warm
 from bnfold.targets.tvm.schedules import default_schedule, params_for, tiled_space
 from bnfold.targets.tvm.target import TargetSpec
 from bnfold.targets.tvm.tasks import TaskInfo
+from bnfold.targets.tvm.threads import THREAD_ENV_DEFAULTS
 
 __all__ = ["PooledBuilder", "TuningFailed", "TuningProgress", "TuningSummary", "seed_defaults", "split_budget",
            "tune"]
@@ -305,7 +306,7 @@ def seed_defaults(tasks: Sequence[TaskInfo], spec: TargetSpec, builder: Any, run
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
     p = params_for(spec.target)
-    scheds = [(t, default_schedule(t.workload["main"], spec.target, p)) for t in tasks]
+    scheds = [(t, default_schedule(t.workload["main"], p)) for t in tasks]
     scheds = [(t, s) for t, s in scheds if s is not None]
     built = builder.build([BuilderInput(s.mod, spec.target) for _, s in scheds])
     ok = [(t, s, b) for (t, s), b in zip(scheds, built, strict=True) if b.error_msg is None]
@@ -335,8 +336,8 @@ def _tvm_env(num_cores: int) -> Iterator[None]:
     """Worker processes inherit these: kernels measured with the thread count they will run with."""
     saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
     os.environ["TVM_NUM_THREADS"] = str(num_cores)
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    for k, v in THREAD_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     try:
         yield
     finally:
