@@ -44,6 +44,12 @@ def channel_block(channels: int, lanes: int) -> int:
     return channels if channels < 4 else 1
 
 
+def _dtype(dtype: object) -> str | None:
+    """A dtype attribute as a string, None when unset (Relax leaves a conv's ``out_dtype`` empty or void)."""
+    text = "" if dtype is None else str(dtype)
+    return None if text in ("", "void", "None") else text
+
+
 def _blocked(layout: str, block: int) -> str:
     return layout if block == 1 else f"{layout}{block}c"
 
@@ -108,7 +114,7 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     data_layout, kernel_layout, out_layout = str(a.data_layout), str(a.kernel_layout), str(a.out_layout)
     if len(data_layout) == 4 and len(kernel_layout) == 4:
         return _nn_conv2d(bb, call)
-    out_dtype = str(a.out_dtype) or str(call.args[0].ty.dtype)
+    out_dtype = _dtype(a.out_dtype) or _dtype(call.args[0].ty.dtype)
     if int(a.groups) == 1:
         return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], a.strides, a.padding, a.dilation,
                           data_layout, out_layout, out_dtype, primfunc_name_hint="conv2d_NCHWc")
@@ -135,9 +141,9 @@ def clip_to_min_max(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.I
     pattern = is_op("relax.clip")(x, lo, hi)
 
     def rewrite(call: relax.Call, match: dict) -> relax.Expr:
-        dtype = str(call.ty.dtype)
+        dtype = _dtype(getattr(call.ty, "dtype", None))
         bounds = [match[b] for b in (lo, hi)]
-        if not all(isinstance(b, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) for b in bounds):
+        if dtype is None or not all(isinstance(b, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) for b in bounds):
             return call
         low, high = (relax.const(float(b.value), dtype) for b in bounds)
         return relax.op.minimum(relax.op.maximum(match[x], low), high)
