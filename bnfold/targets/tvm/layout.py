@@ -28,6 +28,8 @@ NCHW, computed with TOPI's NCHW conv and packed again (correct, not fast).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import relax, te, topi
 
@@ -54,31 +56,32 @@ def _blocked(layout: str, block: int) -> str:
     return layout if block == 1 else f"{layout}{block}c"
 
 
-def conv_layouts(call: relax.Call, lanes: int) -> list[str] | None:
-    """``[data, weight, output]`` layouts for one NCHW/OIHW ``conv2d`` call (None: leave it as it is)."""
+def conv_layouts(call: relax.Call, lanes: int) -> list[str]:
+    """``[data, weight, output]`` layouts for one ``conv2d`` call. A conv that is not NCHW/OIHW, or whose channel
+    count is symbolic, keeps its own layouts (asked for explicitly: with no wish, ``ConvertLayout`` would hand it
+    its producer's blocked layout)."""
     a = call.attrs
-    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
-        return None
+    own = [str(a.data_layout), str(a.kernel_layout), str(a.out_layout)]
     try:
         c_in = int(call.args[0].ty.shape[1])
         c_out = int(call.args[1].ty.shape[0])
     except (TypeError, ValueError, AttributeError):  # a symbolic channel count
-        return None
+        return own
+    if own != ["NCHW", "OIHW", "NCHW"]:
+        return own
     groups = int(a.groups)
     bi, bo = channel_block(c_in, lanes), channel_block(c_out, lanes)
     if groups == 1 and bi > 1 and bo % 4 == 0:
         return [_blocked("NCHW", bi), f"OIHW{bi}i{bo}o", _blocked("NCHW", bo)]
     if groups == c_in == c_out and bo % 4 == 0:
         return [_blocked("NCHW", bo), f"OIHW1i{bo}o", _blocked("NCHW", bo)]
-    return ["NCHW", "OIHW", "NCHW"]
+    return own
 
 
-def _layout_callback(lanes: int):
+def _layout_callback(lanes: int) -> Callable[[relax.Call], dict[str, list[str]]]:
     def callback(call: relax.Call) -> dict[str, list[str]]:
         if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
-            layouts = conv_layouts(call, lanes)
-            if layouts is not None:
-                return {"relax.nn.conv2d": layouts}
+            return {"relax.nn.conv2d": conv_layouts(call, lanes)}
         return {}
 
     return callback
