@@ -539,3 +539,26 @@ def test_build_timeout_from_the_environment(monkeypatch):
     monkeypatch.setenv("BNFOLD_TVM_BUILD_TIMEOUT", "soon")
     with pytest.raises(BnfoldError, match="not a positive number"):
         build_timeout_s()
+
+
+def test_a_foreign_handler_on_metaschedules_logger_survives_tuning_setup(tmp_path):
+    """MetaSchedule's logging setup fails on a handler it did not create (pytest's capture handler, a user's):
+    bnfold sets such handlers aside for the setup and puts them back."""
+    import logging
+
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from bnfold.targets.tvm.tuning import _foreign_handlers_set_aside
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    mine = logging.NullHandler()  # no name
+    logger.addHandler(mine)
+    try:
+        with pytest.raises(AttributeError):
+            get_loggers_from_work_dir(str(tmp_path / "a"), ["task"])  # TVM's own behaviour
+        logger.addHandler(mine)
+        with _foreign_handlers_set_aside(logger):
+            get_loggers_from_work_dir(str(tmp_path / "b"), ["task"])
+        assert mine in logger.handlers
+    finally:
+        logger.removeHandler(mine)

@@ -248,9 +248,10 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
                 log.info("tuning %d task(s) with %d trials each", len(group), level)
                 # MetaSchedule's console handler takes the logger's level (DEBUG if unset) at each setup
                 ms_log.setLevel(user_level or logging.WARNING)
-                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    [t.task for t in group], str(run_dir), space=_space(spec), strategy=_strategy(level),
-                    num_threads=spec.num_cores, seed=seed)
+                with _foreign_handlers_set_aside(ms_log):
+                    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                        [t.task for t in group], str(run_dir), space=_space(spec), strategy=_strategy(level),
+                        num_threads=spec.num_cores, seed=seed)
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(run_dir),
                               max_trials_global=level * len(group), max_trials_per_task=level,
                               num_trials_per_iter=_per_iter(level), builder=builder, runner=runner,
@@ -329,6 +330,21 @@ def _runs_dir(cache: TuningCache) -> Path:
     d = cache.dir / "runs"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextlib.contextmanager
+def _foreign_handlers_set_aside(logger: logging.Logger) -> Iterator[None]:
+    """MetaSchedule's logging setup (``dictConfig``) lists the handlers already on its logger by name: one it did
+    not create (a user's, pytest's capture handler) has none or an unknown one, and the setup fails
+    (``'NoneType' object has no attribute 'format'``). Such handlers are taken off for the setup and put back."""
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(logger.name)]
+    for h in foreign:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in foreign:
+            logger.addHandler(h)
 
 
 @contextlib.contextmanager
