@@ -28,7 +28,7 @@ NCHW, computed with TOPI's NCHW conv and packed again (correct, not fast).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import tvm
 from tvm import relax, te, topi
@@ -87,8 +87,8 @@ def _layout_callback(lanes: int) -> Callable[[relax.Call], dict[str, list[str]]]
     return callback
 
 
-def depthwise_conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
-                           out_dtype: str) -> te.Tensor:
+def depthwise_conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], out_dtype: str) -> te.Tensor:
     """``out[n, C, y, x, c] = Σ_{i,j} pad(data)[n, C, y·s_h + i·d_h, x·s_w + j·d_w, c] · w[C, 0, i, j, 0, c]``."""
     n, chunks, h, w, block = data.shape
     _, _, kh, kw, _, _ = kernel.shape
