@@ -72,7 +72,8 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def _onnx_runner(folded: nn.Module, x: torch.Tensor, workdir: Path, threads: int) -> Callable[[], Any]:
+def _onnx_runner(folded: nn.Module, x: torch.Tensor, workdir: Path, threads: int,
+                 spin: bool) -> Callable[[], Any]:
     import onnxruntime as ort
 
     path = workdir / "model.onnx"
@@ -87,7 +88,7 @@ def _onnx_runner(folded: nn.Module, x: torch.Tensor, workdir: Path, threads: int
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if "--no-spin" in sys.argv else "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     feed = {name: x.numpy()}
@@ -147,7 +148,7 @@ def bench_model(arch: str, args: argparse.Namespace, cache_dir: Path, threads: i
     parity_default = bnfold.compare(folded, default, (x,)).summary()
     same = bool(torch.equal(art(x), art2(x)))
     with tempfile.TemporaryDirectory(prefix="bench-tvm-") as tmp:
-        ort_run = _onnx_runner(folded, x, Path(tmp), threads)
+        ort_run = _onnx_runner(folded, x, Path(tmp), threads, spin=not args.no_spin)
         engines = {
             "pytorch eager (unfolded)": lambda: model(x),
             "pytorch eager (folded)": lambda: folded(x),

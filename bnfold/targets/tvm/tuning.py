@@ -350,7 +350,7 @@ def _foreign_handlers_set_aside(logger: logging.Logger) -> Iterator[None]:
 @contextlib.contextmanager
 def _tvm_env(num_cores: int) -> Iterator[None]:
     """Worker processes inherit these: kernels measured with the thread count they will run with."""
-    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
+    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", *THREAD_ENV_DEFAULTS)}
     os.environ["TVM_NUM_THREADS"] = str(num_cores)
     for k, v in THREAD_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
