@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 import tvm
 from tvm import relax, te, topi
 
+from bnfold.targets.tvm.winograd import is_static, winograd_conv2d_nchwc, winograd_tile, winograd_weight_transform
+
 __all__ = ["blocked_conv_passes", "channel_block", "conv_layouts", "legalize_conv2d"]
 
 
@@ -109,6 +111,22 @@ def depthwise_conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides: Sequence
         name="depthwise_conv2d_NCHWc", tag="depthwise_conv2d_NCHWc")
 
 
+def _winograd(call: relax.Call) -> int | None:
+    """The Winograd tile of a blocked conv (None: direct), see :func:`bnfold.targets.tvm.winograd.winograd_tile`."""
+    a = call.attrs
+    data, out = call.args[0], call
+    if str(a.data_layout) == "NCHW" or not is_static(data, call.args[1], out):
+        return None
+    kshape = [int(d) for d in call.args[1].ty.shape]
+    dshape = [int(d) for d in data.ty.shape]
+    oshape = [int(d) for d in out.ty.shape]
+    if len(dshape) != 5 or len(kshape) != 6 or len(oshape) != 5:
+        return None
+    return winograd_tile((kshape[2], kshape[3]), tuple(int(s) for s in a.strides),  # type: ignore[arg-type]
+                         tuple(int(d) for d in a.dilation), int(a.groups),  # type: ignore[arg-type]
+                         (dshape[1] * dshape[4], oshape[1] * oshape[4]), (oshape[2], oshape[3]))
+
+
 def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """``relax.nn.conv2d`` → TIR, including the blocked layouts the stock legalization refuses."""
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
@@ -118,6 +136,11 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if len(data_layout) == 4 and len(kernel_layout) == 4:
         return _nn_conv2d(bb, call)
     out_dtype = _dtype(a.out_dtype) or _dtype(call.args[0].ty.dtype)
+    m = _winograd(call)
+    if m is not None:
+        u = bb.emit_te(winograd_weight_transform, call.args[1], m, primfunc_name_hint="winograd_weight")
+        return bb.call_te(winograd_conv2d_nchwc, call.args[0], u, a.padding, m, out_dtype,
+                          primfunc_name_hint="conv2d_NCHWc_winograd")
     if int(a.groups) == 1:
         return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], a.strides, a.padding, a.dilation,
                           data_layout, out_layout, out_dtype, primfunc_name_hint="conv2d_NCHWc")

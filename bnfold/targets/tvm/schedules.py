@@ -38,13 +38,15 @@ from tvm import s_tir
 from tvm import tirx as tir
 from tvm.s_tir import meta_schedule as ms
 
+from bnfold.targets.tvm.winograd import UNROLL
+
 __all__ = ["ScheduleParams", "apply_default_schedules", "params_for", "schedule_kernel", "tiled_space"]
 
 log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 4
+LOWERING_VERSION = 5
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -106,12 +108,16 @@ def _loop_vars_used(expr_list: Sequence[tir.PrimExpr]) -> set[str]:
     return {v.name for e in expr_list for v in tir.analysis.undefined_vars(e, [])}
 
 
-def _weights(sch: s_tir.Schedule) -> set[str]:
-    """Buffers holding weights: the layout-free parameters, and every parameter after the first (the data) —
-    after ``ConvertLayout`` a conv's weight is a re-laid-out copy, which Relax does not mark layout-free."""
+def _weights(sch: s_tir.Schedule) -> list[tir.Var]:
+    """Buffers holding weights: every parameter's buffer after the first (the data) — after ``ConvertLayout`` a
+    conv's weight is a re-laid-out copy, which Relax does not mark layout-free. Compared by object, not name: a
+    kernel's data and weight parameters can share a name (mobilenet_v2's first depthwise conv: both ``lv3``)."""
     func = sch.mod[sch.func_working_on]
-    free = {func.params[int(i)].name for i in (func.attrs or {}).get("layout_free_buffers", [])}
-    return free | {prm.name for prm in list(func.params)[1:]}
+    return list(func.params)[1:]
+
+
+def _is_weight(buf: tir.Var, weights: Sequence[tir.Var]) -> bool:
+    return any(buf.same_as(w) for w in weights)
 
 
 def _weight_only_axes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
@@ -119,11 +125,11 @@ def _weight_only_axes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> li
     loads a different weight and reuses the same input (an output channel, plain or blocked)."""
     blk = sch.get(block)
     free_bufs = _weights(sch)
-    reads = [(r.source.name, _loop_vars_used([rg.min for rg in r.region])) for r in blk.reads]
+    reads = [(r.source, _loop_vars_used([rg.min for rg in r.region])) for r in blk.reads]
     out = []
     for i, iv in enumerate(blk.iter_vars):
         users = [b for b, used in reads if iv.var.name in used]
-        if iv.iter_type == tir.IterVar.DataPar and users and all(b in free_bufs for b in users):
+        if iv.iter_type == tir.IterVar.DataPar and users and all(_is_weight(b, free_bufs) for b in users):
             out.append(i)
     return out
 
@@ -144,10 +150,21 @@ def _vector_axis(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, weight_onl
 def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> s_tir.schedule.SBlockRV | None:
     """Inline the elementwise chain after ``block`` into its last block; return that block (None: no epilogue)."""
     consumers = sch.get_consumers(block)
+    if len(consumers) != 1 or not _reads_pointwise(sch, consumers[0], block):
+        return None  # e.g. a Winograd output transform: it reads a whole tile of the product
     while len(consumers) == 1 and sch.get_consumers(consumers[0]):
         sch.compute_inline(consumers[0])
         consumers = sch.get_consumers(block)
     return consumers[0] if len(consumers) == 1 else None
+
+
+def _reads_pointwise(sch: s_tir.Schedule, consumer: s_tir.schedule.SBlockRV,
+                     producer: s_tir.schedule.SBlockRV) -> bool:
+    """``consumer`` reads ``producer``'s output only at the point it writes (``y[i…] = f(x[i…], …)``)."""
+    buf = sch.get(producer).writes[0].source
+    blk = sch.get(consumer)
+    at = [str(rg.min) for rg in blk.writes[0].region]
+    return all([str(rg.min) for rg in r.region] == at for r in blk.reads if r.source.same_as(buf))
 
 
 def _pick(sch: s_tir.Schedule, options: Sequence[int], sampler: Sampler) -> int:
@@ -179,10 +196,7 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
     # weight-only axis (blocked NCHWc: the channel-block axis C/c)
     m_axis = None
     if v_ext == lanes:
-        # asked again, after a depthwise conv's padding was inlined: _weights matches buffers by name, and a
-        # kernel's data and weight parameters can share one (mobilenet_v2's first depthwise conv: both "lv3"),
-        # so its data read then counts as a weight read. Kept as measured; matching by buffer is issue 15's next step
-        extra = [i for i in _weight_only_axes(sch, block) if i != vec and _ext_or_big(sch, loops[i]) > 1]
+        extra = [i for i in weight_only if i != vec and _ext_or_big(sch, loops[i]) > 1]
         m_axis = extra[0] if extra else None
     m_total = v_ext // lanes if m_axis is None else _ext(sch, loops[m_axis])
     # the tile axis: the innermost spatial axis other than those, with extent > 1
@@ -242,7 +256,8 @@ def _blocked_reduction_order(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     blk = sch.get(block)
     free = _weights(sch)
     first = next(iv for iv in blk.iter_vars if iv.iter_type == tir.IterVar.CommReduce).var.name
-    blocked = any(r.source.name not in free and first in _loop_vars_used([r.region[-1].min]) for r in blk.reads)
+    blocked = any(not _is_weight(r.source, free) and first in _loop_vars_used([r.region[-1].min])
+                  for r in blk.reads)
     ext = _ext_or_big(sch, red[0])
     if not blocked or ext % p.lanes or ext == p.lanes:
         return red
@@ -305,7 +320,7 @@ def schedule_elementwise(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p:
 
 def _reads_weights(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     weights = _weights(sch)
-    return any(r.source.name in weights for r in sch.get(block).reads)
+    return any(_is_weight(r.source, weights) for r in sch.get(block).reads)
 
 
 def _inline_producers(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
@@ -351,8 +366,43 @@ def window_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sch
         sch.reverse_compute_at(consumer[0], i_o)
 
 
+def unroll_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
+    """A block annotated with :data:`~bnfold.targets.tvm.winograd.UNROLL` (a Winograd transform: each point of a
+    tile is its own expression, selected by the point's coordinates): the elementwise chain after it folded in,
+    each annotated axis split by its factor with the inner part unrolled — the selections then resolve at compile
+    time — the outer axes parallel, the last axis (channel lanes) vectorized innermost."""
+    factors = [int(f) for f in sch.get(block).annotations[UNROLL]]
+    consumers = sch.get_consumers(block)
+    while len(consumers) == 1 and _reads_pointwise(sch, consumers[0], block):
+        sch.reverse_compute_inline(consumers[0])
+        consumers = sch.get_consumers(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(factors):
+        raise ValueError("block is not in its initial loop nest")
+    outer, inner = [], []
+    for lp, f in zip(loops[:-1], factors[:-1], strict=True):
+        if f <= 1:
+            outer.append(lp)
+        elif f == _ext(sch, lp):
+            inner.append(lp)
+        else:
+            o, i = sch.split(lp, [None, f])
+            outer.append(o)
+            inner.append(i)
+    lanes = loops[-1]
+    sch.reorder(*outer, *inner, lanes)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    for lp in inner:
+        sch.unroll(lp)
+    if _ext(sch, lanes) in (p.lanes, p.lanes // 2, p.lanes // 4):
+        sch.vectorize(lanes)
+
+
 def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = None) -> None:
-    """Schedule every block of ``sch``'s kernel: the main reduction tiled, the rest parallel + vectorized."""
+    """Schedule every block of ``sch``'s kernel: the main reduction tiled, tile transforms unrolled
+    (:func:`unroll_tile`), the rest parallel + vectorized."""
+    for b in [b for b in sch.get_child_blocks(sch.get_sblock("root")) if UNROLL in sch.get(b).annotations]:
+        unroll_tile(sch, b, p)  # folds the blocks after it in: the block list is read again below
     main = _main_reduction(sch)
     if main is not None and not _reads_weights(sch, main):
         window_reduction(sch, main, p)
@@ -365,7 +415,7 @@ def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = N
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         if main is not None and sch.get(b).name_hint.startswith(sch.get(main).name_hint):
             continue
-        if sch.get(b).annotations.get("meta_schedule.layout_rewrite_preproc"):
+        if sch.get(b).annotations.get("meta_schedule.layout_rewrite_preproc") or UNROLL in sch.get(b).annotations:
             continue
         if len(sch.get_loops(b)) and not _already_parallel(sch, b):
             schedule_elementwise(sch, b, p)
