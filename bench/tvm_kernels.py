@@ -1,5 +1,7 @@
 """Per-kernel report of a TVM CPU build: every fused kernel's time and GFLOP/s next to the host's sgemm peak and
-oneDNN's time for the same convolution (PyTorch's CPU conv), so the gap is visible layer by layer.
+oneDNN's time for the same convolution (PyTorch's CPU conv), so the gap is visible layer by layer. A conv's
+GFLOP/s count the direct method's FLOPs (2 · outputs · C_in/groups · k²) whatever the kernel computes, so a
+Winograd kernel's figure is its direct-equivalent rate and may exceed the peak.
 
     .venv/bin/python bench/tvm_kernels.py --models resnet18,mobilenet_v2 --cache-dir /tmp/tvmbench/cache
 
@@ -85,8 +87,12 @@ def onednn_convs(model: nn.Module, x: torch.Tensor, repeat: int) -> list[dict[st
 
 def conv_key(func: Any) -> tuple[int, ...] | None:
     """(in channels, out channels, kernel, stride, input height) of a conv kernel, read off its buffers
-    (plain NCHW/OIHW or blocked NCHW[c]c/OIHW[c]i[c]o), or None when it is not a conv."""
+    (plain NCHW/OIHW, blocked NCHW[c]c/OIHW[c]i[c]o, or a Winograd conv's transformed ``(α, α, O/c, I, c)``
+    weights: a 3×3 stride-1 conv), or None when it is not a conv."""
     shapes = [[int(d) for d in p.shape] for p in func.params]
+    if len(shapes) >= 3 and len(shapes[0]) == 5 and len(shapes[1]) == 5 and shapes[1][0] == shapes[1][1]:
+        data, u = shapes[0], shapes[1]
+        return (data[1] * data[4], u[2] * u[4], 3, 1, data[2])
     if len(shapes) < 3 or len(shapes[1]) not in (4, 6) or len(shapes[0]) not in (4, 5):
         return None
     data, weight, out = shapes[0], shapes[1], shapes[-1]
@@ -158,8 +164,8 @@ def report(arch: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
     by_key = {c["key"]: c for c in convs}
     for k in kernels:
         match = by_key.get(tuple(k["key"])) if k["key"] else None
-        if match is not None:
-            k["onednn_us"], k["conv"] = match["us"], match["shape"]
+        if match is not None:  # GFLOP/s of the direct method's FLOPs (a Winograd kernel performs fewer)
+            k["onednn_us"], k["conv"], k["flops"] = match["us"], match["shape"], match["flops"]
     return {"model": arch, "threads": threads, "peak_gflops": peak, "kernels": kernels}
 
 

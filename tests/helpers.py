@@ -72,3 +72,29 @@ def tiny_vit() -> nn.Module:
             nn.init.normal_(mod.weight)
             nn.init.normal_(mod.bias)
     return m
+
+
+def compile_untuned_and_check(model: nn.Module, gm: torch.fx.GraphModule, x: torch.Tensor, mcpu: str | None,
+                              cache_dir: object) -> object:
+    """Compile ``gm`` for the CPU with bnfold's hand schedules (``mcpu``: None for the host's ISA; skipped when
+    the host cannot run it; a kernel left without any schedule is an error) and check the artifact against the
+    folded model (bnfold's parity rule) and against ``model`` run in float64. Returns the artifact."""
+    import copy
+    import warnings
+
+    import pytest
+
+    import bnfold
+    from bnfold.targets.tvm import UntunedKernelsWarning, compile
+    from bnfold.targets.tvm.isa import host_cpu_flags
+
+    flags = host_cpu_flags()
+    if mcpu == "x86-64-v3" and (not flags or "avx2" not in flags):
+        pytest.skip("this host cannot run AVX2 code")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedKernelsWarning)
+        art = compile(gm, (x,), mcpu=mcpu, cache_dir=cache_dir)
+    assert bnfold.compare(gm, art, (x,)).passed
+    reference = copy.deepcopy(model).double()(x.double())
+    torch.testing.assert_close(art(x).double(), reference, rtol=1e-4, atol=1e-4)
+    return art

@@ -23,7 +23,10 @@ lanes, the window is the reduction. Other grouped convs stay NCHW.
 Relax's stock legalization refuses sub-indexed layouts ("channel chunk cannot be legalized by TOPI"), so
 :func:`legalize_conv2d` legalizes them itself: TOPI's ``conv2d_NCHWc`` compute for ordinary convs, the depthwise
 compute above, and any other blocked grouped conv (ConvertLayout's propagation can produce one) unpacked to
-NCHW, computed with TOPI's NCHW conv and packed again (correct, not fast).
+NCHW, computed with TOPI's NCHW conv and packed again (correct, not fast). A 3×3 stride-1 conv that
+:func:`bnfold.targets.tvm.winograd.winograd_tile` accepts is computed with Winograd instead: its weights'
+transform emitted as its own binding (lifted to load time with the other weight-only work), the conv as one
+kernel (:func:`bnfold.targets.tvm.winograd.winograd_conv2d_nchwc`).
 """
 
 from __future__ import annotations

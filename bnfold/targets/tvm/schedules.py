@@ -20,7 +20,13 @@ scheme of oneDNN's, MLAS's and TVM's old x86 NCHWc kernels):
   of the weights (re-laid out once at build time by MetaSchedule's ``RewriteLayout`` so that ``v_i`` is
   contiguous) and ``t`` broadcasts of the input; with blocked input the input-channel reduction is split
   ``ic = (ic_o, ic_i)``, ``ic_i`` innermost, so consecutive broadcasts read one cache line;
-* the epilogue (bias, residual add, clip/ReLU) is computed per tile right after its accumulation, from registers.
+* the epilogue (bias, residual add, clip/ReLU) is computed per tile right after its accumulation, from registers;
+  when the reduction's consumer is not pointwise (a Winograd output transform reads all (m+2)² products of a
+  tile), the tile is stored from registers and the consumer scheduled on its own.
+
+Winograd transforms (blocks annotated :data:`~bnfold.targets.tvm.winograd.UNROLL`) get :func:`unroll_tile`: the
+coordinates inside a tile unrolled so the per-point coefficients fold to constants, the channel lanes vectorized,
+the elementwise chain after the output transform folded into it.
 
 Everything else (pads, pools, means, layout transforms, elementwise) gets a parallel outer loop and a vectorized
 inner loop. ``ScheduleParams`` carries the target's SIMD width and register count; :func:`tiled_space` is the
