@@ -116,3 +116,18 @@ def test_weights_are_matched_by_buffer_not_by_name():
     assert _weight_only_axes(sch, block) == []
     _inline_producers(sch, block)  # the padding: the conv now reads the data parameter itself
     assert _weight_only_axes(sch, block) == []
+
+
+def test_winograd_kernels_are_tuned_in_bnfolds_space_alone(wino):
+    """MetaSchedule's stock rules do not know the transforms: Winograd tasks get the hand space only, the
+    others both."""
+    from bnfold.targets.tvm.build import kernel_tasks
+    from bnfold.targets.tvm.importer import import_torch
+    from bnfold.targets.tvm.target import cpu_target
+    from bnfold.targets.tvm.tuning import _by_space
+
+    _, gm, x = wino
+    tasks = kernel_tasks(import_torch(gm, (x,)), cpu_target())
+    split = {only: {t.name for t in subset} for subset, only in _by_space(tasks)}
+    assert split[True] and all("winograd" in n for n in split[True]), split
+    assert split[False] and not any("winograd" in n for n in split[False]), split

@@ -46,7 +46,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from bnfold.targets.tvm.winograd import UNROLL
 
-__all__ = ["ScheduleParams", "apply_default_schedules", "params_for", "schedule_kernel", "tiled_space"]
+__all__ = ["ScheduleParams", "apply_default_schedules", "has_tile_transforms", "params_for", "schedule_kernel",
+           "tiled_space"]
 
 log = logging.getLogger(__name__)
 
@@ -491,6 +492,13 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
     for gv, f in updates.items():
         mod[gv] = f
     return mod, sorted(missed)
+
+
+def has_tile_transforms(mod: tvm.IRModule) -> bool:
+    """``mod``'s kernel has blocks only these schedules know (:data:`~bnfold.targets.tvm.winograd.UNROLL`:
+    Winograd transforms), so MetaSchedule's stock space has nothing to offer for it."""
+    sch = s_tir.Schedule(mod)
+    return any(UNROLL in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def tiled_space(p: ScheduleParams) -> Callable[[s_tir.Schedule], None]:
