@@ -9,7 +9,8 @@
 * **Isolation**: tuning runs in a private work directory and is merged (best record per workload) into the
   shared database under a file lock, so concurrent compiles never corrupt it.
 * **Design space**: MetaSchedule's stock space (multi-level tiling) *and* bnfold's register-tiled schedule with
-  its tile sizes sampled (:func:`bnfold.targets.tvm.schedules.tiled_space`); before searching, each task's
+  its tile sizes sampled (:func:`bnfold.targets.tvm.schedules.tiled_space`) — bnfold's alone for Winograd
+  kernels, whose transforms the stock rules do not know (:func:`_by_space`); before searching, each task's
   default hand schedule is measured and committed, so the database's best is never worse than the untuned
   build and the search starts from it.
 * **Fail fast**: when every candidate of a task's first batch fails to build or run, tuning stops with the first
