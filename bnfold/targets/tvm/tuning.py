@@ -309,8 +309,9 @@ def _by_space(group: Sequence[TaskInfo]) -> list[tuple[list[TaskInfo], bool]]:
     """``group`` split into the tasks searched in both spaces and those searched in bnfold's alone (Winograd
     kernels: the stock rules do not know their transforms; in a 600-trial resnet18 run none of their best records
     came from the stock space, and three of its candidates for them hit the 60 s build timeout)."""
-    hand = [t for t in group if has_tile_transforms(t.workload)]
-    rest = [t for t in group if not has_tile_transforms(t.workload)]
+    hand_only = [has_tile_transforms(t.workload) for t in group]
+    hand = [t for t, h in zip(group, hand_only, strict=True) if h]
+    rest = [t for t, h in zip(group, hand_only, strict=True) if not h]
     return [(subset, only) for subset, only in ((rest, False), (hand, True)) if subset]
 
 

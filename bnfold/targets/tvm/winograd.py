@@ -87,11 +87,12 @@ def _bilinear(t: np.ndarray, a: tirx.PrimExpr, b: tirx.PrimExpr, load: Callable[
     point's coordinates (:func:`_coefficient`): once the schedule unrolls them, TIR's simplifier folds the
     selections and drops the zero terms."""
     n = t.shape[0]
+    col_b = [_coefficient(t, j, b, dtype) for j in range(n)]  # the same for every row i
     outer = None
     for i in range(n):
         inner = None
         for j in range(n):
-            term = _coefficient(t, j, b, dtype) * load(i, j)
+            term = col_b[j] * load(i, j)
             inner = term if inner is None else inner + term
         term = _coefficient(t, i, a, dtype) * inner
         outer = term if outer is None else outer + term
