@@ -73,7 +73,7 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedOnnx:
     except Exception as exc:
         raise InputError(f"{p} is not a readable ONNX model (malformed or truncated?): {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="re-export it; `python -m onnx.checker` (onnx.checker.check_model) says more") from None
+                         hint="re-export it; `python -m onnx.checker` (onnx.checker.check_model) says more") from exc
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p} holds no ONNX graph (empty or not an ONNX file)")
     check_external_data(p)
@@ -89,12 +89,12 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedOnnx:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
             raise InputError(f"{p}: its external data could not be read: {type(exc).__name__}: {exc}",
-                             hint="keep the data files next to the model, complete") from None
+                             hint="keep the data files next to the model, complete") from exc
     try:
         onnx.checker.check_model(model if model.ByteSize() < _MAX_PROTO else str(p))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputError(f"{p} is not a valid ONNX model: {type(exc).__name__}: {first}") from None
+        raise InputError(f"{p} is not a valid ONNX model: {type(exc).__name__}: {first}") from exc
     return LoadedOnnx(model, p, bool(external), threshold, files)
 
 

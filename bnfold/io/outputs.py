@@ -134,7 +134,7 @@ def atomic_output(dest: PathLike, *, protect: Sequence[PathLike] = ()) -> Iterat
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as exc:
-        raise output_error(d, exc) from None
+        raise output_error(d, exc) from exc
     try:
         yield Path(tmp)
         os.replace(tmp, d)
@@ -142,7 +142,7 @@ def atomic_output(dest: PathLike, *, protect: Sequence[PathLike] = ()) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, InputError):
-            raise output_error(d, exc) from None
+            raise output_error(d, exc) from exc
         raise
 
 
@@ -211,7 +211,7 @@ def staging_dir(out: PathLike) -> Path:
         d = Path(tempfile.mkdtemp(prefix=_temp_name(o, "staging"), suffix=".staging", dir=parent))
         os.chmod(d, 0o777 & ~_umask())
     except OSError as exc:
-        raise output_error(o, exc) from None
+        raise output_error(o, exc) from exc
     return d
 
 
@@ -228,7 +228,7 @@ def staged_output(out: PathLike) -> Iterator[Path]:
         publish_dir(staging, o)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise output_error(o, exc) from None
+        raise output_error(o, exc) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -246,6 +246,6 @@ def publish_dir(staging: Path, out: Path) -> None:
         if old is not None and not out.exists():
             with contextlib.suppress(OSError):
                 os.replace(old / out.name, out)
-        raise output_error(out, exc) from None
+        raise output_error(out, exc) from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -212,7 +212,7 @@ def inspect_archive(data: bytes, path: Path) -> ArchiveInspection:
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise InputError(f"{path} is not a torch.export archive (not a readable zip file: {exc})",
-                         hint="re-save it with torch.export.save(torch.export.export(model, inputs), path)") from None
+                         hint="re-save it with torch.export.save(torch.export.export(model, inputs), path)") from exc
     names = [i.filename for i in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:  # two readers could pick different copies: what we inspect must be what torch loads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,24 @@ def test_truncated_pt2(pt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     bad.write_bytes(pt2.read_bytes()[: pt2.stat().st_size // 2])
     assert main(["inspect", str(bad)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_verbose_and_debug_show_what_caused_an_error(pt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message stays one sentence for people; ``-v`` adds the wrapped library error, ``BNFOLD_DEBUG=1`` the
+    whole traceback (issue: ``CaptureError`` and friends lost their cause)."""
+    bad = tmp_path / "junk.pt2"  # a zip, but not what torch.export.load reads: its error is wrapped
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    assert main(["inspect", str(bad)]) == 2
+    assert "caused by" not in capsys.readouterr().err
+    assert main(["-v", "inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "  caused by: " in err and "Traceback" not in err
+    monkeypatch.setenv("BNFOLD_DEBUG", "1")
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "The above exception was the direct cause" in err
 
 
 def test_pickle_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,9 +74,9 @@ def _load_tvm(path: Path, trusted: bool) -> Loaded:
     if load is None:
         try:
             from bnfold.targets.tvm import load_artifact as load
-        except ImportError:
+        except ImportError as exc:
             raise InputError(f"{path} is a folder; compiled TVM artifacts need bnfold's TVM target",
-                             hint="pip install 'bnfold[tvm]'") from None
+                             hint="pip install 'bnfold[tvm]'") from exc
     artifact = load(path)
     return Loaded(artifact, "tvm", path, None, dict(getattr(artifact, "build_info", {}) or {}))
 

@@ -30,8 +30,8 @@ __all__ = ["register"]
 def _batch_range(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in text.replace(":", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX (e.g. 1,32)") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX (e.g. 1,32)") from exc
     return lo, hi
 
 

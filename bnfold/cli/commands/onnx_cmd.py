@@ -116,7 +116,7 @@ def _fold_and_check(args: argparse.Namespace, dest: Path, protect: list[str], da
     except Exception as exc:
         raise InputError(f"ONNX Runtime could not run the model: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="check the inputs (--input-shape) against the model's inputs") from None
+                         hint="check the inputs (--input-shape) against the model's inputs") from exc
     report.parity = parity.summary()
     report.notes.extend(parity.notes)
     return report

@@ -102,7 +102,7 @@ class TvmArtifact:
         try:
             manifest = json.loads((d / MANIFEST).read_text())
         except ValueError as exc:
-            raise InputError(f"{d / MANIFEST} is not valid JSON: {exc}") from None
+            raise InputError(f"{d / MANIFEST} is not valid JSON: {exc}") from exc
         if manifest.get("format") != FORMAT:
             raise InputError(f"{d / MANIFEST} is not a bnfold TVM manifest (format={manifest.get('format')!r})")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
