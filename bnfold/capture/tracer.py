@@ -60,7 +60,7 @@ class BnfoldTracer(torch.fx.Tracer):
         self._outside = 0  # > 0 while a module outside the model's hierarchy is being inlined
         # id(tensor of such a module) -> (that tensor, kept alive so its id is not reused; the graph's own copy)
         self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._model_parameters: set[int] | None = None  # ids of the model's parameters, once asked
+        self._model_parameters: set[int] | None = None  # ids of the model's parameters and buffers, once asked
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
@@ -103,7 +103,7 @@ class BnfoldTracer(torch.fx.Tracer):
         if a in self.tensor_attrs:
             return True
         if self._model_parameters is None:
-            self._model_parameters = {id(p) for p in self.root.parameters()}
+            self._model_parameters = {id(t) for t in (*self.root.parameters(), *self.root.buffers())}
         return id(a) in self._model_parameters
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
