@@ -197,10 +197,11 @@ def rounding_depth(model: onnx.ModelProto) -> int:
 
 def onnx_parity(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.ModelProto | str | os.PathLike[str],
                 batches: Sequence[tuple[torch.Tensor, ...]] | None = None, *, seed: int = 0,
-                random_batches: bool = False) -> ParityReport:
+                random_batches: bool = False, reference: OrtModel | None = None) -> ParityReport:
     """Run ``original`` and ``folded`` with ONNX Runtime on ``batches`` (random when None) and judge parity with the
     float64 rule when a float64 reference can be computed (module docstring), else elementwise.
-    ``random_batches``: the given batches are random ones (shaped by ``--input-shape``), not the user's data."""
+    ``random_batches``: the given batches are random ones (shaped by ``--input-shape``), not the user's data.
+    ``reference``: an ONNX Runtime session of ``original`` made earlier (else one is made here)."""
     orig = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
     source = "random" if random_batches else "user"
     notes: list[str] = []
@@ -213,7 +214,7 @@ def onnx_parity(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx
         notes.append(f"no inputs were given: compared on random inputs ({'; '.join(described)}, seed {seed}; "
                      f"dynamic dimensions set to {DYNAMIC_DIM}); parity on random data says little about your data "
                      "— pass real batches")
-    ref_out = run_batches(OrtModel(orig), batches)
+    ref_out = run_batches(reference or OrtModel(orig), batches)
     cand_out = run_batches(OrtModel(folded if isinstance(folded, onnx.ModelProto) else str(folded)), batches)
     ref64, note = reference64(orig, batches)
     report, _ = judge(ref_out, cand_out, ref64, depth=rounding_depth(orig))

@@ -318,6 +318,23 @@ def is_bnfold_onnx(path: Path) -> bool:
     return any(p.key == METADATA_KEY for p in model.metadata_props)
 
 
+def is_bnfold_onnx_data(path: Path) -> bool:
+    """``path`` (``OUT.onnx.data``) is the external data of an ONNX file bnfold wrote: the model beside it
+    (``OUT.onnx``) is bnfold's and its external tensors reference exactly this file."""
+    from bnfold.io.references import onnx_external_files
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or not path.name.endswith(".data"):
+        return False
+    model = path.with_name(path.name[: -len(".data")])
+    if not model.is_file() or not is_bnfold_onnx(model):
+        return False
+    try:
+        return onnx_external_files(model) == [path]
+    except Exception:
+        return False
+
+
 class OnnxRuntimeModel:
     """An ONNX file run by ONNX Runtime, callable on torch tensors: ``model(*tensors)`` returns a tensor (one
     output) or a tuple of tensors, on the CPU.

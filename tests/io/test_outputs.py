@@ -15,6 +15,7 @@ from helpers import randomize_bn
 from torch import nn
 
 from bnfold.cli import main
+from bnfold.errors import OutputError
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -126,3 +127,70 @@ def test_force_replaces_only_bnfolds_own_output(pt2: Path, tmp_path: Path, capsy
     assert "notes.txt" in capsys.readouterr().err
     assert (deploy / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# -- files written together, and files the inputs reference (issue 28) ----------------------------------------------
+
+def _external_onnx(path: Path, location: str) -> Path:
+    """A small Conv→BN ONNX model at ``path`` whose weights live in ``location`` (beside it)."""
+    import onnx
+    from helpers import onnx_conv_bn
+
+    model = onnx_conv_bn()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path
+
+
+def test_the_plan_protects_the_files_an_input_references(tmp_path: Path) -> None:
+    """The renamed-model case: ``orig.onnx`` still reads ``model.onnx.data``; no output may be that file, by name or
+    through a symlink, and no output folder may contain it."""
+    from bnfold.errors import InputError
+    from bnfold.io.outputs import OutputPlan
+
+    src = _external_onnx(tmp_path / "orig.onnx", "model.onnx.data")
+    plan = OutputPlan([src])
+    with pytest.raises(InputError, match=r"model.onnx.data, the external data of the input .*orig.onnx"):
+        plan.file(tmp_path / "model.onnx.data", role="the external data of -o model.onnx")
+    os.symlink(tmp_path / "model.onnx.data", tmp_path / "alias.data")
+    with pytest.raises(InputError, match="external data of the input"):
+        plan.file(tmp_path / "alias.data", role="the external data of -o alias")
+    (tmp_path / "weights").mkdir()
+    nested = _external_onnx(tmp_path / "nested.onnx", "weights/w.bin")  # data in a subfolder of the model's
+    with pytest.raises(InputError, match=r"contains .*w\.bin, the external data of the input"):
+        OutputPlan([nested], force=True).folder(tmp_path / "weights")
+    assert plan.file(tmp_path / "fresh.onnx") == tmp_path / "fresh.onnx"
+
+
+def test_atomic_files_publish_together_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfold.io.outputs import atomic_files
+
+    model, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    model.write_text("old model")
+    data.write_text("old data")
+    with pytest.raises(RuntimeError), atomic_files([model, data]) as (m, d):  # the block fails: nothing moves
+        m.write_text("new model")
+        d.write_text("new data")
+        assert m.parent == d.parent != tmp_path and m.name == model.name  # final names, in a staging folder
+        raise RuntimeError("parity could not run")
+    assert (model.read_text(), data.read_text()) == ("old model", "old data")
+    real_replace, calls = os.replace, []
+
+    def replace_failing_on_the_model(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        calls.append(Path(dst).name)
+        if Path(src).parent.name != ".old" and Path(dst) == model:  # publishing the model itself
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("bnfold.io.outputs.os.replace", replace_failing_on_the_model)
+    with pytest.raises(OutputError, match="disk is full"), atomic_files([model, data]) as (m, d):
+        m.write_text("new model")
+        d.write_text("new data")
+    assert (model.read_text(), data.read_text()) == ("old model", "old data")  # the data put back too
+    assert calls.index("m.onnx.data", 2) < calls.index("m.onnx", 2)  # data placed first, model last
+    monkeypatch.setattr("bnfold.io.outputs.os.replace", real_replace)
+    with atomic_files([model, data]) as (m, d):
+        m.write_text("new model")
+        d.write_text("new data")
+    assert (model.read_text(), data.read_text()) == ("new model", "new data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no staging folder left
