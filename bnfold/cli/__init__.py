@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from bnfold import __version__
 from bnfold.errors import BnfoldError, InternalError
@@ -79,6 +82,43 @@ def _explain(err: BaseException, verbose: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); the exit code. Ctrl-C at any point — also while a
+    command's modules (torch, ONNX, TVM) are still being imported — is exit 130 with one line, never a traceback."""
+    with _SigintWatch() as watch:
+        try:
+            return _main(argv, watch)
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt) and not watch.seen:
+                raise
+            print("bnfold: interrupted", file=sys.stderr)
+            return 130
+
+
+class _SigintWatch:
+    """While the CLI runs, Ctrl-C raises ``KeyboardInterrupt`` as usual and is also remembered (``seen``): an
+    interrupted import can surface as another exception (numpy, cut short in its ``__getattr__``, raises
+    ``RecursionError``), which must end as an interrupt too, not as a traceback or an internal error."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _SigintWatch:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _main(argv: Sequence[str] | None, watch: _SigintWatch) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
@@ -104,10 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bnfold {args.command}: error: {err}", file=sys.stderr)
         _explain(err, args.verbose)
         return 2
-    except KeyboardInterrupt:
-        print("bnfold: interrupted", file=sys.stderr)
-        return 130
     except Exception as err:  # a bug in bnfold, not the user's fault: say so, keep the trace for -v
+        if watch.seen:  # not a bug: what an interrupted import left behind
+            raise
         logging.getLogger("bnfold").debug("internal error", exc_info=True)
         print(f"bnfold {args.command}: internal error: {type(err).__name__}: {err}\n"
               "  this is a bnfold bug; rerun with -vv for the traceback and report it", file=sys.stderr)

@@ -82,6 +82,7 @@ def load_model(path: str | os.PathLike[str], *, trusted_pickle: bool = False,
             raise
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first.replace(" Please check the warnings above for possible errors.", "")  # we silence them
             raise InputError(f"{p} could not be loaded by torch.export.load: {type(exc).__name__}: {first}",
                              hint="was it saved by a compatible torch version with torch.export.save?") from exc
         inputs = _example_inputs(ep)

@@ -156,3 +156,24 @@ def test_every_summarized_command_is_registered_by_its_module() -> None:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([name, "--help"])
         assert exc.value.code == 0, name
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
+def test_issue28_ctrl_c_early_is_one_line_not_a_traceback(pt2: Path, tmp_path: Path, delay: float) -> None:
+    """Issue 28: Ctrl-C in the first ~1.5 s (while torch is imported) printed a traceback. At any point it is exit
+    130 and "bnfold: interrupted" (an import cut short may surface as another exception, e.g. numpy's
+    RecursionError: still an interrupt). A run that finished before the signal is fine too."""
+    import signal
+    import time
+
+    out = tmp_path / "o.pt2"
+    proc = subprocess.Popen([sys.executable, "-m", "bnfold.cli", "fold", str(pt2), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode in (0, 130), (proc.returncode, stderr)
+    if proc.returncode == 130:
+        assert stderr.strip().endswith("bnfold: interrupted") and not out.exists(), stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

@@ -70,6 +70,40 @@ def test_optimize_on_a_full_disk_exits_2(pt2: Path, full_disk: Path, capsys: pyt
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
 
 
+def test_issue28_optimize_with_room_for_the_reports_only_exits_2(full_disk: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 28: when folded.pt2 did not fit but the reports did, optimize recorded the write error as a failed
+    stage and published a folder holding only report.json/report.txt (exit 1). A full disk is exit 2 and publishes
+    nothing."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3)))  # ~150 KB
+    src = full_disk.parent / "big.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), str(src))
+    (full_disk / "filler").unlink()
+    (full_disk / "filler").write_bytes(b"\0" * (24 << 10))  # 40 KiB free: the reports fit, folded.pt2 does not
+    assert main(["optimize", str(src), "-o", str(full_disk / "deploy"), "--target", "none", "--no-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "folded.pt2" in err, err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_onnx_fold_with_external_data_on_a_full_disk_exits_2(full_disk: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The data file and the model are published together or not at all."""
+    import onnx
+    from helpers import onnx_conv_bn
+
+    src = full_disk.parent / "in.onnx"
+    model = onnx_conv_bn()
+    w = model.graph.initializer[0]
+    w.CopyFrom(onnx.numpy_helper.from_array(torch.randn(4, 3, 3, 3).numpy().repeat(1, 0), w.name))
+    onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    (full_disk / "filler").unlink()
+    (full_disk / "filler").write_bytes(b"\0" * ((64 << 10) - 1024))  # less than a page free
+    assert main(["fold", str(src), "-o", str(full_disk / "out.onnx"), "--input-shape", "2,3,8,8"]) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
 @pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk is full"), (errno.EACCES, "permission denied")])
 def test_write_errors_are_clean(pt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str], code: int, words: str) -> None:
