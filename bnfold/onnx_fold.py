@@ -6,9 +6,9 @@
   fold's (:func:`bnfold.api.build_report`: same rules, reasons, categories), plus op counts;
 * :func:`save_onnx` / :func:`staged_onnx` — ``onnx.checker.check_model(full_check=True)`` (which also runs strict
   shape inference), then an atomic write: a model that kept its weights in external data is written with external
-  data too (``OUT.onnx`` + ``OUT.onnx.data``, the same tensors outside the protobuf: those at least as large as the
-  smallest one the input kept outside), the two files published together, the model referencing exactly its own
-  data file (:mod:`bnfold.io.outputs`: never an input's, never a file bnfold did not write).
+  data too (``OUT.onnx`` + ``OUT.onnx.data``: the initializers at least as large as the smallest one the input kept
+  outside, and at least :data:`MIN_EXTERNAL_BYTES`), the two files published together, the model referencing exactly
+  its own data file (:mod:`bnfold.io.outputs`: never an input's, never a file bnfold did not write).
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ __all__ = ["LoadedOnnx", "data_file", "fold_model", "load_onnx", "needs_data_fil
 
 _MAX_PROTO = 2**31 - 1
 DEFAULT_THRESHOLD = 1024
+MIN_EXTERNAL_BYTES = 1024
+"""Initializers smaller than this stay inline in a model written with external data, whatever the input did: ONNX
+Runtime reads small shape-giving inputs (``Pad`` pads, ``Reshape`` shapes, ``Resize`` scales, ``ReduceMean`` axes)
+while it loads a model and cannot take them from external data ("Cannot parse data from external tensors"; found by
+the ONNX fuzzer on inputs that kept every tensor outside)."""
 
 
 @dataclass
@@ -152,16 +157,29 @@ def data_file(dest: str | os.PathLike[str]) -> Path:
     return d.with_name(f"{d.name}.data")
 
 
-def needs_data_file(model: onnx.ModelProto, *, external: bool) -> bool:
-    """Whether :func:`save_onnx` writes ``model`` with a data file (asked for, or too large for one protobuf)."""
-    return external or model.ByteSize() >= _MAX_PROTO
+def needs_data_file(model: onnx.ModelProto, *, external: bool, threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Whether :func:`save_onnx` writes ``model`` with a data file: asked for (``external``) or too large for one
+    protobuf, and some initializer is large enough to go there (:func:`_outside`)."""
+    return (external or model.ByteSize() >= _MAX_PROTO) and bool(_outside(model, threshold))
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) if t.HasField("raw_data") else int(numpy_helper.to_array(t).nbytes)
+
+
+def _outside(model: onnx.ModelProto, threshold: int) -> list[onnx.TensorProto]:
+    """The initializers (of every graph) a data file holds: those of at least ``threshold`` and
+    :data:`MIN_EXTERNAL_BYTES` bytes. Constants in node attributes stay inline, as ``onnx.save_model`` keeps them."""
+    least = max(threshold, MIN_EXTERNAL_BYTES)
+    return [t for t in external_data_helper._get_initializer_tensors(model) if _nbytes(t) >= least]
 
 
 def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,
               threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str] | Protected] = ()
               ) -> list[Path]:
-    """Check ``model`` and write it to ``dest`` atomically (with its tensors of ``threshold`` bytes or more in
-    ``DEST.data`` when ``external``, or when it is too large for one protobuf). Returns the files written."""
+    """Check ``model`` and write it to ``dest`` atomically (with its initializers of ``threshold`` bytes or more in
+    ``DEST.data`` when ``external``, or when it is too large for one protobuf: :func:`needs_data_file`). Returns
+    the files written."""
     with staged_onnx(model, dest, external=external, threshold=threshold, protect=protect) as staged:
         pass
     return [Path(dest), *([data_file(dest)] if len(staged) > 1 else [])]
@@ -186,7 +204,7 @@ def staged_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, externa
     small = model.ByteSize() < _MAX_PROTO
     if small:
         check_folded(model)
-    with_data = needs_data_file(model, external=external)
+    with_data = needs_data_file(model, external=external, threshold=threshold)
     stale = None
     if not with_data:
         from bnfold.targets.onnx import is_bnfold_onnx_data
@@ -209,16 +227,14 @@ def staged_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, externa
 
 
 def _write_with_data(model: onnx.ModelProto, path: Path, data: Path, threshold: int) -> None:
-    """Write ``model`` to ``path`` with its tensors of ``threshold`` bytes or more in ``data`` (same folder; page
-    aligned, as onnx writes them); every external tensor references ``data.name``."""
+    """Write ``model`` to ``path`` with its initializers of ``threshold`` bytes or more (:func:`_outside`) in ``data``
+    (same folder; page aligned, as onnx writes them); every external tensor references ``data.name``."""
     location = data.name
     out = onnx.ModelProto()
     out.CopyFrom(model)
     with open(data, "wb") as f:
-        for t in external_data_helper._get_all_tensors(out):
+        for t in _outside(out, threshold):
             raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-            if len(raw) < threshold:
-                continue
             pad = (-f.tell()) % 4096
             f.write(b"\0" * pad)
             offset = f.tell()
