@@ -34,9 +34,10 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def onnx_conv_bn(seed: int = 0, *, batch: int | str = "batch") -> Any:
-    """An ONNX ``Conv(3→4, 3×3, pad 1) → BatchNormalization → Relu`` on ``(batch, 3, 8, 8)`` (opset 17), random
-    weights and statistics: a model the ONNX fold folds, built without an exporter."""
+def onnx_conv_bn(seed: int = 0, *, batch: int | str = "batch", channels: int = 4) -> Any:
+    """An ONNX ``Conv(3→channels, 3×3, pad 1) → BatchNormalization → Relu`` on ``(batch, 3, 8, 8)`` (opset 17),
+    random weights and statistics: a model the ONNX fold folds, built without an exporter (``channels=16``: a
+    1.7 KiB weight, which a model written with external data keeps outside)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -46,15 +47,16 @@ def onnx_conv_bn(seed: int = 0, *, batch: int | str = "batch") -> Any:
     def init(name: str, a: Any) -> Any:
         return numpy_helper.from_array(np.asarray(a, np.float32), name)
 
-    inits = [init("W", rng.standard_normal((4, 3, 3, 3))), init("B", rng.standard_normal(4) * 0.1),
-             init("gamma", rng.standard_normal(4)), init("beta", rng.standard_normal(4) * 0.5),
-             init("mean", rng.standard_normal(4) * 0.5), init("var", rng.uniform(0.1, 2.0, 4))]
+    c = channels
+    inits = [init("W", rng.standard_normal((c, 3, 3, 3))), init("B", rng.standard_normal(c) * 0.1),
+             init("gamma", rng.standard_normal(c)), init("beta", rng.standard_normal(c) * 0.5),
+             init("mean", rng.standard_normal(c) * 0.5), init("var", rng.uniform(0.1, 2.0, c))]
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
              helper.make_node("Relu", ["n"], ["y"], name="relu")]
     graph = helper.make_graph(nodes, "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                                [batch, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 8, 8])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, 8, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bnfold-tests")
     onnx.checker.check_model(model, full_check=True)
     return model

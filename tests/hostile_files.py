@@ -188,8 +188,8 @@ def _onnx_files(folder: Path) -> dict[str, Path]:
     onnx.save(onnx_conv_bn(), str(f["bn.onnx"]))
     for name, location in (("ext.onnx", "ext.onnx.data"), ("orig.onnx", "model.onnx.data")):
         f[name], f[location] = folder / name, folder / location
-        onnx.save_model(onnx_conv_bn(), str(f[name]), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=0)
+        onnx.save_model(onnx_conv_bn(channels=16), str(f[name]), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=location, size_threshold=0)
     f["out.onnx.data"] = folder / "out.onnx.data"
     f["out.onnx.data"].write_text("the user's own notes, named like bnfold's external data\n")
     custom = onnx_conv_bn()

@@ -26,7 +26,7 @@ TVM_WHY = {"truncated-so": "model.so is truncated",  # was SIGBUS in dlopen
 assert set(TVM_WHY) == set(TVM_BREAKS)
 
 # id, command ({name} = the file's path in the row's folder, {d} = the folder), exit code, message fragment,
-# outputs the row may create (relative to the folder)
+# outputs the row creates (relative to the folder)
 ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     # -- code in model files -----------------------------------------------------------------------------------
     ("pt2-sample-inputs-fold", "fold {evil_inputs.pt2} -o {d}/o.pt2", 2, "data/sample_inputs/model.pt", ()),
@@ -214,6 +214,7 @@ def test_hostile_input(row: tuple[str, str, int, str, tuple[str, ...]], library:
     for wrong in ("Traceback", "internal error", "warnings above"):
         assert wrong not in out.err, out.err
     assert not marker.exists(), "code from a hostile file ran"
+    assert all((tmp_path / c).is_file() for c in creates), creates
     after = _sums(tmp_path)
     assert {k: v for k, v in after.items() if k not in creates} == before  # inputs intact, nothing stray
 

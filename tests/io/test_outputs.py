@@ -86,19 +86,19 @@ def test_issue28_optimize_with_room_for_the_reports_only_exits_2(full_disk: Path
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
 
 
-def test_onnx_fold_with_external_data_on_a_full_disk_exits_2(full_disk: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """The data file and the model are published together or not at all."""
+@pytest.mark.parametrize("free_pages", [0, 1])
+def test_onnx_fold_with_external_data_on_a_full_disk_exits_2(full_disk: Path, capsys: pytest.CaptureFixture[str],
+                                                             free_pages: int) -> None:
+    """The data file and the model are published together or not at all (1 free page: the data file fits, the model
+    does not)."""
     import onnx
     from helpers import onnx_conv_bn
 
     src = full_disk.parent / "in.onnx"
-    model = onnx_conv_bn()
-    w = model.graph.initializer[0]
-    w.CopyFrom(onnx.numpy_helper.from_array(torch.randn(4, 3, 3, 3).numpy().repeat(1, 0), w.name))
-    onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    onnx.save_model(onnx_conv_bn(channels=16), str(src), save_as_external_data=True, location="in.onnx.data",
+                    size_threshold=0)
     (full_disk / "filler").unlink()
-    (full_disk / "filler").write_bytes(b"\0" * ((64 << 10) - 1024))  # less than a page free
+    (full_disk / "filler").write_bytes(b"\0" * ((64 - 4 * free_pages) << 10))
     assert main(["fold", str(src), "-o", str(full_disk / "out.onnx"), "--input-shape", "2,3,8,8"]) == 2
     assert "disk is full" in capsys.readouterr().err
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
