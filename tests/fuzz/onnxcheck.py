@@ -49,6 +49,8 @@ def check_onnx_fold(case: OnnxCase, workdir: Path | None = None) -> str | None:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         try:
             return _check(case, root)
+        except KeyboardInterrupt:
+            raise
         except Exception:
             return "checker crashed: " + traceback.format_exc(limit=-3).replace("\n", " | ")
 
@@ -73,6 +75,8 @@ def _check(case: OnnxCase, root: Path) -> str | None:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(argv)
     err = stderr.getvalue().strip().replace("\n", " | ")
+    if code == 130:  # the CLI took a Ctrl-C/SIGTERM meant for the fuzzing run: stop it, do not count a failure
+        raise KeyboardInterrupt
     if code != 0:
         if code == 1:
             try:
