@@ -221,7 +221,7 @@ def atomic_files(dests: Sequence[PathLike], *, protect: Sequence[PathLike | Prot
         yield [staging / d.name for d in ds]
         _publish_files(staging, ds)
     except OSError as exc:
-        raise output_error(ds[0], exc) from None
+        raise output_error(ds[0], exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -172,7 +172,7 @@ def _runtime(model: Any, path: Path) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"ONNX Runtime cannot load {path}, so the fold could not be checked: {first}",
                          hint=(f"ops of the custom domain(s) {', '.join(custom)} need their ONNX Runtime library; "
-                               if custom else "") + "bnfold folds only models ONNX Runtime can run") from None
+                               if custom else "") + "bnfold folds only models ONNX Runtime can run") from exc
 
 
 def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], data: str | None = None

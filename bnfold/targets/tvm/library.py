@@ -73,7 +73,7 @@ def check_shared_library(path: Path, *, recorded: Mapping[str, Any] | None = Non
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError as exc:
-        raise InputError(f"{path} cannot be read: {exc.strerror or exc}") from None
+        raise InputError(f"{path} cannot be read: {exc.strerror or exc}") from exc
     if len(head) < 16 or head[:4] != b"\x7fELF":
         raise InputError(f"{path} is not a shared library (not an ELF file)", hint=_HINT)
     bits = {1: 32, 2: 64}.get(head[4])
