@@ -24,7 +24,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.io.outputs import Protected, atomic_files, protected_files, same_file
+from bnfold.io.outputs import atomic_files, protected_files, same_file
 from bnfold.passes.engine import PipelineResult
 from bnfold.passes.onnx.graph import OnnxGraph
 from bnfold.passes.onnx.moves import SYMBOL_SIZES
@@ -175,7 +175,7 @@ def _outside(model: onnx.ModelProto, threshold: int) -> list[onnx.TensorProto]:
 
 
 def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,
-              threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str] | Protected] = ()
+              threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str]] = ()
               ) -> list[Path]:
     """Check ``model`` and write it to ``dest`` atomically (with its initializers of ``threshold`` bytes or more in
     ``DEST.data`` when ``external``, or when it is too large for one protobuf: :func:`needs_data_file`). Returns
@@ -187,7 +187,7 @@ def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external:
 
 @contextlib.contextmanager
 def staged_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,
-                threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str] | Protected] = ()
+                threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str]] = ()
                 ) -> Iterator[list[Path]]:
     """:func:`save_onnx` as a block: the checked model (and its data file) is written under its final names in a
     staging folder beside ``dest`` and yielded there (``[model, data]``; the model's relative reference to its data

@@ -58,10 +58,14 @@ def same_file(a: PathLike, b: PathLike) -> bool:
 
 @dataclass(frozen=True)
 class Protected:
-    """A file no output may be: an input, or a file an input reads (``what`` says which, for the message)."""
+    """A file no output may be: an input, or a file an input reads (``what`` says which, for the message). A path-like
+    (``os.fspath``), so the writers' ``protect=`` parameters take a plan's list as they take plain paths."""
 
     path: Path
     what: str
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
 
 
 def protected_files(inputs: Iterable[PathLike | Protected | None]) -> list[Protected]:
