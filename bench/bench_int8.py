@@ -18,6 +18,10 @@ per tensor and per channel.
 **digits** (scikit-learn's 8x8 digits, shipped in ``bnfold/demo/digits.npz``): a depthwise-separable net (conv 3x3 →
 3 × (depthwise 3x3 + BN + ReLU6, pointwise 1x1 + BN + ReLU6) → average pool → linear) trained here (deterministic,
 about a minute on 2 cores); top-1 accuracy on the 450 test images of the float model and of the int8 model for (a)-(c').
+
+(c'') is (c') with ``move_clamps=False`` (``--keep-clamps``): no ReLU6 becomes a per-channel clamp, so pairs across
+one are left. Latency: ONNX Runtime, batch 1, each int8 file timed interleaved with the fp32 file (median ms; the
+fp32 column is the median over those runs).
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ from bnfold.targets import get_target
 from bnfold.targets.onnx import OnnxRuntimeModel
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "resnet18")
-VARIANTS = {  # name: (equalize, absorb, bias_correction)
-    "a fold": (False, False, "none"),
-    "b +CLE": (True, False, "none"),
-    "c +CLE+BA+BC (BN stats)": (True, True, "bn"),
-    "c' +CLE+BA+BC (data)": (True, True, "data"),
+VARIANTS = {  # name: (equalize, absorb, bias_correction, move_clamps)
+    "a fold": (False, False, "none", True),
+    "b +CLE": (True, False, "none", True),
+    "c +CLE+BA+BC (BN stats)": (True, True, "bn", True),
+    "c' +CLE+BA+BC (data)": (True, True, "data", True),
+    "c'' as c', clamps kept": (True, True, "data", False),
 }
 
 
@@ -72,17 +77,18 @@ def run_variants(folded: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
     """Every variant per tensor and per channel; ORT latency of each int8 file and of the fp32 one at batch 1."""
     out: dict[str, dict[str, dict]] = {}
     one = tuple(t[:1] for t in example)
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = get_target("onnx").lower(folded, example, {"path": Path(tmp) / "fp32.onnx"})
-        out["fp32"] = {"latency_ms": measure_latency({"fp32": fp32}, one)["fp32"]}
+    fp32_dir = tempfile.TemporaryDirectory()
+    fp32 = get_target("onnx").lower(folded, example, {"path": Path(fp32_dir.name) / "fp32.onnx"})
+    fp32_ms: list[float] = []
     for per_channel in (False, True):
         mode = "per-channel" if per_channel else "per-tensor"
         out[mode] = {}
-        for name, (eq, ab, bc) in VARIANTS.items():
+        for name, (eq, ab, bc, move) in VARIANTS.items():
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 r: Int8Result = int8_stage(folded, folded, example, calib, val, Path(tmp), options=Int8Options(
-                    per_channel=per_channel, equalize=eq, absorb=ab, bias_correction=bc))  # type: ignore[arg-type]
+                    per_channel=per_channel, equalize=eq, absorb=ab, bias_correction=bc,  # type: ignore[arg-type]
+                    move_clamps=move))
                 row = {"sqnr_db": None if r.verdict is None else r.verdict.sqnr_db,
                        "top1_agreement": None if r.verdict is None else r.verdict.top1_agreement,
                        "passed": r.passed, "errors": r.errors, "seconds": round(time.perf_counter() - t0, 1),
@@ -95,7 +101,9 @@ def run_variants(folded: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
                                              "converged": s.converged} for s in r.prepare.steps}
                 if r.path is not None:
                     runtime = OnnxRuntimeModel(Path(tmp) / r.path)
-                    row["latency_ms"] = measure_latency({"int8": runtime}, one)["int8"]
+                    lat = measure_latency({"fp32": fp32, "int8": runtime}, one, rounds=15)  # interleaved
+                    row["latency_ms"], row["fp32_latency_ms"] = lat["int8"], lat["fp32"]
+                    fp32_ms.append(lat["fp32"]["median_ms"])
                     if score is not None:
                         row["score"] = score(runtime)
                 out[mode][name] = row
@@ -103,6 +111,9 @@ def run_variants(folded: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
                       f"{row.get('latency_ms', {}).get('median_ms', float('nan')):.2f} ms"
                       + (f", score {row['score']:.4f}" if "score" in row else "")
                       + (f"  errors: {r.errors}" if r.errors else ""), flush=True)
+    fp32_ms.sort()
+    out["fp32"] = {"latency_ms": {"median_ms": fp32_ms[len(fp32_ms) // 2] if fp32_ms else float("nan")}}
+    fp32_dir.cleanup()
     return out
 
 

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.report import FoldReport, format_table, json_safe
 from bnfold.speed import fastest, measure_latency, slower_than_eager
 from bnfold.targets import get_target
+
+if TYPE_CHECKING:
+    from bnfold.quantize.stage import Int8Options, Int8Result
 
 __all__ = ["OptimizeResult", "optimize"]
 
@@ -58,7 +61,7 @@ class OptimizeResult:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # per artifact, example batch
-    int8: Any | None = None  # bnfold.quantize.stage.Int8Result, with optimize(..., int8=Int8Options())
+    int8: Int8Result | None = None  # with optimize(..., int8=Int8Options())
 
     @property
     def passed(self) -> bool:
@@ -156,7 +159,7 @@ def optimize(
     overwrite: bool = False,
     protect: Sequence[str | Path] = (),
     reparameterize: bool = True,
-    int8: Any | None = None,
+    int8: Int8Options | None = None,
 ) -> OptimizeResult:
     """Recalibrate (when ``calibration`` batches are given), fold, export and compile ``model``; check parity of
     every stage on ``validation`` batches (default: the calibration batches, else ``example_inputs``); write
@@ -230,7 +233,7 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
          cache_dir: str | Path | None, protect: Sequence[str | Path], dynamic_shapes: object = None,
-         reparameterize: bool = True, int8: Any | None = None) -> None:
+         reparameterize: bool = True, int8: Int8Options | None = None) -> None:
     from bnfold.parity.stages import StageTracker
 
     original = model

@@ -15,7 +15,8 @@ spend on it. The ops between must let ``c`` through: ``f(y) − c = f(y − c)``
 ``mean``/``std`` are the producer output's :class:`~bnfold.ir.moments.Moments` — the BatchNorm statistics that
 preceded the fold, or moments measured on calibration data (``bnfold.quantize`` puts them there). Without them, a
 consumer that reads zero padding (``c`` would be added to the padded border too), a lower clamp bound other than 0, or
-an op the shift does not cross exactly, the pair is left with the reason. Changes are ``absorb``: the float model
+an op the shift does not cross exactly, the pair is left with the reason (and, with ``move_clamps=False``, a
+clamp whose upper bound would have to become per-channel). Changes are ``absorb``: the float model
 changes (slightly, where ``y < c``) — ``bnfold.quantize`` measures by how much.
 """
 
@@ -33,7 +34,7 @@ from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Candidate, Category, Change
 from bnfold.passes.equalize import PairMatch, match_pair, pair_candidate
 from bnfold.passes.fold_targets import replace_params
-from bnfold.passes.layer_pairs import Pair, set_bounds
+from bnfold.passes.layer_pairs import Pair, kept_clamp, set_bounds
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["STD_MARGIN", "AbsorbBias"]
@@ -54,6 +55,9 @@ class AbsorbBias(Rule[PairMatch, Shift]):
     name = "absorb_bias"
     category = Category.ABSORB
 
+    def __init__(self, *, move_clamps: bool = True) -> None:
+        self.move_clamps = move_clamps
+
     def match(self, ctx: PassContext, node: torch.fx.Node) -> PairMatch | None:
         return match_pair(ctx, node)
 
@@ -64,6 +68,10 @@ class AbsorbBias(Rule[PairMatch, Shift]):
         if isinstance(m.pair, str):
             return Fail(m.pair)
         p = m.pair
+        kept = None if self.move_clamps else kept_clamp(p)
+        if kept and any(s.kind == "clamp" and s.hi is not None and bool(torch.isfinite(s.hi).any())
+                        for s in p.steps):
+            return Fail(kept)
         moments = moments_of(p.producer.node)
         if moments is None:
             return Fail(f"no statistics describe {p.producer.describe()}'s output (no BatchNorm was folded into it "

@@ -17,6 +17,8 @@ runs to a fixed point (a pair is left alone once ``max |ln s_i| ≤ tolerance``)
 geometric balance Nagel's method computes. Never across a residual connection, a tensor read twice, a concat, a
 non-homogeneous activation (SiLU, GELU, hardswish …) or a weight used at two call sites; each is reported with its
 reason. BatchNorm moments (:mod:`bnfold.ir.moments`) of the producer's output are divided by ``s`` with it.
+``move_clamps=False`` leaves pairs with a fixed-bound clamp between them instead (ONNX Runtime fuses a Relu or a
+scalar Clip into its int8 conv, but runs a per-channel ``Min`` as a float op between dequantize and quantize).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bnfold.ir.quant_math import equalization_scales, input_ranges, output_range
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Candidate, Category, Change
 from bnfold.passes.fold_targets import linear_op, replace_params
-from bnfold.passes.layer_pairs import Pair, find_pair, pair_id, set_bounds
+from bnfold.passes.layer_pairs import Pair, find_pair, kept_clamp, pair_id, set_bounds
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["DEFAULT_TOLERANCE", "Equalize", "PairMatch", "match_pair", "pair_candidate"]
@@ -84,8 +86,9 @@ class Equalize(Rule[PairMatch, Scales]):
     name = "equalize"
     category = Category.EQUALIZE
 
-    def __init__(self, tolerance: float = DEFAULT_TOLERANCE) -> None:
+    def __init__(self, tolerance: float = DEFAULT_TOLERANCE, *, move_clamps: bool = True) -> None:
         self.tolerance = tolerance
+        self.move_clamps = move_clamps
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> PairMatch | None:
         return match_pair(ctx, node)
@@ -97,6 +100,9 @@ class Equalize(Rule[PairMatch, Scales]):
         if isinstance(m.pair, str):
             return Fail(m.pair)
         p = m.pair
+        kept = None if self.move_clamps else kept_clamp(p)
+        if kept:
+            return Fail(kept)
         r1 = output_ranges(p.producer.weight, p.producer.kind)
         r2 = input_ranges(p.consumer.weight, p.consumer.kind, p.consumer.groups)
         return Scales(equalization_scales(r1, r2))

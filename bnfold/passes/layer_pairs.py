@@ -42,7 +42,7 @@ from bnfold.passes.commute import Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.fold_targets import describe, linear_op
 
-__all__ = ["MAX_STEPS", "Pair", "Step", "find_pair", "pair_id", "set_bounds"]
+__all__ = ["MAX_STEPS", "Pair", "Step", "find_pair", "kept_clamp", "pair_id", "set_bounds"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -292,6 +292,15 @@ def _per_channel(value: torch.Tensor, shape: tuple[int, ...], axis: int, channel
     if padded != view:
         return None
     return value.detach().to(f64).reshape(-1).clone()
+
+
+def kept_clamp(pair: Pair) -> str | None:
+    """Why ``pair`` is left when clamps must keep their fixed bounds (``move_clamps=False``): its first ``clamp``."""
+    for step in pair.steps:
+        if step.kind == "clamp":
+            return (f"{step.describe} clamps at fixed bounds, and moving clamps is off (move_clamps=False, "
+                    "--keep-clamps): a per-channel clamp would run as a float op in ONNX Runtime's int8 model")
+    return None
 
 
 def set_bounds(ctx: PassContext, step: Step, lo: torch.Tensor, hi: torch.Tensor) -> str:

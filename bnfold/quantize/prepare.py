@@ -284,12 +284,14 @@ def _outputs(gm: torch.fx.GraphModule, batches: Sequence[Batch]) -> list[list[to
 def prepare(gm: torch.fx.GraphModule, calibration: Sequence[Batch] | None = None, *, per_channel: bool = True,
             equalize: bool = True, absorb: bool = True, bias_correction: BiasMode = "auto",
             check_batches: Sequence[Batch] | None = None, tolerance: float = DEFAULT_TOLERANCE,
-            max_rounds: int = 100) -> PrepareResult:
+            max_rounds: int = 100, move_clamps: bool = True) -> PrepareResult:
     """Prepare a folded graph for int8 (module docstring); ``gm`` itself is not changed.
 
     ``calibration``: batches for the data-driven statistics (``bias_correction="data"``, or ``"auto"`` with data);
     ``check_batches``: inputs of the parity check of the equalized graph (default: the first calibration batches).
-    ``tolerance``/``max_rounds``: equalization stops when every pair's scales are within ``e^±tolerance`` of 1."""
+    ``tolerance``/``max_rounds``: equalization stops when every pair's scales are within ``e^±tolerance`` of 1.
+    ``move_clamps=False``: leave pairs across a ReLU6/clamp whose bounds would become per channel (speed in ONNX
+    Runtime, which runs a per-channel ``Min`` in float, over range)."""
     calibration = list(calibration or [])
     mode = resolve_bias_mode(bias_correction, bool(calibration))
     checks = list(check_batches or calibration[:4])
@@ -298,7 +300,7 @@ def prepare(gm: torch.fx.GraphModule, calibration: Sequence[Batch] | None = None
     report = PrepareReport(per_channel, mode, statistics if (absorb or mode != "none") else "none")
     before = _ranges(work)
     if equalize:
-        report.steps.append(_run(work, [Equalize(tolerance)], "equalize", max_rounds))
+        report.steps.append(_run(work, [Equalize(tolerance, move_clamps=move_clamps)], "equalize", max_rounds))
         if checks:
             parity = compare(gm, work, checks, batch_independence=False)
             report.equalize_parity = parity.summary()
@@ -313,7 +315,7 @@ def prepare(gm: torch.fx.GraphModule, calibration: Sequence[Batch] | None = None
         measure_moments(work, calibration)
     if absorb:
         reference = _outputs(work, checks) if checks else None
-        report.steps.append(_run(work, [AbsorbBias()], "absorb_bias"))
+        report.steps.append(_run(work, [AbsorbBias(move_clamps=move_clamps)], "absorb_bias"))
         if reference is not None:
             verdict, _ = judge(reference, _outputs(work, checks), None)
             report.absorb_sqnr_db = min((o.sqnr_db for o in verdict.outputs), default=None)

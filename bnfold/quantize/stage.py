@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, InternalError
 from bnfold.ir.quant_math import fake_quantize_weight
 from bnfold.parity.inputs import Batch
 from bnfold.parity.int8 import Int8Rule, Int8Verdict, compare_int8
@@ -43,13 +43,15 @@ INT8_FILE = "model_int8.onnx"
 
 @dataclass(frozen=True)
 class Int8Options:
-    """How to quantize: weights per channel (default) or per tensor; which preparation steps; the parity rule."""
+    """How to quantize: weights per channel (default) or per tensor; which preparation steps; the parity rule;
+    whether equalization and absorption may turn a ReLU6 into a per-channel clamp (``move_clamps``)."""
 
     per_channel: bool = True
     equalize: bool = True
     absorb: bool = True
     bias_correction: BiasMode = "auto"
     rule: Int8Rule = field(default_factory=Int8Rule)
+    move_clamps: bool = True  # False: no per-channel clamps (ReLU6 pairs left alone; faster in ONNX Runtime)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Int8Result:
             "equalize": self.options.equalize,
             "absorb": self.options.absorb,
             "bias_correction": self.options.bias_correction,
+            "move_clamps": self.options.move_clamps,
             "verdict": None if self.verdict is None else self.verdict.to_dict(),
             "prepare": None if self.prepare is None else self.prepare.to_dict(),
             "build_info": self.build_info,
@@ -168,7 +171,9 @@ def int8_stage(folded: torch.fx.GraphModule, reference: Callable[..., Any], exam
     try:
         prepared = prepare(folded, calibration, per_channel=options.per_channel, equalize=options.equalize,
                            absorb=options.absorb, bias_correction=options.bias_correction,
-                           check_batches=validation[:4])
+                           check_batches=validation[:4], move_clamps=options.move_clamps)
+    except InternalError:
+        raise  # a bug (equalization broke parity): not a stage failure to report and carry on from
     except BnfoldError as err:
         result.errors["prepare"] = str(err)
         return result

@@ -207,3 +207,16 @@ def test_the_callers_graph_is_not_the_one_rescaled() -> None:
     work = copy.deepcopy(gm)
     to_fixed_point(work)
     assert not torch.equal(layers(work)[0].weight, layers(gm)[0].weight)
+
+
+def test_clamps_kept_when_moving_them_is_off(capture_mode: str) -> None:
+    """move_clamps=False: the pairs across a ReLU6 are left (with the reason), the others equalized; no per-channel
+    clamp appears (ONNX Runtime would run it as a float op)."""
+    model = spread_weights(Chain())
+    gm = capture(model, (X,), capture_mode).module
+    run = Pipeline([Equalize(move_clamps=False)], max_rounds=100).run(gm, PassContext(gm))
+    gm.recompile()
+    assert "minimum" not in ops(gm)
+    assert len(run.rejections) == 2 and all("moving clamps is off" in r.reason for r in run.rejections)
+    r1, r2 = pair_ranges(gm, 2)  # project → fc is still balanced
+    assert float((r1 / r2).log().abs().max()) < 2e-3

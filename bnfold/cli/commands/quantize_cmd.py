@@ -38,9 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "empty unless --force)")
     p.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor (default: one per "
                    "output channel)")
-    p.add_argument("--validate", metavar="DATA", help="inputs to judge the int8 model on (default: CALIB)")
+    p.add_argument("--validate", metavar="DATA", help="inputs to judge the int8 model on (default: the first 8 "
+                   "batches of CALIB)")
     p.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization")
     p.add_argument("--no-absorb", action="store_true", help="no bias absorption")
+    p.add_argument("--keep-clamps", action="store_true", help="never turn a ReLU6/clamp into a per-channel clamp "
+                   "(equalization and absorption leave those layer pairs): faster in ONNX Runtime, which runs a "
+                   "per-channel clamp as a float op, at the cost of less equalization")
     p.add_argument("--bias-correction", choices=["auto", "data", "bn", "none"], default="auto",
                    help="correct biases for the int8 weight error, with statistics measured on CALIB (data, the "
                         "default 'auto'), from the BatchNorm statistics that preceded the fold (bn: data-free), or "
@@ -109,7 +113,7 @@ def _quantize(args: argparse.Namespace) -> int:
         if not isinstance(loaded.module, torch.fx.GraphModule):
             check_model_runs(loaded.module, validation[0], args.validate)
     options = Int8Options(per_channel=not args.per_tensor, equalize=not args.no_equalize, absorb=not args.no_absorb,
-                          bias_correction=args.bias_correction, rule=rule)
+                          bias_correction=args.bias_correction, rule=rule, move_clamps=not args.keep_clamps)
     result = quantize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
                       options=options, capture=args.capture, overwrite=args.force, protect=inputs_given,
                       reparameterize=args.reparameterize)
