@@ -72,18 +72,25 @@ def randomize_statistics(model: nn.Module, seed: int, spread: float = 2.0) -> No
     model.eval()
 
 
+SETTINGS = {"variants": list(VARIANTS), "ort_threads": None, "rounds": 15}
+
+
 def run_variants(folded: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], calib: list[tuple[torch.Tensor]],
                  val: list[tuple[torch.Tensor]], score=None) -> dict[str, dict[str, dict]]:
     """Every variant per tensor and per channel; ORT latency of each int8 file and of the fp32 one at batch 1."""
     out: dict[str, dict[str, dict]] = {}
     one = tuple(t[:1] for t in example)
     fp32_dir = tempfile.TemporaryDirectory()
-    fp32 = get_target("onnx").lower(folded, example, {"path": Path(fp32_dir.name) / "fp32.onnx"})
+    get_target("onnx").lower(folded, example, {"path": Path(fp32_dir.name) / "fp32.onnx"})
+    fp32 = OnnxRuntimeModel(Path(fp32_dir.name) / "fp32.onnx", threads=SETTINGS["ort_threads"])
     fp32_ms: list[float] = []
+    fp32_min: list[float] = []
     for per_channel in (False, True):
         mode = "per-channel" if per_channel else "per-tensor"
         out[mode] = {}
         for name, (eq, ab, bc, move) in VARIANTS.items():
+            if name not in SETTINGS["variants"]:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 r: Int8Result = int8_stage(folded, folded, example, calib, val, Path(tmp), options=Int8Options(
@@ -100,10 +107,11 @@ def run_variants(folded: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
                                              "unchanged": len(s.unchanged), "rounds": s.rounds,
                                              "converged": s.converged} for s in r.prepare.steps}
                 if r.path is not None:
-                    runtime = OnnxRuntimeModel(Path(tmp) / r.path)
-                    lat = measure_latency({"fp32": fp32, "int8": runtime}, one, rounds=15)  # interleaved
+                    runtime = OnnxRuntimeModel(Path(tmp) / r.path, threads=SETTINGS["ort_threads"])
+                    lat = measure_latency({"fp32": fp32, "int8": runtime}, one, rounds=SETTINGS["rounds"])
                     row["latency_ms"], row["fp32_latency_ms"] = lat["int8"], lat["fp32"]
                     fp32_ms.append(lat["fp32"]["median_ms"])
+                    fp32_min.append(lat["fp32"]["min_ms"])
                     if score is not None:
                         row["score"] = score(runtime)
                 out[mode][name] = row
@@ -112,7 +120,8 @@ def run_variants(folded: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
                       + (f", score {row['score']:.4f}" if "score" in row else "")
                       + (f"  errors: {r.errors}" if r.errors else ""), flush=True)
     fp32_ms.sort()
-    out["fp32"] = {"latency_ms": {"median_ms": fp32_ms[len(fp32_ms) // 2] if fp32_ms else float("nan")}}
+    out["fp32"] = {"latency_ms": {"median_ms": fp32_ms[len(fp32_ms) // 2] if fp32_ms else float("nan")},
+                   "min_ms": min(fp32_min) if fp32_min else float("nan")}
     fp32_dir.cleanup()
     return out
 
@@ -201,6 +210,9 @@ def table(results: list[dict]) -> str:
                 continue
             cells = []
             for name in VARIANTS:
+                if name not in rows:
+                    cells.append("-")
+                    continue
                 row = rows[name]
                 if "score" in row:
                     cells.append(f"{100 * row['score']:.1f} % ({row['sqnr_db']:.1f} dB)")
@@ -213,16 +225,18 @@ def table(results: list[dict]) -> str:
 
 
 def latency_table(results: list[dict]) -> str:
+    """Median / minimum ms per file (the minimum is what a busy shared host distorts least)."""
+    names = [v for v in VARIANTS if v in SETTINGS["variants"]]
     lines = ["| model | fp32 | " + " | ".join(f"int8 {m} {v.split()[0]}" for m in ("per-tensor", "per-channel")
-                                             for v in VARIANTS) + " |",
-             "|---|---|" + "---|" * (2 * len(VARIANTS))]
+                                             for v in names) + " |",
+             "|---|---|" + "---|" * (2 * len(names))]
     for res in results:
         rows = res["variants"]
-        cells = [f"{rows['fp32']['latency_ms']['median_ms']:.2f}"]
+        cells = [f"{rows['fp32']['latency_ms']['median_ms']:.2f} / {rows['fp32']['min_ms']:.2f}"]
         for mode in ("per-tensor", "per-channel"):
-            for name in VARIANTS:
+            for name in names:
                 lat = rows[mode][name].get("latency_ms")
-                cells.append("-" if lat is None else f"{lat['median_ms']:.2f}")
+                cells.append("-" if lat is None else f"{lat['median_ms']:.2f} / {lat['min_ms']:.2f}")
         lines.append(f"| {res['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -236,7 +250,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-digits", action="store_true")
     ap.add_argument("--json", help="write every measurement here")
+    ap.add_argument("--variants", help="comma-separated subset of the variant letters: " + ", ".join(
+        v.split()[0] for v in VARIANTS))
+    ap.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    ap.add_argument("--rounds", type=int, default=15, help="latency rounds (each calls both files 3 times)")
     args = ap.parse_args()
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        SETTINGS["variants"] = [v for v in VARIANTS if v.split()[0] in wanted]
+    SETTINGS["ort_threads"], SETTINGS["rounds"] = args.ort_threads, args.rounds
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = [torchvision_model(n, args.size, args.calib, args.val, args.seed) for n in args.models.split(",") if n]
     if not args.no_digits:
@@ -244,7 +266,7 @@ def main() -> None:
     print()
     print(table(results))
     print()
-    print("ONNX Runtime latency, batch 1, median ms:")
+    print("ONNX Runtime latency, batch 1, median / min ms:")
     print(latency_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

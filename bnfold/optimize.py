@@ -227,6 +227,12 @@ def _measure_speed(result: OptimizeResult, engines: dict[str, Any], inputs: tupl
         result.warnings.append(
             f"tvm: the compiled artifact is {ratio:.2f}x slower than PyTorch eager on this host at the example "
             f"batch; deploy {fastest(result.latency_ms)!r} or tune it (--tune-trials N, ~32 per kernel)")
+    ratio = slower_than_eager(result.latency_ms, "onnx runtime int8", "onnx runtime")
+    if ratio is not None:
+        moved = result.int8.prepare.clamps_moved if result.int8 is not None and result.int8.prepare else 0
+        result.warnings.append(f"int8: the int8 model runs {ratio:.2f}x slower than the fp32 ONNX model on this host"
+                               + (f" ({moved} per-channel clamps run as float ops; --keep-clamps keeps them "
+                                  "fused)" if moved else ""))
 
 
 def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,

@@ -51,6 +51,7 @@ class QuantizeResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -71,6 +72,7 @@ class QuantizeResult:
             "out_dir": str(self.out_dir),
             "artifacts": self.artifacts,
             "errors": self.errors,
+            "warnings": self.warnings,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "latency_ms": self.latency_ms,
             "int8_speedup": self.speedup,
@@ -91,6 +93,7 @@ class QuantizeResult:
             if self.speedup is not None:
                 lines.append(f"int8 / fp32 speed-up: {self.speedup:.2f}x")
         lines += [f"ERROR in {k}: {v}" for k, v in self.errors.items()]
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -180,3 +183,10 @@ def _run(result: QuantizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
     t0 = time.perf_counter()
     result.latency_ms = measure_latency({ORT_FP32: fp32, ORT_INT8: OnnxRuntimeModel(staging / INT8_FILE)}, inputs)
     result.seconds["speed"] = time.perf_counter() - t0
+    speedup = result.speedup
+    if speedup is not None and speedup < 1.0:
+        moved = result.int8.prepare.clamps_moved if result.int8.prepare is not None else 0
+        why = (f"; {moved} per-channel clamps (moved ReLU6) run as float ops there: --keep-clamps keeps them fused"
+               if moved else "")
+        result.warnings.append(f"the int8 model runs {1 / speedup:.2f}x slower than fp32 in ONNX Runtime on this "
+                               f"host at the example batch{why}")

@@ -111,6 +111,7 @@ class PrepareReport:
     spreads: list[dict[str, Any]] = field(default_factory=list)
     equalize_parity: dict[str, Any] | None = None
     absorb_sqnr_db: float | None = None
+    clamps_moved: int = 0  # per-channel minimum/maximum bounds the preparation created (moved ReLU6 clamps)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +135,9 @@ class PrepareReport:
                          f"fp64 {p.get('rmse_vs_fp64', float('nan')):.3g} ≤ {p.get('bound', float('nan')):.3g}")
         if self.absorb_sqnr_db is not None:
             lines.append(f"  float model after bias absorption vs before: SQNR {self.absorb_sqnr_db:.1f} dB")
+        if self.clamps_moved:
+            lines.append(f"  {self.clamps_moved} clamps (ReLU6) became per-channel: they moved with the scales, "
+                         "exactly (--keep-clamps leaves those pairs instead)")
         s = self.spread_summary()
         if s is not None:
             lines.append(f"  weight-range spread (max/min channel range) over {s['layers']} changed layers: median "
@@ -183,6 +187,12 @@ def _linear_ops(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, LinearOp]:
 
 def _ranges(gm: torch.fx.GraphModule) -> dict[str, tuple[str, torch.Tensor]]:
     return {n.name: (module_path(n), output_ranges(op.weight, op.kind)) for n, op in _linear_ops(gm).items()}
+
+
+def _bounds(gm: torch.fx.GraphModule) -> int:
+    """Per-channel ``minimum``/``maximum`` bounds in ``gm`` (what a moved clamp becomes)."""
+    return sum(n.op == "call_function" and n.target in (torch.ops.aten.minimum.default, torch.ops.aten.maximum.default)
+               for n in gm.graph.nodes)
 
 
 def _run(gm: torch.fx.GraphModule, passes: Sequence[Pass], name: str, max_rounds: int = 20) -> StepReport:
@@ -322,6 +332,7 @@ def prepare(gm: torch.fx.GraphModule, calibration: Sequence[Batch] | None = None
     if mode != "none":
         shifts = measure_shifts(work, calibration, per_channel=per_channel) if mode == "data" else None
         report.steps.append(_run(work, [CorrectBias(per_channel=per_channel, shifts=shifts)], "correct_bias"))
+    report.clamps_moved = _bounds(work) - _bounds(gm)
     after = _ranges(work)
     for name, (path, r0) in before.items():
         if name in after and not torch.equal(after[name][1], r0):
