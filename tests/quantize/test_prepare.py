@@ -76,3 +76,13 @@ def test_bias_correction_modes(folded: torch.fx.GraphModule, mode: str) -> None:
 def test_data_mode_needs_data(folded: torch.fx.GraphModule) -> None:
     with pytest.raises(InputError, match="needs calibration"):
         prepare(folded, None, bias_correction="data")
+
+
+def test_moved_clamps_are_counted_and_can_be_kept(folded: torch.fx.GraphModule) -> None:
+    """Equalization across a ReLU6 makes it a per-channel clamp (counted in the report); move_clamps=False leaves
+    those pairs (with the reason) and creates none."""
+    moved = prepare(folded, CALIB, absorb=False, bias_correction="none").report
+    assert moved.clamps_moved == 2
+    kept = prepare(folded, CALIB, absorb=False, bias_correction="none", move_clamps=False).report
+    assert kept.clamps_moved == 0
+    assert any("moving clamps is off" in e["reason"] for e in kept.steps[0].left)
