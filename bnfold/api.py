@@ -110,7 +110,7 @@ def fold(
         try:
             parity = compare(_reference(model), result.module, inputs)
         except InputError as err:  # the original ran on these inputs when it was captured: this is ours
-            raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
+            raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from err
         result.report.parity = parity.summary()
     return result
 
@@ -124,12 +124,14 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     """Fold with both captures; keep the better fold (see :func:`fold`)."""
     results: dict[str, tuple[FoldResult, float]] = {}
     errors: dict[str, str] = {}
+    failure: CaptureError | None = None
     for mode in ("symbolic", "export"):
         start = time.perf_counter()
         try:
             captured = _capture(model, inputs, mode, dynamic_shapes=dynamic_shapes)  # type: ignore[arg-type]
         except CaptureError as err:
             errors[mode] = err.message
+            failure = err
             continue
         if dump_ir is not None:
             dump_ir.write(f"### capture: {mode}\n")
@@ -139,7 +141,7 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     if not results:
         raise CaptureError(f"could not capture {type(model).__name__} as a graph "
                            f"({'; '.join(f'{m}: {e}' for m, e in errors.items())})",
-                           hint="check the example inputs' shapes and dtypes")
+                           hint="check the example inputs' shapes and dtypes") from failure
     best = max(results, key=lambda m: (_score(results[m][0].report), m == "symbolic"))
     chosen = results[best][0]
     other = "export" if best == "symbolic" else "symbolic"

@@ -12,7 +12,9 @@
 
 Everything is built in a staging folder next to ``out_dir`` and renamed into place at the end, so a failure
 never leaves a half-written output. A stage that fails (an exporter error, a compile error) is recorded in the
-report and the later stages still run where they can; ``OptimizeResult.passed`` is False then.
+report and the later stages still run where they can; ``OptimizeResult.passed`` is False then. An artifact that
+cannot be written (a full disk: :class:`~bnfold.errors.OutputError`) is not a stage failure: nothing is published
+and the error is raised.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
-from bnfold.errors import BnfoldError, InputError
+from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.report import FoldReport, format_table, json_safe
 from bnfold.speed import fastest, measure_latency, slower_than_eager
@@ -112,6 +114,8 @@ def _timed(result: OptimizeResult, stage: str):
     start = time.perf_counter()
     try:
         yield
+    except OutputError:  # an output that cannot be written (disk full): the whole command fails, nothing published
+        raise
     except BnfoldError as err:
         log.warning("%s failed: %s", stage, err)
         result.errors[stage] = str(err)

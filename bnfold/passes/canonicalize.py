@@ -25,6 +25,7 @@ from bnfold.ir.graph import fetch_attr, module_class, module_path
 from bnfold.ir.moments import bn_moments, set_moments
 from bnfold.ir.norms import handwritten_norm
 from bnfold.ir.ops import is_channel_affine
+from bnfold.passes.constant_fold import model_tensors
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Candidate, Category, Change
 from bnfold.passes.rule import Fail, Rule
@@ -93,10 +94,11 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
 
 
 def _parameter_affine(ctx: PassContext, node: torch.fx.Node, cls: str | None) -> TracedNorm | None:
-    """A per-channel affine whose constant is a parameter/buffer of the model (not one bnfold made)."""
-    params = [str(a.target) for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-              and not str(a.target).startswith("_bnfold") and isinstance(fetch_attr(ctx.gm, str(a.target)),
-                                                                          torch.Tensor)]
+    """A per-channel affine whose constant is a parameter/buffer of the model, or computed from exactly one
+    (Gemma's ``1 + weight``, folded by :mod:`~bnfold.passes.constant_fold`) — not one bnfold made."""
+    params = [t for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+              and isinstance(fetch_attr(ctx.gm, str(a.target)), torch.Tensor)
+              for t in _one(model_tensors(a))]
     if not params:
         return None
     owner, _, leaf = params[0].rpartition(".")
@@ -111,6 +113,10 @@ def _parameter_affine(ctx: PassContext, node: torch.fx.Node, cls: str | None) ->
     else:
         kind = f"per-channel {'scale' if _is_scale(view) else 'affine'} by '{leaf}' ({where}elementwise)"
     return TracedNorm(node, path, kind, path)
+
+
+def _one(targets: tuple[str, ...]) -> tuple[str, ...]:
+    return targets if len(targets) == 1 else ()
 
 
 def _is_scale(view: AffineView) -> bool:

@@ -27,7 +27,7 @@ from torch import nn
 
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
-from bnfold.errors import BnfoldError, InputError
+from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.optimize import OWNERSHIP, owned_entries
 from bnfold.parity.inputs import Batch
@@ -169,6 +169,8 @@ def _run(result: QuantizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             warnings.simplefilter("ignore", StaticBatchWarning)  # the report's build_info says so
             fp32 = get_target("onnx").lower(fr.module, inputs, {"path": staging / FP32_FILE, "protect": protect,
                                                                 "dynamic_shapes": fr.dynamic_shapes})
+    except OutputError:
+        raise  # a file that cannot be written: nothing is published (exit 2), not a stage failure
     except BnfoldError as err:
         result.errors["onnx"] = str(err)
         return

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def _require() -> Any:
     try:
         import onnxruntime.quantization as q
-    except ImportError:
+    except ImportError as exc:
         raise BnfoldError("int8 quantization needs onnxruntime (with its quantization module), which is not installed",
-                          hint="pip install 'bnfold[onnx]'") from None
+                          hint="pip install 'bnfold[onnx]'") from exc
     return q
 
 
@@ -97,6 +97,10 @@ def quantize_onnx(float_path: str | Path, out_path: str | Path, batches: Sequenc
                               calibrate_method=q.CalibrationMethod.MinMax, extra_options=options)
     except BnfoldError:
         raise
+    except OSError as exc:  # a full disk or a folder it may not write: an output error (exit 2), not ORT's failure
+        from bnfold.io.outputs import output_error
+
+        raise output_error(Path(out_path), exc) from exc
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise BnfoldError(f"ONNX Runtime's static quantization failed: {type(exc).__name__}: {first[:300]}",

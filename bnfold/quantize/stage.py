@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from bnfold.errors import BnfoldError, InternalError
+from bnfold.errors import BnfoldError, InternalError, OutputError
 from bnfold.ir.quant_math import fake_quantize_weight
 from bnfold.parity.inputs import Batch
 from bnfold.parity.int8 import Int8Rule, Int8Verdict, compare_int8
@@ -172,8 +172,8 @@ def int8_stage(folded: torch.fx.GraphModule, reference: Callable[..., Any], exam
         prepared = prepare(folded, calibration, per_channel=options.per_channel, equalize=options.equalize,
                            absorb=options.absorb, bias_correction=options.bias_correction,
                            check_batches=validation[:4], move_clamps=options.move_clamps)
-    except InternalError:
-        raise  # a bug (equalization broke parity): not a stage failure to report and carry on from
+    except (InternalError, OutputError):
+        raise  # a bug (equalization broke parity), a disk that is full: not a stage failure to carry on from
     except BnfoldError as err:
         result.errors["prepare"] = str(err)
         return result
@@ -195,6 +195,8 @@ def int8_stage(folded: torch.fx.GraphModule, reference: Callable[..., Any], exam
             info = quantize_onnx(float_path, out, calibration, per_channel=options.per_channel)
             result.seconds["quantize"] = time.perf_counter() - t0
             result.weights = check_weights(float_path, out, per_channel=options.per_channel)
+        except OutputError:
+            raise
         except BnfoldError as err:
             result.errors["quantize"] = str(err)
             return result

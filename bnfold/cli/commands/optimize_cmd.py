@@ -18,7 +18,7 @@ from bnfold.cli.commands.quantize_cmd import add_int8_rule_args, int8_rule
 from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
-from bnfold.io.outputs import check_output_dir
+from bnfold.io.outputs import OutputPlan
 from bnfold.optimize import optimize, owned_entries
 from bnfold.quantize.stage import Int8Options
 from bnfold.report import json_safe
@@ -54,8 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-clamps", action="store_true", help="with --int8: never turn a ReLU6 into a per-channel "
                    "clamp (faster in ONNX Runtime, less equalization; see bnfold quantize --help)")
     add_int8_rule_args(p)
-    p.add_argument("--reparameterize", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge parallel conv/identity branches summed at an add into one conv (default: on)")
+    p.add_argument("--reparameterize", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge parallel conv/identity branches summed at an add into one conv (default: on for a "
+                        "torch model; an .onnx model is not reparameterized)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier bnfold optimize output "
                    "(never a folder holding other files or the inputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -82,8 +83,8 @@ def _optimize(args: argparse.Namespace) -> int:
         int8 = Int8Options(per_channel=not args.per_tensor, rule=int8_rule(args), move_clamps=not args.keep_clamps)
     elif args.per_tensor or args.keep_clamps:
         raise InputError("--per-tensor and --keep-clamps apply to --int8")
-    inputs_given = [p for p in (args.model, args.data, args.validate) if p]
-    check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
+    plan = OutputPlan([args.model, args.data, args.validate], force=args.force)
+    plan.folder(args.output, owned=owned_entries)  # before any work
     loaded, calibration = load_batches(args, args.data)
     inputs = loaded.example_inputs or (calibration[0] if calibration else None)
     if inputs is None:
@@ -100,6 +101,6 @@ def _optimize(args: argparse.Namespace) -> int:
                       capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
                       tvm_target=None if args.target == "none" else args.target, arch=args.arch,
                       tune_trials=args.tune_trials, cache_dir=args.cache_dir, overwrite=args.force,
-                      protect=inputs_given, reparameterize=args.reparameterize, int8=int8)
+                      protect=plan.protect, reparameterize=args.reparameterize is not False, int8=int8)
     print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False) if args.json else result)
     return 0 if result.passed else 1

@@ -20,7 +20,7 @@ from bnfold.cli.commands.common import add_factory_args, load_batches
 from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
-from bnfold.io.outputs import check_output_dir
+from bnfold.io.outputs import OutputPlan
 from bnfold.optimize import owned_entries
 from bnfold.parity.int8 import DEFAULT_MIN_SQNR_DB, DEFAULT_MIN_TOP1, Int8Rule
 from bnfold.quantize import Int8Options, quantize
@@ -90,8 +90,8 @@ def _quantize(args: argparse.Namespace) -> int:
                          "equalizes and corrects biases in the torch graph before exporting",
                          hint="quantize the torch model the .onnx file was exported from")
     rule = int8_rule(args)
-    inputs_given = [p for p in (args.model, args.data, args.validate) if p]
-    check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
+    plan = OutputPlan([args.model, args.data, args.validate], force=args.force)
+    plan.folder(args.output, owned=owned_entries)  # before any work
     loaded, calibration = load_batches(args, args.data)
     assert calibration is not None
     if args.num_samples is not None:
@@ -115,7 +115,7 @@ def _quantize(args: argparse.Namespace) -> int:
     options = Int8Options(per_channel=not args.per_tensor, equalize=not args.no_equalize, absorb=not args.no_absorb,
                           bias_correction=args.bias_correction, rule=rule, move_clamps=not args.keep_clamps)
     result = quantize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
-                      options=options, capture=args.capture, overwrite=args.force, protect=inputs_given,
+                      options=options, capture=args.capture, overwrite=args.force, protect=plan.protect,
                       reparameterize=args.reparameterize)
     if args.json:
         print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False))
