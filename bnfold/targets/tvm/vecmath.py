@@ -84,9 +84,57 @@ def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax")
 
 
+def _cumsum_te(x: te.Tensor, axis: int, dtype: str, exclusive: bool) -> te.Tensor:
+    """``y[…, j, …] = Σ_{k ≤ j} x[…, k, …]`` (``k < j`` if ``exclusive``) as a plain reduction: quadratic in the
+    axis length, but a TIR block (TOPI's scan is an extern that ``create_prim_func`` refuses)."""
+    n = x.shape[axis]
+    k = te.reduce_axis((0, n), name="k")
+
+    def body(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        at = [*i[:axis], k, *i[axis + 1:]]
+        keep = k < i[axis] if exclusive else k <= i[axis]
+        return te.sum(tirx.if_then_else(keep, x(*at).astype(acc), tirx.const(0, acc)), axis=k)
+
+    acc = "int64" if dtype == "bool" else dtype  # a running count of a boolean mask
+    total = te.compute(x.shape, body, name="T_cumsum")
+    return total if acc == dtype else te.compute(x.shape, lambda *i: total(*i).astype(dtype), name="T_cast")
+
+
+def _cumsum(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``cumsum`` along an axis (TVM 0.27 registers no CPU legalization for it, and the VM cannot run it
+    unlegalized). transformers' Llama builds its causal mask with it from constants: ``FoldConstant`` then
+    computes it at build time."""
+    a, x = call.attrs, call.args[0]
+    rank = len(x.ty.shape)
+    if a.axis is None or rank == 0:
+        return call
+    axis = int(a.axis) % rank
+    dtype = str(call.ty.dtype)
+    return bb.call_te(_cumsum_te, x, axis, dtype, bool(a.exclusive), primfunc_name_hint="cumsum")
+
+
+def _bool_compare(op: str) -> Legalizer:
+    """``equal`` / ``not_equal`` of boolean tensors compared as int8: TVM 0.27's LLVM codegen emits a float
+    compare (``fcmp oeq i1``) for booleans, which LLVM's verifier rejects (transformers' causal masks)."""
+    stock = _stock(op)
+    fn = topi.equal if op == "relax.equal" else topi.not_equal
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if any(str(getattr(a.ty, "dtype", "")) != "bool" for a in call.args):
+            return stock(bb, call)
+        return bb.call_te(lambda a, b: fn(topi.cast(a, "int8"), topi.cast(b, "int8")), *call.args,
+                          primfunc_name_hint=op.split(".")[-1])
+
+    return legalize
+
+
 def vector_math_legalize_map() -> dict[str, Legalizer]:
-    """``LegalizeOps`` overrides: the float32 transcendental ops written with vectorizable polynomials."""
+    """``LegalizeOps`` overrides: the float32 transcendental ops written with vectorizable polynomials; and two
+    ops TVM 0.27 cannot compile for the CPU as stock (``cumsum``, boolean ``equal``)."""
     return {
+        "relax.cumsum": _cumsum,
+        "relax.equal": _bool_compare("relax.equal"),
+        "relax.not_equal": _bool_compare("relax.not_equal"),
         "relax.exp": _unary("relax.exp", topi.math.fast_exp, "tir_exp"),
         "relax.tanh": _unary("relax.tanh", topi.math.fast_tanh, "tir_tanh"),
         "relax.sigmoid": _unary("relax.sigmoid", _sigmoid, "tir_sigmoid"),
