@@ -689,7 +689,7 @@ def default_schedule(func: tir.PrimFunc, p: ScheduleParams) -> s_tir.Schedule | 
                 continue
             return sch
         except (ValueError, RuntimeError) as e:  # ScheduleError and TVM's errors are RuntimeErrors
-            log.debug("default schedule failed (%s)", str(e) if str(e) else type(e).__name__)
+            log.debug("default schedule failed (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
     return None
 
 
