@@ -26,6 +26,7 @@ from onnx import external_data_helper, numpy_helper
 from bnfold.errors import InputError
 from bnfold.io.outputs import atomic_files, protected_files, same_file
 from bnfold.passes.engine import PipelineResult
+from bnfold.passes.onnx.constant_fold import fold_initializer_constants
 from bnfold.passes.onnx.graph import OnnxGraph
 from bnfold.passes.onnx.moves import SYMBOL_SIZES
 from bnfold.passes.onnx.report import OnnxFoldReport
@@ -122,6 +123,7 @@ def fold_model(model: onnx.ModelProto, *, base_dir: str = "", dry_run: bool = Fa
         copy.CopyFrom(model)
         model = copy
     before = op_counts(model)
+    folded = fold_initializer_constants(model)
     g = OnnxGraph(model, base_dir=base_dir)
     g.shapes = infer_shapes(model)
     g.shapes_at = concrete_shapes(model, SYMBOL_SIZES)
