@@ -223,7 +223,7 @@ def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None
     on by a later rule (a branch BN merged by ``reparameterize``) names where it ended up. With
     ``gm`` (the folded graph), an op named by its node (an export capture's functional linear) is named by the
     module path it came from (``blocks.0.attn.qkv``) instead."""
-    report = FoldReport(capture=mode, rounds=run.rounds)
+    report = FoldReport(capture=mode, rounds=run.rounds, converged=run.converged, stopped_after=run.stopped_after)
     report.changes = [_change_dict(c) for c in run.changes]
     report.passes = [asdict(t) for t in run.timings]
     paths = _node_paths(gm)

@@ -7,12 +7,14 @@ that meet the same situation say the same thing, so a report reads alike whateve
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from bnfold.ir.affine_math import bn_affine
 
 __all__ = [
+    "Fail",
     "batchnorm_problem",
     "consumer_axis",
     "consumer_channels",
@@ -25,6 +27,25 @@ __all__ = [
     "shift_blocked",
     "unusable",
 ]
+
+
+@dataclass(frozen=True)
+class Fail:
+    """A check that failed: ``reason`` a user can act on (it lands in the report), and the ``node`` it is about when
+    that is not the candidate itself (the producer that cannot be rewritten, the op an affine does not cross).
+
+    Every check and predicate of every back end returns a plan or a ``Fail`` (as onnxscript's ``MatchResult.fail``);
+    a ``str`` is never both a reason and a plan, and no caller reads the reason to decide what to do next."""
+
+    reason: str
+    node: str | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def prefixed(self, prefix: str) -> Fail:
+        """The same failure, its reason said after ``prefix`` (``"through 'pool': "``)."""
+        return Fail(prefix + self.reason, self.node)
 
 
 def not_a_linear_output(what: str) -> str:

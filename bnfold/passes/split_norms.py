@@ -97,12 +97,12 @@ class SplitNormAffine(Rule[Norm, Split]):
 def _will_not_fold(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> str | None:
     """None when ``aff`` on ``node``'s output folds completely into its consumers (directly or after a forward
     move); otherwise why not."""
-    ops: list[LinearOp] | str = consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel())
+    ops: list[LinearOp] | Fail = consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel())
     shift = aff.b
-    if isinstance(ops, str):
+    if isinstance(ops, Fail):
         dest = push_target(ctx, node, aff)
-        if isinstance(dest, str):
-            return f"{ops}; moving it forward: {dest}"
+        if isinstance(dest, Fail):
+            return f"{ops.reason}; moving it forward: {dest.reason}"
         ops = [op for op in (linear_op(ctx, u) for u in value_users(dest[0])) if isinstance(op, LinearOp)]
         shift = dest[1].b
     if shift_blocked(ops, shift):
