@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "onnxf
 
 from onnx_cases import ARCHS, BUILT, export, randomize_bn, shared_weight_model
 
-from bnfold.onnx_fold import fold_model, load_onnx, save_onnx
+from bnfold.onnx import fold_model, load_onnx, save_onnx
 from bnfold.parity.ort import onnx_parity
 
 

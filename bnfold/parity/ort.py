@@ -143,7 +143,7 @@ def _missing_kernels(exc: Exception) -> list[str]:
 def _macs(model: onnx.ModelProto) -> float:
     """Multiply-adds per sample of the model's convs/matmuls (from inferred shapes; unknown dimensions count as 1):
     to decide whether ``onnx.reference`` can run it in reasonable time."""
-    from bnfold.passes.onnx.shapes import infer_shapes
+    from bnfold.ir.onnx.shapes import infer_shapes
 
     shapes = infer_shapes(model)
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}

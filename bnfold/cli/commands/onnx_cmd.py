@@ -150,7 +150,7 @@ def _json(report: Any) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from bnfold.onnx_fold import fold_model, load_onnx
+    from bnfold.onnx import fold_model, load_onnx
 
     refuse_torch_only(args)
     loaded = load_onnx(args.model)
@@ -184,7 +184,7 @@ def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], dat
     (a parity *failure* is published, for inspection, and said in the report)."""
     import onnx
 
-    from bnfold.onnx_fold import file_size, fold_model, load_onnx, staged_onnx
+    from bnfold.onnx import file_size, fold_model, load_onnx, staged_onnx
     from bnfold.parity.ort import onnx_parity
     from bnfold.targets.onnx import METADATA_KEY
 
@@ -224,7 +224,7 @@ def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], dat
 def fold(args: argparse.Namespace) -> int:
     from bnfold.io.outputs import OutputPlan
     from bnfold.io.references import referenced_files
-    from bnfold.onnx_fold import data_file
+    from bnfold.onnx import data_file
     from bnfold.targets.onnx import is_bnfold_onnx, is_bnfold_onnx_data
 
     refuse_torch_only(args)

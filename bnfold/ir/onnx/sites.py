@@ -17,8 +17,8 @@ import onnx
 import torch
 
 from bnfold.ir import reasons
-from bnfold.passes.onnx.graph import OnnxGraph, attr
-from bnfold.passes.onnx.ops import FLOAT_TYPES, to64
+from bnfold.ir.onnx.graph import OnnxGraph, attr
+from bnfold.ir.onnx.ops import FLOAT_TYPES, to64
 
 __all__ = ["NORM_OPS", "Site", "find_site"]
 
@@ -159,6 +159,6 @@ def _norm(g: OnnxGraph, node: onnx.NodeProto) -> Site:
 
 
 def _rank(g: OnnxGraph, value: str) -> int | None:
-    from bnfold.passes.onnx.shapes import rank
+    from bnfold.ir.onnx.shapes import rank
 
     return rank(g, value)

@@ -14,10 +14,10 @@ What stays as it was (what ``bnfold fold`` promises for ``.onnx`` files):
   output), so reports and ``--until`` dumps speak of the same nodes before and after;
 * ``value_info``: only the entries the model declared (the folder's serializer adds one per typed value);
 * opset imports, metadata, functions, and external data (the model is folded in memory with its data loaded;
-  :func:`bnfold.onnx_fold.save_onnx` writes it out as before);
+  :func:`bnfold.onnx.save_onnx` writes it out as before);
 * alias safety: a folded value becomes a *new* initializer; the initializers it was computed from stay for their
   other readers, and an initializer read by several nodes is cloned by the fold rules before it is rewritten
-  (:meth:`~bnfold.passes.onnx.graph.OnnxGraph.write_input`).
+  (:meth:`~bnfold.ir.onnx.graph.OnnxGraph.write_input`).
 
 A model in which nothing folds is left untouched, byte for byte. Nodes left without readers *by the folding* (the
 ``Constant`` inputs of a folded node) are removed; nodes that were dead before stay dead, as they were.
@@ -26,11 +26,16 @@ A model in which nothing folds is left untouched, byte for byte. Nodes left with
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
 
-__all__ = ["FoldedConstants", "fold_initializer_constants"]
+from bnfold.passes.constant_fold import ConstantFold
+from bnfold.passes.engine import Category, Change, PassResult
+from bnfold.passes.onnx.context import OnnxContext
+
+__all__ = ["FoldedConstants", "OnnxConstantFold", "fold_initializer_constants"]
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +105,26 @@ def _remove_dead(graph: object, dead_before: set[str]) -> None:
         if any(v.uses() or v.is_graph_output() for v in outs):
             continue
         graph.remove(node, safe=True)  # type: ignore[attr-defined]
+
+
+class OnnxConstantFold:
+    """Pass ``constant_fold`` (first in the ONNX pipeline, as :class:`~bnfold.passes.constant_fold.ConstantFold` is
+    in the torch one): :func:`fold_initializer_constants` once per run, then the context re-indexes the new graph.
+    Later rounds find nothing new to fold (the rules never compute a constant), so it runs only once."""
+
+    name = ConstantFold.name
+    revisit_rejected = False
+
+    def run(self, ctx: OnnxContext, worklist: Sequence[onnx.NodeProto]) -> PassResult:
+        result = PassResult()
+        if ctx.constants_folded:
+            return result
+        ctx.constants_folded = True
+        folded = fold_initializer_constants(ctx.model)
+        if folded.modified:
+            ctx.reload()
+            shown = ", ".join(f"'{n}'" for n in folded.nodes[:6]) + (", …" if len(folded.nodes) > 6 else "")
+            result.changes.append(Change(self.name, folded.nodes[0], f"{len(folded.nodes)} nodes computed from "
+                                         f"constants only became {len(folded.values)} initializers ({shown})",
+                                         Category.CANONICALIZE))
+        return result
