@@ -79,5 +79,4 @@ class OnnxSplitNormAffine(OnnxRule[Site, Split]):
             c = next((u.in_channels for u in users if isinstance(u, OnnxLinearOp)), None)
         if c is None:
             return Fail("its channel count is unknown")
-        per = m.per_channel(c)
-        return Fail(per) if isinstance(per, str) else per
+        return m.per_channel(c)
