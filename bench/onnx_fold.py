@@ -26,7 +26,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,22 +68,42 @@ def other_batch(path: Path, model: onnx.ModelProto) -> str:
     return "ok (5)"
 
 
-def measure(name: str, src: Path, out_dir: Path) -> dict[str, object]:
+@dataclass
+class Folded:
+    """One file folded as ``bnfold fold`` does it: BatchNormalization before, the models, the report, the seconds
+    ``fold_model`` took, the files written and the parity verdict."""
+
+    before: int
+    original: onnx.ModelProto
+    model: onnx.ModelProto
+    report: Any
+    seconds: float
+    written: list[Path]
+    parity: Any
+
+
+def fold_file(src: Path, dest: Path) -> Folded:
     loaded = load_onnx(src)
     before = bn_count(loaded.model)
     original = onnx.ModelProto()
     original.CopyFrom(loaded.model)
     t0 = time.perf_counter()
     report = fold_model(loaded.model, base_dir=str(src.parent))
-    fold_s = time.perf_counter() - t0
-    dest = out_dir / f"{name}.folded.onnx"
+    seconds = time.perf_counter() - t0
     written = save_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold)
-    parity = onnx_parity(original, dest)
+    return Folded(before, original, loaded.model, report, seconds, written, onnx_parity(original, dest))
+
+
+def measure(name: str, src: Path, out_dir: Path) -> dict[str, object]:
+    dest = out_dir / f"{name}.folded.onnx"
+    f = fold_file(src, dest)
+    before, original, report, fold_s, written, parity = f.before, f.original, f.report, f.seconds, f.written, f.parity
+    loaded_model = f.model
     fp64 = "fp64" if parity.reference_fp64 else "elementwise"
-    return {"model": name, "bn_before": before, "bn_bnfold": bn_count(loaded.model), "bn_onnxsim": onnxsim_bns(src),
-            "nodes": f"{len(original.graph.node)} → {len(loaded.model.graph.node)}",
+    return {"model": name, "bn_before": before, "bn_bnfold": bn_count(loaded_model), "bn_onnxsim": onnxsim_bns(src),
+            "nodes": f"{len(original.graph.node)} → {len(loaded_model.graph.node)}",
             "parity": f"{'PASS' if parity.passed else 'FAIL'} ({fp64}, max abs {parity.summary()['max_abs']:.1e})",
-            "batch5": other_batch(dest, loaded.model), "external": "yes" if len(written) > 1 else "",
+            "batch5": other_batch(dest, loaded_model), "external": "yes" if len(written) > 1 else "",
             "fold_ms": f"{fold_s * 1000:.0f}",
             "left": "; ".join(f"{e.id}: {e.reason[:60]}" for e in report.skipped[:2])}
 
@@ -155,22 +177,14 @@ def onnxscript_bns(path: Path) -> tuple[int | str, float]:
 
 
 def measure_zoo(name: str, exporter: str, src: Path, out_dir: Path, note: str) -> dict[str, object]:
-    loaded = load_onnx(src)
-    before = bn_count(loaded.model)
-    original = onnx.ModelProto()
-    original.CopyFrom(loaded.model)
-    t0 = time.perf_counter()
-    report = fold_model(loaded.model, base_dir=str(src.parent))
-    fold_s = time.perf_counter() - t0
-    dest = out_dir / f"{name}.{exporter}.folded.onnx"
-    save_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold)
-    parity = onnx_parity(original, dest)
+    f = fold_file(src, out_dir / f"{name}.{exporter}.folded.onnx")
+    before, report, fold_s, parity = f.before, f.report, f.seconds, f.parity
     t0 = time.perf_counter()
     sim = onnxsim_bns(src)
     sim_s = time.perf_counter() - t0
     script, script_s = onnxscript_bns(src)
     peers = [v for v in (sim, script) if isinstance(v, int)]
-    left = bn_count(loaded.model)
+    left = bn_count(f.model)
     verdict = "ok" if peers and left <= min(peers) else "WORSE"
     return {"model": name, "exporter": exporter + (f" ({note})" if note else ""), "key": exporter, "bn_before": before,
             "bnfold": left, "onnxsim": sim, "onnxscript": script, "vs_best_peer": verdict,
