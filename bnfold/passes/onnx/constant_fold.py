@@ -19,7 +19,9 @@ What stays as it was (what ``bnfold fold`` promises for ``.onnx`` files):
   other readers, and an initializer read by several nodes is cloned by the fold rules before it is rewritten
   (:meth:`~bnfold.ir.onnx.graph.OnnxGraph.write_input`).
 
-A model in which nothing folds is left untouched, byte for byte. Nodes left without readers *by the folding* (the
+A model in which nothing folds is left untouched, byte for byte; one with no node the folder could fold (no node
+reads only constants, no ``Shape``/``Size``/``CastLike``) does not even import it (onnx-ir and onnxscript take
+seconds to import). Nodes left without readers *by the folding* (the
 ``Constant`` inputs of a folded node) are removed; nodes that were dead before stay dead, as they were.
 """
 
@@ -60,10 +62,12 @@ def _label(node: onnx.NodeProto) -> str:
 def fold_initializer_constants(model: onnx.ModelProto) -> FoldedConstants:
     """Replace every node of ``model`` whose inputs are all constants by initializers (in place; see the module
     docstring for what is kept). Returns what was folded; ``model`` is untouched when nothing was."""
+    graph = model.graph
+    if not _may_fold(graph):
+        return FoldedConstants((), ())
     import onnx_ir as ir
     from onnxscript.optimizer import fold_constants
 
-    graph = model.graph
     before = {_label(n): n for n in graph.node}
     names = {n.output[0]: n.name for n in graph.node if n.output}
     declared = {vi.name for vi in graph.value_info}
@@ -93,6 +97,24 @@ def fold_initializer_constants(model: onnx.ModelProto) -> FoldedConstants:
     folded = tuple(label for label in before if label not in after)
     model.CopyFrom(out)
     return FoldedConstants(folded, new_values)
+
+
+_FROM_TYPES = {"Shape", "Size", "CastLike"}  # the folder evaluates these from types and static shapes
+
+
+def _may_fold(graph: onnx.GraphProto) -> bool:
+    """Whether a top-level node could fold: it reads only constants (initializers that are not graph inputs,
+    ``Constant`` outputs), or it is one the folder evaluates from types and shapes."""
+    default = ("", "ai.onnx")
+    consts = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    consts |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.domain in default and n.output}
+    for n in graph.node:
+        if n.domain not in default or n.op_type == "Constant":
+            continue
+        inputs = [i for i in n.input if i]
+        if n.op_type in _FROM_TYPES or (inputs and all(i in consts for i in inputs)):
+            return True
+    return False
 
 
 def _remove_dead(graph: object, dead_before: set[str]) -> None:
