@@ -105,6 +105,10 @@ class _SigintWatch:
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.seen = True
+        if _importing(frame):  # an exception raised into a C++ extension's initialization aborts the process
+            sys.stderr.write("bnfold: interrupted\n")  # (pybind11: SIGABRT): leave at once, nothing is written yet
+            sys.stderr.flush()
+            os._exit(130)
         raise KeyboardInterrupt
 
     def __enter__(self) -> _SigintWatch:
@@ -116,6 +120,16 @@ class _SigintWatch:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _importing(frame: Any) -> bool:
+    """Whether ``frame`` (where a signal arrived) runs inside an import: a module's top level, torch's or an
+    extension's initialization, below ``importlib``'s frames."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _main(argv: Sequence[str] | None, watch: _SigintWatch) -> int:

@@ -22,6 +22,7 @@ from bnfold.ir.affine_math import bn_affine
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.batchnorm import BatchNormSite, batchnorm_site
 from bnfold.ir.graph import fetch_attr, module_class, module_path
+from bnfold.ir.moments import bn_moments, set_moments
 from bnfold.ir.norms import handwritten_norm
 from bnfold.ir.ops import is_channel_affine
 from bnfold.passes.constant_fold import model_tensors
@@ -82,6 +83,7 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
         assert isinstance(x, torch.fx.Node)
         a, b = site.affine or bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
         affine = ctx.insert_affine(x, a, b, 1, before=site.node, sources=(site.id,))
+        set_moments(affine, bn_moments(site.running_var, site.weight, site.bias, site.eps))  # for data-free int8 prep
         ctx.replace_all_uses(site.output, affine)
         if site.output is not site.node:
             for u in list(site.node.users):  # the output getitem and unused saved-statistics getitems

@@ -51,8 +51,9 @@ from bnfold.ir.reasons import Fail
 from bnfold.ir.uses import nodes_in, reads_values
 
 __all__ = ["CAT", "CROSSINGS", "FX_FUNCTIONS", "FX_MODULES", "Affine", "Check", "Commutes", "Crossing", "Facts",
-           "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split", "crossings", "index_transfer",
-           "no_check", "positive_scale", "positive_scale_no_shift", "same", "spatial_axis_guard", "transfer_for"]
+           "NotInTable", "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split", "crossings",
+           "index_transfer", "no_check", "positive_scale", "positive_scale_no_shift", "same", "spatial_axis_guard",
+           "transfer_for"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -75,6 +76,12 @@ class Affine:
 
 Crossing = Callable[[Affine], "Affine | Fail"]
 """One direction of a transfer: the affine on the other side of an op, or why it does not cross it."""
+
+@dataclass(frozen=True)
+class NotInTable(Fail):
+    """The op belongs to no family of :data:`CROSSINGS`: no per-channel affine crosses it (as opposed to one that
+    would, but not this affine, or not with these shapes)."""
+
 
 Check = Callable[[Affine], "Fail | None"]
 """A guard on the affine itself (``a > 0``, the channel axis not pooled): why it cannot cross, or None."""
@@ -444,7 +451,7 @@ FxReader = Callable[[torch.fx.GraphModule, torch.fx.Node, tuple[int, ...], tuple
 
 def _unknown(node: torch.fx.Node) -> Fail:
     name = getattr(node.target, "__name__", str(node.target))
-    return Fail(f"'{node.name}' ({name}) does not commute with a per-channel affine")
+    return NotInTable(f"'{node.name}' ({name}) does not commute with a per-channel affine", node.name)
 
 
 def _fx_as(how: Commutes, *, same_rank: bool = False) -> FxReader:
@@ -549,7 +556,7 @@ def _module_flatten(m: nn.Module, node: torch.fx.Node, i: tuple[int, ...], o: tu
 
 
 def _unknown_module(node: torch.fx.Node, m: nn.Module) -> Fail:
-    return Fail(f"'{node.name}' ({type(m).__name__}) does not commute with a per-channel affine")
+    return NotInTable(f"'{node.name}' ({type(m).__name__}) does not commute with a per-channel affine", node.name)
 
 
 FX_MODULES: tuple[tuple[tuple[type[nn.Module], ...], ModuleReader], ...] = (
