@@ -87,7 +87,8 @@ class OptimizeResult:
         }
 
     def __str__(self) -> str:
-        lines = [f"bnfold optimize → {self.out_dir}: {'PASS' if self.passed else 'FAIL'}", ""]
+        slow = next((f" ({w.split(';')[0]})" for w in self.warnings if w.startswith("tvm: the compiled artifact")), "")
+        lines = [f"bnfold optimize → {self.out_dir}: {'PASS' if self.passed else 'FAIL'}{slow}", ""]
         if self.recalibration is not None:
             lines += [str(self.recalibration), ""]
         if self.fold is not None:
