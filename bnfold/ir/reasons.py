@@ -97,7 +97,7 @@ def shift_blocked(op: str, scale: torch.Tensor) -> str:
 
 def batchnorm_problem(path: str, running_mean: torch.Tensor, running_var: torch.Tensor,
                       weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor] | str:
+                      ) -> tuple[torch.Tensor, torch.Tensor] | Fail:
     """``(a, b)`` of an inference BatchNorm (:func:`~bnfold.ir.affine_math.bn_affine`, float64), or why its
     statistics cannot be folded. Fast path: they are fine when ``a`` and ``b`` are finite and ``0 ≤ σ² < ∞``
     (every non-finite input shows up in one of them); only a failing one is examined input by input."""
@@ -110,9 +110,9 @@ def batchnorm_problem(path: str, running_mean: torch.Tensor, running_var: torch.
     var = running_var.detach().double()
     tensors = [running_mean, running_var, weight, bias]
     if not all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None):
-        return f"'{path}' has non-finite (NaN/Inf) statistics or parameters; recalibrate it first"
+        return Fail(f"'{path}' has non-finite (NaN/Inf) statistics or parameters; recalibrate it first")
     if bool((var < 0).any()):
-        return f"'{path}' has a negative running_var; its statistics are corrupt, recalibrate first"
+        return Fail(f"'{path}' has a negative running_var; its statistics are corrupt, recalibrate first")
     if bool((var + eps <= 0).any()) or not math.isfinite(eps):
-        return f"'{path}' has running_var + eps = 0 in some channel (division by zero)"
-    return f"'{path}' has statistics whose affine form overflows (a or b is not finite)"
+        return Fail(f"'{path}' has running_var + eps = 0 in some channel (division by zero)")
+    return Fail(f"'{path}' has statistics whose affine form overflows (a or b is not finite)")

@@ -111,8 +111,8 @@ def _batchnorm(g: OnnxGraph, node: onnx.NodeProto) -> Site:
         site.problem = f"batch norm at '{sid}' has parameters that are not vectors of one length"
         return site
     found = reasons.batchnorm_problem(sid, mean, var, scale, bias, float(attr(node, "epsilon", 1e-5)))
-    if isinstance(found, str):
-        site.problem = found
+    if isinstance(found, reasons.Fail):
+        site.problem = found.reason
     else:
         site.a, site.b = found
     return site
