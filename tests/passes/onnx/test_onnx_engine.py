@@ -115,3 +115,18 @@ def test_one_crossing_table_for_both_back_ends() -> None:
     fx_facts = FX_FUNCTIONS[F.relu](None, None, (2, 4, 8, 8), (2, 4, 8, 8))  # type: ignore[arg-type]
     assert not isinstance(fx_facts, Fail) and fx_facts.how is Commutes.RELU
     assert set(CROSSINGS) == set(Commutes)
+
+
+def test_a_run_cut_short_by_the_round_limit_is_reported_as_not_converged() -> None:
+    """The ONNX pipeline's result and report say a run stopped by the round limit did not converge (round 1 folded
+    the BN, so one round cannot know it reached the fixed point)."""
+    from bnfold.api import build_report
+
+    model = onnx_conv_bn()
+    result = Pipeline(onnx_pipeline().passes, max_rounds=1).run_on(OnnxContext(model))
+    assert result.rounds == 1 and not result.converged and result.stopped_after is None
+    assert _ops(model) == ["Conv", "Relu"]
+    report = build_report("onnx", result)
+    assert report.to_dict()["converged"] is False
+    assert "without reaching a fixed point" in report.render()
+    assert fold_model(onnx_conv_bn()).converged
