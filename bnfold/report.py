@@ -52,6 +52,8 @@ class FoldReport:
     capture_choice: str | None = None
     capture_alternatives: dict[str, dict[str, Any]] | None = None
     dynamic_shapes: list[dict[str, Any]] | None = None
+    converged: bool = True  # the passes reached a fixed point (False: stopped at the round limit)
+    stopped_after: str | None = None  # the pass ``until`` stopped the pipeline after
 
     @property
     def modified(self) -> bool:
@@ -70,6 +72,8 @@ class FoldReport:
             "changes": self.changes,
             "passes": self.passes,
             "rounds": self.rounds,
+            "converged": self.converged,
+            "stopped_after": self.stopped_after,
             "parity": self.parity,
         }
 
@@ -105,6 +109,11 @@ class FoldReport:
             timing = ", ".join(f"{p['name']} {p['seconds'] * 1000:.0f} ms" for p in self.passes if p["runs"])
             lines.append("")
             lines.append(f"passes ({self.rounds} rounds): {timing}")
+        if self.stopped_after:
+            lines.append(f"stopped after pass {self.stopped_after} (until): the graph is not fully folded")
+        elif not self.converged:
+            lines.append(f"note: the passes stopped after {self.rounds} rounds without reaching a fixed point; "
+                         "more might fold (please report this model)")
         return "\n".join(lines)
 
 
