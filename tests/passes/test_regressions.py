@@ -270,7 +270,7 @@ class LayerNormIntoConv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln(x)
-        size_out = h.size()[:-1] + (self.weight.shape[1],)
+        size_out = h.size()[:-1] + (self.weight.shape[1],)  # noqa: RUF005 (transformers' Conv1D as written: a Proxy cannot be unpacked)
         return torch.addmm(self.bias, h.view(-1, h.size(-1)), self.weight).view(size_out)
 
 
