@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the public API, imported on first use (``import bnfold`` stays cheap: no torch, ONNX or TVM)
     from bnfold.api import FoldResult, fold, inspect
+    from bnfold.deploy import OptimizeConfig, OptimizeResult, optimize
     from bnfold.errors import BnfoldError
-    from bnfold.optimize import OptimizeResult, optimize
     from bnfold.parity import ParityReport, Tolerance, compare
     from bnfold.parity.stages import StageReport, StageTracker, track_stages
     from bnfold.quantize.core import QuantizeResult, quantize
@@ -30,7 +30,7 @@ _WHERE = {
     "FoldResult": "bnfold.api", "fold": "bnfold.api", "inspect": "bnfold.api",
     "DriftReport": "bnfold.recalibrate.drift", "diagnose": "bnfold.recalibrate.drift",
     "BnfoldError": "bnfold.errors",
-    "OptimizeResult": "bnfold.optimize", "optimize": "bnfold.optimize",
+    "OptimizeConfig": "bnfold.deploy", "OptimizeResult": "bnfold.deploy", "optimize": "bnfold.deploy",
     "ParityReport": "bnfold.parity", "Tolerance": "bnfold.parity", "compare": "bnfold.parity",
     "RecalibrationReport": "bnfold.recalibrate.core", "recalibrate": "bnfold.recalibrate.core",
     "FoldReport": "bnfold.report",
@@ -76,6 +76,7 @@ __all__ = [
     "DriftReport",
     "FoldReport",
     "FoldResult",
+    "OptimizeConfig",
     "OptimizeResult",
     "ParityReport",
     "QuantizeResult",

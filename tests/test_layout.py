@@ -126,7 +126,7 @@ def test_lower_layers_do_not_import_upper_ones() -> None:
     subsystems that use them (recalibrate, parity, targets, io, cli)."""
     graph = _graph()
     upper = ("bnfold.passes", "bnfold.recalibrate", "bnfold.parity", "bnfold.targets", "bnfold.io", "bnfold.cli",
-             "bnfold.api", "bnfold.optimize", "bnfold.capture", "bnfold.demo")
+             "bnfold.api", "bnfold.deploy", "bnfold.capture", "bnfold.demo")
     bad = [f"{m} -> {t}" for m, targets in graph.items() if m.startswith("bnfold.ir")
            for t in targets if t.startswith(upper)]
     bad += [f"{m} -> {t}" for m, targets in graph.items() if m.startswith("bnfold.passes")

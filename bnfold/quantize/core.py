@@ -27,9 +27,9 @@ from torch import nn
 
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
+from bnfold.deploy.ownership import owned_entries, write_ownership
 from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
-from bnfold.optimize import OWNERSHIP, owned_entries
 from bnfold.parity.inputs import Batch
 from bnfold.quantize.stage import INT8_FILE, Int8Options, Int8Result, int8_stage
 from bnfold.report import FoldReport, format_table, json_safe
@@ -105,12 +105,6 @@ def _batches(items: Iterable[Any]) -> list[Batch]:
     return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in items]
 
 
-def _write_manifest(staging: Path) -> None:
-    entries = sorted(str(p.relative_to(staging)) for p in staging.rglob("*"))
-    (staging / OWNERSHIP).write_text(json.dumps({"writer": "bnfold", "command": "quantize", "entries": entries},
-                                                indent=1) + "\n")
-
-
 def quantize(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -147,7 +141,7 @@ def quantize(
         (staging / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str, allow_nan=False))
         result.artifacts["report"] = "report.json"
         (staging / "report.txt").write_text(result.render(explain=True) + "\n")
-        _write_manifest(staging)
+        write_ownership(staging, "quantize")
     return result
 
 

@@ -244,8 +244,8 @@ def fold(args: argparse.Namespace) -> int:
 
 def optimize(args: argparse.Namespace) -> int:
     """``bnfold optimize MODEL.onnx -o OUT_DIR``: fold, parity with ONNX Runtime, optional TVM build."""
+    from bnfold.deploy.ownership import owned_entries, write_ownership
     from bnfold.io.outputs import OutputPlan, staged_output
-    from bnfold.optimize import owned_entries, write_ownership
 
     if args.data:
         raise InputError("--data recalibrates BatchNorm statistics, which needs the torch model; an .onnx model is "
