@@ -149,13 +149,14 @@ def run(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     result = OptimizeResult(out, None, None, None)
     with staged_output(out) as staging:
         run_step(result, model, inputs, staging, config, calibration=calibration, validation=validation)
+        result.artifacts["report"] = "report.json"
+        if config.html:
+            result.artifacts["report_html"] = "report.html"
         (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
                                                             allow_nan=False))
-        result.artifacts["report"] = "report.json"
         if config.html:
             from bnfold.htmlreport import optimize_page
 
-            result.artifacts["report_html"] = "report.html"
             (staging / "report.html").write_text(optimize_page(result), encoding="utf-8")
         (staging / "report.txt").write_text(str(result) + "\n")
         write_ownership(staging)
