@@ -82,7 +82,7 @@ def _optimize(args: argparse.Namespace) -> int:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
     check_target_options(args.target, args.arch)
     check_cache_dir(args.cache_dir)
-    tvm_extra = dict(parse_option(TvmOptions, o, what="--tvm-option") for o in args.tvm_option)
+    tvm_extra = dict(parse_option(TvmOptions, o, what="TVM") for o in args.tvm_option)
     if tvm_extra and args.target == "none":
         raise InputError("--tvm-option applies to a TVM build; --target none skips it")
     if {"target", "arch", "tune_trials", "cache_dir"} & set(tvm_extra):
