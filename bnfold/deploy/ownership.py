@@ -24,8 +24,8 @@ def owned_entries(out: Path) -> set[str] | None:
     return {str(e) for e in doc["entries"]} | {OWNERSHIP}
 
 
-def write_ownership(staging: Path) -> None:
-    """Write the manifest listing everything in ``staging`` (call it last)."""
+def write_ownership(staging: Path, command: str = "optimize") -> None:
+    """Write the manifest listing everything in ``staging`` (call it last); ``command`` names the writer."""
     entries = sorted(str(p.relative_to(staging)) for p in staging.rglob("*"))
-    (staging / OWNERSHIP).write_text(json.dumps({"writer": "bnfold", "command": "optimize", "entries": entries},
+    (staging / OWNERSHIP).write_text(json.dumps({"writer": "bnfold", "command": command, "entries": entries},
                                                 indent=1) + "\n")

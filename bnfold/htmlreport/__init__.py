@@ -47,6 +47,7 @@ def optimize_page(result: OptimizeResult) -> str:
     from bnfold.speed import fastest
 
     summary = [f"<p>{verdict(result.passed)} output folder <code>{esc(result.out_dir)}</code></p>",
+               _glance(result),
                table(["artifact", "file"], list(result.artifacts.items())),
                list_block([f"{k}: {v}" for k, v in result.errors.items()], cls="err", prefix="error in "),
                list_block(result.warnings, cls="warn", prefix="warning: "),
@@ -67,6 +68,24 @@ def optimize_page(result: OptimizeResult) -> str:
     if result.tvm_kernels:
         parts.append(kernels_section(result.tvm_kernels))
     return document("bnfold optimize", f"{'PASS' if result.passed else 'FAIL'} · {esc(result.out_dir)}", parts)
+
+
+def _glance(result: OptimizeResult) -> str:
+    """The key figures in one line: folded/left, drift before → after, first divergence, fastest artifact."""
+    from bnfold.speed import fastest
+
+    facts = []
+    if result.fold is not None:
+        facts.append(f"{len(result.fold.folded)} folded, {len(result.fold.skipped)} left")
+    before, after = result.drift.get("before"), result.drift.get("after")
+    if before is not None and after is not None and before.worst is not None and after.worst is not None:
+        facts.append(f"worst drift {before.worst.score:.3g} → {after.worst.score:.3g} after recalibration")
+    if result.stages is not None:
+        div = result.stages.first_divergence
+        facts.append("every stage keeps parity" if div is None else f"divergence starts at {div.stage}")
+    if result.latency_ms:
+        facts.append(f"fastest: {fastest(result.latency_ms)}")
+    return "<p><b>" + esc(" · ".join(facts)) + "</b></p>" if facts else ""
 
 
 def drift_page(report: DriftReport, model: str) -> str:

@@ -35,8 +35,14 @@ def fold_section(fold: FoldReport) -> str:
     if fold.capture_choice:
         body.append(f'<p class="note">capture: {esc(fold.capture_choice)}</p>')
     if fold.folded:
-        body.append("<h3>Folded</h3>" + table(["candidate", "kind", "rule", "into", "detail"],
-                                             [[e.path, e.kind, e.rule, e.into, e.detail] for e in fold.folded]))
+        rows = table(["candidate", "kind", "rule", "into", "detail"],
+                     [[e.path, e.kind, e.rule, e.into, e.detail] for e in fold.folded])
+        by_rule: dict[str, int] = {}
+        for e in fold.folded:
+            by_rule[e.rule] = by_rule.get(e.rule, 0) + 1
+        rules = ", ".join(f"{n} by {r}" for r, n in by_rule.items())
+        body.append(f"<details{' open' if len(fold.folded) <= 8 else ''}><summary><b>Folded</b> ({esc(rules)})"
+                    f"</summary>{rows}</details>")
     if fold.skipped:
         body.append("<h3>Left, and why</h3>" + table(["candidate", "kind", "rule", "reason"],
                                                     [[e.path, e.kind, e.rule, e.reason] for e in fold.skipped]))
@@ -55,18 +61,16 @@ def drift_section(before: DriftReport, after: DriftReport | None = None, *, wher
                      [layer.score for layer in before.layers], PALETTE[1])]
     if after is not None:
         series.append(Series("after recalibration", [after_by.get(n) for n in names], PALETTE[0]))
-    worst = before.worst
-    head = (f"<p>{verdict(not before.should_recalibrate, yes='OK', no=before.verdict.upper())} "
-            f"{len(names)} BatchNorm layers measured on {esc(before.samples)} samples{esc(where)}; drift score = "
-            "how many stored standard deviations the layer's input moved (√(2·mean KL) per channel); threshold "
-            f"{esc(f'{before.threshold:g}')}.")
-    if worst is not None:
-        head += f" Worst layer: <code>{esc(worst.name)}</code> ({esc(f'{worst.score:.3f}')})"
-        if after is not None and after.worst is not None:
-            head += f", after recalibration the worst is <code>{esc(after.worst.name)}</code> " \
-                    f"({esc(f'{after.worst.score:.3f}')})"
-        head += "."
-    head += "</p>"
+    head = "<p>"
+    for label, rep in (("stored statistics" if after is None else "before recalibration", before),
+                       ("after recalibration", after)):
+        if rep is None or rep.worst is None:
+            continue
+        head += (f"{esc(label)}: {verdict(not rep.should_recalibrate, yes='OK', no=rep.verdict.upper())} worst "
+                 f"<code>{esc(rep.worst.name)}</code> {esc(f'{rep.worst.score:.3f}')} &nbsp; ")
+    head += (f"</p><p class=note>{len(names)} BatchNorm layers measured on {esc(before.samples)} samples{esc(where)}"
+             "; the drift score says how many stored standard deviations a layer's input moved (√(2·mean KL) over "
+             f"channels); above the threshold {esc(f'{before.threshold:g}')} recalibration is advised.</p>")
     chart = bar_chart(names, series, title="drift score per BatchNorm layer", unit="drift score",
                       threshold=before.threshold, threshold_label=f"threshold {before.threshold:g}",
                       chart_id="drift-chart") if names else ""
@@ -185,9 +189,12 @@ def pair_section(report: ParityReport, reference: str, candidate: str) -> str:
 def latency_section(latency: Mapping[str, Mapping[str, float]], fastest: str | None) -> str:
     """Every artifact's latency at the example batch, side by side."""
     names = list(latency)
+    values = [v for t in latency.values() for v in (t["median_ms"], t["min_ms"]) if v > 0]
+    spread = bool(values) and max(values) / min(values) > 30  # decades apart: a log axis keeps the small ones seen
     chart = bar_chart(names, [Series("median", [latency[n]["median_ms"] for n in names], PALETTE[0]),
                               Series("min", [latency[n]["min_ms"] for n in names], PALETTE[5])],
-                      title="latency per artifact", unit="ms per call (example batch)", chart_id="latency-chart")
+                      title="latency per artifact", unit="ms per call (example batch)", log=spread,
+                      chart_id="latency-chart")
     rows = [[n, f"{t['median_ms']:.3f}", f"{t['min_ms']:.3f}", int(t.get("calls", 0))] for n, t in latency.items()]
     body = (f"<p>Timed side by side in interleaved rounds on this host; fastest: <b>{esc(fastest or '-')}</b>.</p>"
             + chart + table(["artifact", "median ms", "min ms", "calls"], rows, numeric=(1, 2, 3)))

@@ -175,3 +175,13 @@ def test_browser_check_can_fail(tmp_path: Path) -> None:
     load = load_page(chromium, page)
     assert any("boom" in p for p in load.problems), load.problems
     assert load.facts["scripts"] == 1
+
+
+def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNFOLD_CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_chromium()
