@@ -40,7 +40,7 @@ $(STAMP): $(UV) $(LOCK) pyproject.toml
 	$(UV) pip sync --quiet --python $(PY) --require-hashes $(LOCK)
 	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
 	# the native statistics kernel is built here, once, not inside the first user call (no compiler: fallback)
-	-$(PY) -m bnfold.recalibrate.native
+	-$(PY) -m bnfold.recalibration.native
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -82,7 +82,7 @@ test-latest test-lowest: test-%: | $(UV)
 	    $(if $(filter lowest,$*),--resolution lowest-direct,) -o $(VENV)-$*/requirements.txt
 	$(UV) pip sync --quiet --python $(VENV)-$*/bin/python $(VENV)-$*/requirements.txt
 	$(UV) pip install --quiet --python $(VENV)-$*/bin/python --no-deps -e .
-	-$(VENV)-$*/bin/python -m bnfold.recalibrate.native
+	-$(VENV)-$*/bin/python -m bnfold.recalibration.native
 	$(UV) pip freeze --python $(VENV)-$*/bin/python > $(VENV)-$*/versions.txt
 	@grep -iE '^(torch|torchvision|transformers|timm|onnx|onnxruntime|onnxscript|onnxsim|numpy|apache-tvm)==' \
 	    $(VENV)-$*/versions.txt | tr '\n' ' '; echo

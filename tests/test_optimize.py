@@ -57,7 +57,7 @@ def test_optimize_writes_verified_artifacts(tmp_path: Path, digits) -> None:
     stage = result.stages.stages[1]
     assert stage.name == "recalibrated" and stage.expected_change
     recal = load_pretrained()
-    from bnfold.recalibrate import recalibrate
+    from bnfold.recalibration import recalibrate
 
     recalibrate(recal, calib)
     torch.testing.assert_close(folded(x), recal(x), rtol=1e-4, atol=1e-4)

@@ -22,7 +22,7 @@ from bnfold.errors import InputError
 from bnfold.targets.options import OnnxOptions, TvmOptions
 
 if TYPE_CHECKING:
-    from bnfold.quantize.stage import Int8Options
+    from bnfold.quantization.stage import Int8Options
 
 __all__ = ["FoldStage", "OptimizeConfig", "RecalibrateStage"]
 
@@ -66,7 +66,7 @@ class OptimizeConfig:
     """Every stage of :func:`bnfold.optimize`; ``None`` turns a stage off.
 
     ``onnx``/``tvm``: the targets' options (the step sets ``path``, ``protect``, ``dynamic_shapes``,
-    ``dynamic_batch`` and ``progress`` itself); ``int8``: a :class:`bnfold.quantize.Int8Options` (needs
+    ``dynamic_batch`` and ``progress`` itself); ``int8``: a :class:`bnfold.quantization.Int8Options` (needs
     calibration data); ``overwrite``: replace an earlier bnfold output folder; ``protect``: files no output may be
     (the user's inputs); ``html``: also write ``report.html``."""
 

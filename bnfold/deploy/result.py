@@ -11,8 +11,8 @@ from bnfold.report import FoldReport, format_table
 from bnfold.speed import fastest
 
 if TYPE_CHECKING:
-    from bnfold.quantize.stage import Int8Result
-    from bnfold.recalibrate.drift import DriftReport
+    from bnfold.quantization.stage import Int8Result
+    from bnfold.recalibration.drift import DriftReport
 
 __all__ = ["OptimizeResult"]
 

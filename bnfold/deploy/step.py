@@ -8,7 +8,7 @@
     parity of every stage against the previous one and against the original (or the recalibrated model,
     whose change is intended), on the user's validation data; the report names where a divergence starts.
     int8 (optional): the folded model equalized, bias-corrected and quantized by ONNX Runtime on the calibration
-    data (bnfold.quantize.stage), judged by its own rule (SQNR, top-1 agreement), its latency beside fp32's.
+    data (bnfold.quantization.stage), judged by its own rule (SQNR, top-1 agreement), its latency beside fp32's.
     report.json (machine-readable), report.txt (the terminal form) and report.html (a page: bnfold.htmlreport).
 
 The driver (:func:`run_step`) takes one typed :class:`~bnfold.deploy.config.OptimizeConfig` (a frozen dataclass
@@ -55,7 +55,7 @@ from bnfold.targets.options import OnnxOptions, TorchOptions, TvmOptions
 
 if TYPE_CHECKING:
     from bnfold.parity.stages import StageTracker
-    from bnfold.quantize.stage import Int8Options
+    from bnfold.quantization.stage import Int8Options
 
 __all__ = ["optimize", "run", "run_step"]
 
@@ -113,7 +113,7 @@ def optimize(
     summed at an add (RepVGG, MobileOne, FastViT) into one conv — exact, and the artifacts are for deployment,
     where one conv is faster than several.
 
-    ``int8``: a :class:`bnfold.quantize.Int8Options` to also write ``model_int8.onnx`` (needs ``calibration``): the
+    ``int8``: a :class:`bnfold.quantization.Int8Options` to also write ``model_int8.onnx`` (needs ``calibration``): the
     folded model equalized, bias-corrected and quantized by ONNX Runtime on the calibration batches, judged against
     the folded float model by the int8 rule, timed beside the fp32 ONNX model.
 
@@ -255,7 +255,7 @@ def run_step(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tenso
 def _recalibrate(step: _Run, original: nn.Module) -> nn.Module:
     """A recalibrated copy of ``original`` (the caller's model is never changed), and the drift per BatchNorm layer
     on the validation data before and after (``config.recalibrate.drift_batches`` batches)."""
-    from bnfold.recalibrate.core import recalibrate
+    from bnfold.recalibration.core import recalibrate
 
     stage = step.config.recalibrate
     work = original
@@ -271,7 +271,7 @@ def _recalibrate(step: _Run, original: nn.Module) -> nn.Module:
 def _drift(step: _Run, original: nn.Module, recalibrated: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> None:
     """Drift (:func:`bnfold.diagnose`) of the original and of the recalibrated model on ``batches``: what the
     report's drift chart shows. Informational: a failure is a warning, not a stage error."""
-    from bnfold.recalibrate.drift import diagnose
+    from bnfold.recalibration.drift import diagnose
 
     with _timed(step.result, "drift"):
         try:
@@ -319,7 +319,7 @@ def _onnx(step: _Run, folded: torch.fx.GraphModule, options: OnnxOptions) -> Non
 def _int8(step: _Run, folded: torch.fx.GraphModule) -> None:
     result = step.result
     with _timed(result, "int8"):
-        from bnfold.quantize.stage import int8_stage
+        from bnfold.quantization.stage import int8_stage
         from bnfold.targets.onnx import OnnxRuntimeModel
 
         batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in step.calib or ()]

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from bnfold.deploy.result import OptimizeResult
     from bnfold.io.outputs import Protected
     from bnfold.parity.core import ParityReport
-    from bnfold.recalibrate.drift import DriftReport
+    from bnfold.recalibration.drift import DriftReport
 
 __all__ = ["drift_page", "is_bnfold_html", "optimize_page", "parity_page", "write_page"]
 

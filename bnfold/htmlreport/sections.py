@@ -14,7 +14,7 @@ from bnfold.htmlreport.svg import PALETTE, Series, bar_chart
 if TYPE_CHECKING:
     from bnfold.parity.core import ParityReport
     from bnfold.parity.stages import StageReport
-    from bnfold.recalibrate.drift import DriftReport
+    from bnfold.recalibration.drift import DriftReport
     from bnfold.report import FoldReport
 
 __all__ = ["drift_section", "fold_section", "kernels_section", "latency_section", "list_block", "pair_section",

@@ -96,7 +96,7 @@ def test_chart_writes_nonfinite_values_as_text() -> None:
 
 def test_pages_of_diagnose_and_check_escape_names() -> None:
     from bnfold.parity import compare
-    from bnfold.recalibrate.drift import diagnose
+    from bnfold.recalibration.drift import diagnose
 
     torch.manual_seed(0)
     model = randomize_bn(Hostile()).eval()

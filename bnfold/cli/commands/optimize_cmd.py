@@ -21,7 +21,7 @@ from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
-from bnfold.quantize.stage import Int8Options
+from bnfold.quantization.stage import Int8Options
 from bnfold.report import json_safe
 from bnfold.targets.options import OnnxOptions, TvmOptions, parse_option
 

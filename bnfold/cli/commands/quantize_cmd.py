@@ -23,7 +23,7 @@ from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
 from bnfold.parity.int8 import DEFAULT_MIN_SQNR_DB, DEFAULT_MIN_TOP1, Int8Rule
-from bnfold.quantize import Int8Options, quantize
+from bnfold.quantization import Int8Options, quantize
 from bnfold.report import json_safe
 
 __all__ = ["add_int8_rule_args", "int8_rule", "register"]

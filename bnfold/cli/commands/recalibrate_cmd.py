@@ -17,8 +17,8 @@ from bnfold.cli.commands import SUMMARY
 from bnfold.cli.commands.common import dynamic_shapes, load_batches
 from bnfold.errors import InputError
 from bnfold.io.outputs import OutputPlan
-from bnfold.recalibrate.core import recalibrate
-from bnfold.recalibrate.drift import DEFAULT_THRESHOLD, diagnose
+from bnfold.recalibration.core import recalibrate
+from bnfold.recalibration.drift import DEFAULT_THRESHOLD, diagnose
 from bnfold.targets import get_target
 from bnfold.targets.torch import is_bnfold_pt2
 

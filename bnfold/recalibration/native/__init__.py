@@ -11,7 +11,7 @@ blocking and threading). Torch has no CPU kernel for this: its sums accumulate i
 
 They are built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 5–20 s once) into torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), at install time by the README's commands
-(``python -m bnfold.recalibrate.native``) or else on first use. The build's name carries a hash of everything
+(``python -m bnfold.recalibration.native``) or else on first use. The build's name carries a hash of everything
 that makes a build incompatible or makes ninja redo it (:func:`build_key`): the source, the torch build (version, git
 revision, CUDA version, install folder — its headers are on the command line), the Python interpreter, the
 compiler (``$CXX`` and its ``--version``), the flags and the CPU instruction set; so two environments sharing one
