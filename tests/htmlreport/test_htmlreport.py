@@ -185,3 +185,17 @@ def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         require_chromium()
+
+
+def test_kernel_times_when_measured_else_flops_share() -> None:
+    from bnfold.htmlreport.sections import kernels_section
+
+    tasks = [{"name": "fused_conv2d_a", "flops": 2e6, "weight": 1, "trials": 8, "best_us": 10.0},
+             {"name": "fused_dense_b", "flops": 1e6, "weight": 3, "trials": 8, "best_us": 5.0},
+             {"name": "<b>", "flops": 1e3, "weight": 1, "trials": 0, "best_us": None}]
+    html = kernels_section(tasks)
+    assert "2 of 3 kernels measured" in html and "µs per model call" in html
+    labels = re.findall(r'class="label"><title>([^<]*)</title>', html)
+    assert labels == ["fused_dense_b", "fused_conv2d_a"]  # 3 × 5 µs = 15 before 10 µs: ordered by time per call
+    untuned = kernels_section([{**t, "best_us": None} for t in tasks])
+    assert "not measured" in untuned and "% of the model" in untuned and "&lt;b&gt;" in untuned
