@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -264,7 +265,7 @@ def _recalibrate(step: _Run, original: nn.Module) -> nn.Module:
         step.result.recalibration = recalibrate(work, step.calib, mode=stage.mode)  # type: ignore[arg-type]
         step.tracker.add("recalibrated", work, expected_change=True)
     if step.result.recalibration is not None and stage.drift_batches:
-        _drift(step, original, work, step.check_data[:stage.drift_batches])
+        _drift(step, original, work, list(itertools.islice(step.check_data, stage.drift_batches)))
     return work
 
 
