@@ -130,7 +130,9 @@ def optimize(
                                 onnx=OnnxOptions() if onnx else None, tvm=tvm, int8=int8, overwrite=overwrite,
                                 protect=tuple(protect))
     else:
-        given = {k: v for k, v in locals().items() if k in _DEFAULTS and v != _DEFAULTS[k]}
+        given = {k for k, v in locals().items() if k in _DEFAULTS
+                 and (tuple(v) if k == "protect" else v) is not _DEFAULTS[k]
+                 and (tuple(v) if k == "protect" else v) != _DEFAULTS[k]}
         if given:
             raise InputError(f"optimize: pass either config= or the options {', '.join(sorted(given))}, not both",
                              hint="put them into the OptimizeConfig")
