@@ -8,6 +8,7 @@ Content-Security-Policy forbids any load) — with every string from the model e
   artifact, the TVM kernels;
 * :func:`drift_page` — ``bnfold diagnose --html FILE``;
 * :func:`parity_page` — ``bnfold check --html FILE``;
+* :func:`onnx_optimize_page` — ``bnfold optimize MODEL.onnx`` (the ONNX fold and its TVM build);
 * :func:`write_page` — written atomically (:func:`bnfold.io.outputs.write_bytes_atomic`), never over an input.
 
 Modules: :mod:`~bnfold.htmlreport.svg` (the chart), :mod:`~bnfold.htmlreport.page` (document, escaping),
@@ -17,8 +18,8 @@ Modules: :mod:`~bnfold.htmlreport.svg` (the chart), :mod:`~bnfold.htmlreport.pag
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bnfold.htmlreport.page import document, esc, is_bnfold_html, section, table, verdict
 from bnfold.htmlreport.sections import (
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
     from bnfold.io.outputs import Protected
     from bnfold.parity.core import ParityReport
     from bnfold.recalibration.drift import DriftReport
+    from bnfold.report import FoldReport
 
-__all__ = ["drift_page", "is_bnfold_html", "optimize_page", "parity_page", "write_page"]
+__all__ = ["drift_page", "is_bnfold_html", "onnx_optimize_page", "optimize_page", "parity_page", "write_page"]
 
 
 def optimize_page(result: OptimizeResult) -> str:
@@ -86,6 +88,25 @@ def _glance(result: OptimizeResult) -> str:
     if result.latency_ms:
         facts.append(f"fastest: {fastest(result.latency_ms)}")
     return "<p><b>" + esc(" · ".join(facts)) + "</b></p>" if facts else ""
+
+
+def onnx_optimize_page(model: str, fold: FoldReport, tvm: Mapping[str, Any] | None, passed: bool) -> str:
+    """The page of ``bnfold optimize MODEL.onnx``: the ONNX fold (parity with ONNX Runtime) and the TVM build."""
+    checks = [("folded vs original (ONNX Runtime)", fold.parity)]
+    if tvm is not None:
+        checks.append(("tvm vs folded", tvm.get("parity_vs_folded")))
+    rows = [[name, "PASS" if p.get("passed") else "FAIL", f"{p.get('max_abs', float('nan')):.3g}",
+             str(p.get("sqnr_db", "-")),
+             "-" if p.get("top1_agreement") is None else f"{100 * p['top1_agreement']:.1f}%"]
+            for name, p in checks if p]
+    body = (f"<p>{verdict(passed)} <code>{esc(model)}</code></p>"
+            + table(["check", "verdict", "max abs", "SQNR dB", "top-1"], rows, numeric=(2, 3, 4)))
+    if tvm is not None:
+        body += list_block(list(tvm.get("notes") or []), cls="note", prefix="tvm: ")
+    parts = [section("Summary", body, anchor="summary"), fold_section(fold)]
+    if tvm is not None and (tvm.get("tuning") or {}).get("tasks"):
+        parts.append(kernels_section(tvm["tuning"]["tasks"]))
+    return document("bnfold optimize", f"{'PASS' if passed else 'FAIL'} · {esc(model)}", parts)
 
 
 def drift_page(report: DriftReport, model: str) -> str:

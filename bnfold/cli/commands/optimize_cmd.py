@@ -77,6 +77,10 @@ def _optimize(args: argparse.Namespace) -> int:
         raise InputError("--int8 applies to a torch model (bnfold prepares the int8 model in the torch graph)",
                          hint="optimize the torch model the .onnx file was exported from")
     if onnx_cmd.is_onnx(args.model):
+        if args.tvm_option:
+            raise InputError("--tvm-option applies to the build of a torch model; an .onnx model's TVM build takes "
+                             "--target, --arch, --tune-trials and --cache-dir",
+                             hint="use `bnfold compile` for the other build options")
         return onnx_cmd.optimize(args)
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
