@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bnfold
-from bnfold.quantize.stage import Int8Options, Int8Result, int8_stage
+from bnfold.quantization.stage import Int8Options, Int8Result, int8_stage
 from bnfold.speed import measure_latency
 from bnfold.targets import get_target
 from bnfold.targets.onnx import OnnxRuntimeModel

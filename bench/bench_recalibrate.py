@@ -16,7 +16,7 @@ machine cancel), with the interquartile range: 1.0 = as fast as inference, the a
 Sequential mode is timed once and expressed in full-forward equivalents.
 
 The stock BatchNorm modules of these models are normalized and measured by the fused native kernel
-(``bnfold.recalibrate.native.batch_norm_measured``); ``BNFOLD_NATIVE=0`` times the torch fallback instead.
+(``bnfold.recalibration.native.batch_norm_measured``); ``BNFOLD_NATIVE=0`` times the torch fallback instead.
 """
 
 from __future__ import annotations

@@ -10,39 +10,39 @@ Public API::
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the public API, imported on first use (``import bnfold`` stays cheap: no torch, ONNX or TVM)
     from bnfold.api import FoldResult, fold, inspect
+    from bnfold.deploy import OptimizeConfig, OptimizeResult, optimize
     from bnfold.errors import BnfoldError
-    from bnfold.optimize import OptimizeResult, optimize
     from bnfold.parity import ParityReport, Tolerance, compare
     from bnfold.parity.stages import StageReport, StageTracker, track_stages
-    from bnfold.quantize.core import QuantizeResult, quantize
-    from bnfold.recalibrate.core import RecalibrationReport, recalibrate
-    from bnfold.recalibrate.drift import DriftReport, diagnose
+    from bnfold.quantization.core import QuantizeResult, quantize
+    from bnfold.recalibration.core import RecalibrationReport, recalibrate
+    from bnfold.recalibration.drift import DriftReport, diagnose
     from bnfold.report import FoldReport
     from bnfold.targets.tvm import compile, load_artifact
 
 _WHERE = {
     "FoldResult": "bnfold.api", "fold": "bnfold.api", "inspect": "bnfold.api",
-    "DriftReport": "bnfold.recalibrate.drift", "diagnose": "bnfold.recalibrate.drift",
+    "DriftReport": "bnfold.recalibration.drift", "diagnose": "bnfold.recalibration.drift",
     "BnfoldError": "bnfold.errors",
-    "OptimizeResult": "bnfold.optimize", "optimize": "bnfold.optimize",
+    "OptimizeConfig": "bnfold.deploy", "OptimizeResult": "bnfold.deploy", "optimize": "bnfold.deploy",
     "ParityReport": "bnfold.parity", "Tolerance": "bnfold.parity", "compare": "bnfold.parity",
-    "RecalibrationReport": "bnfold.recalibrate.core", "recalibrate": "bnfold.recalibrate.core",
+    "RecalibrationReport": "bnfold.recalibration.core", "recalibrate": "bnfold.recalibration.core",
     "FoldReport": "bnfold.report",
     "StageReport": "bnfold.parity.stages", "StageTracker": "bnfold.parity.stages",
     "track_stages": "bnfold.parity.stages",
     "compile": "bnfold.targets.tvm", "load_artifact": "bnfold.targets.tvm",
-    "QuantizeResult": "bnfold.quantize.core", "quantize": "bnfold.quantize.core",
+    "QuantizeResult": "bnfold.quantization.core", "quantize": "bnfold.quantization.core",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """PEP 562: ``bnfold.fold`` etc. import their module on first access."""
+    """PEP 562: ``bnfold.fold`` etc. import their module on first access. No API name is also a submodule's name
+    (the step lives in ``bnfold.deploy``, recalibration in ``bnfold.recalibration``, int8 in
+    ``bnfold.quantization``), so importing a submodule never hides a function."""
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
@@ -55,20 +55,6 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-class _Package(types.ModuleType):
-    """``bnfold`` itself. Three API functions share their name with a submodule (``bnfold.recalibrate``,
-    ``bnfold.optimize``, ``bnfold.quantize``); importing such a submodule makes Python set the package attribute to
-    the module, which would hide the function. The function wins, as it did when this file imported everything
-    eagerly."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _WHERE and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            self.__dict__.pop(name, None)  # leave the name to __getattr__: the function
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
@@ -76,6 +62,7 @@ __all__ = [
     "DriftReport",
     "FoldReport",
     "FoldResult",
+    "OptimizeConfig",
     "OptimizeResult",
     "ParityReport",
     "QuantizeResult",

@@ -125,17 +125,23 @@ def test_second_fold_changes_nothing(capture_mode: str) -> None:
     assert not again.report.modified, again.report.changes
 
 
-def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
+def test_import_is_cheap_and_no_submodule_hides_an_api_name() -> None:
     """``import bnfold`` imports neither torch, ONNX nor TVM (the CLI starts fast); the API is imported on first
-    use, and a submodule imported first (``bnfold.recalibrate``, ``bnfold.optimize``) never hides the function of
-    the same name — whatever order tests or users import things in."""
+    use; no API name is a submodule's, so importing every subpackage first (``bnfold.recalibration``,
+    ``bnfold.deploy``, ``bnfold.quantization``) leaves ``bnfold.recalibrate``/``optimize``/``quantize`` the functions
+    — with a plain module, no class swap."""
     import subprocess
     import sys
 
-    code = ("import sys, bnfold; assert not {'torch', 'onnx', 'tvm'} & set(sys.modules), sorted(sys.modules)\n"
-            "import bnfold.recalibrate, bnfold.optimize\n"
-            "assert bnfold.recalibrate.__name__ == 'recalibrate' and callable(bnfold.recalibrate)\n"
-            "assert bnfold.optimize.__name__ == 'optimize' and callable(bnfold.optimize)\n"
+    code = ("import sys, types, bnfold; assert not {'torch', 'onnx', 'tvm'} & set(sys.modules), sorted(sys.modules)\n"
+            "assert type(bnfold) is types.ModuleType\n"
+            "import bnfold.recalibration.core, bnfold.deploy.step, bnfold.quantization.core\n"
+            "import pkgutil, importlib\n"
+            "subs = {m.name for m in pkgutil.iter_modules(bnfold.__path__)}\n"
+            "assert not subs & set(bnfold.__all__), subs & set(bnfold.__all__)\n"
+            "for name in ('recalibrate', 'optimize', 'quantize', 'diagnose', 'compile'):\n"
+            "    f = getattr(bnfold, name)\n"
+            "    assert callable(f) and f.__name__ == name and not isinstance(f, types.ModuleType), name\n"
             "assert bnfold.fold.__module__ == 'bnfold.api' and set(dir(bnfold)) >= set(bnfold.__all__)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -21,8 +21,8 @@ from torch.optim.swa_utils import update_bn
 
 from bnfold.demo.context import DemoContext, accuracy
 from bnfold.demo.data import shift_images
-from bnfold.recalibrate.core import recalibrate
-from bnfold.recalibrate.drift import diagnose
+from bnfold.recalibration.core import recalibrate
+from bnfold.recalibration.drift import diagnose
 from bnfold.report import format_table
 
 __all__ = ["stage_drift"]

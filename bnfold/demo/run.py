@@ -81,7 +81,7 @@ def _stage_pipeline(ctx: DemoContext) -> list[str]:
     from pathlib import Path
 
     from bnfold.demo.data import shift_images
-    from bnfold.optimize import optimize
+    from bnfold.deploy import optimize
 
     calibration = [(b,) for b in shift_images(ctx.data.x_train, seed=1).split(64)]
     validation = [(shift_images(ctx.data.x_test, seed=2),)]

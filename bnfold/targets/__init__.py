@@ -13,6 +13,8 @@ Targets:
 * ``bnfold.targets.tvm`` — Relax → ``tvm.compile`` (llvm / cuda) (:class:`~bnfold.targets.tvm.TvmTarget`,
   :func:`bnfold.compile`; docs/tvm.md).
 
+Their options are typed (:mod:`bnfold.targets.options`: ``TorchOptions``, ``OnnxOptions``, ``TvmOptions``).
+
 Each target module imports its optional dependencies lazily, so ``import bnfold`` never needs them.
 """
 
@@ -44,12 +46,15 @@ class Artifact(Protocol):
 
 @runtime_checkable
 class Target(Protocol):
-    """Lowers a (folded) GraphModule; ``name`` is what reports and the CLI call it (``"onnx"``, ``"tvm"``)."""
+    """Lowers a (folded) GraphModule; ``name`` is what reports and the CLI call it (``"onnx"``, ``"tvm"``).
+    ``options_type``: the frozen dataclass of its options (:mod:`bnfold.targets.options`); :meth:`lower` takes one,
+    or a mapping of its fields (an unknown key is an :class:`~bnfold.errors.InputError` naming the valid ones)."""
 
     name: str
+    options_type: type[Any]
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor],
-              options: Mapping[str, Any] | None = None) -> Artifact: ...
+              options: Any = None) -> Artifact: ...
 
 
 TARGETS: dict[str, str] = {

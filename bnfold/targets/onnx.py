@@ -49,6 +49,7 @@ from torch import nn
 from bnfold import dynamic as dynamic_dims
 from bnfold.errors import BnfoldError, InputError
 from bnfold.io.outputs import atomic_output
+from bnfold.targets.options import OnnxOptions, target_options
 
 __all__ = ["OnnxExport", "OnnxRuntimeModel", "OnnxTarget", "StaticBatchWarning", "check_dynamic_batch",
            "export_onnx"]
@@ -431,18 +432,17 @@ _ORT_TYPES = {
 
 
 class OnnxTarget:
-    """The :class:`~bnfold.targets.Target` for ONNX. ``options``: ``path`` (default: a new temporary folder),
-    ``simplify`` (True), ``dynamic_batch`` (True), ``opset`` (exporter default), ``providers`` (CPU),
-    ``protect`` (paths ``path`` must not be: the user's input files), ``dynamic_shapes`` (see
-    :func:`export_onnx`)."""
+    """The :class:`~bnfold.targets.Target` for ONNX. ``options``: an :class:`~bnfold.targets.options.OnnxOptions`
+    (or a mapping of its fields: ``path`` (default: a new temporary folder), ``simplify``, ``dynamic_batch``,
+    ``opset``, ``providers``, ``protect``, ``dynamic_shapes``; see :func:`export_onnx`)."""
 
     name = "onnx"
+    options_type = OnnxOptions
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor],
-              options: Mapping[str, Any] | None = None) -> OnnxRuntimeModel:
-        opts = dict(options or {})
-        path = opts.get("path") or Path(tempfile.mkdtemp(prefix="bnfold-onnx-")) / "model.onnx"
-        export_onnx(gm, example_inputs, path, simplify=bool(opts.get("simplify", True)),
-                    dynamic_batch=bool(opts.get("dynamic_batch", True)), opset=opts.get("opset"),
-                    protect=opts.get("protect", ()), dynamic_shapes=opts.get("dynamic_shapes"))
-        return OnnxRuntimeModel(path, providers=opts.get("providers"))
+              options: OnnxOptions | Mapping[str, Any] | None = None) -> OnnxRuntimeModel:
+        opts = target_options(OnnxOptions, options, what="onnx target")
+        path = opts.path or Path(tempfile.mkdtemp(prefix="bnfold-onnx-")) / "model.onnx"
+        export_onnx(gm, example_inputs, path, simplify=opts.simplify, dynamic_batch=opts.dynamic_batch,
+                    opset=opts.opset, protect=opts.protect, dynamic_shapes=opts.dynamic_shapes)
+        return OnnxRuntimeModel(path, providers=None if opts.providers is None else list(opts.providers))

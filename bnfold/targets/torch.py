@@ -23,6 +23,7 @@ from torch import nn
 
 from bnfold import dynamic
 from bnfold.io.outputs import write_bytes_atomic
+from bnfold.targets.options import TorchOptions, target_options
 
 __all__ = ["MARKER", "TorchArtifact", "TorchTarget", "is_bnfold_pt2", "save_exported"]
 
@@ -88,12 +89,13 @@ class TorchArtifact:
 
 
 class TorchTarget:
-    """The :class:`~bnfold.targets.Target` for torch. ``options``: ``export``, ``dynamic_shapes`` (see
-    :class:`TorchArtifact`)."""
+    """The :class:`~bnfold.targets.Target` for torch. ``options``: a :class:`~bnfold.targets.options.TorchOptions`
+    (or a mapping of its fields: ``export``, ``dynamic_shapes``; see :class:`TorchArtifact`)."""
 
     name = "torch"
+    options_type = TorchOptions
 
     def lower(self, gm: torch.fx.GraphModule | nn.Module, example_inputs: Sequence[torch.Tensor],
-              options: Mapping[str, Any] | None = None) -> TorchArtifact:
-        opts = dict(options or {})
-        return TorchArtifact(gm, example_inputs, export=opts.get("export"), dynamic_shapes=opts.get("dynamic_shapes"))
+              options: TorchOptions | Mapping[str, Any] | None = None) -> TorchArtifact:
+        opts = target_options(TorchOptions, options, what="torch target")
+        return TorchArtifact(gm, example_inputs, export=opts.export, dynamic_shapes=opts.dynamic_shapes)

@@ -65,6 +65,12 @@ def test_optimize_onnx_builds_tvm_with_a_dynamic_batch(tmp_path: Path) -> None:
     assert tvm_info["signature"]["batch_range"] == [1, 64] and tvm_info["signature"]["inputs"][0]["shape"][0] == \
         "batch"
     assert report["stages"]["fold"]["folded"] and (out / "folded.onnx").exists()
+    page = (out / "report.html").read_text()  # the page beside the JSON: the fold and the TVM build's kernels
+    assert "tvm vs folded" in page and "<script" not in page
+    assert ("kernels-chart" in page) == bool(tvm_info["tuning"]["tasks"])  # a dynamic-batch build has no tasks
+    r = subprocess.run([*BNFOLD, "optimize", str(src), "-o", str(tmp_path / "o2"), "--tvm-option", "layout=NHWC"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--tvm-option applies to the build of a torch model" in r.stderr
 
     from bnfold.parity.ort import OrtModel
     from bnfold.targets.tvm import load_artifact

@@ -13,7 +13,7 @@ from bnfold.ir.linear_ops import LinearOp, match_linear_op
 from bnfold.ir.moments import clipped_mean, moments_of
 from bnfold.ir.quant_math import fake_quantize_weight
 from bnfold.passes import Category, CorrectBias, PassContext, Pipeline
-from bnfold.quantize.prepare import measure_shifts
+from bnfold.quantization.prepare import measure_shifts
 
 f64 = torch.float64
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))

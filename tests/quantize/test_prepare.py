@@ -1,4 +1,4 @@
-"""bnfold.quantize.prepare: equalization checked exact, absorption measured, correction per mode; the caller's
+"""bnfold.quantization.prepare: equalization checked exact, absorption measured, correction per mode; the caller's
 graph untouched; and per-tensor int8 weights lose less after preparation (emulated in torch, no ORT)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from bnfold.errors import InputError
 from bnfold.ir.linear_ops import LinearOp, match_linear_op
 from bnfold.ir.quant_math import fake_quantize_weight
 from bnfold.parity.int8 import judge_int8
-from bnfold.quantize.prepare import prepare
+from bnfold.quantization.prepare import prepare
 
 CALIB = [(images(16, seed=s),) for s in range(3)]
 VAL = [(images(16, seed=9),)]

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import InputError
 from bnfold.parity.int8 import Int8Rule
-from bnfold.quantize import Int8Options, quantize
+from bnfold.quantization import Int8Options, quantize
 from bnfold.targets.onnx import OnnxRuntimeModel
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

@@ -28,8 +28,8 @@ from bnfold.capture import capture
 from bnfold.cli import main as cli_main
 from bnfold.demo.model import DigitsNet
 from bnfold.errors import InputError
-from bnfold.recalibrate import stats as bnstats
-from bnfold.recalibrate.drift import drift_metrics
+from bnfold.recalibration import stats as bnstats
+from bnfold.recalibration.drift import drift_metrics
 
 BN = nn.modules.batchnorm._BatchNorm
 UNEVEN = (7, 64, 33, 2, 100, 1)  # batch sizes, including a single sample
@@ -41,7 +41,7 @@ def _require_native():
     import os
     import shutil
 
-    from bnfold.recalibrate.native import native_ops
+    from bnfold.recalibration.native import native_ops
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on this host: bnfold uses (and these tests cover) the torch fallback")
@@ -154,7 +154,7 @@ def test_channel_sums_are_float64_sums_for_every_layout_and_dtype(dtype: torch.d
     """The native kernel and the torch fallback both equal float64 sums of the float64 values, for contiguous,
     channels-last and strided inputs of every shape BatchNorm takes; over 10^6 values per channel the error is
     float64 rounding (≤ 1e-10 relative; float32 sums carry ~1e-7)."""
-    from bnfold.recalibrate.native import channel_sums, channel_sums_reference
+    from bnfold.recalibration.native import channel_sums, channel_sums_reference
 
     _require_native()
     shapes = [(64, 128), (7, 3, 5), (16, 96, 14, 14), (32, 24, 7, 7), (2, 8, 4, 8, 8), (4, 16, 256, 256)]
@@ -177,8 +177,8 @@ def test_channel_moments_accumulates_and_writes_batch_statistics(buffer_dtype: t
     """channel_moments_ adds the sums to the accumulator and writes the batch mean and biased variance into the
     buffers (cast to their dtype), natively and in the torch fallback, and returns how far the shift is from the
     batch mean (max over channels of (mean − shift)² / var); with one value per channel it writes nothing."""
-    from bnfold.recalibrate import native
-    from bnfold.recalibrate.native import channel_moments_, channel_sums_reference, native_ops
+    from bnfold.recalibration import native
+    from bnfold.recalibration.native import channel_moments_, channel_sums_reference, native_ops
 
     x = torch.randn(5, 3, 7, 9, generator=torch.Generator().manual_seed(3)) * 2 + 4
     shift = torch.tensor([4.0, 0.0, -3.0], dtype=torch.float64)
@@ -208,8 +208,8 @@ def test_fused_batch_norm_equals_training_mode_batch_norm_natively_and_in_the_fa
         monkeypatch: pytest.MonkeyPatch) -> None:
     """batch_norm_measured is torch's training-mode BatchNorm (float64 reference) that also adds the sums, for
     contiguous and channels-last inputs, with and without affine parameters."""
-    from bnfold.recalibrate import native
-    from bnfold.recalibrate.native import batch_norm_measured, channel_sums_reference
+    from bnfold.recalibration import native
+    from bnfold.recalibration.native import batch_norm_measured, channel_sums_reference
 
     g = torch.Generator().manual_seed(4)
     for shape, fmt in (((6, 5, 9, 7), None), ((6, 5, 9, 7), torch.channels_last), ((40, 3), None),
@@ -252,13 +252,13 @@ def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
 def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """No compiler, a broken toolchain: one warning that says what to do, and no native ops (the torch path)."""
-    from bnfold.recalibrate import native
+    from bnfold.recalibration import native
 
     broken = tmp_path / "channel_sums.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "_SOURCE", broken)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    with caplog.at_level("WARNING", logger="bnfold.recalibrate.native"):
+    with caplog.at_level("WARNING", logger="bnfold.recalibration.native"):
         assert native.native_ops.__wrapped__() is None
     assert "could not be built" in caplog.text and "BNFOLD_NATIVE_VERBOSE=1" in caplog.text
 
@@ -266,7 +266,7 @@ def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path: Path, monk
 def test_the_torch_fallback_gives_the_same_recalibration(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the native kernels (no compiler, BNFOLD_NATIVE=0) the same statistics come out: the probe and
     torch's BatchNorm instead of the fused kernel."""
-    from bnfold.recalibrate import native as kernel
+    from bnfold.recalibration import native as kernel
 
     model, batches = _digits_net(), _batches()
     native, fallback = copy.deepcopy(model), copy.deepcopy(model)
@@ -285,13 +285,13 @@ def test_native_kernel_can_be_turned_off_and_a_fresh_process_reuses_the_build() 
     import subprocess
     import sys
 
-    from bnfold.recalibrate.native import build_name, built_library
+    from bnfold.recalibration.native import build_name, built_library
 
     _require_native()
     library = built_library(build_name())
     assert library is not None and library.exists()
     before = library.stat().st_mtime_ns
-    code = "from bnfold.recalibrate import native as n; print(n.native_ops() is not None)"
+    code = "from bnfold.recalibration import native as n; print(n.native_ops() is not None)"
     for env, expected in (({"BNFOLD_NATIVE": "0"}, "False"), ({}, "True"), ({}, "True")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, **env})
@@ -302,7 +302,7 @@ def test_native_kernel_can_be_turned_off_and_a_fresh_process_reuses_the_build() 
 def test_build_key_changes_with_what_makes_a_build_incompatible(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two environments (another interpreter, another compiler, other flags) get different build names, so they
     never overwrite each other's build in a shared cache; the same environment always gets the same name."""
-    from bnfold.recalibrate import native
+    from bnfold.recalibration import native
 
     flags = ["-O3"]
     base = native.build_key(flags)

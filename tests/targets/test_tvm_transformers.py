@@ -229,7 +229,7 @@ def test_sink_reshapes_moves_gelu_and_residual_into_the_matmul_side():
 
 
 def test_optimize_report_says_a_slower_tvm_artifact_in_its_first_line(tmp_path):
-    from bnfold.optimize import OptimizeResult
+    from bnfold.deploy import OptimizeResult
 
     result = OptimizeResult(tmp_path, None, None, None, warnings=[
         "tvm: the compiled artifact is 1.31x slower than PyTorch eager on this host at the example batch; deploy "

@@ -131,6 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading files that run code: pickled .pt/.pth models, a compiled TVM folder")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--html", metavar="FILE", help="also write the report as a self-contained HTML page")
+    p.add_argument("--force", action="store_true", help="replace FILE if it is an earlier bnfold report")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("export-onnx", help=SUMMARY["export-onnx"][1])
@@ -198,6 +200,13 @@ def _fit_one(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]
 
 
 def _check(args: argparse.Namespace) -> int:
+    from bnfold.io.outputs import OutputPlan
+
+    plan = OutputPlan([args.reference, args.candidate, args.data], force=args.force)
+    if args.html:
+        from bnfold.htmlreport import is_bnfold_html
+
+        plan.file(args.html, is_ours=is_bnfold_html)  # before any work
     own = bool(args.data or args.input_shape)
     ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle, own_example_inputs=own)
@@ -223,6 +232,10 @@ def _check(args: argparse.Namespace) -> int:
                      input_shapes=shapes, batch_independence=not args.no_batch_check,
                      localize=not args.no_localize)
     report.notes[:0] = notes
+    if args.html:
+        from bnfold.htmlreport import parity_page, write_page
+
+        write_page(args.html, parity_page(report, str(ref.path), str(cand.path)), protect=plan.protect)
     if args.json:
         record = {"reference": _describe(ref), "candidate": _describe(cand), "parity": report.to_dict()}
         print(json.dumps(json_safe(record), indent=2, allow_nan=False))

@@ -246,8 +246,8 @@ def fold(args: argparse.Namespace) -> int:
 
 def optimize(args: argparse.Namespace) -> int:
     """``bnfold optimize MODEL.onnx -o OUT_DIR``: fold, parity with ONNX Runtime, optional TVM build."""
+    from bnfold.deploy.ownership import owned_entries, write_ownership
     from bnfold.io.outputs import OutputPlan, staged_output
-    from bnfold.optimize import owned_entries, write_ownership
 
     if args.data:
         raise InputError("--data recalibrates BatchNorm statistics, which needs the torch model; an .onnx model is "
@@ -271,10 +271,16 @@ def optimize(args: argparse.Namespace) -> int:
                                                                    "stages": stages}), indent=2, default=str,
                                                         allow_nan=False) + "\n")
         (staging / "report.txt").write_text(text + "\n")
+        if not getattr(args, "no_html", False):
+            from bnfold.htmlreport import onnx_optimize_page
+
+            (staging / "report.html").write_text(onnx_optimize_page(args.model, report, stages.get("tvm"), passed),
+                                                 encoding="utf-8")
         write_ownership(staging)
     print(json.dumps({"passed": passed, "stages": stages}, indent=2, default=str) if args.json else text)
     if not args.json:
-        print(f"\nwrote {out}/ (folded.onnx, report.json, report.txt{', tvm/' if args.target != 'none' else ''})")
+        html = "" if getattr(args, "no_html", False) else ", report.html"
+        print(f"\nwrote {out}/ (folded.onnx, report.json, report.txt{html}{', tvm/' if args.target != 'none' else ''})")
     return 0 if passed else 1
 
 

@@ -1,8 +1,8 @@
 """``bnfold optimize MODEL --data CALIB -o OUT_DIR``: the one-command pre-deployment step.
 
 In: a ``.pt2`` model (and, optionally, unlabeled calibration data and validation data). Out: ``OUT_DIR`` with
-``folded.pt2``, ``model.onnx``, ``tvm/`` and ``report.json``/``report.txt``; exit code 0 when every stage keeps
-parity, 1 when one does not (the report says where the divergence starts), 2 on bad input.
+``folded.pt2``, ``model.onnx``, ``tvm/`` and ``report.json``/``report.txt``/``report.html``; exit code 0 when every
+stage keeps parity, 1 when one does not (the report says where the divergence starts), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import torch.fx
 from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_factory_args, check_cache_dir, check_target_options, load_batches
 from bnfold.cli.commands.quantize_cmd import add_int8_rule_args, int8_rule
+from bnfold.deploy import FoldStage, OptimizeConfig, RecalibrateStage, run
+from bnfold.deploy.ownership import owned_entries
 from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
-from bnfold.optimize import optimize, owned_entries
-from bnfold.quantize.stage import Int8Options
+from bnfold.quantization.stage import Int8Options
 from bnfold.report import json_safe
+from bnfold.targets.options import OnnxOptions, TvmOptions, parse_option
 
 __all__ = ["register"]
 
@@ -46,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the CPU build (0: apply the "
                    "cached tuning database only)")
     p.add_argument("--cache-dir", help="tuning database folder (shared across models)")
+    p.add_argument("--tvm-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="another TVM build option, e.g. layout=NHWC, mcpu=skylake-avx512, num_cores=4, prepack=false "
+                        "(repeatable; the names of bnfold.targets.options.TvmOptions)")
+    p.add_argument("--no-html", action="store_true", help="do not write report.html")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     p.add_argument("--int8", action="store_true", help="also write model_int8.onnx: equalized, bias-corrected and "
                    "quantized by ONNX Runtime on CALIB, judged by the int8 rule, timed beside fp32 (needs --data)")
@@ -71,11 +77,24 @@ def _optimize(args: argparse.Namespace) -> int:
         raise InputError("--int8 applies to a torch model (bnfold prepares the int8 model in the torch graph)",
                          hint="optimize the torch model the .onnx file was exported from")
     if onnx_cmd.is_onnx(args.model):
+        if args.tvm_option:
+            raise InputError("--tvm-option applies to the build of a torch model; an .onnx model's TVM build takes "
+                             "--target, --arch, --tune-trials and --cache-dir",
+                             hint="use `bnfold compile` for the other build options")
         return onnx_cmd.optimize(args)
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
     check_target_options(args.target, args.arch)
     check_cache_dir(args.cache_dir)
+    tvm_extra = dict(parse_option(TvmOptions, o, what="TVM") for o in args.tvm_option)
+    if tvm_extra and args.target == "none":
+        raise InputError("--tvm-option applies to a TVM build; --target none skips it")
+    if {"target", "arch", "tune_trials", "cache_dir"} & set(tvm_extra):
+        raise InputError("--tvm-option sets the build options that have no flag of their own",
+                         hint="use --target, --arch, --tune-trials, --cache-dir")
+    tvm = None if args.target == "none" else TvmOptions(target=args.target, arch=args.arch,
+                                                        tune_trials=args.tune_trials, cache_dir=args.cache_dir,
+                                                        progress=False, **tvm_extra)
     int8 = None
     if args.int8:
         if not args.data:
@@ -97,10 +116,10 @@ def _optimize(args: argparse.Namespace) -> int:
         check_batches(validation, input_specs(loaded.module, inputs), args.validate, names=args.key)
         if not isinstance(loaded.module, torch.fx.GraphModule):
             check_model_runs(loaded.module, validation[0], args.validate)
-    result = optimize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
-                      capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
-                      tvm_target=None if args.target == "none" else args.target, arch=args.arch,
-                      tune_trials=args.tune_trials, cache_dir=args.cache_dir, overwrite=args.force,
-                      protect=plan.protect, reparameterize=args.reparameterize is not False, int8=int8)
+    config = OptimizeConfig(recalibrate=RecalibrateStage(mode=args.mode),
+                            fold=FoldStage(capture=args.capture, reparameterize=args.reparameterize is not False),
+                            onnx=None if args.no_onnx else OnnxOptions(), tvm=tvm, int8=int8, overwrite=args.force,
+                            protect=tuple(plan.protect), html=not args.no_html)
+    result = run(loaded.module, inputs, args.output, config, calibration=calibration, validation=validation)
     print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False) if args.json else result)
     return 0 if result.passed else 1

@@ -17,13 +17,13 @@ import torch.fx
 
 from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_factory_args, load_batches
+from bnfold.deploy.ownership import owned_entries
 from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
-from bnfold.optimize import owned_entries
 from bnfold.parity.int8 import DEFAULT_MIN_SQNR_DB, DEFAULT_MIN_TOP1, Int8Rule
-from bnfold.quantize import Int8Options, quantize
+from bnfold.quantization import Int8Options, quantize
 from bnfold.report import json_safe
 
 __all__ = ["add_int8_rule_args", "int8_rule", "register"]

@@ -17,8 +17,8 @@ from bnfold.cli.commands import SUMMARY
 from bnfold.cli.commands.common import dynamic_shapes, load_batches
 from bnfold.errors import InputError
 from bnfold.io.outputs import OutputPlan
-from bnfold.recalibrate.core import recalibrate
-from bnfold.recalibrate.drift import DEFAULT_THRESHOLD, diagnose
+from bnfold.recalibration.core import recalibrate
+from bnfold.recalibration.drift import DEFAULT_THRESHOLD, diagnose
 from bnfold.targets import get_target
 from bnfold.targets.torch import is_bnfold_pt2
 
@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"drift score above which recalibration is advised (default {DEFAULT_THRESHOLD})")
     p.add_argument("--top", type=int, help="show only the TOP most drifted layers")
     p.add_argument("--check", action="store_true", help="exit with code 1 when recalibration is advised")
+    p.add_argument("--html", metavar="FILE", help="also write the drift chart as a self-contained HTML page")
+    p.add_argument("--force", action="store_true", help="replace FILE if it is an earlier bnfold report")
     p.set_defaults(func=_diagnose)
 
 
@@ -84,8 +86,17 @@ def _recalibrate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     if not math.isfinite(args.threshold) or args.threshold < 0:
         raise InputError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    plan = OutputPlan([args.model, args.data], force=args.force)
+    if args.html:
+        from bnfold.htmlreport import is_bnfold_html
+
+        plan.file(args.html, is_ours=is_bnfold_html)  # before any work
     loaded, batches = load_batches(args, args.data)
     report = diagnose(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
                       threshold=args.threshold, progress=False if args.no_progress else None)
+    if args.html:
+        from bnfold.htmlreport import drift_page, write_page
+
+        write_page(args.html, drift_page(report, str(args.model)), protect=plan.protect)
     print(report.to_json() if args.json else report.render(top=args.top))
     return 1 if args.check and report.should_recalibrate else 0

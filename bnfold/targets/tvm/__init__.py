@@ -13,6 +13,7 @@ This module imports TVM lazily: ``import bnfold`` works without it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, InputError
+from bnfold.targets.options import TvmOptions, target_options
 from bnfold.targets.tvm.threads import THREAD_ENV_DEFAULTS, configure_threads
 
 if TYPE_CHECKING:
@@ -202,10 +204,13 @@ def load_artifact(path: str | os.PathLike[str]) -> TvmArtifact:
 
 
 class TvmTarget:
-    """:class:`bnfold.targets.Target` for TVM; ``options`` are :func:`compile`'s keyword arguments."""
+    """:class:`bnfold.targets.Target` for TVM; ``options``: a :class:`~bnfold.targets.options.TvmOptions` (or a
+    mapping of its fields), :func:`compile`'s keyword arguments."""
 
     name = "tvm"
+    options_type = TvmOptions
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor],
-              options: Mapping[str, Any] | None = None) -> TvmArtifact:
-        return compile(gm, example_inputs, **dict(options or {}))
+              options: TvmOptions | Mapping[str, Any] | None = None) -> TvmArtifact:
+        opts = target_options(TvmOptions, options, what="tvm target")
+        return compile(gm, example_inputs, **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})

@@ -1,4 +1,4 @@
-"""``python -m bnfold.recalibrate.native``: build (or find) the native statistics kernel now, as the README's install
+"""``python -m bnfold.recalibration.native``: build (or find) the native statistics kernel now, as the README's install
 commands do, so that no user call pays the build. Exit 0 when the kernel is ready, 1 when it cannot be built
 here (bnfold then uses the torch fallback: same statistics, slower)."""
 
@@ -11,7 +11,7 @@ import time
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from bnfold.recalibrate.native import native_ops
+    from bnfold.recalibration.native import native_ops
 
     start = time.perf_counter()
     ok = native_ops() is not None

@@ -30,8 +30,8 @@ from torch import nn
 
 from bnfold.batches import Batches, positional_arity
 from bnfold.errors import InputError
-from bnfold.recalibrate.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
-from bnfold.recalibrate.stats import all_reduce_layers, find_layers
+from bnfold.recalibration.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
+from bnfold.recalibration.stats import all_reduce_layers, find_layers
 
 __all__ = ["DEFAULT_THRESHOLD", "DriftReport", "LayerDrift", "diagnose", "drift_metrics"]
 

@@ -1,6 +1,6 @@
 """What every BatchNorm layer sees: per-channel count, Σ(x − K) and Σ(x − K)², added up in float64.
 
-The statistics behind :func:`bnfold.recalibrate` and :func:`bnfold.diagnose` (:mod:`bnfold.recalibrate.probe`
+The statistics behind :func:`bnfold.recalibrate` and :func:`bnfold.diagnose` (:mod:`bnfold.recalibration.probe`
 routes each layer's inputs here).
 
 **Which layers.** A GraphModule's layers come from :func:`bnfold.ir.batchnorm.find_batchnorm_sites` (module,
@@ -23,8 +23,8 @@ layer saw, count-weighted. Under ``torch.distributed``, every rank's sums are mo
 layers makes every rank equal to one process over the union of the data.
 
 **Precision.** Every value is converted to float64 before it is shifted, squared and added (one read of each
-activation, :func:`bnfold.recalibrate.native.channel_sums`): the sums carry float64 rounding (~1e-16 per addition), and
-cancellation in ``Q − S²/n`` multiplies it by ``1 + (mean − K)²/var``. ``K`` starts as the layer's running mean
+activation, :func:`bnfold.recalibration.native.channel_sums`): the sums carry float64 rounding (~1e-16 per addition),
+and cancellation in ``Q − S²/n`` multiplies it by ``1 + (mean − K)²/var``. ``K`` starts as the layer's running mean
 (non-finite values → 0); on a layer's first batch, channels with ``(mean − K)² > _FAR · var`` (stored statistics
 that do not describe the data at all) take that batch's mean as ``K`` and are summed again, so the factor stays
 below ``1 + _FAR`` (~1e-12 relative error). Ranks' shifts then differ by sampling noise only, and rebasing to
@@ -46,7 +46,7 @@ from torch import nn
 
 from bnfold.errors import InputError
 from bnfold.ir.batchnorm import BatchNormSite, find_batchnorm_sites
-from bnfold.recalibrate.native import batch_norm_measured, channel_moments_
+from bnfold.recalibration.native import batch_norm_measured, channel_moments_
 
 __all__ = [
     "BatchNormLayer",
@@ -150,7 +150,7 @@ class BatchNormLayer:
         return max(self.calls_per_forward, default=0)
 
     def measure(self, x: torch.Tensor, *, record: bool = True, normalize: bool = False) -> int:
-        """Sum one input ``x`` (one read, :func:`bnfold.recalibrate.native.channel_moments_`): into the layer's
+        """Sum one input ``x`` (one read, :func:`bnfold.recalibration.native.channel_moments_`): into the layer's
         moments if ``record``; with ``normalize``, also write the batch's mean and biased variance (what training-mode
         BatchNorm normalizes with) into the running buffers, when it has ≥ 2 values per channel. Returns the
         number of values per channel (0 for an empty input)."""
@@ -166,7 +166,7 @@ class BatchNormLayer:
     def normalize(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
                   record: bool = True) -> torch.Tensor:
         """Training-mode BatchNorm of ``x`` (batch mean, biased variance, the layer's eps) that measures it in the
-        same pass over memory (:func:`bnfold.recalibrate.native.batch_norm_measured`); the sums go into the layer's
+        same pass over memory (:func:`bnfold.recalibration.native.batch_norm_measured`); the sums go into the layer's
         moments if ``record``. ``x`` must hold ≥ 2 values per channel."""
         n = self._values_per_channel(x)
         return self._sum(x, n, record,

@@ -3,8 +3,8 @@
 The probe is the one mechanism behind :func:`bnfold.recalibrate` and :func:`bnfold.diagnose`. Before each
 BatchNorm call it
 
-1. measures the input (:meth:`bnfold.recalibrate.stats.BatchNormLayer.measure`), if the :class:`Pass` records the layer,
-   and
+1. measures the input (:meth:`bnfold.recalibration.stats.BatchNormLayer.measure`), if the :class:`Pass` records
+   the layer, and
 2. writes into the layer's ``running_mean`` / ``running_var`` the statistics the layer is to normalize with
    (:data:`Use`): ``"batch"`` — this batch's mean and biased variance, as training-mode BatchNorm normalizes;
    ``"new"`` — its freshly measured statistics; ``"stored"`` — its statistics as they were;
@@ -16,8 +16,8 @@ Where the probe sits:
 * a stock BatchNorm module (``BatchNorm1d/2d/3d``, whose ``forward`` is torch's own; plain modules and
   ``call_module`` sites of graphs alike): its ``forward`` is replaced for the run by :meth:`_Recorder.forward`.
   With batch statistics that is one native call that normalizes and measures in the same pass over memory
-  (:meth:`bnfold.recalibrate.stats.BatchNormLayer.normalize`) — the probe and the BatchNorm fused; otherwise the probe,
-  then torch's forward;
+  (:meth:`bnfold.recalibration.stats.BatchNormLayer.normalize`) — the probe and the BatchNorm fused; otherwise the
+  probe, then torch's forward;
 * any other ``_BatchNorm`` module of a plain ``nn.Module`` (a subclass with its own ``forward``,
   ``SyncBatchNorm``): a forward pre-hook;
 * functional / aten BatchNorm in a GraphModule (symbolic or ``torch.export``), in a *copy* of the graph (sharing
@@ -47,8 +47,8 @@ from torch import nn
 
 from bnfold.errors import InputError
 from bnfold.ir.graph import normalized_kwargs
-from bnfold.recalibrate import native
-from bnfold.recalibrate.stats import BatchNormLayer, restore_stats, world
+from bnfold.recalibration import native
+from bnfold.recalibration.stats import BatchNormLayer, restore_stats, world
 
 __all__ = [
     "Call",

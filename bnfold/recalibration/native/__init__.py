@@ -11,10 +11,10 @@ blocking and threading). Torch has no CPU kernel for this: its sums accumulate i
 
 They are built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 5–20 s once) into torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), at install time by the README's commands
-(``python -m bnfold.recalibrate.native``) or else on first use. The build's name carries a hash of everything
-that makes a build incompatible or makes ninja redo it (:func:`build_key`): the source and where it lies
-(ninja's command line names the file: two checkouts would otherwise rebuild for each other), the torch build
-(version, git revision, CUDA version, install folder — its headers are on the command line), the Python interpreter, the
+(``python -m bnfold.recalibration.native``) or else on first use. The build's name carries a hash of everything
+that makes a build incompatible or makes ninja redo it (:func:`build_key`): the source and its path (two checkouts
+of bnfold, e.g. git worktrees, each get their own), the torch build (version, git
+revision, CUDA version, install folder — its headers are on the command line), the Python interpreter, the
 compiler (``$CXX`` and its ``--version``), the flags and the CPU instruction set; so two environments sharing one
 cache each find their own build and never rebuild for each other, and a second process reuses the first's.
 The functions here fall back to the same sums in torch (float64 copy of ``x``, ~3×
@@ -97,8 +97,8 @@ def build_key(flags: list[str]) -> str:
     """A hash of everything a build depends on (module docstring): two builds with the same key are
     interchangeable, and anything that would make ninja rebuild changes the key instead."""
     parts = [
-        _SOURCE.read_bytes().hex(), str(_SOURCE.resolve()), torch.__version__, str(torch.version.git_version),
-        str(torch.version.cuda),
+        _SOURCE.read_bytes().hex(), str(_SOURCE.resolve()),  # ninja rebuilds when the source path changes
+        torch.__version__, str(torch.version.git_version), str(torch.version.cuda),
         str(Path(torch.__file__).resolve().parent), sys.version, str(Path(sys.executable).resolve()),
         str(Path(sys.prefix).resolve()), _compiler_identity(), " ".join(flags),
         *(f"{k}={os.environ.get(k, '')}" for k in ("CFLAGS", "CXXFLAGS", "LDFLAGS", "CPPFLAGS")),

@@ -3,7 +3,8 @@
 ::
 
     model ─► fold (exact, float64 parity) ─► model_fp32.onnx (onnxsim, ORT)
-          └► int8 stage (bnfold.quantize.stage): equalize ✓ → absorb → correct → ORT quantize_static → model_int8.onnx
+          └► int8 stage (bnfold.quantization.stage): equalize ✓ → absorb → correct → ORT quantize_static
+             → model_int8.onnx
              int8 parity vs the float model (SQNR, top-1 agreement) on the validation batches
           ─► ORT latency, fp32 and int8 side by side; report.json / report.txt
 
@@ -27,11 +28,11 @@ from torch import nn
 
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
+from bnfold.deploy.ownership import owned_entries, write_ownership
 from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
-from bnfold.optimize import OWNERSHIP, owned_entries
 from bnfold.parity.inputs import Batch
-from bnfold.quantize.stage import INT8_FILE, Int8Options, Int8Result, int8_stage
+from bnfold.quantization.stage import INT8_FILE, Int8Options, Int8Result, int8_stage
 from bnfold.report import FoldReport, format_table, json_safe
 from bnfold.speed import measure_latency
 
@@ -105,12 +106,6 @@ def _batches(items: Iterable[Any]) -> list[Batch]:
     return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in items]
 
 
-def _write_manifest(staging: Path) -> None:
-    entries = sorted(str(p.relative_to(staging)) for p in staging.rglob("*"))
-    (staging / OWNERSHIP).write_text(json.dumps({"writer": "bnfold", "command": "quantize", "entries": entries},
-                                                indent=1) + "\n")
-
-
 def quantize(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -129,7 +124,7 @@ def quantize(
     the float model on ``validation`` batches (default: the first 8 calibration batches), write ``model_fp32.onnx``,
     ``model_int8.onnx``, ``report.json`` and ``report.txt`` into ``out_dir``.
 
-    ``options``: :class:`~bnfold.quantize.stage.Int8Options` — per-channel (default) or per-tensor weights,
+    ``options``: :class:`~bnfold.quantization.stage.Int8Options` — per-channel (default) or per-tensor weights,
     cross-layer equalization, bias absorption, bias correction (``"auto"``: from the calibration data; ``"bn"``:
     data-free, from the BatchNorm statistics that preceded the fold; ``"none"``), the int8 parity rule. The caller's
     model is never modified."""
@@ -147,7 +142,7 @@ def quantize(
         (staging / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str, allow_nan=False))
         result.artifacts["report"] = "report.json"
         (staging / "report.txt").write_text(result.render(explain=True) + "\n")
-        _write_manifest(staging)
+        write_ownership(staging, "quantize")
     return result
 
 

@@ -30,8 +30,8 @@ from bnfold.errors import BnfoldError, InternalError, OutputError
 from bnfold.ir.quant_math import fake_quantize_weight
 from bnfold.parity.inputs import Batch
 from bnfold.parity.int8 import Int8Rule, Int8Verdict, compare_int8
-from bnfold.quantize.ort import dequantized_weights, float_initializers, quantize_onnx
-from bnfold.quantize.prepare import BiasMode, PrepareReport, prepare
+from bnfold.quantization.ort import dequantized_weights, float_initializers, quantize_onnx
+from bnfold.quantization.prepare import BiasMode, PrepareReport, prepare
 from bnfold.report import format_table, json_safe
 
 __all__ = ["INT8_FILE", "Int8Options", "Int8Result", "check_weights", "fit_batches", "int8_stage"]

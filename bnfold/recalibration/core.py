@@ -5,14 +5,15 @@ Each layer's new statistics are the population mean and unbiased variance of eve
     mean_c = K_c + S_c / n,    var_c = (Q_c − S_c² / n) / (n − 1),
 
 from sums ``n, S_c = Σ(x − K_c), Q_c = Σ(x − K_c)²`` over all batches (of any size) and all ranks, ``K_c`` the
-layer's old running mean (:mod:`bnfold.recalibrate.stats`: every value summed in float64, by one read of each activation
-in :mod:`bnfold.recalibrate.native`). Not an average of per-batch
+layer's old running mean (:mod:`bnfold.recalibration.stats`: every value summed in float64, by one read of each
+activation in :mod:`bnfold.recalibration.native`). Not an average of per-batch
 statistics (equal weights for unequal batches), not an exponential moving average, not the per-batch variances
 averaged (which drops the between-batch spread).
 
 Only the BatchNorm layers see the data "in training semantics"; every other module stays in eval mode, so
-dropout and other train-only behaviour are off (:mod:`bnfold.recalibrate.probe`: a probe before each BatchNorm measures
-its input and sets the statistics it normalizes with). Two modes say what a layer normalizes with while the data flows:
+dropout and other train-only behaviour are off (:mod:`bnfold.recalibration.probe`: a probe before each BatchNorm
+measures its input and sets the statistics it normalizes with). Two modes say what a layer normalizes with while the
+data flows:
 
 ``"batch"`` (default, one pass over the data)
     every layer normalizes with the statistics of the current batch, as during training — the standard
@@ -41,9 +42,9 @@ from torch import nn
 
 from bnfold.batches import Batches, positional_arity
 from bnfold.errors import InputError
-from bnfold.recalibrate.drift import drift_metrics
-from bnfold.recalibrate.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
-from bnfold.recalibrate.stats import (
+from bnfold.recalibration.drift import drift_metrics
+from bnfold.recalibration.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
+from bnfold.recalibration.stats import (
     BatchNormLayer,
     agree_on_order,
     all_reduce_layers,
