@@ -25,7 +25,8 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.capture.tracer import BnfoldTracer, SymbolicTrace, symbolic_trace
 from bnfold.errors import CaptureError
-from bnfold.ir.graph import propagate_shapes, shapes_from_vals
+from bnfold.ir.graph import shapes_from_vals
+from bnfold.ir.shapes import propagate_shapes
 
 __all__ = ["BnfoldTracer", "CaptureMode", "Captured", "SymbolicTrace", "capture", "symbolic_trace"]
 

@@ -11,12 +11,12 @@ import contextvars
 import io
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, List  # noqa: UP035 (List[int] is how torch schemas spell a list of ints)
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
 __all__ = [
     "add_constant",
@@ -27,7 +27,6 @@ __all__ = [
     "node_dtype",
     "node_shape",
     "normalized_kwargs",
-    "propagate_shapes",
     "shapes_from_vals",
     "unique_attr_name",
 ]
@@ -152,26 +151,6 @@ def shapes_from_vals(gm: torch.fx.GraphModule, *, complete: bool = True) -> bool
     for node, meta in metas.items():
         node.meta["tensor_meta"] = meta
     return True
-
-
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record shape/dtype of every node in ``node.meta['tensor_meta']`` by running ``gm`` once.
-
-    Uses fake tensors (no real compute) when possible and falls back to a real run.
-    """
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
-        shapes_from_vals(gm, complete=False)
-        return
-    except Exception as exc:  # fake propagation is an optimisation only
-        log.debug("fake shape propagation failed (%s); running the graph for real", exc)
-    with torch.no_grad(), quiet_fx():
-        ShapeProp(gm).propagate(*example_inputs)
 
 
 @contextlib.contextmanager
