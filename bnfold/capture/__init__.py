@@ -12,7 +12,6 @@ a guided one that had to decide on the example shapes is refused with dynamic sh
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 
 from bnfold import dynamic
 from bnfold.capture.tracer import BnfoldTracer, SymbolicTrace, symbolic_trace
+from bnfold.copying import copy_module
 from bnfold.errors import CaptureError
 from bnfold.ir.graph import shapes_from_vals
 from bnfold.ir.shapes import propagate_shapes
@@ -77,7 +77,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if copy_model:
-        model = copy.deepcopy(model)
+        model = copy_module(model)
     errors: list[str] = []
     order: list[Literal["symbolic", "export"]] = ["symbolic", "export"] if mode == "auto" else [mode]
     for m in order:
