@@ -16,7 +16,7 @@ from bnfold import dynamic
 from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
 from bnfold.errors import CaptureError, InputError
-from bnfold.ir.graph import module_path
+from bnfold.ir.graph import compiled, module_path
 from bnfold.ir.ops import materialize_affines
 from bnfold.parity import compare
 from bnfold.passes import (
@@ -188,7 +188,7 @@ def fold_captured(
         pipeline.instruments.append(Until(until))
     run = pipeline.run(gm, ctx)
     materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain
-    gm.recompile()
+    gm = compiled(gm)
     report = build_report(captured.mode, run, gm)
     report.dynamic_shapes = dynamic.describe(captured.dynamic_shapes)
     return FoldResult(gm, report, captured.dynamic_shapes)

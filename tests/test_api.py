@@ -125,6 +125,21 @@ def test_second_fold_changes_nothing(capture_mode: str) -> None:
     assert not again.report.modified, again.report.changes
 
 
+def test_folded_module_is_a_plain_compiled_graph_module() -> None:
+    """Symbolic capture generates no code for the graph as traced (nothing runs it: issue 25); the folded module is
+    a plain GraphModule, named after the model, whose code is that of its folded graph."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    x = torch.randn(2, 3, 8, 8)
+    gm = bnfold.fold(model, x, capture="symbolic", check=False).module
+    assert isinstance(gm, torch.fx.GraphModule) and not isinstance(gm, _LazyGraphModule)
+    assert type(gm).__name__ == "Sequential"
+    assert gm.code == gm.graph.python_code("self").src and "batch_norm" not in gm.code
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
     """``import bnfold`` imports neither torch, ONNX nor TVM (the CLI starts fast); the API is imported on first
     use, and a submodule imported first (``bnfold.recalibrate``, ``bnfold.optimize``) never hides the function of

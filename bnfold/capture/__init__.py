@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.fx
 from torch import nn
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from bnfold import dynamic
 from bnfold.capture.tracer import BnfoldTracer, SymbolicTrace, symbolic_trace
@@ -84,7 +85,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         try:
             decisions: tuple[str, ...] = ()
             if m == "symbolic":
-                traced = symbolic_trace(model, inputs, specialize=dynamic_shapes is None)
+                with _use_lazy_graph_module(True):  # its code is generated once, after the fold
+                    traced = symbolic_trace(model, inputs, specialize=dynamic_shapes is None)
                 gm, decisions = traced.module, traced.decisions
             else:
                 gm = _export(model, inputs, dynamic_shapes)

@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 __all__ = [
     "add_constant",
     "cached_lookups",
+    "compiled",
     "fetch_attr",
     "get_constant",
     "module_path",
@@ -67,6 +68,18 @@ def _walk(obj: Any, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def compiled(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with the Python code of its current graph generated: ``gm`` itself, recompiled, or — for a module
+    created lazily (``torch.fx``'s ``_LazyGraphModule``: symbolic capture skips generating code for the graph as
+    traced, which nothing runs) — a plain ``GraphModule`` of the same graph and state."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    if isinstance(gm, _LazyGraphModule):
+        return torch.fx.GraphModule(gm, gm.graph, type(gm).__name__.removesuffix("Impl") or "GraphModule")
+    gm.recompile()
+    return gm
 
 
 def get_constant(gm: torch.fx.GraphModule, arg: Any) -> torch.Tensor | None:
