@@ -80,6 +80,19 @@ class PassContext:
             per[key] = compute()
         return per[key]
 
+    def remember(self, node: torch.fx.Node, key: str, value: Any) -> None:
+        """Store an analysis of ``node`` computed ahead (for a batch of nodes at once), as :meth:`memo` would."""
+        per = self._memo.get(node)
+        if per is None:
+            per = self._memo[node] = {}
+        per[key] = value
+
+    def recall(self, node: torch.fx.Node, key: str) -> Any:
+        """What :meth:`remember` or :meth:`memo` stored for ``node``, unless an edit has touched it since; else
+        None."""
+        per = self._memo.get(node)
+        return None if per is None else per.get(key)
+
     def affine(self, node: torch.fx.Node) -> AffineView | None:
         """:func:`~bnfold.ir.affine_view.affine_view` of ``node``, remembered (see :meth:`memo`)."""
         return self.memo(node, "affine", lambda: affine_view(self.gm, node))
