@@ -74,13 +74,14 @@ def fold(
     the graph before and after every pass that changed it; ``check`` runs parity (original vs folded, and both
     vs a float64 copy of the original) on ``example_inputs``.
 
-    ``capture="auto"`` folds with *both* captures and keeps the one that folds more candidates (then: leaves
-    fewer; a tie goes to symbolic tracing, which keeps the user's module structure), so it never folds fewer than
-    the better of the two; the report says which capture won and why (``report.capture_choice``). Its cost is
-    both folds, i.e. about the time of a symbolic fold plus an export fold (export dominates): measured on timm
-    models at 64 px on a busy 2-core host, 0.9–5.4 s, 1.5–5x a symbolic-only fold and 1.0–1.1x an export-only
-    one (table in docs/architecture.md, "Capture"). An ExportedProgram (or its ``.module()``,
-    e.g. a loaded ``.pt2``) is already an export graph: it is re-exported only.
+    ``capture="auto"`` folds with symbolic capture, and then with export too unless symbolic capture left nothing
+    to gain (every candidate folded, or none found, and no normalization hidden inside a module symbolic tracing
+    keeps whole); of two folds it keeps the one that folds more candidates (then: leaves fewer; a tie goes to
+    symbolic tracing, which keeps the user's module structure), so it never folds fewer than the better of the
+    two. The report says which captures ran and why this one was kept (``report.capture_choice``,
+    ``report.capture_alternatives``). When both run, the cost is a symbolic fold plus an export fold (export
+    dominates). An ExportedProgram (or its ``.module()``, e.g. a loaded ``.pt2``) is already an export graph: it
+    is re-exported only.
 
     ``dynamic_shapes``: the dynamic dimensions, in ``torch.export``'s format (e.g. ``({0: Dim("batch")},)``);
     the export capture uses them, and :attr:`FoldResult.dynamic_shapes` carries them to whoever exports the
@@ -121,9 +122,11 @@ def _score(report: FoldReport) -> tuple[int, int]:
 
 def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: object, until: str | None,
                dump_ir: IO[str] | None, instruments: Sequence[Instrument], reparameterize: bool) -> FoldResult:
-    """Fold with both captures; keep the better fold (see :func:`fold`)."""
+    """Fold with symbolic capture; then with export too, unless symbolic capture left nothing to gain
+    (:func:`_nothing_to_gain`); keep the better fold (see :func:`fold`)."""
     results: dict[str, tuple[FoldResult, float]] = {}
     errors: dict[str, str] = {}
+    complete: str | None = None
     for mode in ("symbolic", "export"):
         start = time.perf_counter()
         try:
@@ -136,6 +139,10 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
         folded = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
                                reparameterize=reparameterize)
         results[mode] = (folded, time.perf_counter() - start)
+        if mode == "symbolic" and until is None:
+            complete = _nothing_to_gain(folded)
+            if complete is not None:
+                break
     if not results:
         raise CaptureError(f"could not capture {type(model).__name__} as a graph "
                            f"({'; '.join(f'{m}: {e}' for m, e in errors.items())})",
@@ -151,7 +158,9 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     for mode, message in errors.items():
         alternatives[mode] = {"error": message}
     rep.capture_alternatives = alternatives
-    if other in errors:
+    if complete is not None:
+        rep.capture_choice = f"{complete}: nothing left for export to gain, so it was not run"
+    elif other in errors:
         rep.capture_choice = f"{other} capture failed"
     else:
         mine, theirs = results[best][0].report, results[other][0].report
@@ -163,6 +172,31 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
         else:
             rep.capture_choice = f"it leaves {len(mine.skipped)}, {other} leaves {len(theirs.skipped)}"
     return chosen
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+          nn.RMSNorm)
+
+
+def _nothing_to_gain(result: FoldResult) -> str | None:
+    """Why export capture cannot fold more than this symbolic fold, or None when it might.
+
+    Export sees the same model through the same example inputs, so it can fold more only where symbolic capture
+    left a candidate or did not see one: every candidate folded, or none found — and no normalization hidden in
+    a module symbolic tracing keeps whole (``nn.TransformerEncoderLayer``'s LayerNorms, which export traces
+    into) — leaves it nothing. ``tests/zoo_timm.py``'s models fold the same set in both captures."""
+    report = result.report
+    if report.skipped:
+        return None
+    gm = result.module
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            if any(isinstance(sub, _NORMS) or "Norm" in type(sub).__name__ for sub in m.modules() if sub is not m):
+                return None
+    if report.folded:
+        return f"symbolic capture folds every candidate ({len(report.folded)})"
+    return "symbolic capture finds no normalization to fold"
 
 
 def fold_captured(

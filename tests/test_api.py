@@ -181,11 +181,52 @@ def test_auto_folds_as_many_as_the_better_capture() -> None:
 
 
 def test_auto_prefers_symbolic_on_a_tie() -> None:
-    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8),
+                                       nn.ReLU()).eval())  # the second BN is left, so export runs too
     report = bnfold.fold(model, torch.randn(2, 3, 16, 16)).report
-    assert report.capture == "symbolic" and len(report.folded) == 1
+    assert report.capture == "symbolic" and len(report.folded) == 1 and len(report.skipped) == 1
     assert report.capture_choice is not None and "symbolic keeps the model's modules" in report.capture_choice
     assert report.to_dict()["capture_alternatives"]["export"]["folded"] == 1
+
+
+def test_auto_stops_when_symbolic_leaves_nothing_to_gain() -> None:
+    """Every candidate folded (or none at all): export cannot fold more, so it does not run (issue 25); the
+    report says so."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    x = torch.randn(2, 3, 16, 16)
+    report = bnfold.fold(model, x).report
+    assert report.capture == "symbolic" and len(report.folded) == 1
+    assert report.capture_choice == "symbolic capture folds every candidate (1): nothing left for export to gain, " \
+                                    "so it was not run"
+    assert list(report.capture_alternatives or {}) == ["symbolic"]
+    report = bnfold.fold(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), x).report
+    assert report.capture_choice is not None and report.capture_choice.startswith(
+        "symbolic capture finds no normalization to fold")
+
+
+class _Encoder(nn.Module):
+    """A pre-LN transformer layer: ``nn.TransformerEncoderLayer`` is a leaf of symbolic tracing (a torch.nn
+    module), so its LayerNorms are candidates of the export capture only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(16, 4)
+        for ln in (self.enc.norm1, self.enc.norm2):
+            nn.init.normal_(ln.weight)
+            nn.init.normal_(ln.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+def test_auto_runs_export_for_norms_hidden_in_a_whole_module() -> None:
+    model, x = _Encoder().eval(), torch.randn(2, 5, 16)
+    assert bnfold.fold(model, x, capture="symbolic").report.folded == []
+    result = bnfold.fold(model, x)
+    assert result.report.capture == "export" and len(result.report.folded) == 2
+    assert result.report.capture_choice == "it folds 2, symbolic folds 0"
+    _assert_exact(model, result.module, x)
 
 
 class _QKV(nn.Module):
