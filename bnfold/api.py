@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
+from bnfold.copying import copy_module
 from bnfold.errors import CaptureError, InputError
 from bnfold.ir.graph import compiled, module_path
 from bnfold.ir.ops import materialize_affines
@@ -96,24 +96,39 @@ def fold(
     BatchNorms, with a reason naming this option). :func:`bnfold.optimize`, which produces deployment artifacts,
     turns it on by default.
     """
+    start = time.perf_counter()
     inputs = _as_inputs(example_inputs)
     check_until(until)  # before the capture: a typo costs nothing
     if capture == "auto" and not dynamic.is_exported(model):
         result = _fold_auto(model, inputs, dynamic_shapes, until, dump_ir, instruments, reparameterize)
     else:
         captured = _capture(model, inputs, capture, dynamic_shapes=dynamic_shapes)
+        captured_at = time.perf_counter()
         result = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
                                reparameterize=reparameterize)
+        result.report.timings["capture"] = captured_at - start
         if capture == "auto":
             result.report.capture_choice = "the model is an exported program: re-exported (module paths and " \
                                            "dynamic dims kept)"
     if check:
-        try:
-            parity = compare(_reference(model), result.module, inputs)
-        except InputError as err:  # the original ran on these inputs when it was captured: this is ours
-            raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
-        result.report.parity = parity.summary()
+        checked_from = time.perf_counter()
+        result.report.parity = _check(model, result.module, inputs)
+        result.report.timings["check"] = time.perf_counter() - checked_from
+    result.report.timings["total"] = time.perf_counter() - start
     return result
+
+
+def _check(model: nn.Module, folded: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, object]:
+    """The parity summary of ``folded`` against ``model`` on the example inputs: one forward of a copy of the
+    model in float32, one of the folded module, one of a float64 copy (:func:`bnfold.compare`). No batch
+    independence check: the folded module depends on the rest of its batch only where the model itself does (a
+    BatchNorm in training mode is left as it is), which the comparison with the model's outputs shows; it would
+    cost two more forwards."""
+    try:
+        parity = compare(_reference(model), folded, inputs, batch_independence=False)
+    except InputError as err:  # the original ran on these inputs when it was captured: this is ours
+        raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
+    return parity.summary()
 
 
 def _score(report: FoldReport) -> tuple[int, int]:
@@ -134,10 +149,12 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
         except CaptureError as err:
             errors[mode] = err.message
             continue
+        captured_at = time.perf_counter()
         if dump_ir is not None:
             dump_ir.write(f"### capture: {mode}\n")
         folded = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
                                reparameterize=reparameterize)
+        folded.report.timings["capture"] = captured_at - start
         results[mode] = (folded, time.perf_counter() - start)
         if mode == "symbolic" and until is None:
             complete = _nothing_to_gain(folded)
@@ -211,6 +228,7 @@ def fold_captured(
 
     Shapes recorded at capture stay valid: every rewrite updates ``node.meta`` locally.
     """
+    start = time.perf_counter()
     gm = captured.module
     extra = list(instruments)
     if dump_ir is not None:
@@ -225,6 +243,7 @@ def fold_captured(
     gm = compiled(gm)
     report = build_report(captured.mode, run, gm)
     report.dynamic_shapes = dynamic.describe(captured.dynamic_shapes)
+    report.timings["fold"] = time.perf_counter() - start
     return FoldResult(gm, report, captured.dynamic_shapes)
 
 
@@ -242,9 +261,11 @@ def inspect(
 
 
 def _reference(model: nn.Module) -> nn.Module:
+    """What the check runs as the original: a copy (a forward may change a module's state; the caller's model is
+    never run), or an exported program's module."""
     if isinstance(model, torch.export.ExportedProgram):
         return model.module()
-    return copy.deepcopy(model)
+    return copy_module(model)
 
 
 def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None = None) -> FoldReport:

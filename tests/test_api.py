@@ -140,6 +140,19 @@ def test_folded_module_is_a_plain_compiled_graph_module() -> None:
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_report_times_the_parity_check_apart() -> None:
+    """The default check is timed on its own (issue 25): one float32 forward of a copy of the model, one of the
+    folded module and one of a float64 copy — no batch-independence forwards."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    x = torch.randn(2, 3, 8, 8)
+    report = bnfold.fold(model, x, capture="symbolic").report
+    assert set(report.timings) == {"capture", "fold", "check", "total"}
+    assert report.timings["total"] >= report.timings["capture"] + report.timings["fold"] + report.timings["check"]
+    assert report.parity is not None and report.parity["passed"] and "batch_independent" not in report.parity
+    assert "parity check" in report.render() and report.to_dict()["timings"] == report.timings
+    assert "check" not in bnfold.fold(model, x, capture="symbolic", check=False).report.timings
+
+
 def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
     """``import bnfold`` imports neither torch, ONNX nor TVM (the CLI starts fast); the API is imported on first
     use, and a submodule imported first (``bnfold.recalibrate``, ``bnfold.optimize``) never hides the function of
