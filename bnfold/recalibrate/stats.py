@@ -46,7 +46,7 @@ from torch import nn
 
 from bnfold.errors import InputError
 from bnfold.ir.batchnorm import BatchNormSite, find_batchnorm_sites
-from bnfold.recalibrate.native import batch_norm_measured, channel_moments_
+from bnfold.recalibrate.native import batch_norm_measured, channel_moments_, native_ops
 
 __all__ = [
     "BatchNormLayer",
@@ -128,6 +128,7 @@ class BatchNormLayer:
     calls_per_forward: set[int] = field(default_factory=set)
     holding: str = "stored"  # what running_mean/running_var hold while data flows (see hold())
     settled: bool = False  # the shift was checked against a first batch
+    _float64: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.stored_mean = self.running_mean.detach().clone()
@@ -169,8 +170,23 @@ class BatchNormLayer:
         same pass over memory (:func:`bnfold.recalibrate.native.batch_norm_measured`); the sums go into the layer's
         moments if ``record``. ``x`` must hold ≥ 2 values per channel."""
         n = self._values_per_channel(x)
+        if x.device.type == "cpu" and native_ops() is not None:
+            weight, bias = self._as_float64(weight), self._as_float64(bias)
         return self._sum(x, n, record,
                          lambda total: batch_norm_measured(x, weight, bias, self.shift, total, self.eps))
+
+    def _as_float64(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` (an affine parameter) as a contiguous float64 tensor, converted once while it is unchanged (same
+        object, same version): the native kernel works in float64 and would convert it on every call (the same
+        values: the conversion is exact)."""
+        if t is None or (t.dtype == torch.float64 and t.is_contiguous()):
+            return t
+        hit = self._float64.get(id(t))
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        converted = t.detach().to(torch.float64).contiguous()
+        self._float64[id(t)] = (t, t._version, converted)
+        return converted
 
     def _values_per_channel(self, x: torch.Tensor) -> int:
         if x.dim() < 2 or x.shape[1] != self.channels:
