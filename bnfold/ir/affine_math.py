@@ -132,30 +132,30 @@ def fold_into_consumer(
     *,
     kind: OpKind,
     groups: int = 1,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``op(A(x)) = op'(x)``: scale the consumer's input channels by ``a``; fold shift ``b`` into its bias.
 
     ``b=None`` folds only the scale (the caller keeps the shift). Returns ``(W', bias')``; ``bias'`` is
-    ``None`` only when both ``bias`` and ``b`` are.
+    ``None`` only when both ``bias`` and ``b`` are. ``W'`` is float64 unless ``out_dtype`` asks for it rounded once
+    into that dtype (block by block, as :func:`fold_into_producer`); the bias is float64.
     """
-    w = weight.detach().to(f64)
     new_bias = None if bias is None else bias.detach().to(f64)
     if kind == "linear":
-        w_scaled = w * a.reshape(1, -1)
         if b is not None:
-            shift = w @ b
+            shift = weight.detach().to(f64) @ b
             new_bias = shift if new_bias is None else new_bias + shift
-        return w_scaled, new_bias
+        return _scaled(weight, a.reshape(1, -1), out_dtype), new_bias
     if kind == "conv_transpose":
         if b is not None:
             raise ValueError("a conv-transpose consumer cannot absorb a shift exactly")
-        return w * a.reshape(-1, *([1] * (w.dim() - 1))), new_bias
-    out_ch, in_g = w.shape[0], w.shape[1]
+        return _scaled(weight, a.reshape(-1, *([1] * (weight.dim() - 1))), out_dtype), new_bias
+    out_ch, in_g = weight.shape[0], weight.shape[1]
     group_of_output = torch.arange(out_ch) // (out_ch // groups)
     table = a.reshape(groups, in_g)[group_of_output]  # (out, in/groups)
-    w_scaled = w * _per_weight_scale(w, table)
     if b is not None:
+        w = weight.detach().to(f64)
         b_table = b.reshape(groups, in_g)[group_of_output]
         shift = (w * _per_weight_scale(w, b_table)).flatten(1).sum(1)
         new_bias = shift if new_bias is None else new_bias + shift
-    return w_scaled, new_bias
+    return _scaled(weight, _per_weight_scale(weight, table), out_dtype), new_bias
