@@ -114,18 +114,33 @@ def spatial_axis_guard(check: Callable[[Affine], str | None]) -> Callable[[Affin
     return guarded
 
 
-def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor]
-                    ) -> tuple[Callable[[Affine], Affine | str], Callable[[Affine], Affine | str]]:
-    """Data movement: carry coefficients through ``move`` (forward) or its inverse permutation (backward)."""
+AxisMap = Callable[[int], "int | None"]
+"""Where an axis of one side of a data movement lands on the other side, as one whole axis (None: it does not)."""
+
+
+def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor],
+                   axes: tuple[AxisMap, AxisMap] | None = None
+                   ) -> tuple[Callable[[Affine], Affine | str], Callable[[Affine], Affine | str]]:
+    """Data movement: carry coefficients through ``move`` (forward) or its inverse permutation (backward).
+
+    ``axes`` (forward, backward), for a bijection that keeps axes whole (a permutation, a reshape that leaves the
+    channel axis in place): the affine's axis is mapped directly (:func:`_on_axis`), with the result the index map
+    gives, without moving a coefficient per element; an axis it does not map takes the index map."""
     n = 1
     for d in in_shape:
         n *= d
 
     def fwd(aff: Affine) -> Affine | str:
+        axis = axes[0](aff.axis) if axes is not None and 0 not in in_shape and out_shape else None
+        if axis is not None:
+            return _on_axis(aff.a, aff.b, axis, out_shape)
         a_out, b_out = move(aff.full(aff.a)), move(aff.full(aff.b))
         return _read_per_channel(a_out, b_out, "after")
 
     def bwd(aff: Affine) -> Affine | str:
+        axis = axes[1](aff.axis) if axes is not None and 0 not in in_shape and in_shape else None
+        if axis is not None:
+            return _on_axis(aff.a, aff.b, axis, in_shape)
         where = move(torch.arange(n).reshape(in_shape)).reshape(-1)
         if where.unique().numel() != where.numel():
             return "the op reads some element twice"
@@ -136,6 +151,47 @@ def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: 
         return _read_per_channel(a_in.reshape(in_shape), b_in.reshape(in_shape), "before")
 
     return fwd, bwd
+
+
+def _on_axis(a: torch.Tensor, b: torch.Tensor, axis: int, shape: tuple[int, ...]) -> Affine:
+    """The affine :func:`_read_per_channel` reads from coefficients ``a``, ``b`` laid along ``axis`` of ``shape``:
+    on that axis — or, when they are the same in every channel (so they vary along no axis), on the axis it
+    prefers, as one value repeated."""
+    if bool((a == a[0]).all()) and bool((b == b[0]).all()):
+        candidates = [k for k in range(len(shape)) if shape[k] > 1] or list(range(len(shape)))
+        axis = min(candidates, key=lambda k: (k == 0, k))
+        return Affine(a.new_full((shape[axis],), float(a[0])), b.new_full((shape[axis],), float(b[0])), axis,
+                      shape)
+    return Affine(torch.nan_to_num(a, nan=1.0), torch.nan_to_num(b, nan=0.0), axis, shape)
+
+
+def reshape_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[AxisMap, AxisMap]:
+    """The axis maps of a reshape between these shapes: axis ``c`` lands on axis ``c'`` when it is whole there —
+    the same size, and the same number of elements before it."""
+    def mapping(src: tuple[int, ...], dst: tuple[int, ...]) -> AxisMap:
+        def to(c: int) -> int | None:
+            before = math.prod(src[:c])
+            for k, size in enumerate(dst):
+                if size == src[c] and math.prod(dst[:k]) == before:
+                    return k
+            return None
+        return to
+    return mapping(in_shape, out_shape), mapping(out_shape, in_shape)
+
+
+def permute_axes(in_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[AxisMap, AxisMap] | None:
+    """The axis maps of ``move``, a permutation of axes (read from the strides it gives a meta tensor whose strides
+    are all different), or None when it is not one."""
+    strides = tuple(range(1, len(in_shape) + 1))
+    try:
+        out = move(torch.empty_strided(in_shape, strides, device="meta"))
+        perm = [strides.index(st) for st in out.stride()]
+    except Exception:
+        return None
+    if sorted(perm) != list(range(len(in_shape))) or tuple(out.shape) != tuple(in_shape[p] for p in perm):
+        return None
+    return perm.index, perm.__getitem__
 
 
 def _read_per_channel(a_full: torch.Tensor, b_full: torch.Tensor, side: str) -> Affine | str:
@@ -388,7 +444,8 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         if isinstance(m, nn.ReLU):
             return same(in_shape, out_shape, positive_scale_no_shift)
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
-            return index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
+            return index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape),
+                                  reshape_axes(in_shape, out_shape))
         return f"'{node.name}' ({type(m).__name__}) does not commute with a per-channel affine"
     if node.op not in ("call_function", "call_method"):
         return f"'{node.name}' is not an op"
@@ -410,7 +467,7 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
     if target in _RELU_FUNCS:
         return same(in_shape, out_shape, positive_scale_no_shift)
     if target in _RESHAPE:
-        return index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape))
+        return index_transfer(in_shape, out_shape, lambda t: t.reshape(out_shape), reshape_axes(in_shape, out_shape))
     if target in _SELECT:
         return _select_transfer(node, in_shape, out_shape)
     if target in _PERMUTE:
@@ -419,7 +476,7 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         args, kwargs = node.args[1:], dict(node.kwargs)
         fn = (lambda t: getattr(t, str(target))(*args, **kwargs)) if isinstance(target, str) else \
             (lambda t: target(t, *args, **kwargs))  # type: ignore[operator]
-        return index_transfer(in_shape, out_shape, fn)
+        return index_transfer(in_shape, out_shape, fn, permute_axes(in_shape, fn))
     if target in _PAD and same_rank:
         check = _copy_pad_check(gm, node, len(in_shape))
         return check if isinstance(check, str) else same(in_shape, out_shape, check)
