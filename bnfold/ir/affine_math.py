@@ -151,11 +151,16 @@ def fold_into_consumer(
             raise ValueError("a conv-transpose consumer cannot absorb a shift exactly")
         return _scaled(weight, a.reshape(-1, *([1] * (weight.dim() - 1))), out_dtype), new_bias
     out_ch, in_g = weight.shape[0], weight.shape[1]
-    group_of_output = torch.arange(out_ch) // (out_ch // groups)
-    table = a.reshape(groups, in_g)[group_of_output]  # (out, in/groups)
+    if groups == 1:  # every output channel reads every input channel: (1, in) tables, broadcast over the rows
+        def table(v: torch.Tensor) -> torch.Tensor:
+            return v.reshape(1, in_g)
+    else:
+        group_of_output = torch.arange(out_ch) // (out_ch // groups)
+
+        def table(v: torch.Tensor) -> torch.Tensor:  # (out, in/groups)
+            return v.reshape(groups, in_g)[group_of_output]
     if b is not None:
         w = weight.detach().to(f64)
-        b_table = b.reshape(groups, in_g)[group_of_output]
-        shift = (w * _per_weight_scale(w, b_table)).flatten(1).sum(1)
+        shift = (w * _per_weight_scale(w, table(b))).flatten(1).sum(1)
         new_bias = shift if new_bias is None else new_bias + shift
-    return _scaled(weight, _per_weight_scale(weight, table), out_dtype), new_bias
+    return _scaled(weight, _per_weight_scale(weight, table(a)), out_dtype), new_bias
