@@ -64,6 +64,20 @@ def _ints(values: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _broadcast(x: Sequence[int], y: Sequence[int]) -> tuple[int, ...] | None:
+    """The broadcast of two shapes (``torch.broadcast_shapes``), or None when they do not broadcast."""
+    if len(x) < len(y):
+        x, y = y, x
+    out = list(x)
+    for i in range(1, len(y) + 1):
+        a, b = x[-i], y[-i]
+        if a != b:
+            if a != 1 and b != 1:
+                return None
+            out[-i] = b if a == 1 else a
+    return tuple(out)
+
+
 def _infer_shape(shape: tuple[int, ...], numel: int) -> tuple[int, ...] | None:
     """``shape`` with its one ``-1`` resolved for ``numel`` elements; None when invalid."""
     if shape.count(-1) > 1 or any(s < -1 for s in shape):
@@ -95,9 +109,8 @@ def _binary(mode: FakeTensorMode, a: Any, b: Any, *rest: Any, **kwargs: Any) -> 
     if is_fake(a) and is_fake(b):
         if not _float(a, b):
             return None
-        try:
-            shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
-        except RuntimeError:
+        shape = _broadcast(a.shape, b.shape)
+        if shape is None:
             return None
         if a.is_contiguous() and b.is_contiguous():
             return fake(mode, shape, a.dtype, a.device)
@@ -528,9 +541,8 @@ def _matmul(mode: FakeTensorMode, a: Any, b: Any) -> Any:
         return None
     if a.shape[-1] != b.shape[-2]:
         return None
-    try:
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except RuntimeError:
+    batch = _broadcast(a.shape[:-2], b.shape[:-2])
+    if batch is None:
         return None
     return fake(mode, (*batch, a.shape[-2], b.shape[-1]), a.dtype, a.device)
 
