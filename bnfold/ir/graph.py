@@ -71,13 +71,16 @@ def _walk(obj: Any, target: str) -> Any:
 
 
 def compiled(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm`` with the Python code of its current graph generated: ``gm`` itself, recompiled, or — for a module
-    created lazily (``torch.fx``'s ``_LazyGraphModule``: symbolic capture skips generating code for the graph as
-    traced, which nothing runs) — a plain ``GraphModule`` of the same graph and state."""
+    """``gm`` recompiled: the Python code of its current graph generated. A module created lazily (``torch.fx``'s
+    ``_LazyGraphModule``: symbolic capture skips generating code for the graph as traced, which nothing runs)
+    becomes a plain ``GraphModule`` first — the same object, given the per-instance class ``GraphModule.__new__``
+    makes (a subclass of ``GraphModule`` alone), so nothing is copied."""
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
     if isinstance(gm, _LazyGraphModule):
-        return torch.fx.GraphModule(gm, gm.graph, type(gm).__name__.removesuffix("Impl") or "GraphModule")
+        plain = type(torch.fx.GraphModule.__new__(torch.fx.GraphModule))
+        plain.__name__ = type(gm).__name__  # the model's class name, as GraphModule.__init__ sets it
+        gm.__class__ = plain
     gm.recompile()
     return gm
 
