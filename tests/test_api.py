@@ -153,6 +153,27 @@ def test_report_times_the_parity_check_apart() -> None:
     assert "check" not in bnfold.fold(model, x, capture="symbolic", check=False).report.timings
 
 
+def test_the_garbage_collector_is_left_as_it_was() -> None:
+    """fold pauses Python's cyclic collector during a symbolic capture and the passes (issue 25: their full
+    collections grow with the square of the graph), and leaves it as it found it — also after a failure."""
+    import gc
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
+    x = torch.randn(2, 3, 8, 8)
+    assert gc.isenabled()
+    bnfold.fold(model, x, capture="symbolic", check=False)
+    assert gc.isenabled()
+    with pytest.raises(bnfold.errors.CaptureError):
+        bnfold.fold(model, torch.randn(2, 5, 8, 8), capture="symbolic", check=False)  # wrong channel count
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        bnfold.fold(model, x, capture="symbolic", check=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_import_is_cheap_and_api_names_win_over_submodules() -> None:
     """``import bnfold`` imports neither torch, ONNX nor TVM (the CLI starts fast); the API is imported on first
     use, and a submodule imported first (``bnfold.recalibrate``, ``bnfold.optimize``) never hides the function of
