@@ -129,8 +129,10 @@ class BatchNormLayer:
     holding: str = "stored"  # what running_mean/running_var hold while data flows (see hold())
     settled: bool = False  # the shift was checked against a first batch
     _float64: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _channels: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._channels = self.running_mean.numel()
         self.stored_mean = self.running_mean.detach().clone()
         self.stored_var = self.running_var.detach().clone()
         self.shift = torch.nan_to_num(self.stored_mean.to(torch.float64), 0.0, 0.0, 0.0)
@@ -138,7 +140,7 @@ class BatchNormLayer:
 
     @property
     def channels(self) -> int:
-        return self.running_mean.numel()
+        return self._channels
 
     @property
     def sites(self) -> int:
@@ -170,8 +172,13 @@ class BatchNormLayer:
         same pass over memory (:func:`bnfold.recalibrate.native.batch_norm_measured`); the sums go into the layer's
         moments if ``record``. ``x`` must hold ≥ 2 values per channel."""
         n = self._values_per_channel(x)
-        if x.device.type == "cpu" and native_ops() is not None:
+        ops = native_ops() if x.device.type == "cpu" and self.shift.device.type == "cpu" else None
+        if ops is not None:
             weight, bias = self._as_float64(weight), self._as_float64(bias)
+            if self.settled and record:  # the usual call: into the moments, no closure
+                y, _ = batch_norm_measured(x, weight, bias, self.shift, self.moments.sums, self.eps)
+                self.moments.count += n
+                return y
         return self._sum(x, n, record,
                          lambda total: batch_norm_measured(x, weight, bias, self.shift, total, self.eps))
 
