@@ -24,6 +24,7 @@ Composition: ``A2(A1(x)) = (a2 a1) ⊙ x + (a2 b1 + b2)``.
 
 from __future__ import annotations
 
+import threading
 from typing import Literal
 
 import torch
@@ -89,11 +90,26 @@ def _scaled(weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | 
         assert out.shape == w.shape and out.dtype == out_dtype
     rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
     per_row = scale.shape[0] != 1
+    buffer = _scratch(min(rows, w.shape[0]) * w[0].numel(), w.device)
     for i in range(0, w.shape[0], rows):
-        block = w[i:i + rows].to(f64)
+        part = w[i:i + rows]
+        block = buffer[:part.numel()].view(part.shape).copy_(part)  # float64, exactly
         block.mul_(scale[i:i + rows] if per_row else scale)
         out[i:i + rows].copy_(block)
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, device: torch.device) -> torch.Tensor:
+    """A float64 buffer of at least ``n`` elements on ``device`` (at most one block), reused by this thread's
+    folds: a fresh block per weight costs page faults more than the arithmetic on it."""
+    held: torch.Tensor | None = getattr(_SCRATCH, "buffer", None)
+    if held is None or held.numel() < n or held.device != device:
+        held = torch.empty(max(n, 1), dtype=f64, device=device)
+        _SCRATCH.buffer = held
+    return held
 
 
 def fold_into_producer(
