@@ -26,8 +26,8 @@ from zoo_timm import TIMM, Row, fold_row, hf_models, left_by_fx_fuse, n_norms, t
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", help="comma-separated subset (timm names and hf_llama, hf_qwen2, hf_bert, hf_vit, "
-                                     "hf_gpt2)")
+    ap.add_argument("--models", help="comma-separated subset (timm names and hf_llama, hf_qwen2, hf_gemma, hf_bert, "
+                                     "hf_vit, hf_gpt2)")
     ap.add_argument("--auto", action="store_true", help="also run capture='auto' (else derived from the two)")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -4,6 +4,7 @@ Public API::
 
     result = bnfold.fold(model, example_inputs, capture="auto")   # FoldResult(.module, .report)
     report = bnfold.inspect(model, example_inputs)                # dry run: FoldReport
+    bnfold.quantize(model, example_inputs, "out/", calibration=batches)   # verified int8 ONNX (QuantizeResult)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # the public API, imported on first use (``import bnfold`` st
     from bnfold.optimize import OptimizeResult, optimize
     from bnfold.parity import ParityReport, Tolerance, compare
     from bnfold.parity.stages import StageReport, StageTracker, track_stages
+    from bnfold.quantize.core import QuantizeResult, quantize
     from bnfold.recalibrate.core import RecalibrationReport, recalibrate
     from bnfold.recalibrate.drift import DriftReport, diagnose
     from bnfold.report import FoldReport
@@ -35,6 +37,7 @@ _WHERE = {
     "StageReport": "bnfold.parity.stages", "StageTracker": "bnfold.parity.stages",
     "track_stages": "bnfold.parity.stages",
     "compile": "bnfold.targets.tvm", "load_artifact": "bnfold.targets.tvm",
+    "QuantizeResult": "bnfold.quantize.core", "quantize": "bnfold.quantize.core",
 }
 
 
@@ -53,9 +56,10 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """``bnfold`` itself. Two API functions share their name with a submodule (``bnfold.recalibrate``,
-    ``bnfold.optimize``); importing such a submodule makes Python set the package attribute to the module, which
-    would hide the function. The function wins, as it did when this file imported everything eagerly."""
+    """``bnfold`` itself. Three API functions share their name with a submodule (``bnfold.recalibrate``,
+    ``bnfold.optimize``, ``bnfold.quantize``); importing such a submodule makes Python set the package attribute to
+    the module, which would hide the function. The function wins, as it did when this file imported everything
+    eagerly."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _WHERE and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
@@ -74,6 +78,7 @@ __all__ = [
     "FoldResult",
     "OptimizeResult",
     "ParityReport",
+    "QuantizeResult",
     "RecalibrationReport",
     "StageReport",
     "StageTracker",
@@ -85,6 +90,7 @@ __all__ = [
     "inspect",
     "load_artifact",
     "optimize",
+    "quantize",
     "recalibrate",
     "track_stages",
 ]

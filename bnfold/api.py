@@ -149,7 +149,7 @@ def _check(model: nn.Module, folded: torch.fx.GraphModule, inputs: tuple[torch.T
     try:
         parity = compare(_reference(model), folded, inputs, batch_independence=False)
     except InputError as err:  # the original ran on these inputs when it was captured: this is ours
-        raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from None
+        raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from err
     return parity.summary()
 
 
@@ -163,6 +163,7 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     (:func:`_nothing_to_gain`); keep the better fold (see :func:`fold`)."""
     results: dict[str, tuple[FoldResult, float]] = {}
     errors: dict[str, str] = {}
+    failure: CaptureError | None = None
     complete: str | None = None
     for mode in ("symbolic", "export"):
         start = time.perf_counter()
@@ -171,6 +172,7 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
                 captured = _capture(model, inputs, mode, dynamic_shapes=dynamic_shapes)  # type: ignore[arg-type]
             except CaptureError as err:
                 errors[mode] = err.message
+                failure = err
                 continue
             captured_at = time.perf_counter()
             if dump_ir is not None:
@@ -186,7 +188,7 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     if not results:
         raise CaptureError(f"could not capture {type(model).__name__} as a graph "
                            f"({'; '.join(f'{m}: {e}' for m, e in errors.items())})",
-                           hint="check the example inputs' shapes and dtypes")
+                           hint="check the example inputs' shapes and dtypes") from failure
     best = max(results, key=lambda m: (_score(results[m][0].report), m == "symbolic"))
     chosen = results[best][0]
     other = "export" if best == "symbolic" else "symbolic"

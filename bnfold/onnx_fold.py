@@ -4,16 +4,19 @@
   :class:`~bnfold.errors.InputError`), its external data read only from the model's own folder;
 * :func:`fold_model` — the rules on a ``ModelProto`` (edited in place), and the report, built like the torch
   fold's (:func:`bnfold.api.build_report`: same rules, reasons, categories), plus op counts;
-* :func:`save_onnx` — ``onnx.checker.check_model(full_check=True)`` (which also runs strict shape inference), then
-  an atomic write: a model that kept its weights in external data is written with external data too
-  (``OUT.onnx`` + ``OUT.onnx.data``, the same tensors outside the protobuf: those at least as large as the
-  smallest one the input kept outside).
+* :func:`save_onnx` / :func:`staged_onnx` — ``onnx.checker.check_model(full_check=True)`` (which also runs strict
+  shape inference), then an atomic write: a model that kept its weights in external data is written with external
+  data too (``OUT.onnx`` + ``OUT.onnx.data``: the initializers at least as large as the smallest one the input kept
+  outside, and at least :data:`MIN_EXTERNAL_BYTES`), the two files published together, the model referencing exactly
+  its own data file (:mod:`bnfold.io.outputs`: never an input's, never a file bnfold did not write).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.io.outputs import atomic_output
+from bnfold.io.outputs import atomic_files, protected_files, same_file
 from bnfold.passes.engine import PipelineResult
 from bnfold.passes.onnx.graph import OnnxGraph
 from bnfold.passes.onnx.moves import SYMBOL_SIZES
@@ -29,10 +32,16 @@ from bnfold.passes.onnx.report import OnnxFoldReport
 from bnfold.passes.onnx.rules import RULES, run_rules
 from bnfold.passes.onnx.shapes import concrete_shapes, infer_shapes
 
-__all__ = ["LoadedOnnx", "fold_model", "load_onnx", "op_counts", "save_onnx"]
+__all__ = ["LoadedOnnx", "data_file", "fold_model", "load_onnx", "needs_data_file", "op_counts", "save_onnx",
+           "staged_onnx"]
 
 _MAX_PROTO = 2**31 - 1
 DEFAULT_THRESHOLD = 1024
+MIN_EXTERNAL_BYTES = 1024
+"""Initializers smaller than this stay inline in a model written with external data, whatever the input did: ONNX
+Runtime reads small shape-giving inputs (``Pad`` pads, ``Reshape`` shapes, ``Resize`` scales, ``ReduceMean`` axes)
+while it loads a model and cannot take them from external data ("Cannot parse data from external tensors"; found by
+the ONNX fuzzer on inputs that kept every tensor outside)."""
 
 
 @dataclass
@@ -73,7 +82,7 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedOnnx:
     except Exception as exc:
         raise InputError(f"{p} is not a readable ONNX model (malformed or truncated?): {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="re-export it; `python -m onnx.checker` (onnx.checker.check_model) says more") from None
+                         hint="re-export it; `python -m onnx.checker` (onnx.checker.check_model) says more") from exc
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p} holds no ONNX graph (empty or not an ONNX file)")
     check_external_data(p)
@@ -89,12 +98,12 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedOnnx:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
             raise InputError(f"{p}: its external data could not be read: {type(exc).__name__}: {exc}",
-                             hint="keep the data files next to the model, complete") from None
+                             hint="keep the data files next to the model, complete") from exc
     try:
         onnx.checker.check_model(model if model.ByteSize() < _MAX_PROTO else str(p))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputError(f"{p} is not a valid ONNX model: {type(exc).__name__}: {first}") from None
+        raise InputError(f"{p} is not a valid ONNX model: {type(exc).__name__}: {first}") from exc
     return LoadedOnnx(model, p, bool(external), threshold, files)
 
 
@@ -141,34 +150,92 @@ def check_folded(model: onnx.ModelProto) -> None:
                             passes_before=RULES) from exc
 
 
-def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,
-              threshold: int = DEFAULT_THRESHOLD, protect: list[str | os.PathLike[str]] | tuple = ()) -> list[Path]:
-    """Check ``model`` and write it to ``dest`` atomically (with its tensors of ``threshold`` bytes or more in
-    ``DEST.data`` when ``external``, or when it is too large for one protobuf). Returns the files written."""
+def data_file(dest: str | os.PathLike[str]) -> Path:
+    """Where the external data of an ONNX file written to ``dest`` goes: ``DEST.data`` beside it (named after the
+    output, so an input's data file is never this one unless the output plan refuses it)."""
     d = Path(dest)
+    return d.with_name(f"{d.name}.data")
+
+
+def needs_data_file(model: onnx.ModelProto, *, external: bool, threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Whether :func:`save_onnx` writes ``model`` with a data file: asked for (``external``) or too large for one
+    protobuf, and some initializer is large enough to go there (:func:`_outside`)."""
+    return (external or model.ByteSize() >= _MAX_PROTO) and bool(_outside(model, threshold))
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) if t.HasField("raw_data") else int(numpy_helper.to_array(t).nbytes)
+
+
+def _outside(model: onnx.ModelProto, threshold: int) -> list[onnx.TensorProto]:
+    """The initializers (of every graph) a data file holds: those of at least ``threshold`` and
+    :data:`MIN_EXTERNAL_BYTES` bytes. Constants in node attributes stay inline, as ``onnx.save_model`` keeps them."""
+    least = max(threshold, MIN_EXTERNAL_BYTES)
+    return [t for t in external_data_helper._get_initializer_tensors(model) if _nbytes(t) >= least]
+
+
+def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,
+              threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str]] = ()
+              ) -> list[Path]:
+    """Check ``model`` and write it to ``dest`` atomically (with its initializers of ``threshold`` bytes or more in
+    ``DEST.data`` when ``external``, or when it is too large for one protobuf: :func:`needs_data_file`). Returns
+    the files written."""
+    with staged_onnx(model, dest, external=external, threshold=threshold, protect=protect) as staged:
+        pass
+    return [Path(dest), *([data_file(dest)] if len(staged) > 1 else [])]
+
+
+@contextlib.contextmanager
+def staged_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external: bool = False,
+                threshold: int = DEFAULT_THRESHOLD, protect: Sequence[str | os.PathLike[str]] = ()
+                ) -> Iterator[list[Path]]:
+    """:func:`save_onnx` as a block: the checked model (and its data file) is written under its final names in a
+    staging folder beside ``dest`` and yielded there (``[model, data]``; the model's relative reference to its data
+    resolves in that folder, so it can be run — ONNX Runtime parity — before it is published), then published
+    together when the block ends normally (:func:`~bnfold.io.outputs.atomic_files`); after an exception nothing is
+    left. The written model references exactly ``DEST.data`` and nothing else. Replacing an earlier bnfold model
+    that kept its data in ``DEST.data`` with one that needs none removes that data file too."""
+    d = Path(dest)
+    elsewhere = [t.name for t in external_data_helper._get_all_tensors(model)
+                 if t.data_location == onnx.TensorProto.EXTERNAL]
+    if elsewhere:  # it would reference another file's data (an input's): load the data first
+        raise InputError(f"cannot write {d}: tensor {elsewhere[0]!r} still refers to the external data it was loaded "
+                         "from", hint="load the model with its external data (bnfold.onnx_fold.load_onnx)")
     small = model.ByteSize() < _MAX_PROTO
     if small:
         check_folded(model)
-    if not external and small:
-        with atomic_output(d, protect=protect) as tmp:
-            tmp.write_bytes(model.SerializeToString())
-        return [d]
-    location = f"{d.name}.data"
-    data_dest = d.parent / location
-    for q in protect:
-        if Path(q).exists() and data_dest.exists() and os.path.samefile(q, data_dest):
-            raise InputError(f"refusing to overwrite the input's external data {data_dest}",
-                             hint="write the output to another folder or name")
+    with_data = needs_data_file(model, external=external, threshold=threshold)
+    stale = None
+    if not with_data:
+        from bnfold.targets.onnx import is_bnfold_onnx_data
+
+        old = data_file(d)
+        protected = protected_files(protect)
+        if is_bnfold_onnx_data(old) and not any(old.exists() and same_file(old, q.path) for q in protected):
+            stale = old
+    with atomic_files([d, data_file(d)] if with_data else [d], protect=protect) as staged:
+        if with_data:
+            _write_with_data(model, staged[0], staged[1], threshold)
+        else:
+            staged[0].write_bytes(model.SerializeToString())
+        if not small:  # too large to check in memory: check the file (its data is beside it)
+            onnx.checker.check_model(str(staged[0]), full_check=True)
+        yield staged
+    if stale is not None and not with_data:
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _write_with_data(model: onnx.ModelProto, path: Path, data: Path, threshold: int) -> None:
+    """Write ``model`` to ``path`` with its initializers of ``threshold`` bytes or more (:func:`_outside`) in ``data``
+    (same folder; page aligned, as onnx writes them); every external tensor references ``data.name``."""
+    location = data.name
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    with atomic_output(data_dest, protect=protect) as tmp_data, open(tmp_data, "wb") as f:
-        for t in external_data_helper._get_all_tensors(out):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                continue
+    with open(data, "wb") as f:
+        for t in _outside(out, threshold):
             raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-            if len(raw) < threshold:
-                continue
-            pad = (-f.tell()) % 4096  # page-aligned offsets, as onnx writes them
+            pad = (-f.tell()) % 4096
             f.write(b"\0" * pad)
             offset = f.tell()
             f.write(raw)
@@ -180,15 +247,10 @@ def save_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, external:
             t.ClearField("raw_data")
         f.flush()
         os.fsync(f.fileno())
-    try:
-        with atomic_output(d, protect=protect) as tmp:
-            tmp.write_bytes(out.SerializeToString())
-            if not small:  # too large to check in memory: check the file (its data is already in place)
-                onnx.checker.check_model(str(tmp), full_check=True)
-    except BaseException:
-        data_dest.unlink(missing_ok=True)
-        raise
-    return [d, data_dest]
+    with open(path, "wb") as f:
+        f.write(out.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 __all__ += ["RULES", "check_folded", "file_size"]

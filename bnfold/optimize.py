@@ -3,13 +3,18 @@
 ::
 
     original ─► recalibrate (optional, BEFORE folding) ─► fold ─► folded.pt2 ─► model.onnx (onnxsim, ORT)
-                                                                             └► tvm/ (llvm | cuda)
+                                                                             ├► tvm/ (llvm | cuda)
+                                                                             └► model_int8.onnx (int8=…)
     parity of every stage against the previous one and against the original (or the recalibrated model,
     whose change is intended), on the user's validation data; the report names where a divergence starts.
+    int8 (optional): the folded model equalized, bias-corrected and quantized by ONNX Runtime on the calibration
+    data (bnfold.quantize.stage), judged by its own rule (SQNR, top-1 agreement), its latency beside fp32's.
 
 Everything is built in a staging folder next to ``out_dir`` and renamed into place at the end, so a failure
 never leaves a half-written output. A stage that fails (an exporter error, a compile error) is recorded in the
-report and the later stages still run where they can; ``OptimizeResult.passed`` is False then.
+report and the later stages still run where they can; ``OptimizeResult.passed`` is False then. An artifact that
+cannot be written (a full disk: :class:`~bnfold.errors.OutputError`) is not a stage failure: nothing is published
+and the error is raised.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,11 +36,14 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
-from bnfold.errors import BnfoldError, InputError
+from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.report import FoldReport, format_table, json_safe
 from bnfold.speed import fastest, measure_latency, slower_than_eager
 from bnfold.targets import get_target
+
+if TYPE_CHECKING:
+    from bnfold.quantize.stage import Int8Options, Int8Result
 
 __all__ = ["OptimizeResult", "optimize"]
 
@@ -55,10 +63,12 @@ class OptimizeResult:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # per artifact, example batch
+    int8: Int8Result | None = None  # with optimize(..., int8=Int8Options())
 
     @property
     def passed(self) -> bool:
-        return not self.errors and self.stages is not None and bool(self.stages.passed)
+        int8_ok = self.int8 is None or bool(self.int8.passed)
+        return not self.errors and self.stages is not None and bool(self.stages.passed) and int8_ok
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,16 +83,20 @@ class OptimizeResult:
             "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
             "fold": None if self.fold is None else self.fold.to_dict(),
             "stages": None if self.stages is None else self.stages.to_dict(),
+            "int8": None if self.int8 is None else self.int8.to_dict(),
         }
 
     def __str__(self) -> str:
-        lines = [f"bnfold optimize → {self.out_dir}: {'PASS' if self.passed else 'FAIL'}", ""]
+        slow = next((f" ({w.split(';')[0]})" for w in self.warnings if w.startswith("tvm: the compiled artifact")), "")
+        lines = [f"bnfold optimize → {self.out_dir}: {'PASS' if self.passed else 'FAIL'}{slow}", ""]
         if self.recalibration is not None:
             lines += [str(self.recalibration), ""]
         if self.fold is not None:
             lines += [self.fold.render(explain=False), ""]
         if self.stages is not None:
             lines += [str(self.stages), ""]
+        if self.int8 is not None:
+            lines += [self.int8.render(), ""]
         rows = [[name, path] for name, path in self.artifacts.items()]
         lines.append(format_table(["artifact", "path"], rows))
         if self.latency_ms:
@@ -101,6 +115,8 @@ def _timed(result: OptimizeResult, stage: str):
     start = time.perf_counter()
     try:
         yield
+    except OutputError:  # an output that cannot be written (disk full): the whole command fails, nothing published
+        raise
     except BnfoldError as err:
         log.warning("%s failed: %s", stage, err)
         result.errors[stage] = str(err)
@@ -148,6 +164,7 @@ def optimize(
     overwrite: bool = False,
     protect: Sequence[str | Path] = (),
     reparameterize: bool = True,
+    int8: Int8Options | None = None,
 ) -> OptimizeResult:
     """Recalibrate (when ``calibration`` batches are given), fold, export and compile ``model``; check parity of
     every stage on ``validation`` batches (default: the calibration batches, else ``example_inputs``); write
@@ -164,13 +181,20 @@ def optimize(
     ``reparameterize`` (on by default here, unlike :func:`bnfold.fold`): merge parallel conv/identity branches
     summed at an add (RepVGG, MobileOne, FastViT) into one conv — exact, and the artifacts are for deployment,
     where one conv is faster than several.
+
+    ``int8``: a :class:`bnfold.quantize.Int8Options` to also write ``model_int8.onnx`` (needs ``calibration``): the
+    folded model equalized, bias-corrected and quantized by ONNX Runtime on the calibration batches, judged against
+    the folded float model by the int8 rule, timed beside the fp32 ONNX model.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if int8 is not None and calibration is None:
+        raise InputError("the int8 stage needs calibration data (activation ranges come from it)",
+                         hint="pass calibration batches (--data CALIB)")
     out = check_output_dir(out_dir, protect, force=overwrite, owned=owned_entries)
     result = OptimizeResult(out, None, None, None)
     with staged_output(out) as staging:
         _run(result, model, inputs, staging, calibration, validation, capture, recalibrate_mode, onnx,
-             tvm_target, arch, tune_trials, cache_dir, protect, dynamic_shapes, reparameterize)
+             tvm_target, arch, tune_trials, cache_dir, protect, dynamic_shapes, reparameterize, int8)
         (staging / "report.json").write_text(json.dumps(json_safe(result.to_dict()), indent=2, default=str,
                                                             allow_nan=False))
         result.artifacts["report"] = "report.json"
@@ -208,13 +232,19 @@ def _measure_speed(result: OptimizeResult, engines: dict[str, Any], inputs: tupl
         result.warnings.append(
             f"tvm: the compiled artifact is {ratio:.2f}x slower than PyTorch eager on this host at the example "
             f"batch; deploy {fastest(result.latency_ms)!r} or tune it (--tune-trials N, ~32 per kernel)")
+    ratio = slower_than_eager(result.latency_ms, "onnx runtime int8", "onnx runtime")
+    if ratio is not None:
+        moved = result.int8.prepare.clamps_moved if result.int8 is not None and result.int8.prepare else 0
+        result.warnings.append(f"int8: the int8 model runs {ratio:.2f}x slower than the fp32 ONNX model on this host"
+                               + (f" ({moved} per-channel clamps run as float ops; --keep-clamps keeps them "
+                                  "fused)" if moved else ""))
 
 
 def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, ...], staging: Path,
          calibration: Iterable[Any] | None, validation: Iterable[Any] | None, capture: CaptureMode,
          recalibrate_mode: str, onnx: bool, tvm_target: str | None, arch: str | None, tune_trials: int,
          cache_dir: str | Path | None, protect: Sequence[str | Path], dynamic_shapes: object = None,
-         reparameterize: bool = True) -> None:
+         reparameterize: bool = True, int8: Int8Options | None = None) -> None:
     from bnfold.parity.stages import StageTracker
 
     original = model
@@ -264,6 +294,19 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
                 result.warnings.append(f"onnx: fixed batch: {runtime.build_info['static_reason']}")
             tracker.add("onnx", runtime)
             engines["onnx runtime"] = runtime
+
+    if int8 is not None and calib:
+        with _timed(result, "int8"):
+            from bnfold.quantize.stage import int8_stage
+            from bnfold.targets.onnx import OnnxRuntimeModel
+
+            batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib]
+            result.int8 = int8_stage(folded, folded, inputs, batches, check_data, staging, options=int8,
+                                     dynamic_shapes=dims)
+            result.errors.update({f"int8 {k}": v for k, v in result.int8.errors.items()})
+            if result.int8.path is not None:
+                result.artifacts["int8"] = result.int8.path
+                engines["onnx runtime int8"] = OnnxRuntimeModel(staging / result.int8.path)
 
     if tvm_target:
         with _timed(result, "tvm"):

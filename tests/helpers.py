@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["count_batchnorm", "randomize_bn"]
+__all__ = ["count_batchnorm", "onnx_conv_bn", "randomize_bn"]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -30,6 +32,34 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     else:
                         t.copy_(torch.randn(t.shape, generator=g) * 0.5)
     return model.eval()
+
+
+def onnx_conv_bn(seed: int = 0, *, batch: int | str = "batch", channels: int = 4) -> Any:
+    """An ONNX ``Conv(3→channels, 3×3, pad 1) → BatchNormalization → Relu`` on ``(batch, 3, 8, 8)`` (opset 17),
+    random weights and statistics: a model the ONNX fold folds, built without an exporter (``channels=16``: a
+    1.7 KiB weight, which a model written with external data keeps outside)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, a: Any) -> Any:
+        return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+    c = channels
+    inits = [init("W", rng.standard_normal((c, 3, 3, 3))), init("B", rng.standard_normal(c) * 0.1),
+             init("gamma", rng.standard_normal(c)), init("beta", rng.standard_normal(c) * 0.5),
+             init("mean", rng.standard_normal(c) * 0.5), init("var", rng.uniform(0.1, 2.0, c))]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                               [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bnfold-tests")
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def count_batchnorm(gm: torch.fx.GraphModule) -> int:

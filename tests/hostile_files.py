@@ -6,6 +6,7 @@ a test asserts the marker never appears.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Opens", "build_files", "evil_pickle", "rewrite_pt2"]
+__all__ = ["TVM_BREAKS", "Opens", "break_tvm_folder", "build_files", "build_tvm_artifact", "evil_pickle", "rewrite_pt2"]
 
 
 class Opens:
@@ -45,14 +46,16 @@ def evil_torch_save(marker: Path) -> bytes:
 
 def rewrite_pt2(src: Path, dst: Path, *, replace: dict[str, bytes] | None = None,
                 edit_json: dict[str, Callable[[dict], None]] | None = None,
-                add: dict[str, bytes] | None = None) -> Path:
+                add: dict[str, bytes] | None = None, drop: list[str] | None = None) -> Path:
     """Copy the archive ``src`` to ``dst``, replacing members (keys: path suffix after the root folder),
-    editing JSON members in place, or adding members."""
+    editing JSON members in place, adding members, or dropping them."""
     zin = zipfile.ZipFile(src)
     root = zin.namelist()[0].split("/", 1)[0] + "/"
     with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
             rel = info.filename[len(root):]
+            if drop and rel in drop:
+                continue
             data = zin.read(info.filename)
             if replace and rel in replace:
                 data = replace[rel]
@@ -167,7 +170,71 @@ def build_files(folder: Path, marker: Path) -> dict[str, Path]:
     f["notes.txt"] = folder / "notes.txt"
     f["notes.txt"].write_text("the user's own file\n")
     f["evil_tvm.so"] = _evil_shared_library(folder / "evil_tvm.so", marker)
+    f.update(_onnx_files(folder))
+    f["missing_weight.pt2"] = rewrite_pt2(good, folder / "missing_weight.pt2", drop=[weight_file])
     return f
+
+
+def _onnx_files(folder: Path) -> dict[str, Path]:
+    """ONNX models of the same shape as ``model.pt2``'s (``(N, 3, 8, 8)`` in): inline (``bn.onnx``), with external
+    data (``ext.onnx`` + ``ext.onnx.data``), renamed after export (``orig.onnx``, whose tensors name
+    ``model.onnx.data``), a user's ``out.onnx.data``, and a model with an op of a custom domain (``custom.onnx``)."""
+    import onnx
+    from helpers import onnx_conv_bn
+    from onnx import helper
+
+    f: dict[str, Path] = {}
+    f["bn.onnx"] = folder / "bn.onnx"
+    onnx.save(onnx_conv_bn(), str(f["bn.onnx"]))
+    for name, location in (("ext.onnx", "ext.onnx.data"), ("orig.onnx", "model.onnx.data")):
+        f[name], f[location] = folder / name, folder / location
+        onnx.save_model(onnx_conv_bn(channels=16), str(f[name]), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=location, size_threshold=0)
+    f["out.onnx.data"] = folder / "out.onnx.data"
+    f["out.onnx.data"].write_text("the user's own notes, named like bnfold's external data\n")
+    custom = onnx_conv_bn()
+    relu = custom.graph.node[-1]
+    relu.op_type, relu.domain = "FancyRelu", "com.example.vision"
+    custom.opset_import.append(helper.make_opsetid("com.example.vision", 1))
+    f["custom.onnx"] = folder / "custom.onnx"
+    onnx.save(custom, str(f["custom.onnx"]))
+    return f
+
+
+TVM_BREAKS = ("truncated-so", "random-so", "foreign-so", "pickle-params", "no-signature")
+"""How :func:`break_tvm_folder` breaks a compiled artifact (issue 28's audit cases)."""
+
+
+def build_tvm_artifact(model: Path, dest: Path) -> Path:
+    """Compile ``model`` untuned with TVM into the artifact folder ``dest`` (a few seconds)."""
+    from bnfold.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["compile", str(model), "-o", str(dest), "--no-progress"])
+    assert code == 0, code
+    return dest
+
+
+def break_tvm_folder(artifact: Path, dest: Path, how: str, files: dict[str, Path], marker: Path) -> Path:
+    """A copy of ``artifact`` at ``dest`` broken as ``how`` says (:data:`TVM_BREAKS`); loading a foreign library
+    or unpickling the parameters would create ``marker``."""
+    shutil.copytree(artifact, dest)
+    lib, manifest = dest / "model.so", dest / "manifest.json"
+    if how == "truncated-so":  # `head -c 20000 tvm/model.so > t1/model.so`: was SIGBUS in dlopen
+        lib.write_bytes(lib.read_bytes()[:20000])
+    elif how == "random-so":
+        lib.write_bytes(np.random.default_rng(0).bytes(lib.stat().st_size))
+    elif how == "foreign-so":  # another library, whose constructor runs when loaded
+        shutil.copy2(files["evil_tvm.so"], lib)
+    elif how == "pickle-params":
+        (dest / "params.pt").write_bytes(evil_torch_save(marker))
+    elif how == "no-signature":
+        doc = json.loads(manifest.read_text())
+        del doc["signature"]
+        manifest.write_text(json.dumps(doc))
+    elif how != "intact":
+        raise ValueError(how)
+    return dest
 
 
 def _evil_shared_library(path: Path, marker: Path) -> Path:

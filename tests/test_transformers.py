@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 from torch import nn
-from zoo_timm import bert, llama, qwen2, vit
+from zoo_timm import bert, gemma, llama, qwen2, vit
 
 import bnfold
 from bnfold.parity import compare
@@ -39,6 +39,7 @@ def _fold(model: nn.Module, x: torch.Tensor, mode: str) -> bnfold.FoldResult:
 CASES = {
     "llama": (llama, "RMSNorm", 5, 5),
     "qwen2": (qwen2, "RMSNorm", 5, 5),
+    "gemma": (gemma, "RMSNorm", 5, 5),
     "bert": (bert, "LayerNorm|layer_norm", 5, 0),
     "vit": (vit, "LayerNorm|layer_norm", 5, 4),
 }

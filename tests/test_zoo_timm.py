@@ -43,7 +43,7 @@ def test_timm_slow(name: str) -> None:
     _check(name, model, inputs, auto=False)
 
 
-@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_bert", "hf_vit", "hf_gpt2"])
+@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_gemma", "hf_bert", "hf_vit", "hf_gpt2"])
 def test_transformers_models(name: str) -> None:
     """Both captures trace every transformers model (symbolic: guided by the example inputs) and fold the same
     norms."""

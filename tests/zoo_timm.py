@@ -196,6 +196,11 @@ def qwen2() -> tuple[nn.Module, torch.Tensor]:
     return _decoder("Qwen2Config", "Qwen2ForCausalLM")
 
 
+def gemma() -> tuple[nn.Module, torch.Tensor]:
+    """Gemma: its RMSNorm scales by ``1 + weight`` and casts after the multiply (``(x * (1 + w)).type_as(x)``)."""
+    return _decoder("GemmaConfig", "GemmaForCausalLM")
+
+
 def bert() -> tuple[nn.Module, torch.Tensor]:
     import transformers
 
@@ -225,7 +230,7 @@ def gpt2() -> tuple[nn.Module, torch.Tensor]:
 
 
 HF: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
-    "hf_llama": llama, "hf_qwen2": qwen2, "hf_bert": bert, "hf_vit": vit, "hf_gpt2": gpt2}
+    "hf_llama": llama, "hf_qwen2": qwen2, "hf_gemma": gemma, "hf_bert": bert, "hf_vit": vit, "hf_gpt2": gpt2}
 """Small transformers models (random init, random norm affines) and an example input each."""
 
 

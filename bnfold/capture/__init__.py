@@ -80,6 +80,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     if copy_model:
         model = copy_module(model)
     errors: list[str] = []
+    failures: list[BaseException] = []
     order: list[Literal["symbolic", "export"]] = ["symbolic", "export"] if mode == "auto" else [mode]
     for m in order:
         try:
@@ -100,8 +101,9 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             log.debug("capture by %s failed: %s", m, exc)
             cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc
             errors.append(f"{m}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+            failures.append(cause)
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph ({'; '.join(errors)})",
         hint="try capture='export' for data-dependent Python control flow, or check the example inputs' "
              "shapes and dtypes",
-    )
+    ) from failures[-1]  # the last mode tried (its message and the others' are in the text)

@@ -58,6 +58,54 @@ class BnfoldTracer(torch.fx.Tracer):
     def __init__(self, n_inputs: int | None = None) -> None:
         super().__init__()
         self.n_inputs = n_inputs
+        self._outside = 0  # > 0 while a module outside the model's hierarchy is being inlined
+        # id(tensor of such a module) -> (that tensor, kept alive so its id is not reused; the graph's own copy)
+        self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._model_parameters: set[int] | None = None  # ids of the model's parameters and buffers, once asked
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        """A module that is called but is not a submodule of the model (a Hugging Face hub-kernel wrapper such
+        as ``transformers``' ``apply_rotary_pos_emb`` since 5.25, a module held in a closure or a global) has
+        no path in the model, so it cannot be a ``call_module`` node: it is inlined as its ``forward``, and
+        its parameters and buffers become constants of the graph (copies: folding never writes to a module
+        the model does not own)."""
+        if self._outside or not self._is_submodule(m):
+            self._outside += 1
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self._outside -= 1
+        return super().call_module(m, forward, args, kwargs)
+
+    def _is_submodule(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
+
+    def create_arg(self, a: Any) -> Any:
+        """A dataclass that is also a dict (``transformers``' ``ModelOutput``) is rebuilt as itself from its set
+        fields, as ``torch.export`` returns it (fx alone would turn it into a plain dict). A tensor of a module
+        outside the model (see :meth:`call_module`), or a parameter the model does not hold, becomes a
+        constant of the graph holding a copy of it."""
+        if isinstance(a, dict) and is_dataclass(a) and not isinstance(a, type):
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        if isinstance(a, torch.Tensor) and (self._outside or isinstance(a, nn.Parameter)) \
+                and not self._held_by_model(a):
+            if id(a) not in self._constants:
+                self._constants[id(a)] = (a, a.detach().clone())
+            a = self._constants[id(a)][1]
+        return super().create_arg(a)
+
+    def _held_by_model(self, a: torch.Tensor) -> bool:
+        """``a`` is a parameter, buffer or tensor attribute of the model being traced (fx names it by its path)."""
+        if a in self.tensor_attrs:
+            return True
+        if self._model_parameters is None:
+            self._model_parameters = {id(t) for t in (*self.root.parameters(), *self.root.buffers())}
+        return id(a) in self._model_parameters
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_stock_batchnorm(m) or module_kind(m) is not None:
@@ -65,13 +113,6 @@ class BnfoldTracer(torch.fx.Tracer):
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd | nn.Linear):
             return False  # overridden forward: trace through it
         return super().is_leaf_module(m, module_qualified_name)
-
-    def create_arg(self, a: Any) -> Any:
-        """A dataclass that is also a dict (``transformers``' ``ModelOutput``) is rebuilt as itself from its set
-        fields, as ``torch.export`` returns it (fx alone would turn it into a plain dict)."""
-        if isinstance(a, dict) and is_dataclass(a) and not isinstance(a, type):
-            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
-        return super().create_arg(a)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: dict[str, Any] | tuple[Any, ...] | None = None

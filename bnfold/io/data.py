@@ -86,9 +86,9 @@ def _np_load(p: Path) -> Any:
     try:
         return np.load(p, allow_pickle=False)
     except ValueError as exc:
-        raise InputError(f"{p} could not be read without unpickling objects: {exc}", hint=_HINT) from None
+        raise InputError(f"{p} could not be read without unpickling objects: {exc}", hint=_HINT) from exc
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"{p} is not a readable numpy file: {exc}", hint=_HINT) from None
+        raise InputError(f"{p} is not a readable numpy file: {exc}", hint=_HINT) from exc
 
 
 def _to_tensor(array: Any, p: Path, name: str = "") -> torch.Tensor:
@@ -114,9 +114,9 @@ def _npz_array(archive: Any, key: str, p: Path) -> Any:
     try:
         return archive[key]
     except ValueError as exc:
-        raise InputError(f"{p}[{key}] could not be read without unpickling objects: {exc}", hint=_HINT) from None
+        raise InputError(f"{p}[{key}] could not be read without unpickling objects: {exc}", hint=_HINT) from exc
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"{p}[{key}] is not a readable array: {exc}", hint=_HINT) from None
+        raise InputError(f"{p}[{key}] is not a readable array: {exc}", hint=_HINT) from exc
 
 
 def _from_torch(p: Path, keys: Sequence[str] | None) -> list[Batch]:
@@ -125,7 +125,7 @@ def _from_torch(p: Path, keys: Sequence[str] | None) -> list[Batch]:
     except Exception as exc:
         raise InputError(f"{p} could not be loaded with torch.load(weights_only=True): "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint=_HINT) from None
+                         hint=_HINT) from exc
     if isinstance(obj, dict):
         chosen = list(keys) if keys else list(obj)
         missing = [k for k in chosen if k not in obj]

@@ -62,7 +62,7 @@ def check_model_runs(module: torch.nn.Module, batch: Sequence[torch.Tensor], sou
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         shapes = ", ".join(str(tuple(t.shape)) for t in batch)
         raise InputError(f"the model cannot run on {source} (inputs {shapes}): {type(exc).__name__}: {first}",
-                         hint="check the data's shape and dtype against what the model takes") from None
+                         hint="check the data's shape and dtype against what the model takes") from exc
 
 
 def check_shape_request(shape: Sequence[int], spec_text: str, dtype: torch.dtype) -> None:

@@ -48,7 +48,7 @@ def parse_factory_kwargs(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"--factory-kwargs is not valid JSON: {exc.msg} (at character {exc.pos})",
-                         hint='write it like \'{"num_classes": 10}\'') from None
+                         hint='write it like \'{"num_classes": 10}\'') from exc
     if not isinstance(value, dict):
         raise InputError(f"--factory-kwargs must be a JSON object, got {type(value).__name__}",
                          hint='write it like \'{"num_classes": 10}\'')
@@ -64,7 +64,7 @@ def _factory(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise InputError(f"--model-factory: importing {module_name!r} failed: {type(exc).__name__}: {exc}",
-                         hint="is the package installed, or its folder on PYTHONPATH?") from None
+                         hint="is the package installed, or its folder on PYTHONPATH?") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -85,7 +85,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path} could not be loaded as weights (torch.load weights_only=True): "
                          f"{type(exc).__name__}: {first}",
                          hint="a state_dict saved with torch.save(model.state_dict(), path); pickled modules need "
-                              "--trust-pickle without --model-factory") from None
+                              "--trust-pickle without --model-factory") from exc
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not all(
                 isinstance(v, torch.Tensor) for v in obj.values()):
@@ -113,7 +113,7 @@ def load_factory_model(spec: str, weights: str | os.PathLike[str], *, kwargs: di
         module = factory(**(kwargs or {}))
     except Exception as exc:
         raise InputError(f"--model-factory {spec} raised {type(exc).__name__}: {exc}",
-                         hint="check --factory-kwargs") from None
+                         hint="check --factory-kwargs") from exc
     if not isinstance(module, nn.Module):
         raise InputError(f"--model-factory {spec} returned a {type(module).__name__}, not a torch nn.Module")
     try:
@@ -123,7 +123,7 @@ def load_factory_model(spec: str, weights: str | os.PathLike[str], *, kwargs: di
         detail = " ".join(line.strip() for line in first[:4])
         raise InputError(f"the weights in {weights} do not fit {spec}: {detail}",
                          hint="same architecture and --factory-kwargs (e.g. num_classes) as when they were saved?"
-                         ) from None
+                         ) from exc
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     unexpected = list(result.unexpected_keys)
     if missing and not allow_missing:

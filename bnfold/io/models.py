@@ -37,16 +37,16 @@ def parse_shapes(specs: Sequence[str] | None, dtype: str = "float32") -> tuple[t
     try:
         torch_dtype = getattr(torch, dtype)
         assert isinstance(torch_dtype, torch.dtype)
-    except (AttributeError, AssertionError):
-        raise InputError(f"unknown dtype {dtype!r}", hint="use float32, float16, bfloat16 or float64") from None
+    except (AttributeError, AssertionError) as exc:
+        raise InputError(f"unknown dtype {dtype!r}", hint="use float32, float16, bfloat16 or float64") from exc
     gen = torch.Generator().manual_seed(0)
     out = []
     for spec in specs:
         try:
             shape = [int(s) for s in spec.replace("x", ",").split(",") if s.strip()]
-        except ValueError:
+        except ValueError as exc:
             raise InputError(f"--input-shape {spec!r} is not a comma-separated list of integers",
-                             hint="write it like 1,3,224,224") from None
+                             hint="write it like 1,3,224,224") from exc
         if not shape or any(d <= 0 for d in shape):
             raise InputError(f"--input-shape {spec!r} must list positive sizes", hint="e.g. 1,3,224,224")
         check_shape_request(shape, spec, torch_dtype)
@@ -82,13 +82,14 @@ def load_model(path: str | os.PathLike[str], *, trusted_pickle: bool = False,
             raise
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first.replace(" Please check the warnings above for possible errors.", "")  # we silence them
             raise InputError(f"{p} could not be loaded by torch.export.load: {type(exc).__name__}: {first}",
-                             hint="was it saved by a compatible torch version with torch.export.save?") from None
+                             hint="was it saved by a compatible torch version with torch.export.save?") from exc
         inputs = _example_inputs(ep)
         try:
             module = ep.module()
         except Exception as exc:
-            raise InputError(f"{p} holds a program torch cannot rebuild: {type(exc).__name__}: {exc}") from None
+            raise InputError(f"{p} holds a program torch cannot rebuild: {type(exc).__name__}: {exc}") from exc
         return LoadedModel(module, inputs, p, "pt2")
     if suffix in (".pt", ".pth"):
         if not trusted_pickle:
@@ -98,7 +99,7 @@ def load_model(path: str | os.PathLike[str], *, trusted_pickle: bool = False,
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as exc:
-            raise InputError(f"{p} could not be unpickled: {type(exc).__name__}: {exc}") from None
+            raise InputError(f"{p} could not be unpickled: {type(exc).__name__}: {exc}") from exc
         if not isinstance(obj, nn.Module):
             raise InputError(f"{p} holds a {type(obj).__name__}, not an nn.Module",
                              hint="a state_dict needs its model class: use the Python API (bnfold.fold)")

@@ -79,9 +79,13 @@ class ArchiveFinding:
 
 @dataclass
 class ArchiveInspection:
+    """What :func:`inspect_archive` found: members that would run code or unpickle (``findings``), the stored
+    example inputs, and members torch would look for but the archive lacks (``missing``: member → what it holds)."""
+
     root: str
     findings: list[ArchiveFinding] = field(default_factory=list)
     sample_inputs: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 def _sympy_names() -> set[str]:
@@ -205,6 +209,32 @@ def _payload_findings(zf: zipfile.ZipFile, root: str, directory: str, config_mem
     return found
 
 
+def _missing_members(zf: zipfile.ZipFile, root: str, rel: list[str]) -> dict[str, str]:
+    """Members torch's reader needs that the archive lacks: for every ``models/<name>.json`` its weights and
+    constants configs, and every tensor file a config names (torch would fail on them with "check the warnings
+    above", its warnings being a traceback)."""
+    present = set(rel)
+    missing: dict[str, str] = {}
+    names = [r[len("models/"):-len(".json")] for r in rel if r.startswith("models/") and r.endswith(".json")]
+    if not names:
+        missing["models/<name>.json"] = "the program"
+    for name in names:
+        for directory, kind in (("data/weights/", "weights"), ("data/constants/", "constants")):
+            config_member = f"{directory}{name}_{kind}_config.json"
+            if config_member not in present:
+                missing[config_member] = f"the index of the {kind}"
+                continue
+            try:
+                config = json.loads(zf.read(root + config_member)).get("config", {})
+            except (KeyError, ValueError, AttributeError):
+                continue  # unreadable: torch says so in one line
+            for fqn, meta in config.items() if isinstance(config, dict) else ():
+                member = f"{directory}{meta.get('path_name', '')}" if isinstance(meta, dict) else ""
+                if member and member != directory and member not in present:
+                    missing[member] = str(fqn)
+    return missing
+
+
 def inspect_archive(data: bytes, path: Path) -> ArchiveInspection:
     """Classify the members of the ``.pt2`` in ``data`` (see the module docstring)."""
     try:
@@ -212,7 +242,7 @@ def inspect_archive(data: bytes, path: Path) -> ArchiveInspection:
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise InputError(f"{path} is not a torch.export archive (not a readable zip file: {exc})",
-                         hint="re-save it with torch.export.save(torch.export.export(model, inputs), path)") from None
+                         hint="re-save it with torch.export.save(torch.export.export(model, inputs), path)") from exc
     names = [i.filename for i in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:  # two readers could pick different copies: what we inspect must be what torch loads
@@ -226,6 +256,7 @@ def inspect_archive(data: bytes, path: Path) -> ArchiveInspection:
             out.findings.append(ArchiveFinding(rel[0] if rel else "(empty)", "is part of a pre-2.8 torch.export "
                                                "archive, whose weights and constants are pickles"))
         return out
+    out.missing = _missing_members(zf, root, rel)
     sympy_names = _sympy_names()
     for r in rel:
         if r.startswith("data/aotinductor/"):
@@ -289,8 +320,14 @@ def load_exported(path: Path, *, trusted: bool = False, drop_example_inputs: boo
     skipped instead of refused (the caller has its own)."""
     data = path.read_bytes()
     source: Any = io.BytesIO(data)
+    found = inspect_archive(data, path)
+    if found.missing:
+        member, what = next(iter(found.missing.items()))
+        more = f" (and {len(found.missing) - 1} more)" if len(found.missing) > 1 else ""
+        raise InputError(f"{path} is incomplete: member {member} ({what}) is missing{more}",
+                         hint="the archive lost members (a partial copy or an edited file?); re-save it with "
+                              "torch.export.save")
     if not trusted:
-        found = inspect_archive(data, path)
         blocking = [f for f in found.findings if not (f.example_inputs and drop_example_inputs)]
         if blocking:
             first = blocking[0]

@@ -44,6 +44,7 @@ _ATEN_META_OF_FIRST: frozenset[Any] = frozenset(op for op in (
     _aten("zeros_like", "default"), _aten("ones_like", "default"), _aten("empty_like", "default"),
     _aten("full_like", "default"), _aten("new_zeros", "default"), _aten("new_ones", "default"),
     _aten("new_empty", "default"), _aten("new_full", "default"),
+    _aten("_assert_tensor_metadata", "default"),  # export's check of a cast's input dtype/shape (Olmo2's `.to`)
 ) if op is not None)
 """aten overloads (``torch.export`` graphs) reading only the metadata of their first argument."""
 

@@ -119,6 +119,6 @@ def run_batches(fn: Callable[..., Any], batches: Sequence[Batch]) -> list[list[t
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise InputError(f"{type(fn).__name__} failed on batch {k} (inputs {shapes}): "
                                  f"{type(exc).__name__}: {first}",
-                                 hint="check the inputs' shapes and dtypes against the model's") from None
+                                 hint="check the inputs' shapes and dtypes against the model's") from exc
             out.append([t.detach().cpu() for t in flatten_outputs(result)])
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -42,7 +42,7 @@ class OutputStats:
     sum_sq_r64: float = 0.0
     sum_sq_t64: float = 0.0
     n_noise64: int = 0
-    sum_sq_noise64: float = 0.0
+    sum_sq_noise64: list[float] = field(default_factory=list)  # per storage-noise draw
     samples: int = 0
     top1: int = 0
     top5: int = 0
@@ -92,7 +92,8 @@ class OutputStats:
                 draws = [p.detach().double().cpu() for p in noise64 if tuple(p.shape) == tuple(t.shape)]
                 if draws:
                     self.n_noise64 += tm.numel()
-                    self.sum_sq_noise64 += sum(float(((p[m] - tm) ** 2).sum()) for p in draws) / len(draws)
+                    sums = [float(((p[m] - tm) ** 2).sum()) for p in draws]
+                    self.sum_sq_noise64 = _add_lists(self.sum_sq_noise64, sums)
         if r.dim() == 2 and r.shape[1] >= 2 and r.shape[0] > 0:
             self.classes = int(r.shape[1])
             self.samples += int(r.shape[0])
@@ -108,8 +109,9 @@ class OutputStats:
             self.shape, self.dtype, self.candidate_dtype = other.shape, other.dtype, other.candidate_dtype
         for name in ("elements", "compared", "sum_sq_err", "sum_sq_ref", "sum_sq_cand", "dot", "nan", "inf",
                      "reference_nan", "reference_inf", "nonfinite_mismatch", "not_close", "n64", "sum_sq_c64",
-                     "sum_sq_r64", "sum_sq_t64", "n_noise64", "sum_sq_noise64", "samples", "top1", "top5"):
+                     "sum_sq_r64", "sum_sq_t64", "n_noise64", "samples", "top1", "top5"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.sum_sq_noise64 = _add_lists(self.sum_sq_noise64, other.sum_sq_noise64)
         self.max_abs, self.max_rel = max(self.max_abs, other.max_abs), max(self.max_rel, other.max_rel)
         self.classes = self.classes or other.classes
 
@@ -137,7 +139,8 @@ class OutputStats:
         if self.n64:
             rmse_c = math.sqrt(self.sum_sq_c64 / self.n64)
             rmse_r = math.sqrt(self.sum_sq_r64 / self.n64)
-            noise = math.sqrt(self.sum_sq_noise64 / self.n_noise64) if self.n_noise64 else None
+            # S: the largest rmse of the draws (each draw is one storage rounding, as the fold's error is one)
+            noise = math.sqrt(max(self.sum_sq_noise64) / self.n_noise64) if self.n_noise64 else None
             bound = tol.bound(rmse_r, math.sqrt(self.sum_sq_t64 / self.n64), noise)
             rule = "fp64"
             if not rmse_c <= bound:
@@ -207,3 +210,9 @@ class OutputParity:
         if self.rmse_vs_fp64 is None or self.bound is None:
             return 0.0 if self.passed else math.inf
         return self.rmse_vs_fp64 / self.bound if self.bound > 0 else (0.0 if self.rmse_vs_fp64 == 0 else math.inf)
+
+
+def _add_lists(a: list[float], b: list[float]) -> list[float]:
+    """Elementwise sum of two per-draw accumulators (the shorter one padded with zeros)."""
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0.0) + (b[i] if i < len(b) else 0.0) for i in range(n)]

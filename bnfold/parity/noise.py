@@ -19,7 +19,7 @@ __all__ = ["STORAGE_DRAWS", "storage_noise64"]
 log = logging.getLogger(__name__)
 
 STORAGE_DRAWS = 4
-"""Seeded draws of the storage-rounding perturbation pooled into the storage noise ``S``."""
+"""Seeded draws of the storage-rounding perturbation; the storage noise ``S`` is the largest of their rmses."""
 
 
 def storage_noise64(reference: Any, batches: Sequence[Batch], draws: int = STORAGE_DRAWS, seed: int = 0

@@ -22,9 +22,10 @@ import numpy as np
 import onnx
 import torch
 
-from bnfold.parity import ParityReport, judge, run_batches
+from bnfold.parity import STORAGE_DRAWS, ParityReport, judge, run_batches
 
-__all__ = ["DYNAMIC_DIM", "OrtModel", "float64_copy", "onnx_parity", "random_onnx_inputs"]
+__all__ = ["DYNAMIC_DIM", "OrtModel", "float64_copy", "onnx_parity", "random_onnx_inputs", "storage_noise_onnx",
+           "ungroup_conv_transpose"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class OrtModel:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # a failure is raised (and reported) by the caller, not logged on stderr
         if threads:
             options.intra_op_num_threads = threads
         source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
@@ -167,7 +168,13 @@ def _macs(model: onnx.ModelProto) -> float:
 def reference64(model: onnx.ModelProto, batches: Sequence[tuple[torch.Tensor, ...]]
                 ) -> tuple[list[list[torch.Tensor]] | None, str]:
     """Outputs of the float64 copy of ``model`` and a note saying how they were computed (or why there are none)."""
-    m64 = float64_copy(model)
+    return _run64(float64_copy(model), model, batches)
+
+
+def _run64(m64: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence[tuple[torch.Tensor, ...]]
+           ) -> tuple[list[list[torch.Tensor]] | None, str]:
+    """Run the float64 graph ``m64`` (a copy of ``model``) on ``batches`` cast to float64: in ONNX Runtime, else in
+    ``onnx.reference`` when ``model`` is small enough; the outputs (None when neither can) and how they were made."""
     b64 = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in batches]
     try:
         return run_batches(OrtModel(m64), b64), "float64 reference: the ONNX graph in double, run by ONNX Runtime"
@@ -177,6 +184,7 @@ def reference64(model: onnx.ModelProto, batches: Sequence[tuple[torch.Tensor, ..
                else f"ONNX Runtime could not run the graph in double ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
     samples = sum(int(b[0].shape[0]) if b and b[0].dim() else 1 for b in batches)
+    m64 = ungroup_conv_transpose(m64)
     if _macs(model) * samples > REFERENCE_EVAL_MACS:
         return None, (f"no float64 reference: {why}, and the model is too large for onnx.reference; verdict by the "
                       "elementwise assert_close tolerances")
@@ -190,6 +198,136 @@ def reference64(model: onnx.ModelProto, batches: Sequence[tuple[torch.Tensor, ..
                       f"{first}); verdict by the elementwise assert_close tolerances")
 
 
+def infer_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value ONNX's shape inference can type (inputs, outputs, node outputs)."""
+    try:
+        found = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        found = model
+    g = found.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.output, *g.value_info]
+            if vi.type.HasField("tensor_type")}
+
+
+def storage_noise_onnx(model: onnx.ModelProto, batches: Sequence[tuple[torch.Tensor, ...]],
+                       draws: int = STORAGE_DRAWS, seed: int = 0) -> list[list[list[torch.Tensor]]]:
+    """The measured storage noise ``S`` of the float64 rule (:func:`bnfold.parity.storage_noise64`, stated in
+    :mod:`bnfold.parity`) for an ONNX graph: outputs (per draw, per batch) of float64 copies of ``model`` in which
+
+    * every floating initializer read by a *layer* — a node reading a floating initializer of rank ≥ 2 (conv,
+      conv-transpose, Gemm, MatMul weights) — and the bias an ``Add`` applies to a layer's output is multiplied by
+      ``1 + δ``, ``δ`` uniform in ``[−u_s, u_s]`` per element (``u_s`` of the model's storage dtype);
+    * every floating value a node writes is multiplied the same way (``1 + RandomUniformLike``, seeded per node and
+      draw): ONNX Runtime stores each node's output in the model's dtype, and a normalization written as a dozen
+      elementwise nodes (``ReduceMean``, ``Sub``, ``Div``, …) rounds a dozen times where torch's one module rounds
+      once;
+
+    the torch back end's two roundings (every layer weight a fold may rewrite, every stored output), found by what
+    the nodes read since an ONNX graph has no modules. Empty when a noisy copy cannot run.
+    :func:`onnx_parity` measures it only when the analytic bound fails (ill-conditioned models: a norm over two
+    features whose inputs nearly cancel makes one sample decide the rmse)."""
+    from onnx import helper, numpy_helper
+
+    from bnfold.parity.tolerance import storage_roundoff
+
+    floats = [t for t in model.graph.initializer if t.data_type in _FLOATS]
+    if not floats:
+        return []
+    dtype = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}.get(
+        floats[0].data_type, torch.float32)
+    u = storage_roundoff(dtype)
+    rank = {t.name: len(t.dims) for t in floats}
+    layers = [n for n in model.graph.node if any(rank.get(i, 0) >= 2 for i in n.input)]
+    layer_outputs = {o for n in layers for o in n.output}
+    perturbed = {i for n in layers for i in n.input if i in rank}
+    perturbed |= {i for n in model.graph.node if n.op_type == "Add" and any(i in layer_outputs for i in n.input)
+                  for i in n.input if i in rank}
+    inferred = infer_types(model)
+    computing = {n.output[0] for n in model.graph.node if n.output and inferred.get(n.output[0]) in _FLOATS}
+    gen = np.random.default_rng(seed)
+    out = []
+    for draw in range(draws):
+        m64 = float64_copy(model)
+        g = m64.graph
+        for k, t in enumerate(g.initializer):
+            if t.name in perturbed:
+                a = numpy_helper.to_array(t)
+                g.initializer[k].CopyFrom(numpy_helper.from_array(a * (1 + u * gen.uniform(-1, 1, a.shape)), t.name))
+        nodes: list[onnx.NodeProto] = []
+        for j, n in enumerate(g.node):
+            if not n.output or n.output[0] not in computing:
+                nodes.append(n)
+                continue
+            final, raw = n.output[0], f"{n.output[0]}__exact"
+            n.output[0] = raw
+            noise = f"{final}__noise"
+            nodes += [n, helper.make_node("RandomUniformLike", [raw], [noise], low=-u, high=u,
+                                          dtype=onnx.TensorProto.DOUBLE, seed=float(draws * j + draw + seed)),
+                      helper.make_node("Add", [noise, f"{final}__one"], [f"{final}__factor"]),
+                      helper.make_node("Mul", [raw, f"{final}__factor"], [final])]
+            g.initializer.append(numpy_helper.from_array(np.array(1.0), f"{final}__one"))
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.value_info[:]  # the renamed values: let shape inference find them again
+        outputs, _ = _run64(m64, model, batches)
+        if outputs is None:
+            return []
+        out.append(outputs)
+    return out
+
+
+def ungroup_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every grouped ``ConvTranspose`` (constant weight) written as ``Split`` → one ``ConvTranspose``
+    per group → ``Concat`` — exactly the same function: a grouped conv is its groups side by side. For
+    ``onnx.reference``, whose ``ConvTranspose`` reshapes the whole weight for each group and fails on ``group > 1``
+    (onnx 1.23: "cannot reshape array of size 18 into shape (1,1,9)"); without this, such models got no float64
+    reference and were judged by the elementwise tolerances (found by the ONNX fuzzer, seed 83)."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    grouped = [n for n in model.graph.node if n.op_type == "ConvTranspose" and n.domain in ("", "ai.onnx")
+               and next((a.i for a in n.attribute if a.name == "group"), 1) > 1 and n.input[1] in inits
+               and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits)]
+    if not grouped:
+        return model
+    targets = {n.output[0] for n in grouped}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        if n.op_type != "ConvTranspose" or n.output[0] not in targets:
+            nodes.append(n)
+            continue
+        groups = next(a.i for a in n.attribute if a.name == "group")
+        w = numpy_helper.to_array(inits[n.input[1]])
+        b = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
+        cin, cout = w.shape[0] // groups, w.shape[1]
+        tag = f"{n.output[0]}__group"
+        split = g.initializer.add()
+        split.CopyFrom(numpy_helper.from_array(np.full(groups, cin, np.int64), f"{tag}_split"))
+        parts = [f"{tag}{k}_in" for k in range(groups)]
+        nodes.append(helper.make_node("Split", [n.input[0], split.name], parts, axis=1))
+        attrs = [a for a in n.attribute if a.name != "group"]
+        outs = []
+        for k in range(groups):
+            wk = g.initializer.add()
+            wk.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w[k * cin:(k + 1) * cin]), f"{tag}{k}_w"))
+            ins = [parts[k], wk.name]
+            if b is not None:
+                bk = g.initializer.add()
+                bk.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(b[k * cout:(k + 1) * cout]), f"{tag}{k}_b"))
+                ins.append(bk.name)
+            node = helper.make_node("ConvTranspose", ins, [f"{tag}{k}_out"])
+            node.attribute.extend(attrs)
+            nodes.append(node)
+            outs.append(node.output[0])
+        nodes.append(helper.make_node("Concat", outs, [n.output[0]], axis=1))
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
 def rounding_depth(model: onnx.ModelProto) -> int:
     """``D`` of the float64 rule's floor: floating initializers of rank ≥ 2 (conv/matmul weights), at least 1."""
     return max(1, sum(1 for t in model.graph.initializer if len(t.dims) >= 2 and t.data_type in _FLOATS))
@@ -197,10 +335,11 @@ def rounding_depth(model: onnx.ModelProto) -> int:
 
 def onnx_parity(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.ModelProto | str | os.PathLike[str],
                 batches: Sequence[tuple[torch.Tensor, ...]] | None = None, *, seed: int = 0,
-                random_batches: bool = False) -> ParityReport:
+                random_batches: bool = False, reference: OrtModel | None = None) -> ParityReport:
     """Run ``original`` and ``folded`` with ONNX Runtime on ``batches`` (random when None) and judge parity with the
     float64 rule when a float64 reference can be computed (module docstring), else elementwise.
-    ``random_batches``: the given batches are random ones (shaped by ``--input-shape``), not the user's data."""
+    ``random_batches``: the given batches are random ones (shaped by ``--input-shape``), not the user's data.
+    ``reference``: an ONNX Runtime session of ``original`` made earlier (else one is made here)."""
     orig = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
     source = "random" if random_batches else "user"
     notes: list[str] = []
@@ -213,10 +352,11 @@ def onnx_parity(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx
         notes.append(f"no inputs were given: compared on random inputs ({'; '.join(described)}, seed {seed}; "
                      f"dynamic dimensions set to {DYNAMIC_DIM}); parity on random data says little about your data "
                      "— pass real batches")
-    ref_out = run_batches(OrtModel(orig), batches)
+    ref_out = run_batches(reference or OrtModel(orig), batches)
     cand_out = run_batches(OrtModel(folded if isinstance(folded, onnx.ModelProto) else str(folded)), batches)
     ref64, note = reference64(orig, batches)
-    report, _ = judge(ref_out, cand_out, ref64, depth=rounding_depth(orig))
+    report, _ = judge(ref_out, cand_out, ref64, depth=rounding_depth(orig),
+                      storage_noise=lambda: storage_noise_onnx(orig, batches))
     report.inputs = source
     report.notes.extend(notes)
     report.notes.append(note)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bnfold.passes.absorb_bias import AbsorbBias
 from bnfold.passes.canonicalize import Canonicalize
 from bnfold.passes.constant_fold import ConstantFold
 from bnfold.passes.context import PassContext
+from bnfold.passes.correct_bias import CorrectBias
 from bnfold.passes.drop_dead_state import DropDeadState
 from bnfold.passes.engine import (
     Candidate,
@@ -27,6 +29,7 @@ from bnfold.passes.engine import (
     Until,
     Verify,
 )
+from bnfold.passes.equalize import Equalize
 from bnfold.passes.fold_into_consumer import FoldIntoConsumer
 from bnfold.passes.fold_into_embedding import FoldIntoEmbedding
 from bnfold.passes.fold_into_producer import FoldIntoProducer
@@ -40,13 +43,17 @@ from bnfold.passes.split_norms import SplitNormAffine
 __all__ = [
     "FINALIZE",
     "FIXED_POINT",
+    "QUANTIZE_PREP",
+    "AbsorbBias",
     "Candidate",
     "Canonicalize",
     "Category",
     "Change",
     "ConstantFold",
+    "CorrectBias",
     "DropDeadState",
     "DumpIR",
+    "Equalize",
     "Fail",
     "FoldIntoConsumer",
     "FoldIntoEmbedding",
@@ -85,6 +92,13 @@ FIXED_POINT: tuple[type[Pass], ...] = (
 FINALIZE: tuple[type[Pass], ...] = (
     LowerAffines,       # leftovers → add / mul / addcmul, or back into their norm
     DropDeadState,      # dead nodes, parameters, buffers, submodules
+)
+
+# Quantization preparation (bnfold.quantize), on a folded graph: each pass to its own fixed point, in this order.
+QUANTIZE_PREP: tuple[type[Pass], ...] = (
+    Equalize,           # W1[i]/s_i, b1[i]/s_i, W2[:, i]·s_i across positively homogeneous ops (exact)
+    AbsorbBias,         # b1 − c, b2 + W2·c across the activation (exact where the pre-activation ≥ c)
+    CorrectBias,        # b − E[ΔW x] for the int8 weight error ΔW (changes the float model on purpose)
 )
 
 

@@ -23,8 +23,10 @@ from bnfold.ir.affine_math import bn_affine
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.batchnorm import BatchNormSite, batchnorm_site, batchnorm_sites
 from bnfold.ir.graph import fetch_attr, module_class, module_path
+from bnfold.ir.moments import bn_moments, set_moments
 from bnfold.ir.norms import handwritten_norm
 from bnfold.ir.ops import is_channel_affine
+from bnfold.passes.constant_fold import model_tensors
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Candidate, Category, Change, PassResult
 from bnfold.passes.rule import Fail, Rule
@@ -91,6 +93,7 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
         assert isinstance(x, torch.fx.Node)
         a, b = site.affine or bn_affine(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
         affine = ctx.insert_affine(x, a, b, 1, before=site.node, sources=(site.id,))
+        set_moments(affine, bn_moments(site.running_var, site.weight, site.bias, site.eps))  # for data-free int8 prep
         ctx.replace_all_uses(site.output, affine)
         if site.output is not site.node:
             for u in list(site.node.users):  # the output getitem and unused saved-statistics getitems
@@ -101,10 +104,11 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
 
 
 def _parameter_affine(ctx: PassContext, node: torch.fx.Node, cls: str | None) -> TracedNorm | None:
-    """A per-channel affine whose constant is a parameter/buffer of the model (not one bnfold made)."""
-    params = [str(a.target) for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-              and not str(a.target).startswith("_bnfold") and isinstance(fetch_attr(ctx.gm, str(a.target)),
-                                                                          torch.Tensor)]
+    """A per-channel affine whose constant is a parameter/buffer of the model, or computed from exactly one
+    (Gemma's ``1 + weight``, folded by :mod:`~bnfold.passes.constant_fold`) — not one bnfold made."""
+    params = [t for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+              and isinstance(fetch_attr(ctx.gm, str(a.target)), torch.Tensor)
+              for t in _one(model_tensors(a))]
     if not params:
         return None
     owner, _, leaf = params[0].rpartition(".")
@@ -119,6 +123,10 @@ def _parameter_affine(ctx: PassContext, node: torch.fx.Node, cls: str | None) ->
     else:
         kind = f"per-channel {'scale' if _is_scale(view) else 'affine'} by '{leaf}' ({where}elementwise)"
     return TracedNorm(node, path, kind, path)
+
+
+def _one(targets: tuple[str, ...]) -> tuple[str, ...]:
+    return targets if len(targets) == 1 else ()
 
 
 def _is_scale(view: AffineView) -> bool:

@@ -38,7 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.ir.graph import fetch_attr, node_shape, normalized_kwargs
+from bnfold.ir.graph import fetch_attr, node_dtype, node_shape, normalized_kwargs
 from bnfold.ir.uses import nodes_in, reads_values
 
 __all__ = ["CAT", "Affine", "Crossing", "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split",
@@ -274,6 +274,11 @@ _MAX_FUNCS: set[Any] = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max
                         F.adaptive_max_pool3d, aten.max_pool1d.default, aten.max_pool2d.default,
                         aten.max_pool3d.default, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d}
 _RELU_FUNCS: set[Any] = {F.relu, torch.relu, aten.relu.default, "relu"}
+_CASTS: set[Any] = {"to", "type_as", "type", "float", "double", "half", "bfloat16", aten._to_copy.default,
+                    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
+"""Casts (``(x * w).type_as(x)``, Gemma's RMSNorm): the identity on values between floating dtypes of the same
+width; between floating dtypes of other widths a fold moves the affine to the other side of the rounding, which
+the parity rule of the wider dtype judges like any fold into a narrower layer."""
 _DROPOUT_FUNCS: set[Any] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, aten.dropout.default, torch.dropout}
 _RESHAPE: set[Any] = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, aten.view.default, aten.reshape.default,
@@ -340,6 +345,17 @@ def _select_transfer(node: torch.fx.Node, in_shape: tuple[int, ...], out_shape: 
     if tuple(probe.shape) != out_shape:
         return f"'{node.name}' selects a shape its metadata does not record"
     return index_transfer(in_shape, out_shape, fn)
+
+
+def _float_cast(node: torch.fx.Node) -> str | None:
+    """None when ``node`` casts a floating tensor to a floating dtype (or only moves it), else why not."""
+    x = node.args[0] if node.args else None
+    src, dst = node_dtype(x), node_dtype(node)
+    if src is None or dst is None:
+        return f"'{node.name}' casts between dtypes that are not known (shapes not propagated)"
+    if not (src.is_floating_point and dst.is_floating_point):
+        return f"'{node.name}' casts {src} to {dst}: an affine does not commute with a cast to or from integers"
+    return None
 
 
 def _arg(node: torch.fx.Node, gm: torch.fx.GraphModule, name: str, default: Any) -> Any:
@@ -454,6 +470,9 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node, in_shape: tuple[int
         if training:
             return f"dropout '{node.name}' runs in training mode"
         return same(in_shape, out_shape, no_check)
+    if target in _CASTS:
+        why = _float_cast(node)
+        return why or same(in_shape, out_shape, no_check)
     if target in _VALUE_FUNCS and same_rank:
         check = no_check if target in ("contiguous", "clone", torch.clone, aten.clone.default,
                                         aten.contiguous.default, aten.alias.default) else spatial_axis_guard(no_check)

@@ -21,7 +21,7 @@ from bnfold.ir.graph import fetch_attr, node_dtype
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change, PassResult
 
-__all__ = ["ConstantFold"]
+__all__ = ["DERIVED_FROM", "ConstantFold", "model_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ def _promote(v: Any) -> Any:
     return v
 
 
+DERIVED_FROM = "bnfold_derived_from"
+"""``node.meta`` key of a folded constant: the model's parameters/buffers it was computed from (Gemma's RMSNorm
+scale ``1 + weight`` comes from ``...input_layernorm.weight``), so it is reported as theirs."""
+
+
+def model_tensors(node: torch.fx.Node) -> tuple[str, ...]:
+    """The model's parameters/buffers behind the ``get_attr`` ``node``: its own target, unless bnfold made it
+    (``_bnfold…``), then the ones it was folded from (:data:`DERIVED_FROM`)."""
+    if node.op != "get_attr":
+        return ()
+    if not str(node.target).startswith("_bnfold"):
+        return (str(node.target),)
+    return tuple(node.meta.get(DERIVED_FROM, ()))
+
+
 class ConstantFold:
     """Evaluate constant sub-graphs in float64 and replace them by one constant each.
 
@@ -60,12 +75,14 @@ class ConstantFold:
     def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
         gm = ctx.gm
         values: dict[torch.fx.Node, Any] = {}
+        origins: dict[torch.fx.Node, tuple[str, ...]] = {}  # the model's tensors each value is computed from
 
         def value_of(n: torch.fx.Node) -> Any:
             if n not in values and n.op == "get_attr":
                 v = fetch_attr(gm, str(n.target))
                 if isinstance(v, torch.Tensor):
                     values[n] = _promote(v)
+                    origins[n] = model_tensors(n)
             return values.get(n)
 
         for node in worklist:
@@ -88,6 +105,7 @@ class ConstantFold:
                 continue
             if isinstance(out, torch.Tensor):
                 values[node] = out
+                origins[node] = tuple(dict.fromkeys(t for n in inputs for t in origins.get(n, ())))
 
         result = PassResult()
         computed = [n for n in values if n.op != "get_attr"]
@@ -99,6 +117,8 @@ class ConstantFold:
                 continue
             ctx.current = node
             const = ctx.constant(values[node].to(dtype), f"const_{node.name}", before=node)
+            if origins.get(node):
+                const.meta[DERIVED_FROM] = origins[node]
             ctx.replace_all_uses(node, const)
             result.changes.append(Change(self.name, node.name,
                                          f"constant expression folded (float64) into {const.target}",

@@ -65,6 +65,10 @@ class Category(enum.StrEnum):
     LOWER = "lower"  # an affine no rule could fold became a plain op again
     CANONICALIZE = "canonicalize"  # a graph rewritten into the canonical form, same meaning
     CLEANUP = "cleanup"  # dead nodes and state removed
+    # quantization preparation (passes.QUANTIZE_PREP); none of these counts a candidate as folded:
+    EQUALIZE = "equalize"  # cross-layer equalization: channel scales moved between two layers, same function
+    ABSORB = "absorb"  # a bias moved across an activation into the next layer (exact where the activation is linear)
+    CORRECT = "correct"  # a bias corrected for the expected output shift of int8 weights (changes the float model)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch.fx
 from bnfold.ir.affine_math import fold_into_producer
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.linear_ops import LinearOp
+from bnfold.ir.moments import moments_of, set_moments
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import FOLDED_KEY, Category, Change
 from bnfold.passes.fold_targets import producer_target, replace_params, untie_note
@@ -43,5 +44,7 @@ class FoldIntoProducer(Rule[AffineView, LinearOp]):
         untied = untie_note(ctx, plan)
         where = replace_params(ctx, plan, w, b)
         plan.node.meta[FOLDED_KEY] = (*plan.node.meta.get(FOLDED_KEY, ()), *m.sources)
+        before = moments_of(plan.node)  # the op's output is now A(output): what BN statistics say about it
+        set_moments(plan.node, moments_of(m.node) or (before.affine(m.a, m.b) if before is not None else None))
         ctx.bypass(m.node, plan.node)
         return [self.change(m.node, f"folded into {plan.describe()}{untied}", m.sources, into=where)]

@@ -12,6 +12,7 @@ import torch.fx
 
 from bnfold.ir.affine_math import compose
 from bnfold.ir.affine_view import AffineView
+from bnfold.ir.moments import moments_of, set_moments
 from bnfold.ir.uses import value_users
 from bnfold.passes.context import PassContext
 from bnfold.passes.engine import Category, Change
@@ -60,6 +61,8 @@ class MergeAffines(Rule[Pair, str]):
         a, b = compose(v1.a, v1.b, v2.a, v2.b)
         sources = tuple(dict.fromkeys(v1.sources + v2.sources))
         merged = ctx.insert_affine(v1.x, a, b, v2.axis, before=v2.node, sources=sources)
+        inner = moments_of(v1.node)
+        set_moments(merged, moments_of(v2.node) or (inner.affine(v2.a, v2.b) if inner is not None else None))
         ctx.bypass(v2.node, merged)
         ctx.bypass(v1.node, v1.x)
         return [self.change(merged, f"merged '{v1.node.name}' and '{v2.node.name}' into one affine", sources,

@@ -62,9 +62,9 @@ _MAX_PROTO_BYTES = 2**31 - 1
 def _require(module: str) -> Any:
     try:
         return __import__(module)
-    except ImportError:
+    except ImportError as exc:
         raise BnfoldError(f"the ONNX target needs the '{module}' package, which is not installed",
-                          hint="pip install 'bnfold[onnx]'") from None
+                          hint="pip install 'bnfold[onnx]'") from exc
 
 
 class StaticBatchWarning(UserWarning):
@@ -295,7 +295,7 @@ def check_external_data(path: Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise InputError(f"{path} is not a readable ONNX model: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"{path} is not a readable ONNX model: {type(exc).__name__}: {exc}") from exc
     folder = os.path.realpath(path.parent)
     for tensor in _get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -316,6 +316,23 @@ def is_bnfold_onnx(path: Path) -> bool:
     except Exception:
         return False
     return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+
+def is_bnfold_onnx_data(path: Path) -> bool:
+    """``path`` (``OUT.onnx.data``) is the external data of an ONNX file bnfold wrote: the model beside it
+    (``OUT.onnx``) is bnfold's and its external tensors reference exactly this file."""
+    from bnfold.io.references import onnx_external_files
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or not path.name.endswith(".data"):
+        return False
+    model = path.with_name(path.name[: -len(".data")])
+    if not model.is_file() or not is_bnfold_onnx(model):
+        return False
+    try:
+        return onnx_external_files(model) == [path]
+    except Exception:
+        return False
 
 
 class OnnxRuntimeModel:
@@ -341,7 +358,7 @@ class OnnxRuntimeModel:
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:
             raise InputError(f"{self.path} could not be loaded by ONNX Runtime: {type(exc).__name__}: {exc}",
-                             hint="is it an ONNX model file? was it truncated?") from None
+                             hint="is it an ONNX model file? was it truncated?") from exc
         self._inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self._inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -396,7 +413,7 @@ class OnnxRuntimeModel:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise InputError(f"ONNX Runtime failed on {self.path.name}: {type(exc).__name__}: {first}",
                              hint="check the input shapes against the model's: "
-                                  + ", ".join(f"{i.name} {i.shape}" for i in self._inputs)) from None
+                                  + ", ".join(f"{i.name} {i.shape}" for i in self._inputs)) from exc
         return [torch.from_numpy(r) for r in results]
 
     def save(self, path: str | os.PathLike[str]) -> Path:

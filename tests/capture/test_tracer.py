@@ -177,3 +177,70 @@ def test_auto_falls_back_to_export_when_symbolic_capture_fails() -> None:
     assert result.report.capture == "export"
     assert "TensorCheck takes a tensor" in result.report.capture_alternatives["symbolic"]["error"]
     assert [e.path for e in result.report.folded] == ["norm"]
+
+
+# -- modules called by the model that are not its submodules (transformers 5.25's hub-kernel wrappers) ----------
+
+
+class _RotaryKernel(nn.Module):
+    """A parameter-free module standing for a function, as ``kernels.use_kernel_forward_from_hub`` makes of
+    ``transformers``' ``apply_rotary_pos_emb`` (5.25): called by the model, never registered in it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+_ROTATE = _RotaryKernel()  # held in a global
+_SCALE = nn.Linear(8, 8)  # a module with parameters, held in a global
+
+
+class CallsOutsideModules(Plain):
+    """LayerNorm → (a global parameter-free module) → (a global module with parameters) → (a module held in a
+    closure) → Linear: none of the three is a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shift = nn.LayerNorm(8)
+        with torch.no_grad():
+            shift.bias.fill_(0.5)
+        self.shifted = lambda h: shift(h)  # a closure: not registered either
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _ROTATE(self.norm(x))
+        return self.fc(self.shifted(_SCALE(h)) + h)
+
+
+class OutsideModuleThenBranch(CallsOutsideModules):
+    """The same, with a shape decision, so the guided tracer has to inline them too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 1:
+            x = x * 2
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("model_cls", [CallsOutsideModules, OutsideModuleThenBranch])
+def test_modules_outside_the_model_are_inlined_not_an_error(model_cls: type[nn.Module]) -> None:
+    """Regression (transformers 5.25, ``NameError: module is not installed as a submodule``): a module that the
+    model calls but does not hold is traced through as its forward; its weights become the graph's own copies, so
+    folding never writes into it, and symbolic capture folds what export folds."""
+    model = _randomize(model_cls())
+    outside = {k: v.clone() for k, v in _SCALE.state_dict().items()}
+    traced = symbolic_trace(model, (X,))
+    assert not [n for n in traced.module.graph.nodes if n.op == "call_module" and n.target not in ("norm", "fc")]
+    torch.testing.assert_close(traced.module(X), model(X), rtol=0, atol=0)
+    results = {mode: bnfold.fold(model, (X,), capture=mode) for mode in ("symbolic", "export")}
+    assert results["symbolic"].report.capture == "symbolic"
+    assert [e.path for e in results["symbolic"].report.folded] == [e.path for e in results["export"].report.folded]
+    for r in results.values():
+        assert compare(model, r.module, [X]).passed
+    for k, v in _SCALE.state_dict().items():
+        assert torch.equal(v, outside[k]), k  # the module outside the model is untouched
+
+
+def test_capture_error_keeps_its_cause() -> None:
+    """A wrapped failure is chained (``raise ... from``), so ``-v`` and a debugger show where it came from."""
+    with pytest.raises(CaptureError) as info:
+        capture(_randomize(ValueBranch()), (X,), "symbolic")
+    assert isinstance(info.value.__cause__, DataDependentControlFlow)

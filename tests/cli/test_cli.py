@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,24 @@ def test_truncated_pt2(pt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_verbose_and_debug_show_what_caused_an_error(pt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message stays one sentence for people; ``-v`` adds the wrapped library error, ``BNFOLD_DEBUG=1`` the
+    whole traceback (issue: ``CaptureError`` and friends lost their cause)."""
+    bad = tmp_path / "junk.pt2"  # a zip, but not what torch.export.load reads: its error is wrapped
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    assert main(["inspect", str(bad)]) == 2
+    assert "caused by" not in capsys.readouterr().err
+    assert main(["-v", "inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "  caused by: " in err and "Traceback" not in err
+    monkeypatch.setenv("BNFOLD_DEBUG", "1")
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "The above exception was the direct cause" in err
+
+
 def test_pickle_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "m.pt"
     torch.save(randomize_bn(Net()), str(path))
@@ -137,3 +156,24 @@ def test_every_summarized_command_is_registered_by_its_module() -> None:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([name, "--help"])
         assert exc.value.code == 0, name
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
+def test_issue28_ctrl_c_early_is_one_line_not_a_traceback(pt2: Path, tmp_path: Path, delay: float) -> None:
+    """Issue 28: Ctrl-C in the first ~1.5 s (while torch is imported) printed a traceback. At any point it is exit
+    130 and "bnfold: interrupted" (an import cut short may surface as another exception, e.g. numpy's
+    RecursionError: still an interrupt). A run that finished before the signal is fine too."""
+    import signal
+    import time
+
+    out = tmp_path / "o.pt2"
+    proc = subprocess.Popen([sys.executable, "-m", "bnfold.cli", "fold", str(pt2), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode in (0, 130), (proc.returncode, stderr)
+    if proc.returncode == 130:
+        assert stderr.strip().endswith("bnfold: interrupted") and not out.exists(), stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

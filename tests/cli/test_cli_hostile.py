@@ -1,6 +1,8 @@
 """Hostile and careless inputs through every subcommand, as a table: files, command, expected exit code and
 message. After every row: the marker a hostile payload would create does not exist, every file that was in
-the folder has the checksum it had before, and no stray file (partial output, staging folder) is left."""
+the folder (subfolders and ONNX external data included) has the checksum it had before, and no stray file (partial
+output, staging folder) is left; the message is for people (no traceback, no "internal error", no "check the
+warnings above" without warnings)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,21 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hostile_files import build_files
+from hostile_files import TVM_BREAKS, break_tvm_folder, build_files, build_tvm_artifact
 
 from bnfold.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
+TVM_WHY = {"truncated-so": "model.so is truncated",  # was SIGBUS in dlopen
+           "random-so": "model.so is not a shared library",  # was exit 3 (TVMError)
+           "foreign-so": "model.so",  # another library (its constructor would create the marker): was exit 3
+           "pickle-params": "params.pt is",  # unpickling it would create the marker: was exit 3
+           "no-signature": "manifest.json is not a valid bnfold TVM manifest: signature must be"}  # was KeyError
+assert set(TVM_WHY) == set(TVM_BREAKS)
+
 # id, command ({name} = the file's path in the row's folder, {d} = the folder), exit code, message fragment,
-# outputs the row may create (relative to the folder)
+# outputs the row creates (relative to the folder)
 ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     # -- code in model files -----------------------------------------------------------------------------------
     ("pt2-sample-inputs-fold", "fold {evil_inputs.pt2} -o {d}/o.pt2", 2, "data/sample_inputs/model.pt", ()),
@@ -86,8 +95,51 @@ ROWS: list[tuple[str, str, int, str, tuple[str, ...]]] = [
     ("arch-without-cuda", "compile {model.pt2} -o {d}/out --arch sm_90", 2, "only to --target cuda", ()),
     ("threshold-nan", "diagnose {model.pt2} --data {calib.npz} --threshold nan", 2, "--threshold", ()),
     ("batch-size-zero", "check {model.pt2} {model.pt2} --data {calib.npz} --batch-size 0", 2, "--batch-size", ()),
+    ("pt2-missing-member", "inspect {missing_weight.pt2}", 2, "is incomplete: member data/weights/", ()),
+    # -- ONNX external data follows the output rules (issue 28) ------------------------------------------------
+    ("onnx-renamed-model-data", "fold {orig.onnx} -o {d}/model.onnx", 2,
+     "model.onnx.data, the external data of the input", ()),
+    ("onnx-renamed-model-data-force", "fold {orig.onnx} -o {d}/model.onnx --force", 2, "the external data of the input",
+     ()),
+    ("onnx-users-data-file", "fold {ext.onnx} -o {d}/out.onnx", 2, "out.onnx.data (the external data of -o", ()),
+    ("onnx-users-data-file-force", "fold {ext.onnx} -o {d}/out.onnx --force", 2, "bnfold did not write it", ()),
+    ("onnx-data-symlink-to-input-data", "fold {ext.onnx} -o {d}/f.onnx --force", 2,
+     "ext.onnx.data, the external data of the input", ()),
+    ("onnx-optimize-into-data-folder", "optimize {nested.onnx} -o {d}/weights --force --target none", 2,
+     "the external data of the input", ()),
+    # -- compiled TVM folders the user trusts, broken (issue 28) ------------------------------------------------
+    *[(f"tvm-trusted-{how}", f"check {{model.pt2}} {{d}}/tvm_{how} --data {{calib.npz}} --batch-size 2 --trust-pickle "
+       "--no-localize", 2, f"{{d}}/tvm_{how}/{why}", ()) for how, why in TVM_WHY.items()],
+    # -- bad data and options on an .onnx model: checked before any work (issue 28) -----------------------------
+    ("onnx-fold-nan", "fold {bn.onnx} -o {d}/o.onnx --data {nan.npz}", 2, "sample 5 holds NaN", ()),
+    ("onnx-fold-inf", "fold {bn.onnx} -o {d}/o.onnx --data {inf.npz}", 2, "sample 9 holds Inf", ()),
+    ("onnx-fold-zero-samples", "fold {bn.onnx} -o {d}/o.onnx --data {zero.npz}", 2, "zero samples", ()),
+    ("onnx-fold-wrong-shape", "fold {bn.onnx} -o {d}/o.onnx --data {wrong_shape.npz}", 2,
+     "has shape (4, 5, 8, 8) but the model expects (N, 3, 8, 8)", ()),
+    ("onnx-fold-wrong-rank", "fold {bn.onnx} -o {d}/o.onnx --data {wrong_rank.npz}", 2, "rank 4", ()),
+    ("onnx-fold-int-data", "fold {bn.onnx} -o {d}/o.onnx --data {ints.npz}", 2, "is int64 but the model takes float32",
+     ()),
+    ("onnx-fold-mixed-batches", "fold {bn.onnx} -o {d}/o.onnx --data {mixed.pt}", 2, "batch 1", ()),
+    ("onnx-optimize-validate-nan", "optimize {bn.onnx} --validate {nan.npz} -o {d}/out --target none", 2,
+     "sample 5 holds NaN", ()),
+    ("onnx-input-shape-misfit", "fold {bn.onnx} -o {d}/o.onnx --input-shape 2,4,8,8", 2, "dimension 1 differs", ()),
+    ("onnx-custom-domain-op", "fold {custom.onnx} -o {d}/o.onnx", 2, "custom domain(s) com.example.vision", ()),
+    ("onnx-reparameterize", "fold {bn.onnx} -o {d}/o.onnx --reparameterize", 2,
+     "--reparameterize does not apply to an .onnx model", ()),
+    ("onnx-optimize-reparameterize", "optimize {bn.onnx} -o {d}/out --target none --reparameterize", 2,
+     "--reparameterize does not apply", ()),
+    ("onnx-capture", "inspect {bn.onnx} --capture export", 2, "--capture does not apply", ()),
+    ("onnx-trust-pickle", "fold {bn.onnx} -o {d}/o.onnx --trust-pickle", 2, "--trust-pickle does not apply", ()),
+    ("onnx-optimize-num-samples", "optimize {bn.onnx} -o {d}/out --target none --num-samples 4", 2,
+     "--num-samples does not apply", ()),
+    ("onnx-dtype", "fold {bn.onnx} -o {d}/o.onnx --input-shape 2,3,8,8 --dtype float16", 2, "--dtype float16", ()),
+    ("pt2-batch-size-is-for-onnx", "fold {model.pt2} -o {d}/o.pt2 --batch-size 4", 2, "applies to an .onnx model", ()),
     # -- what must still work --------------------------------------------------------------------------------------
     ("plain-pt2-folds", "fold {model.pt2} -o {d}/o.pt2", 0, "", ("o.pt2",)),
+    ("onnx-external-data-folds", "fold {ext.onnx} -o {d}/f.onnx --data {calib.npz}", 0, "parity PASS",
+     ("f.onnx", "f.onnx.data")),
+    ("tvm-trusted-intact", "check {model.pt2} {d}/tvm_intact --data {calib.npz} --batch-size 2 --trust-pickle "
+     "--no-localize", 0, "parity PASS", ()),
 ]
 
 
@@ -99,14 +151,35 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder, marker
 
 
+@pytest.fixture(scope="module")
+def tvm_artifact(library: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.pt2`` compiled untuned with TVM (outside the rows' folders; each TVM row copies and breaks it)."""
+    pytest.importorskip("tvm")
+    return build_tvm_artifact(library[0] / "model.pt2", tmp_path_factory.mktemp("tvm") / "art")
+
+
 def _sums(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(folder.rglob("*")) if not p.is_symlink()}
 
 
-def _prepare(row_id: str, library: Path, d: Path) -> None:
+def _prepare(row_id: str, library: Path, d: Path, request: pytest.FixtureRequest, marker: Path) -> None:
     for p in library.iterdir():
         shutil.copy2(p, d / p.name)
+    if row_id.startswith("tvm-trusted-"):
+        how = row_id.removeprefix("tvm-trusted-")
+        files = {p.name: d / p.name for p in d.iterdir()}
+        break_tvm_folder(request.getfixturevalue("tvm_artifact"), d / f"tvm_{how}", how, files, marker)
+    if row_id == "onnx-data-symlink-to-input-data":  # the output's data file is a link to the input's
+        os.symlink(d / "ext.onnx.data", d / "f.onnx.data")
+    if row_id == "onnx-optimize-into-data-folder":  # the model keeps its data in a subfolder: weights/w.bin
+        import onnx
+        from helpers import onnx_conv_bn
+
+        (d / "weights").mkdir()
+        onnx.save_model(onnx_conv_bn(), str(d / "nested.onnx"), save_as_external_data=True, location="weights/w.bin",
+                        size_threshold=0)
+        (d / "weights" / ".bnfold-output.json").write_text('{"writer": "bnfold", "entries": ["w.bin"]}')
     if row_id == "tvm-folder-untrusted":  # a compiled folder whose model.so runs code when loaded
         (d / "art_tvm").mkdir()
         shutil.copy2(d / "evil_tvm.so", d / "art_tvm" / "model.so")
@@ -126,20 +199,22 @@ def _prepare(row_id: str, library: Path, d: Path) -> None:
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_hostile_input(row: tuple[str, str, int, str, tuple[str, ...]], library: tuple[Path, Path],
-                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+                       tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
     row_id, command, code, fragment, creates = row
     folder, marker = library
-    _prepare(row_id, folder, tmp_path)
+    _prepare(row_id, folder, tmp_path, request, marker)
     before = _sums(tmp_path)
-    for p in folder.iterdir():
+    for p in [*folder.iterdir(), *tmp_path.iterdir()]:
         command = command.replace("{" + p.name + "}", str(tmp_path / p.name))
     argv = command.replace("{d}", str(tmp_path)).split()
     assert main(argv) == code, capsys.readouterr()
     out = capsys.readouterr()
     text = out.err if code == 2 else out.out
-    assert fragment in text, text
-    assert "Traceback" not in out.err
+    assert fragment.replace("{d}", str(tmp_path)) in text, text
+    for wrong in ("Traceback", "internal error", "warnings above"):
+        assert wrong not in out.err, out.err
     assert not marker.exists(), "code from a hostile file ran"
+    assert all((tmp_path / c).is_file() for c in creates), creates
     after = _sums(tmp_path)
     assert {k: v for k, v in after.items() if k not in creates} == before  # inputs intact, nothing stray
 

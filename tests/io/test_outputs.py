@@ -15,6 +15,7 @@ from helpers import randomize_bn
 from torch import nn
 
 from bnfold.cli import main
+from bnfold.errors import OutputError
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -65,6 +66,40 @@ def test_fold_on_a_full_disk_exits_2(pt2: Path, full_disk: Path, capsys: pytest.
 def test_optimize_on_a_full_disk_exits_2(pt2: Path, full_disk: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = full_disk / "deploy"
     assert main(["optimize", str(pt2), "-o", str(out), "--target", "none", "--no-onnx"]) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_issue28_optimize_with_room_for_the_reports_only_exits_2(full_disk: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 28: when folded.pt2 did not fit but the reports did, optimize recorded the write error as a failed
+    stage and published a folder holding only report.json/report.txt (exit 1). A full disk is exit 2 and publishes
+    nothing."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3)))  # ~150 KB
+    src = full_disk.parent / "big.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), str(src))
+    (full_disk / "filler").unlink()
+    (full_disk / "filler").write_bytes(b"\0" * (24 << 10))  # 40 KiB free: the reports fit, folded.pt2 does not
+    assert main(["optimize", str(src), "-o", str(full_disk / "deploy"), "--target", "none", "--no-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "folded.pt2" in err, err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("free_pages", [0, 1])
+def test_onnx_fold_with_external_data_on_a_full_disk_exits_2(full_disk: Path, capsys: pytest.CaptureFixture[str],
+                                                             free_pages: int) -> None:
+    """The data file and the model are published together or not at all (1 free page: the data file fits, the model
+    does not)."""
+    import onnx
+    from helpers import onnx_conv_bn
+
+    src = full_disk.parent / "in.onnx"
+    onnx.save_model(onnx_conv_bn(channels=16), str(src), save_as_external_data=True, location="in.onnx.data",
+                    size_threshold=0)
+    (full_disk / "filler").unlink()
+    (full_disk / "filler").write_bytes(b"\0" * ((64 - 4 * free_pages) << 10))
+    assert main(["fold", str(src), "-o", str(full_disk / "out.onnx"), "--input-shape", "2,3,8,8"]) == 2
     assert "disk is full" in capsys.readouterr().err
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
 
@@ -126,3 +161,70 @@ def test_force_replaces_only_bnfolds_own_output(pt2: Path, tmp_path: Path, capsy
     assert "notes.txt" in capsys.readouterr().err
     assert (deploy / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# -- files written together, and files the inputs reference (issue 28) ----------------------------------------------
+
+def _external_onnx(path: Path, location: str) -> Path:
+    """A small Conv→BN ONNX model at ``path`` whose weights live in ``location`` (beside it)."""
+    import onnx
+    from helpers import onnx_conv_bn
+
+    model = onnx_conv_bn()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path
+
+
+def test_the_plan_protects_the_files_an_input_references(tmp_path: Path) -> None:
+    """The renamed-model case: ``orig.onnx`` still reads ``model.onnx.data``; no output may be that file, by name or
+    through a symlink, and no output folder may contain it."""
+    from bnfold.errors import InputError
+    from bnfold.io.outputs import OutputPlan
+
+    src = _external_onnx(tmp_path / "orig.onnx", "model.onnx.data")
+    plan = OutputPlan([src])
+    with pytest.raises(InputError, match=r"model.onnx.data, the external data of the input .*orig.onnx"):
+        plan.file(tmp_path / "model.onnx.data", role="the external data of -o model.onnx")
+    os.symlink(tmp_path / "model.onnx.data", tmp_path / "alias.data")
+    with pytest.raises(InputError, match="external data of the input"):
+        plan.file(tmp_path / "alias.data", role="the external data of -o alias")
+    (tmp_path / "weights").mkdir()
+    nested = _external_onnx(tmp_path / "nested.onnx", "weights/w.bin")  # data in a subfolder of the model's
+    with pytest.raises(InputError, match=r"contains .*w\.bin, the external data of the input"):
+        OutputPlan([nested], force=True).folder(tmp_path / "weights")
+    assert plan.file(tmp_path / "fresh.onnx") == tmp_path / "fresh.onnx"
+
+
+def test_atomic_files_publish_together_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfold.io.outputs import atomic_files
+
+    model, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    model.write_text("old model")
+    data.write_text("old data")
+    with pytest.raises(RuntimeError), atomic_files([model, data]) as (m, d):  # the block fails: nothing moves
+        m.write_text("new model")
+        d.write_text("new data")
+        assert m.parent == d.parent != tmp_path and m.name == model.name  # final names, in a staging folder
+        raise RuntimeError("parity could not run")
+    assert (model.read_text(), data.read_text()) == ("old model", "old data")
+    real_replace, calls = os.replace, []
+
+    def replace_failing_on_the_model(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        calls.append(Path(dst).name)
+        if Path(src).parent.name != ".old" and Path(dst) == model:  # publishing the model itself
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("bnfold.io.outputs.os.replace", replace_failing_on_the_model)
+    with pytest.raises(OutputError, match="disk is full"), atomic_files([model, data]) as (m, d):
+        m.write_text("new model")
+        d.write_text("new data")
+    assert (model.read_text(), data.read_text()) == ("old model", "old data")  # the data put back too
+    assert calls.index("m.onnx.data", 2) < calls.index("m.onnx", 2)  # data placed first, model last
+    monkeypatch.setattr("bnfold.io.outputs.os.replace", real_replace)
+    with atomic_files([model, data]) as (m, d):
+        m.write_text("new model")
+        d.write_text("new data")
+    assert (model.read_text(), data.read_text()) == ("new model", "new data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no staging folder left

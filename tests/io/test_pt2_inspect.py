@@ -138,3 +138,27 @@ def test_archive_tricks_are_refused(files: tuple[dict[str, Path], Path], tmp_pat
         z.writestr("old/serialized_state_dict.pt", b"pickle")
     with pytest.raises(InputError, match=r"pre-2\.8"):
         load_model(old)
+
+
+def test_issue28_missing_member_is_named(files: tuple[dict[str, Path], Path], tmp_path: Path) -> None:
+    """Issue 28: a .pt2 missing a member said "Please check the warnings above for possible errors" (torch's words,
+    with its warnings silenced: none were printed). Every member torch's reader needs is now checked first and the
+    one missing is named, trusted or not."""
+    import zipfile
+
+    paths, _ = files
+    good = zipfile.ZipFile(paths["model.pt2"])
+    wanted = {"data/weights/weight_0": "conv.weight", "data/weights/model_weights_config.json": "weights",
+              "data/constants/model_constants_config.json": "constants", "models/model.json": "the program"}
+    for member, what in wanted.items():
+        cut = tmp_path / f"cut_{member.replace('/', '_')}.pt2"
+        with zipfile.ZipFile(cut, "w") as z:
+            for info in good.infolist():
+                if not info.filename.endswith(member):
+                    z.writestr(info.filename, good.read(info.filename))
+        for trusted in (False, True):
+            with pytest.raises(InputError, match="is incomplete") as err:
+                load_model(cut, trusted_pickle=trusted)
+            text = str(err.value)
+            assert what in text and "warnings above" not in text, text
+            assert member in text or member.startswith("models/"), text

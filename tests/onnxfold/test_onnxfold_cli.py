@@ -46,7 +46,7 @@ def test_fold_data_that_does_not_fit_the_model_exits_2(tmp_path: Path) -> None:
     out = tmp_path / "g.folded.onnx"
     r = subprocess.run([*BNFOLD, "fold", str(src), "-o", str(out), "--data", str(data)], capture_output=True,
                        text=True)
-    assert r.returncode == 2 and "takes 1 inputs" in r.stderr and not out.exists(), (r.stdout, r.stderr)
+    assert r.returncode == 2 and "the model takes 1" in r.stderr and not out.exists(), (r.stdout, r.stderr)
 
 
 def test_optimize_onnx_builds_tvm_with_a_dynamic_batch(tmp_path: Path) -> None:
@@ -74,3 +74,50 @@ def test_optimize_onnx_builds_tvm_with_a_dynamic_batch(tmp_path: Path) -> None:
     got = artifact(x)
     got = got[0] if isinstance(got, (tuple, list)) else got
     torch.testing.assert_close(got, OrtModel(out / "folded.onnx")(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def _sums(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_issue28_renamed_model_keeps_its_external_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 28: the exporter wrote model.onnx + model.onnx.data, the user renamed the model to orig.onnx (its tensors
+    still name model.onnx.data); ``bnfold fold orig.onnx -o model.onnx`` wrote its own external data over the file
+    orig.onnx reads (exit 0, "parity PASS", orig.onnx computed zeros afterwards). Now refused before any work."""
+    from bnfold.cli import main
+
+    model, shape = BUILT["bn_conv_pad0"]()
+    export(model, torch.randn(shape), tmp_path / "model.onnx", external=True)
+    (tmp_path / "model.onnx").rename(tmp_path / "orig.onnx")
+    before = _sums(tmp_path)
+    assert main(["fold", str(tmp_path / "orig.onnx"), "-o", str(tmp_path / "model.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "model.onnx.data, the external data of the input" in err, err
+    assert _sums(tmp_path) == before  # no model.onnx, no staging folder, the data untouched
+    assert main(["fold", str(tmp_path / "orig.onnx"), "-o", str(tmp_path / "model.onnx"), "--force"]) == 2
+    assert _sums(tmp_path) == before
+
+
+def test_folded_model_references_exactly_its_own_data_file(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``OUT.onnx`` + ``OUT.onnx.data``, every external tensor of OUT.onnx in OUT.onnx.data; ``--force`` replaces that
+    pair (bnfold's own), and a later output without external data removes the old data file with its model."""
+    from bnfold.cli import main
+    from bnfold.io.references import onnx_external_files
+
+    model, shape = BUILT["bn_flatten_gemm"]()  # a 2.8 KiB Gemm weight: kept outside (tensors of 1 KiB and more)
+    src = export(model, torch.randn(shape), tmp_path / "m.onnx", external=True)
+    out = tmp_path / "out.onnx"
+    inputs = _sums(tmp_path)
+    assert main(["fold", str(src), "-o", str(out)]) == 0
+    assert onnx_external_files(out) == [tmp_path / "out.onnx.data"]
+    assert main(["fold", str(src), "-o", str(out)]) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["fold", str(src), "-o", str(out), "--force"]) == 0
+    assert onnx_external_files(out) == [tmp_path / "out.onnx.data"]
+    inline = export(model, torch.randn(shape), tmp_path / "inline.onnx")
+    assert main(["fold", str(inline), "-o", str(out), "--force"]) == 0
+    assert onnx_external_files(out) == [] and not (tmp_path / "out.onnx.data").exists()
+    after = _sums(tmp_path)
+    assert {k: after[k] for k in inputs} == inputs and set(after) == {*inputs, "inline.onnx", "out.onnx"}

@@ -219,3 +219,36 @@ def test_functional_conv_with_ambiguous_schema_is_read_not_a_crash(capture_mode:
     model, x = _StdConvResidual().eval(), torch.randn(2, 4, 6, 6)
     result = bnfold.fold(model, (x,), capture=capture_mode, check=True)
     assert result.report.parity["passed"]
+
+
+class OnePlusWeightNorm(nn.Module):
+    """Gemma's RMSNorm (transformers ``GemmaRMSNorm``): the scale is ``1 + weight``, computed in float32 and cast
+    back with ``type_as`` after the multiply. Before: 0 candidates (the folded constant ``1 + w`` was taken for
+    one of bnfold's own), and then 'type_as does not commute'."""
+
+    def __init__(self, dim: int = 8, cast_to: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.5 * torch.randn(dim, generator=torch.Generator().manual_seed(3)))
+        self.fc = nn.Linear(dim, 4)
+        self.cast_to = cast_to
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = (h * (1.0 + self.weight.float())).type_as(x)
+        if self.cast_to is not None:  # a round trip through integers: no affine crosses it
+            h = h.to(self.cast_to).to(x.dtype)
+        return self.fc(h)
+
+
+def test_transformers_gemma_rmsnorm_one_plus_weight_folds_through_its_cast(capture_mode: str) -> None:
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
+    result = fold_and_check(OnePlusWeightNorm().eval(), (x,), capture_mode, folded=1)
+    (entry,) = result.report.folded
+    assert entry.path == "weight" and entry.kind.startswith("RMSNorm"), entry  # named by the parameter it comes from
+
+
+def test_an_integer_cast_blocks_the_fold_with_its_reason(capture_mode: str) -> None:
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
+    result = fold_and_check(OnePlusWeightNorm(cast_to=torch.int32).eval(), (x,), capture_mode, folded=0, left=1)
+    assert "torch.float32 to torch.int32" in result.report.skipped[0].reason, result.report

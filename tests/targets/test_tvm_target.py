@@ -321,6 +321,68 @@ def test_cross_compiled_cpu_artifact_saves_but_refuses_to_run_here(small, tmp_pa
         load_artifact(out)
 
 
+def _corrupt(name: str, out: Path, marker: Path) -> None:
+    """Break the saved artifact ``out`` the way ``name`` says (issue 28's hostile folders)."""
+    import pickle
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from hostile_files import evil_torch_save
+
+    lib, params, manifest = out / "model.so", out / "params.pt", json.loads((out / MANIFEST).read_text())
+    if name == "truncated-library":
+        lib.write_bytes(lib.read_bytes()[:20000])
+    elif name == "random-library":
+        lib.write_bytes(os.urandom(lib.stat().st_size))
+    elif name == "foreign-library":  # a real shared object of this host, not this build's
+        import _ctypes
+
+        shutil.copy(_ctypes.__file__, lib)
+    elif name == "pickle-params":  # unpickling it would create the marker
+        params.write_bytes(evil_torch_save(marker))
+    elif name == "plain-pickle-params":
+        params.write_bytes(pickle.dumps({"weights": 1}))
+    elif name == "wrong-count-params":
+        torch.save([torch.zeros(3)], params)
+    elif name == "no-signature":
+        del manifest["signature"]
+    elif name == "bad-input-spec":
+        manifest["signature"]["inputs"] = [{"shape": "2x3", "dtype": "float32"}]
+    elif name == "bad-num-params":
+        manifest["entry"]["num_params"] = "two"
+    if name.startswith(("truncated", "random", "foreign", "pickle", "plain", "wrong")) and "old" in out.name:
+        manifest.pop("integrity")  # an artifact without recorded checksums: the structural checks alone
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+CORRUPTIONS = {
+    "truncated-library": "truncated|bytes but the manifest records",
+    "random-library": "not a shared library|bytes but the manifest records|SHA-256",
+    "foreign-library": "bytes but the manifest records|TVM cannot load it",
+    "pickle-params": "bytes but the manifest records|weights_only=True",
+    "plain-pickle-params": "bytes but the manifest records|weights_only=True",
+    "wrong-count-params": r"bytes but the manifest records|does not hold the \d+ tensors",
+    "no-signature": "signature must be an object",
+    "bad-input-spec": "signature.inputs must be",
+    "bad-num-params": "entry.num_params must be a count",
+}
+
+
+@pytest.mark.parametrize("recorded", ["with-checksums", "old-without-checksums"])
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_issue28_broken_artifact_is_an_input_error_naming_the_file(small_artifact, tmp_path, name, recorded):
+    """Issue 28: a truncated model.so killed the process with SIGBUS inside dlopen; random bytes, another library, a
+    pickle as params.pt or a manifest without its signature were exit 3 (KeyError, TVMError, UnpicklingError). Each
+    is now an InputError naming the file — with the recorded checksums and, for older artifacts, without them."""
+    out = small_artifact.save(tmp_path / ("old" if recorded.startswith("old") else "art"))
+    marker = tmp_path / "MARKER"
+    _corrupt(name, out, marker)
+    with pytest.raises(InputError, match=CORRUPTIONS[name]) as err:
+        load_artifact(out)
+    assert str(out) in str(err.value)
+    assert not marker.exists()
+
+
 def test_load_rejects_non_artifacts(tmp_path):
     with pytest.raises(InputError, match="not a bnfold TVM artifact"):
         load_artifact(tmp_path)

@@ -19,4 +19,5 @@ SUMMARY: dict[str, tuple[str, str]] = {
     "diagnose": ("recalibrate_cmd", "compare stored BatchNorm statistics with what the layers see on data"),
     "compile": ("compile_cmd", "fold, then compile with TVM (llvm CPU or cuda) into a deployable folder"),
     "optimize": ("optimize_cmd", "recalibrate, fold, export ONNX, compile with TVM and verify, in one step"),
+    "quantize": ("quantize_cmd", "fold, equalize, correct biases and quantize to int8 ONNX (ONNX Runtime), verified"),
 }

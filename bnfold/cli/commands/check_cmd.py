@@ -74,9 +74,9 @@ def _load_tvm(path: Path, trusted: bool) -> Loaded:
     if load is None:
         try:
             from bnfold.targets.tvm import load_artifact as load
-        except ImportError:
+        except ImportError as exc:
             raise InputError(f"{path} is a folder; compiled TVM artifacts need bnfold's TVM target",
-                             hint="pip install 'bnfold[tvm]'") from None
+                             hint="pip install 'bnfold[tvm]'") from exc
     artifact = load(path)
     return Loaded(artifact, "tvm", path, None, dict(getattr(artifact, "build_info", {}) or {}))
 
@@ -250,11 +250,12 @@ def _describe(loaded: Loaded) -> dict[str, Any]:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     from bnfold.io.models import parse_shapes
-    from bnfold.io.outputs import check_output_file
+    from bnfold.io.outputs import OutputPlan
     from bnfold.targets.onnx import OnnxRuntimeModel, check_opset, export_onnx, is_bnfold_onnx
 
     check_opset(args.opset)
-    check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_onnx)
+    plan = OutputPlan([args.model], force=args.force)
+    plan.file(args.output, is_ours=is_bnfold_onnx)
     requested = parse_shapes(args.input_shape, args.dtype)
     loaded = load_model(args.model, trusted_pickle=args.trust_pickle, own_example_inputs=bool(args.input_shape))
     inputs = requested or loaded.example_inputs
@@ -263,7 +264,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if requested:
         check_input_shapes(loaded.module, requested, args.input_shape)
     out = export_onnx(loaded.module, inputs, args.output, simplify=not args.no_simplify,
-                      dynamic_batch=not args.static_batch, opset=args.opset, protect=[args.model])
+                      dynamic_batch=not args.static_batch, opset=args.opset, protect=plan.protect)
     report: ParityReport | None = None
     if not args.no_check:
         report = compare(loaded.module, OnnxRuntimeModel(out.path), None, example_inputs=inputs)

@@ -17,7 +17,7 @@ from bnfold.api import fold
 from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_model_args, check_cache_dir, check_target_options, load_with_inputs
 from bnfold.errors import InputError
-from bnfold.io.outputs import check_output_dir
+from bnfold.io.outputs import OutputPlan
 from bnfold.parity import compare
 from bnfold.report import json_safe
 from bnfold.targets import get_target
@@ -30,8 +30,8 @@ __all__ = ["register"]
 def _batch_range(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in text.replace(":", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX (e.g. 1,32)") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX (e.g. 1,32)") from exc
     return lo, hi
 
 
@@ -72,7 +72,8 @@ def _compile(args: argparse.Namespace) -> int:
     check_cache_dir(args.cache_dir)
     if onnx_cmd.is_onnx(args.model):
         return onnx_cmd.compile_onnx(args)
-    check_output_dir(args.output, [args.model], force=args.force, owned=artifact_entries)  # before any work
+    plan = OutputPlan([args.model], force=args.force)
+    plan.folder(args.output, owned=artifact_entries)  # before any work
     loaded, inputs = load_with_inputs(args)
     folded = fold(loaded.module, inputs, capture=args.capture)
     with warnings.catch_warnings(record=True) as caught:
@@ -92,7 +93,7 @@ def _compile(args: argparse.Namespace) -> int:
         parity = compare(folded.module, artifact, inputs)
         info["parity_vs_folded"] = parity.summary()
         passed = parity.passed
-    artifact.save(args.output, overwrite=args.force, protect=[args.model])
+    artifact.save(args.output, overwrite=args.force, protect=plan.protect)
     if args.json:
         print(json.dumps(json_safe(info), indent=2, default=str, allow_nan=False))
     else:

@@ -8,7 +8,8 @@ import sys
 from bnfold.api import fold, inspect
 from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_model_args, check_until, load_with_inputs
-from bnfold.io.outputs import check_output_file
+from bnfold.errors import InputError
+from bnfold.io.outputs import OutputPlan
 from bnfold.targets import get_target
 from bnfold.targets.torch import is_bnfold_pt2
 
@@ -57,19 +58,20 @@ def _inspect(args: argparse.Namespace) -> int:
 def _fold(args: argparse.Namespace) -> int:
     if onnx_cmd.is_onnx(args.model):
         return onnx_cmd.fold(args)
-    if args.data:
-        from bnfold.errors import InputError
-
-        raise InputError("--data (parity inputs) applies to an .onnx model here",
-                         hint="for a torch model, check parity on your data with `bnfold check` or `bnfold optimize "
-                              "--validate DATA`")
+    for given, spelled in ((args.data, "--data (parity inputs)"), (args.key, "--key"),
+                           (args.batch_size, "--batch-size")):
+        if given:
+            raise InputError(f"{spelled} applies to an .onnx model here",
+                             hint="for a torch model, check parity on your data with `bnfold check` or `bnfold "
+                                  "optimize --validate DATA`")
     check_until(args.until)
-    check_output_file(args.output, [args.model], force=args.force, is_ours=is_bnfold_pt2)
+    plan = OutputPlan([args.model], force=args.force)
+    plan.file(args.output, is_ours=is_bnfold_pt2)
     loaded, inputs = load_with_inputs(args)
     result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
                   dump_ir=sys.stderr if args.dump_ir else None, reparameterize=args.reparameterize)
     get_target("torch").lower(result.module, inputs, {"dynamic_shapes": result.dynamic_shapes}).save(
-        args.output, protect=[args.model])
+        args.output, protect=plan.protect)
     print(result.report.to_json() if args.json else result.report)
     if not args.json:
         print(f"\nwrote {args.output}")

@@ -1,73 +1,146 @@
 """``bnfold inspect|fold|optimize MODEL.onnx``: the CLI side of the ONNX fold (:mod:`bnfold.passes.onnx`).
 
-The torch commands hand a ``.onnx`` model here (:func:`is_onnx`); the options they share mean the same thing.
-``fold`` writes the folded model (external data kept external), then checks parity with ONNX Runtime; ``optimize``
-writes ``OUT_DIR/folded.onnx``, ``report.json`` and ``report.txt`` (and ``tvm/`` when a TVM target is asked for).
+The torch commands hand a ``.onnx`` model here (:func:`is_onnx`); the options they share mean the same thing, and
+those that mean nothing for an ONNX model (:data:`TORCH_ONLY`) are refused. Before any work: every output is planned
+(:class:`~bnfold.io.outputs.OutputPlan`: ``-o OUT.onnx`` and, when the input keeps external data, ``OUT.onnx.data``),
+the data is checked against the model's inputs, and ONNX Runtime loads the original. ``fold`` then folds, writes the
+folded model (external data kept external) to a staging folder beside ``OUT.onnx``, checks parity with ONNX Runtime
+there and publishes it; ``optimize`` writes ``OUT_DIR/folded.onnx``, ``report.json`` and ``report.txt`` (and
+``tvm/`` when a TVM target is asked for).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bnfold.errors import InputError
 
-__all__ = ["fold", "inspect", "is_onnx", "optimize", "parity_batches"]
+__all__ = ["TORCH_ONLY", "compile_onnx", "fold", "fold_onnx_file", "inspect", "is_onnx", "onnx_input_specs",
+           "optimize", "parity_batches", "refuse_torch_only"]
 
 
 def is_onnx(path: str | None) -> bool:
     return bool(path) and Path(str(path)).suffix.lower() == ".onnx"
 
 
-def _refuse_torch_only(args: argparse.Namespace) -> None:
-    for opt in ("until", "model_factory"):
-        if getattr(args, opt, None):
-            raise InputError(f"--{opt.replace('_', '-')} does not apply to an .onnx model")
-    if getattr(args, "dump_ir", False):
-        raise InputError("--dump-ir does not apply to an .onnx model")
+TORCH_ONLY: dict[str, tuple[str, object, str]] = {
+    "until": ("--until", None, "it names a pass of the torch pipeline"),
+    "dump_ir": ("--dump-ir", False, "it prints the torch.fx graph"),
+    "model_factory": ("--model-factory", None, "it loads a state_dict into a torch model"),
+    "factory_kwargs": ("--factory-kwargs", None, "it goes with --model-factory"),
+    "allow_missing_keys": ("--allow-missing-keys", False, "it goes with --model-factory"),
+    "reparameterize": ("--reparameterize", (None, False), "the ONNX rules fold normalizations only; merging "
+                       "parallel branches is done on a torch model"),
+    "capture": ("--capture", "auto", "it chooses how a torch model is captured"),
+    "trust_pickle": ("--trust-pickle", False, "an .onnx file is read without unpickling or running code"),
+    "num_samples": ("--num-samples", None, "it limits the calibration data, and an .onnx model is not recalibrated"),
+    "num_batches": ("--num-batches", None, "it limits the calibration data, and an .onnx model is not recalibrated"),
+    "mode": ("--mode", "batch", "it is the recalibration mode, and an .onnx model is not recalibrated"),
+    "no_onnx": ("--no-onnx", False, "it skips the ONNX export of a torch model; the model here is ONNX already"),
+}
+"""Options of the torch commands that do not apply to an ``.onnx`` model: ``dest → (spelling, value(s) meaning
+"not given", why)``. Given anyway, they are refused (exit 2) rather than silently ignored."""
+
+
+def refuse_torch_only(args: argparse.Namespace) -> None:
+    """Refuse every option in :data:`TORCH_ONLY` that ``args`` sets (before any work)."""
+    for dest, (spelled, unset, why) in TORCH_ONLY.items():
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value in (unset if isinstance(unset, tuple) else (unset,)):
+            continue
+        raise InputError(f"{spelled} does not apply to an .onnx model: {why}",
+                         hint=f"drop {spelled}, or pass the torch model (.pt2)")
+
+
+def onnx_input_specs(model: Any) -> list[Any] | None:
+    """What ``model`` takes, as :class:`~bnfold.io.data_checks.InputSpec` (static sizes exact, symbolic or unknown
+    ones ``None``); ``None`` when an input has no declared shape or an element type torch has no dtype for."""
+    from bnfold.io.data_checks import InputSpec
+    from bnfold.parity.ort import graph_inputs
+
+    specs = []
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        dtype = _torch_dtypes().get(tt.elem_type)
+        if dtype is None or not tt.HasField("shape"):
+            return None
+        specs.append(InputSpec(tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                                     for d in tt.shape.dim), dtype))
+    return specs
+
+
+@functools.cache
+def _torch_dtypes() -> dict[int, torch.dtype]:
+    """ONNX element type → torch dtype (built on first use: importing this module must not import onnx)."""
+    import onnx
+
+    t = onnx.TensorProto
+    return {t.FLOAT: torch.float32, t.DOUBLE: torch.float64, t.FLOAT16: torch.float16, t.BFLOAT16: torch.bfloat16,
+            t.INT64: torch.int64, t.INT32: torch.int32, t.INT16: torch.int16, t.INT8: torch.int8,
+            t.UINT8: torch.uint8, t.BOOL: torch.bool}
+
 
 
 def parity_batches(model: Any, args: argparse.Namespace, data: str | None = None
-                   ) -> list[tuple[torch.Tensor, ...]] | None:
-    """The user's batches for parity (``data``, cast to the model's floating input dtype), random ones shaped by
-    ``--input-shape``, or None (random inputs from the model's declared shapes)."""
-    from bnfold.parity.ort import NUMPY_DTYPES, graph_inputs
+                   ) -> tuple[list[tuple[torch.Tensor, ...]] | None, list[str]]:
+    """The user's batches for parity (``data``, checked against the model's inputs before any work — counts,
+    rank, static sizes, dtype kind, NaN/Inf, zero samples, mixed shapes, as for a ``.pt2`` — then cast to the
+    model's floating input dtype and split into batches), random ones shaped by ``--input-shape`` (checked the same
+    way), or None (random inputs from the model's declared shapes); and notes for the report."""
+    from bnfold.io.data import load_tensors, split_batches
+    from bnfold.io.data_checks import check_batches
 
-    specs = graph_inputs(model)
-    np_types = [NUMPY_DTYPES.get(s.type.tensor_type.elem_type) for s in specs]
-    float_dtype = next((torch.from_numpy(np.zeros(1, t)).dtype for t in np_types
-                        if t is not None and np.issubdtype(t, np.floating)), torch.float32)
+    specs = onnx_input_specs(model)
+    float_dtype = next((s.dtype for s in specs or () if s.dtype.is_floating_point), torch.float32)
+    asked = getattr(args, "dtype", None)
+    if asked not in (None, "float32") and asked != str(float_dtype).removeprefix("torch."):
+        raise InputError(f"--dtype {asked}: the model's inputs are {str(float_dtype).removeprefix('torch.')}",
+                         hint="drop --dtype: inputs for an .onnx model take its own dtype")
+    size = getattr(args, "batch_size", None)
+    if size is not None and size <= 0:
+        raise InputError(f"--batch-size must be positive, got {size}")
+    fixed = {s.sizes[0] for s in specs or () if s.sizes and s.sizes[0] is not None}
+    fixed_batch = next(iter(fixed)) if len(fixed) == 1 else None
+    if fixed_batch is not None and size is not None and size != fixed_batch:
+        raise InputError(f"{args.model} has a fixed batch size of {fixed_batch}; --batch-size {size} cannot run",
+                         hint=f"use --batch-size {fixed_batch}, or drop it")
+    notes: list[str] = []
     if data:
-        from bnfold.io.data import load_tensors, split_batches
-
-        raw = load_tensors(data, keys=getattr(args, "key", None), dtype=float_dtype)
-        dims = [s.type.tensor_type.shape.dim for s in specs]
-        fixed = {int(d[0].dim_value) for d in dims if len(d) and d[0].HasField("dim_value")}
-        default = next(iter(fixed)) if len(fixed) == 1 else 64  # a fixed-batch model runs only that batch size
-        batches = split_batches(raw, getattr(args, "batch_size", None) or default)
-        for b in batches:
-            if len(b) != len(specs):
-                raise InputError(f"{data} holds {len(b)} arrays per sample but the model takes {len(specs)} inputs "
-                                 f"({', '.join(s.name for s in specs)})")
-        return batches
+        keys = getattr(args, "key", None)
+        raw = load_tensors(data, keys=keys)
+        check_batches(raw, specs, data, names=keys)
+        cast = [tuple(t.to(float_dtype) if t.is_floating_point() else t for t in b) for b in raw]
+        batches = split_batches(cast, size or fixed_batch or 64)
+        if fixed_batch is not None and int(batches[-1][0].shape[0]) != fixed_batch:
+            notes.append(f"dropped the last {int(batches[-1][0].shape[0])} samples of {data} (the model's batch size "
+                         f"is fixed at {fixed_batch})")
+            batches = [b for b in batches if int(b[0].shape[0]) == fixed_batch]
+            if not batches:
+                raise InputError(f"{data} holds fewer samples than the model's fixed batch size {fixed_batch}")
+        return batches, notes
     shapes = getattr(args, "input_shape", None)
     if shapes:
         from bnfold.io.models import parse_shapes
 
         made = parse_shapes(shapes, str(float_dtype).removeprefix("torch."))
         assert made is not None
-        if len(made) != len(specs):
-            raise InputError(f"{len(made)} --input-shape given but the model takes {len(specs)} inputs "
-                             f"({', '.join(s.name for s in specs)})")
-        return [made]
-    return None
+        source = "--input-shape " + " ".join(shapes)
+        check_batches([made], specs, source)
+        if fixed_batch is not None and int(made[0].shape[0]) != fixed_batch:
+            raise InputError(f"{source}: the model's batch size is fixed at {fixed_batch}",
+                             hint=f"start the shape with {fixed_batch}")
+        return [made], notes
+    return None, notes
 
 
 def _json(report: Any) -> str:
@@ -79,25 +152,47 @@ def _json(report: Any) -> str:
 def inspect(args: argparse.Namespace) -> int:
     from bnfold.onnx_fold import fold_model, load_onnx
 
-    _refuse_torch_only(args)
+    refuse_torch_only(args)
     loaded = load_onnx(args.model)
     report = fold_model(loaded.model, base_dir=str(loaded.path.parent), dry_run=True)
     print(_json(report) if args.json else report.render(explain=args.explain))
     return 0
 
 
-def _fold_and_check(args: argparse.Namespace, dest: Path, protect: list[str], data: str | None = None) -> Any:
-    """Fold ``args.model`` into ``dest`` (checked, atomic) and judge parity with ONNX Runtime; the report."""
+def _runtime(model: Any, path: Path) -> Any:
+    """An ONNX Runtime session of the original model, made before any work: a model ONNX Runtime cannot load (an op
+    from a custom domain without its library, say) is refused here, not after the fold."""
+    from bnfold.parity.ort import OrtModel
+
+    try:
+        return OrtModel(model)
+    except Exception as exc:
+        custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml",
+                                                                                   "com.microsoft")})
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"ONNX Runtime cannot load {path}, so the fold could not be checked: {first}",
+                         hint=(f"ops of the custom domain(s) {', '.join(custom)} need their ONNX Runtime library; "
+                               if custom else "") + "bnfold folds only models ONNX Runtime can run") from exc
+
+
+def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], data: str | None = None
+                   ) -> tuple[Any, list[Path]]:
+    """Fold ``args.model`` into ``dest`` and judge parity with ONNX Runtime; the report and the files written.
+
+    The data is checked and ONNX Runtime loads the original before the fold; the folded model (and its external
+    data) is written to a staging folder beside ``dest``, checked there, and published only when no error occurred
+    (a parity *failure* is published, for inspection, and said in the report)."""
     import onnx
 
-    from bnfold.onnx_fold import file_size, fold_model, load_onnx, save_onnx
+    from bnfold.onnx_fold import file_size, fold_model, load_onnx, staged_onnx
     from bnfold.parity.ort import onnx_parity
     from bnfold.targets.onnx import METADATA_KEY
 
     loaded = load_onnx(args.model)
-    batches = parity_batches(loaded.model, args, data)  # before the fold: a bad --input-shape costs nothing
+    batches, notes = parity_batches(loaded.model, args, data)  # before the fold: bad data costs nothing
     original = onnx.ModelProto()
     original.CopyFrom(loaded.model)
+    reference = _runtime(original, loaded.path)
     report = fold_model(loaded.model, base_dir=str(loaded.path.parent))
     if not any(p.key == METADATA_KEY for p in loaded.model.metadata_props):  # how --force knows its own output
         from bnfold import __version__
@@ -105,55 +200,62 @@ def _fold_and_check(args: argparse.Namespace, dest: Path, protect: list[str], da
         meta = loaded.model.metadata_props.add()
         meta.key, meta.value = METADATA_KEY, json.dumps({"target": "onnx", "writer": "bnfold fold (ONNX graph)",
                                                            "version": __version__})
-    written = save_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold, protect=protect)
-    report.sizes = {"before": loaded.size, "after": sum(file_size(p) for p in written)}
-    if loaded.external:
-        report.notes.append(f"the input kept its weights in external data; so does the output ({written[-1].name})")
-    try:
-        parity = onnx_parity(original, dest, batches, random_batches=batches is not None and not data)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"ONNX Runtime could not run the model: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="check the inputs (--input-shape) against the model's inputs") from None
+    with staged_onnx(loaded.model, dest, external=loaded.external, threshold=loaded.threshold,
+                     protect=protect) as staged:
+        report.sizes = {"before": loaded.size, "after": sum(file_size(p) for p in staged)}
+        if len(staged) > 1:
+            report.notes.append(f"the input kept its weights in external data; so does the output "
+                                f"({dest.name}.data)")
+        try:
+            parity = onnx_parity(original, staged[0], batches, random_batches=batches is not None and not data,
+                                 reference=reference)
+        except InputError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"ONNX Runtime could not run the model on the parity inputs: {type(exc).__name__}: "
+                             f"{first}", hint="check the inputs (--data, --input-shape) against the model's "
+                                              "inputs") from exc
     report.parity = parity.summary()
-    report.notes.extend(parity.notes)
-    return report
+    report.notes.extend(notes + parity.notes)
+    return report, [dest.parent / p.name for p in staged]
 
 
 def fold(args: argparse.Namespace) -> int:
-    from bnfold.io.outputs import check_output_file
-    from bnfold.targets.onnx import is_bnfold_onnx
+    from bnfold.io.outputs import OutputPlan
+    from bnfold.io.references import referenced_files
+    from bnfold.onnx_fold import data_file
+    from bnfold.targets.onnx import is_bnfold_onnx, is_bnfold_onnx_data
 
-    _refuse_torch_only(args)
+    refuse_torch_only(args)
     if not is_onnx(args.output):
         raise InputError(f"-o {args.output}: an .onnx model is folded into an .onnx file",
                          hint="name the output like model_folded.onnx")
-    inputs = [p for p in (args.model, getattr(args, "data", None)) if p]
-    check_output_file(args.output, inputs, force=args.force, is_ours=is_bnfold_onnx)
-    report = _fold_and_check(args, Path(args.output), inputs, data=getattr(args, "data", None))
+    plan = OutputPlan([args.model, getattr(args, "data", None)], force=args.force)
+    out = plan.file(args.output, is_ours=is_bnfold_onnx)
+    if referenced_files(args.model):  # the output keeps its weights external too: OUT.onnx.data
+        plan.file(data_file(out), is_ours=is_bnfold_onnx_data, role=f"the external data of -o {out}")
+    report, written = fold_onnx_file(args, out, plan.protect, data=getattr(args, "data", None))
     print(_json(report) if args.json else report)
     if not args.json:
-        print(f"\nwrote {args.output}")
+        print(f"\nwrote {' and '.join(str(p) for p in written)}")
     return 0 if (report.parity or {}).get("passed", True) else 1
 
 
 def optimize(args: argparse.Namespace) -> int:
     """``bnfold optimize MODEL.onnx -o OUT_DIR``: fold, parity with ONNX Runtime, optional TVM build."""
-    from bnfold.io.outputs import check_output_dir, staged_output
+    from bnfold.io.outputs import OutputPlan, staged_output
     from bnfold.optimize import owned_entries, write_ownership
 
     if args.data:
         raise InputError("--data recalibrates BatchNorm statistics, which needs the torch model; an .onnx model is "
                          "folded with the statistics it holds",
                          hint="use --validate DATA for the parity check, or pass the torch model (.pt2) to recalibrate")
-    if getattr(args, "model_factory", None):
-        raise InputError("--model-factory loads a state_dict into a torch model; the model here is an .onnx file")
-    inputs_given = [p for p in (args.model, args.validate) if p]
-    out = check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)
+    refuse_torch_only(args)
+    plan = OutputPlan([args.model, args.validate], force=args.force)
+    out = plan.folder(args.output, owned=owned_entries)
     with staged_output(out) as staging:
-        report = _fold_and_check(args, staging / "folded.onnx", inputs_given, data=args.validate)
+        report, _ = fold_onnx_file(args, staging / "folded.onnx", plan.protect, data=args.validate)
         stages: dict[str, Any] = {"fold": report.to_dict()}
         passed = bool((report.parity or {}).get("passed", True))
         if args.target != "none":
@@ -189,13 +291,17 @@ def _compile(model_path: Path, dest: Path, args: argparse.Namespace, data: str |
     from bnfold.targets.tvm import compile as tvm_compile
 
     model = onnx.load(str(model_path))
-    batches = parity_batches(model, args, data)
+    batches, _ = parity_batches(model, args, data)
     example = batches[0] if batches else random_onnx_inputs(model)[0]
     dynamic, note = _tvm_batch(model, args, [int(b[0].shape[0]) for b in (batches or [example]) if b[0].dim()])
-    def build(batch_range: tuple[int, int] | None) -> Any:
+
+    def build(batch_range: tuple[int, int] | None) -> Any:  # compile's options, as `bnfold compile` spells them
         return tvm_compile(model, example, target=args.target, tune_trials=getattr(args, "tune_trials", 0),
                            cache_dir=getattr(args, "cache_dir", None), arch=getattr(args, "arch", None),
-                           dynamic_batch=batch_range, progress=not getattr(args, "no_progress", False))
+                           mcpu=getattr(args, "mcpu", None), retune=getattr(args, "retune", False),
+                           prepack=None if getattr(args, "prepack", True) else False,
+                           layout=getattr(args, "layout", None), dynamic_batch=batch_range,
+                           progress=not getattr(args, "no_progress", False))
 
     try:
         artifact = build(dynamic)
@@ -242,14 +348,15 @@ def compile_onnx(args: argparse.Namespace) -> int:
     """``bnfold compile MODEL.onnx -o OUT_DIR``: fold (ONNX rules) and compile the folded graph with TVM."""
     import tempfile
 
-    from bnfold.io.outputs import check_output_dir, staged_output
+    from bnfold.io.outputs import OutputPlan, staged_output
     from bnfold.report import json_safe
     from bnfold.targets.tvm.artifact import artifact_entries
 
-    _refuse_torch_only(args)
-    check_output_dir(args.output, [args.model], force=args.force, owned=artifact_entries)
+    refuse_torch_only(args)
+    plan = OutputPlan([args.model], force=args.force)
+    plan.folder(args.output, owned=artifact_entries)
     with tempfile.TemporaryDirectory(prefix="bnfold-onnx-") as tmp:
-        report = _fold_and_check(args, Path(tmp) / "folded.onnx", [args.model])
+        report, _ = fold_onnx_file(args, Path(tmp) / "folded.onnx", plan.protect)
         staging = Path(tmp) / "tvm"
         info = _compile(Path(tmp) / "folded.onnx", staging, args)
         info["fold"] = {"folded": len(report.folded), "left": len(report.skipped), "parity": report.parity}

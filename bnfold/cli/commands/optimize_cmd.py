@@ -14,11 +14,13 @@ import torch.fx
 
 from bnfold.cli.commands import SUMMARY, onnx_cmd
 from bnfold.cli.commands.common import add_factory_args, check_cache_dir, check_target_options, load_batches
+from bnfold.cli.commands.quantize_cmd import add_int8_rule_args, int8_rule
 from bnfold.errors import InputError
 from bnfold.io.data import load_tensors
 from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
-from bnfold.io.outputs import check_output_dir
+from bnfold.io.outputs import OutputPlan
 from bnfold.optimize import optimize, owned_entries
+from bnfold.quantize.stage import Int8Options
 from bnfold.report import json_safe
 
 __all__ = ["register"]
@@ -45,8 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cached tuning database only)")
     p.add_argument("--cache-dir", help="tuning database folder (shared across models)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--reparameterize", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge parallel conv/identity branches summed at an add into one conv (default: on)")
+    p.add_argument("--int8", action="store_true", help="also write model_int8.onnx: equalized, bias-corrected and "
+                   "quantized by ONNX Runtime on CALIB, judged by the int8 rule, timed beside fp32 (needs --data)")
+    p.add_argument("--per-tensor", action="store_true", help="with --int8: one int8 scale per weight tensor "
+                   "(default: per output channel)")
+    p.add_argument("--keep-clamps", action="store_true", help="with --int8: never turn a ReLU6 into a per-channel "
+                   "clamp (faster in ONNX Runtime, less equalization; see bnfold quantize --help)")
+    add_int8_rule_args(p)
+    p.add_argument("--reparameterize", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge parallel conv/identity branches summed at an add into one conv (default: on for a "
+                        "torch model; an .onnx model is not reparameterized)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier bnfold optimize output "
                    "(never a folder holding other files or the inputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -57,14 +67,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    if onnx_cmd.is_onnx(args.model) and (args.int8 or args.per_tensor or args.keep_clamps):
+        raise InputError("--int8 applies to a torch model (bnfold prepares the int8 model in the torch graph)",
+                         hint="optimize the torch model the .onnx file was exported from")
     if onnx_cmd.is_onnx(args.model):
         return onnx_cmd.optimize(args)
     if args.tune_trials < 0:
         raise InputError(f"--tune-trials must be >= 0, got {args.tune_trials}")
     check_target_options(args.target, args.arch)
     check_cache_dir(args.cache_dir)
-    inputs_given = [p for p in (args.model, args.data, args.validate) if p]
-    check_output_dir(args.output, inputs_given, force=args.force, owned=owned_entries)  # before any work
+    int8 = None
+    if args.int8:
+        if not args.data:
+            raise InputError("--int8 needs --data CALIB: ONNX Runtime calibrates the int8 activation ranges on it")
+        int8 = Int8Options(per_channel=not args.per_tensor, rule=int8_rule(args), move_clamps=not args.keep_clamps)
+    elif args.per_tensor or args.keep_clamps:
+        raise InputError("--per-tensor and --keep-clamps apply to --int8")
+    plan = OutputPlan([args.model, args.data, args.validate], force=args.force)
+    plan.folder(args.output, owned=owned_entries)  # before any work
     loaded, calibration = load_batches(args, args.data)
     inputs = loaded.example_inputs or (calibration[0] if calibration else None)
     if inputs is None:
@@ -81,6 +101,6 @@ def _optimize(args: argparse.Namespace) -> int:
                       capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
                       tvm_target=None if args.target == "none" else args.target, arch=args.arch,
                       tune_trials=args.tune_trials, cache_dir=args.cache_dir, overwrite=args.force,
-                      protect=inputs_given, reparameterize=args.reparameterize)
+                      protect=plan.protect, reparameterize=args.reparameterize is not False, int8=int8)
     print(json.dumps(json_safe(result.to_dict()), indent=2, default=str, allow_nan=False) if args.json else result)
     return 0 if result.passed else 1

@@ -16,7 +16,7 @@ import torch.fx
 from bnfold.cli.commands import SUMMARY
 from bnfold.cli.commands.common import dynamic_shapes, load_batches
 from bnfold.errors import InputError
-from bnfold.io.outputs import check_output_file
+from bnfold.io.outputs import OutputPlan
 from bnfold.recalibrate.core import recalibrate
 from bnfold.recalibrate.drift import DEFAULT_THRESHOLD, diagnose
 from bnfold.targets import get_target
@@ -60,7 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
-    check_output_file(args.output, [args.model, args.data], force=args.force, is_ours=is_bnfold_pt2)
+    plan = OutputPlan([args.model, args.data], force=args.force)
+    plan.file(args.output, is_ours=is_bnfold_pt2)
     loaded, batches = load_batches(args, args.data)
     report = recalibrate(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
                          mode=args.mode, progress=False if args.no_progress else None)
@@ -71,7 +72,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
         return torch.export.export(module, inputs, dynamic_shapes=dynamic)
 
     artifact = get_target("torch").lower(loaded.module, example, {"export": export})
-    artifact.save(args.output, protect=[args.model, args.data])
+    artifact.save(args.output, protect=plan.protect)
     if args.json:
         print(report.to_json())
     else:

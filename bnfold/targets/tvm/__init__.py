@@ -46,8 +46,8 @@ class UntunedKernelsWarning(UserWarning):
 def _require_tvm() -> None:
     try:
         import tvm  # noqa: F401
-    except ImportError:
-        raise BnfoldError("the TVM target needs Apache TVM", hint="pip install 'bnfold[tvm]'") from None
+    except ImportError as exc:
+        raise BnfoldError("the TVM target needs Apache TVM", hint="pip install 'bnfold[tvm]'") from exc
 
 
 class _Reporter:

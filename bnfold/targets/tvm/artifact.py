@@ -1,10 +1,21 @@
 """A compiled TVM model on disk and in memory: ``model.so`` + ``params.pt`` + ``manifest.json``.
 
 The manifest says how the library was built (bnfold/TVM/torch versions, target, CPU ISA, tuning summary,
-input signature). :meth:`TvmArtifact.load` reads it *before* touching the shared library, so an artifact
-built for another CPU (say AVX-512 code on an AVX2 machine) fails with a sentence instead of killing the
-process with an illegal instruction, and a CUDA artifact on a machine without a GPU loads (for inspection)
-but refuses to run.
+input signature, each file's size and SHA-256). :meth:`TvmArtifact.load` reads it *before* touching the shared
+library and checks every file against it, so a broken folder is an :class:`~bnfold.errors.InputError` naming the
+file (exit 2) instead of a crash:
+
+* the manifest has the schema this module writes (:func:`check_manifest`: a missing ``signature`` is named, not a
+  ``KeyError``);
+* ``model.so`` is an ELF shared object for this machine whose segments lie inside the file, of the size and SHA-256
+  the manifest records (:mod:`~bnfold.targets.tvm.library`): a truncated library would SIGBUS inside ``dlopen``,
+  which no ``except`` catches;
+* ``params.pt`` matches its recorded size and SHA-256 and is read with ``torch.load(weights_only=True)`` as the list
+  of tensors the entry point takes;
+* an artifact built for another CPU (say AVX-512 code on an AVX2 machine) fails with a sentence instead of killing
+  the process with an illegal instruction; a CUDA artifact on a machine without a GPU loads (for inspection) but
+  refuses to run;
+* anything TVM or torch still raises while loading becomes an ``InputError`` naming the file.
 
 Calls convert torch tensors with DLPack: CPU inputs that are contiguous and 64-byte aligned (TVM's
 requirement) are passed without a copy, and outputs come back as torch tensors sharing TVM's memory.
@@ -12,13 +23,16 @@ requirement) are passed without a copy, and outputs come back as torch tensors s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
+import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +43,9 @@ from tvm import relax
 
 from bnfold.errors import BnfoldError, InputError
 from bnfold.targets.tvm.isa import IsaMismatchError, check_host_supports
+from bnfold.targets.tvm.library import check_recorded, check_shared_library
 
-__all__ = ["FATBIN", "FORMAT", "LIBRARY", "MANIFEST", "PARAMS", "TvmArtifact", "check_cuda_arch"]
+__all__ = ["FATBIN", "FORMAT", "LIBRARY", "MANIFEST", "PARAMS", "TvmArtifact", "check_cuda_arch", "check_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +74,69 @@ def check_cuda_arch(arch: str, capability: tuple[int, int]) -> str | None:
     if capability[0] != major or capability[1] < minor:
         return f"{arch} code does not run on this {have} GPU"
     return None
+
+
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def check_manifest(manifest: object, where: Path) -> dict[str, Any]:
+    """``manifest`` (read from ``where``) as a dict with every field :class:`TvmArtifact` reads, of the right type;
+    else an :class:`InputError` naming the field."""
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise InputError(f"{where} is not a valid bnfold TVM manifest: {field} must be {what}",
+                             hint="recompile the model (bnfold compile MODEL -o DIR); do not edit manifest.json")
+
+    def section(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        need(isinstance(m.get(key), dict), key, "an object")
+        return m[key]  # type: ignore[no-any-return]
+
+    need(isinstance(manifest, dict), "the document", "a JSON object")
+    assert isinstance(manifest, dict)
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{where} is not a bnfold TVM manifest (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    need(isinstance(version, int) and not isinstance(version, bool), "format_version", "an integer")
+    if version > FORMAT_VERSION:
+        raise InputError(f"{where.parent} was written by a newer bnfold (artifact format {version})",
+                         hint="upgrade bnfold to load it")
+    need(isinstance(section(manifest, "versions").get("tvm"), str), "versions.tvm", "a version string")
+    isa = section(manifest, "isa")
+    need(isinstance(isa.get("arch", ""), str), "isa.arch", "a string")
+    need(isinstance(isa.get("features", []), list) and all(isinstance(f, str) for f in isa.get("features", [])),
+         "isa.features", "a list of strings")
+    target = section(manifest, "target")
+    need(target.get("kind") in ("llvm", "cuda"), "target.kind", '"llvm" or "cuda"')
+    if target["kind"] == "cuda":
+        arch = target.get("arch")
+        need(isinstance(arch, str) and arch.startswith("sm_") and arch[3:].rstrip("af").isdigit()
+             and len(arch[3:].rstrip("af")) >= 2, "target.arch", "a CUDA architecture such as sm_90a")
+    sig = section(manifest, "signature")
+    inputs = sig.get("inputs")
+    need(isinstance(inputs, list) and bool(inputs) and all(
+        isinstance(i, dict) and isinstance(i.get("shape"), list) and i.get("dtype") in _DTYPES
+        and all((isinstance(d, int) and not isinstance(d, bool) and d >= 0) or isinstance(d, str) for d in i["shape"])
+        for i in inputs), "signature.inputs", "a non-empty list of {shape: [sizes], dtype}")
+    lo_hi = sig.get("batch_range")
+    need(lo_hi is None or (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, int) for v in lo_hi)
+                           and 1 <= lo_hi[0] <= lo_hi[1]), "signature.batch_range", "null or [min, max]")
+    need(sig.get("out_spec") is None or isinstance(sig.get("out_spec"), str), "signature.out_spec",
+         "null or a string")
+    entry = section(manifest, "entry")
+    need(isinstance(entry.get("main"), str), "entry.main", "a function name")
+    need(entry.get("transform_params") is None or isinstance(entry.get("transform_params"), str),
+         "entry.transform_params", "null or a function name")
+    n = entry.get("num_params")
+    need(isinstance(n, int) and not isinstance(n, bool) and n >= 0, "entry.num_params", "a count")
+    files = section(manifest, "files")
+    need(files.get("library") == LIBRARY and files.get("params") == PARAMS, "files",
+         f'{{"library": "{LIBRARY}", "params": "{PARAMS}", ...}}')
+    integrity = manifest.get("integrity")
+    need(integrity is None or (isinstance(integrity, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+        for v in integrity.values())), "integrity", "null or {file: {bytes, sha256}}")
+    return manifest
 
 
 def _tvm_major_minor(version: str) -> str:
@@ -100,14 +178,10 @@ class TvmArtifact:
             raise InputError(f"{d} is not a bnfold TVM artifact (no {MANIFEST})",
                              hint="point at the folder written by `bnfold compile ... -o DIR`")
         try:
-            manifest = json.loads((d / MANIFEST).read_text())
-        except ValueError as exc:
-            raise InputError(f"{d / MANIFEST} is not valid JSON: {exc}") from None
-        if manifest.get("format") != FORMAT:
-            raise InputError(f"{d / MANIFEST} is not a bnfold TVM manifest (format={manifest.get('format')!r})")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise InputError(f"{d} was written by a newer bnfold (artifact format {manifest['format_version']})",
-                             hint="upgrade bnfold to load it")
+            raw = json.loads((d / MANIFEST).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"{d / MANIFEST} is not valid JSON: {exc}") from exc
+        manifest = check_manifest(raw, d / MANIFEST)
         for name in (LIBRARY, PARAMS):
             if not (d / name).is_file():
                 raise InputError(f"{d} is missing {name}; the artifact folder is incomplete")
@@ -135,15 +209,30 @@ class TvmArtifact:
             self._device = torch.device("cuda", 0)
         else:
             dev = tvm.cpu(0)
-        lib = tvm.runtime.load_module(str(self._dir / LIBRARY))
-        self._vm = relax.VirtualMachine(lib, dev)
-        self._main = self._vm["main"]
-        raw = torch.load(self._dir / PARAMS, map_location="cpu", weights_only=True)
+        library, weights = self._dir / LIBRARY, self._dir / PARAMS
+        integrity = m.get("integrity") or {}
+        check_shared_library(library, recorded=integrity.get(LIBRARY))  # before dlopen can touch it
+        check_recorded(weights, integrity.get(PARAMS), "the parameter file")
+        with _names(library, "TVM cannot load it as a compiled model"):
+            lib = tvm.runtime.load_module(str(library))
+            self._vm = relax.VirtualMachine(lib, dev)
+            self._main = self._vm[m["entry"]["main"]]
+        with _names(weights, "torch.load(weights_only=True) cannot read it as a list of tensors"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": not the user's business
+            raw = torch.load(weights, map_location="cpu", weights_only=True)
+        count = m["entry"]["num_params"]
+        if not isinstance(raw, (list, tuple)) or len(raw) != count or not all(isinstance(t, torch.Tensor)
+                                                                            for t in raw):
+            raise InputError(f"{weights} does not hold the {count} tensors {library.name} takes (it holds "
+                             f"{type(raw).__name__}{f' of {len(raw)}' if isinstance(raw, (list, tuple)) else ''})",
+                             hint="recompile the model; params.pt belongs to the model.so it was built with")
         raw = [t.to(self._device).contiguous() for t in raw]
         self._keepalive = raw
         params = [self._to_tvm(t) for t in raw]
         if m["entry"].get("transform_params"):
-            out = self._vm[m["entry"]["transform_params"]](params)
+            with _names(weights, f"{library.name} cannot prepare these parameters"):
+                out = self._vm[m["entry"]["transform_params"]](params)
             params = list(out)
         self._params = params
 
@@ -245,6 +334,22 @@ class TvmArtifact:
         tuning = self.build_info.get("tuning", {})
         return (f"TvmArtifact({t.get('kind')}:{t.get('arch') or t.get('mcpu')}, "
                 f"untuned={len(tuning.get('untuned', []))}, dir={str(self._dir)!r})")
+
+
+@contextlib.contextmanager
+def _names(path: Path, what: str) -> Iterator[None]:
+    """Anything but a :class:`BnfoldError` raised in the block (TVM's ``TVMError``, torch's ``UnpicklingError``, …)
+    becomes an :class:`InputError` naming ``path``."""
+    try:
+        yield
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's messages carry terminal colours
+        first = text.splitlines()[0] if text else ""
+        raise InputError(f"{path}: {what}: {type(exc).__name__}: {first[:300]}",
+                         hint="recompile the model (bnfold compile MODEL -o DIR), or copy the whole artifact folder "
+                              "again") from exc
 
 
 def artifact_entries(path: Path) -> set[str] | None:

@@ -28,12 +28,14 @@ from tvm import relax
 
 from bnfold.errors import BnfoldError, InputError
 from bnfold.targets.tvm.cache import TuningCache, default_cache_dir
+from bnfold.targets.tvm.epilogues import sink_reshapes
 from bnfold.targets.tvm.importer import Imported
 from bnfold.targets.tvm.layout import blocked_conv_passes
 from bnfold.targets.tvm.schedules import apply_default_schedules, params_for
 from bnfold.targets.tvm.target import TargetSpec
 from bnfold.targets.tvm.tasks import TaskInfo, extract_tasks
 from bnfold.targets.tvm.tuning import TuningSummary, tune
+from bnfold.targets.tvm.vecmath import vector_math_legalize_map
 
 __all__ = ["BuildOptions", "Built", "build", "kernel_tasks", "untuned_kernels"]
 
@@ -70,14 +72,16 @@ channels-last."""
 
 
 def _prepare_cpu(mod: tvm.IRModule, spec: TargetSpec, prepack: bool, layout: str | None = None) -> tvm.IRModule:
-    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), sink_reshapes]
     layout = layout or "NCHWc"
     if layout == "NCHWc":
-        passes += blocked_conv_passes(params_for(spec.target).lanes)
+        passes += blocked_conv_passes(params_for(spec.target).lanes, vector_math_legalize_map())
     elif layout == "NHWC":
         passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
     elif layout != "NCHW":
         raise InputError(f"unknown layout {layout!r}", hint="use 'NCHWc' (default, blocked), 'NCHW' or 'NHWC'")
+    if layout != "NCHWc":
+        passes.append(relax.transform.LegalizeOps(vector_math_legalize_map()))
     passes.append(relax.get_pipeline("zero"))
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

@@ -101,13 +101,13 @@ def import_torch(model: nn.Module | torch.export.ExportedProgram, example_inputs
     except Exception as exc:
         raise InputError(f"torch.export could not export the model: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="with a dynamic batch the model must not specialize on the batch size") from None
+                         hint="with a dynamic batch the model must not specialize on the batch size") from exc
     try:
         mod = from_exported_program(ep, keep_params_as_input=True)
     except Exception as exc:
         raise InputError(f"TVM's Relax frontend cannot translate this model: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="the error names the unsupported operator; fold/compile a model without it") from None
+                         hint="the error names the unsupported operator; fold/compile a model without it") from exc
     mod, params = relax.frontend.detach_params(mod)
     weights = [torch.from_numpy(p.numpy()).clone() for p in params.get("main", [])]
     specs = [TensorSpec(tuple(BATCH if (batch_range and i == 0) else int(s) for i, s in enumerate(t.shape)),

@@ -183,11 +183,11 @@ def clip_to_min_max(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.I
     return mod
 
 
-def blocked_conv_passes(lanes: int) -> list[tvm.transform.Pass]:
+def blocked_conv_passes(lanes: int, legalize: dict[str, Callable] | None = None) -> list[tvm.transform.Pass]:
     """Convert 2-D convolutions to blocked layouts (:func:`conv_layouts`) and legalize them (before the zero
-    pipeline)."""
+    pipeline); ``legalize``: more ``LegalizeOps`` overrides for the other ops."""
     return [clip_to_min_max,
             relax.transform.ConvertLayout({}, _layout_callback(lanes)),
             # one tensor feeding two blocked convs (a residual block's input) is transformed once, not twice
             relax.transform.EliminateCommonSubexpr(),
-            relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d})]
+            relax.transform.LegalizeOps({**(legalize or {}), "relax.nn.conv2d": legalize_conv2d})]

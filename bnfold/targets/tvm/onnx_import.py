@@ -55,7 +55,7 @@ def import_onnx(model: onnx.ModelProto, example_inputs: Sequence[torch.Tensor], 
     except Exception as exc:
         raise InputError(f"TVM's Relax ONNX frontend cannot translate this model: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="the error names the unsupported operator") from None
+                         hint="the error names the unsupported operator") from exc
     if batch_range is not None:
         main = mod["main"].with_attr("tir_var_lower_bound", {BATCH: batch_range[0]})
         mod["main"] = main.with_attr("tir_var_upper_bound", {BATCH: batch_range[1]})

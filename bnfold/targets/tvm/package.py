@@ -17,6 +17,7 @@ import bnfold
 from bnfold.targets.tvm.artifact import FATBIN, FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST, PARAMS
 from bnfold.targets.tvm.build import TRANSFORM_PARAMS, Built, nvcc_fatbin
 from bnfold.targets.tvm.importer import Imported
+from bnfold.targets.tvm.library import file_digest
 from bnfold.targets.tvm.target import TargetSpec
 
 __all__ = ["package", "write_manifest"]
@@ -68,6 +69,7 @@ def package(built: Built, imported: Imported, spec: TargetSpec, dest: Path, *,
         "tuning": built.summary.to_dict(),
         "cuda": cuda,
         "files": files,
+        "integrity": {name: file_digest(dest / name) for name in files.values()},  # checked before loading
     }
     write_manifest(dest, manifest)
     return manifest

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 5
+LOWERING_VERSION = 6
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -189,6 +189,7 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
         raise ValueError("no axis to vectorize")
     if not weight_only:  # depthwise: the padding is read in place, not copied first
         _inline_producers(sch, block)
+    padded_tile = _pad_einsum(sch, block, vec, weight_only, p)
     epilogue = _inline_epilogue(sch, block)
     blk = sch.get(block)
     kinds = [iv.iter_type for iv in blk.iter_vars]
@@ -224,9 +225,12 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
     budget = max(1, p.registers - 4)
     t_ext = _ext(sch, loops[t_axis]) if t_axis is not None else 1
     m_opts = [d for d in _divisors(m_total) if d <= budget]
-    m = _pick(sch, m_opts, sampler) if sampler else _best_m(m_opts, _divisors(t_ext), budget)
-    t_opts = [d for d in _divisors(t_ext) if d * m <= budget] or [1]
-    ti = _pick(sch, t_opts, sampler)
+    if sampler is None and padded_tile is not None:
+        m, ti = padded_tile
+    else:
+        m = _pick(sch, m_opts, sampler) if sampler else _best_m(m_opts, _divisors(t_ext), budget)
+        t_opts = [d for d in _divisors(t_ext) if d * m <= budget] or [1]
+        ti = _pick(sch, t_opts, sampler)
     if m_axis is None:
         v_o, v_m, v_i = sch.split(loops[vec], [None, m, lanes])
         heads = [v_o]
@@ -248,10 +252,116 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
     sch.vectorize(v_i)
     sch.reverse_compute_at(epilogue, tile_loop)
     _vectorize_innermost(sch, epilogue, p)
-    par = sch.get_loops(block)[:len(outer) + len(heads)]  # the reorder put these first
+    n_par = len(outer) + len(heads)
+    if t_axis is not None and _work(sch, sch.get_loops(block)[:n_par]) < 16 * p.cores:
+        n_par += 1  # too few output blocks to keep every core busy: the tiles of t run in parallel too
+    par = sch.get_loops(block)[:n_par]  # the reorder put these first
     fused = sch.fuse(*par) if len(par) > 1 else par[0]
     sch.parallel(fused)
     sch.decompose_reduction(block, red[0] if red else v_m)
+
+
+def _work(sch: s_tir.Schedule, loops: Sequence[s_tir.schedule.LoopRV]) -> int:
+    """Iterations of a loop nest (a symbolic extent counted as large)."""
+    n = 1
+    for lp in loops:
+        n *= _ext_or_big(sch, lp)
+    return n
+
+
+def _is_einsum(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """Every access of ``block`` is a point indexed by plain iter vars or constants (``C[i, j] += A[i, k] ·
+    B[k, j]``: a matmul, not a conv's ``x[y·s + i]``): what ``pad_einsum`` accepts."""
+    blk = sch.get(block)
+    iters = {iv.var.name for iv in blk.iter_vars}
+    for r in [*blk.reads, *blk.writes]:
+        for rg in r.region:
+            if not (isinstance(rg.extent, tir.IntImm) and int(rg.extent) == 1):
+                return False
+            if not (isinstance(rg.min, tir.IntImm) or (isinstance(rg.min, tir.Var) and rg.min.name in iters)):
+                return False
+    return True
+
+
+def _data_param(sch: s_tir.Schedule) -> tir.Var:
+    """The kernel's first parameter's buffer (its data input)."""
+    return sch.mod[sch.func_working_on].params[0]
+
+
+def _layout_free(sch: s_tir.Schedule) -> list[tir.Var]:
+    """The function's parameters Relax marked layout-free (constant weights)."""
+    func = sch.mod[sch.func_working_on]
+    params = list(func.params)
+    return [params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])]
+
+
+def _intensity(m: int, t: int, t_ext: int) -> float:
+    """FMAs per load of an ``m × t`` register tile (``m`` vector loads and ``t`` broadcasts per ``m·t`` FMAs), less
+    the share spent on padding when ``t`` does not divide the tile axis's ``t_ext``."""
+    padded = -(-t_ext // t) * t
+    return m * t / (m + t) * t_ext / padded
+
+
+def _pad_einsum(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, vec: int, weight_only: Sequence[int],
+                p: ScheduleParams) -> tuple[int, int] | None:
+    """Pad a matmul-like reduction (:func:`_is_einsum`) whose extents leave the register tile poor: the vector
+    axis to a multiple of the SIMD width when it has none (attention's ``Q·Kᵀ`` over 197 tokens: scalar code
+    otherwise), and the tile axis (a transformer's token rows: 197 is prime, so the tile was one row wide) to a
+    multiple of the tile that fits the registers best. Only activations are padded — copies made per call, cheap
+    next to the product — never a weight (a layout-free parameter): the tile is then left as it is. The padded
+    rows and columns are computed and never stored (``pad_einsum``'s consumer block trims them). Returns the
+    ``(m, t)`` tile the tile axis was padded for (None: not padded, the tile is chosen as usual)."""
+    if not _is_einsum(sch, block):
+        return None
+    blk = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(blk.iter_vars):
+        return None
+    kinds = [iv.iter_type for iv in blk.iter_vars]
+    reads = [(r.source, _loop_vars_used([rg.min for rg in r.region])) for r in blk.reads]
+    spatial_names = {iv.var.name for iv in blk.iter_vars if iv.iter_type == tir.IterVar.DataPar}
+    data = _data_param(sch)
+    data_axes = set().union(*(used for buf, used in reads if buf.same_as(data))) & spatial_names
+    frozen = _layout_free(sch)
+    # a weight: layout-free, or an operand other than the data that shares no spatial axis with it (a dense
+    # layer's W[k, n]; attention's Kᵀ[b, k, j] shares the batch·head axis b with Q: an activation)
+    weights = [buf for buf, used in reads if _is_weight(buf, frozen)
+               or (not buf.same_as(data) and not (used & data_axes))]
+
+    def paddable(axis: int) -> bool:  # no weight is indexed by the axis
+        name = blk.iter_vars[axis].var.name
+        return not any(name in used and _is_weight(buf, weights) for buf, used in reads)
+
+    exts = [_ext_or_big(sch, lp) for lp in loops]
+    factors = [1] * len(loops)
+    v_ext = exts[vec]
+    if v_ext > p.lanes and v_ext % p.lanes and paddable(vec):
+        factors[vec] = p.lanes
+        v_ext = -(-v_ext // p.lanes) * p.lanes
+    spatial = [i for i, k in enumerate(kinds) if k == tir.IterVar.DataPar]
+    m_axis = None
+    if v_ext == p.lanes or (v_ext < p.lanes and factors[vec] == 1):
+        extra = [i for i in weight_only if i != vec and exts[i] > 1]
+        m_axis = extra[0] if extra else None
+    lanes = p.lanes if factors[vec] > 1 else max(d for d in _divisors(v_ext) if d <= p.lanes)
+    m_total = v_ext // lanes if m_axis is None else exts[m_axis]
+    others = [i for i in spatial if i not in (vec, m_axis) and exts[i] > 1]
+    budget = max(1, p.registers - 4)
+    tile = None
+    if others and exts[others[-1]] < 1 << 20 and paddable(others[-1]):
+        t_axis, t_ext = others[-1], exts[others[-1]]
+        m_opts = [d for d in _divisors(m_total) if d <= budget]
+        m = _best_m(m_opts, _divisors(t_ext), budget)
+        t = max(d for d in _divisors(t_ext) if d * m <= budget)
+        # the tiles with enough accumulators to hide the FMA latency, by FMAs per load
+        score, pm, pt = max((_intensity(pm, pt, t_ext), pm, pt) for pm in m_opts
+                            for pt in range(1, budget // pm + 1) if 2 * pm * pt >= budget)
+        if score >= 1.15 * _intensity(m, t, t_ext):
+            factors[t_axis] = pt
+            tile = (pm, pt)
+    if any(f > 1 for f in factors):
+        sch.pad_einsum(block, factors)
+    return tile
 
 
 def _blocked_reduction_order(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
@@ -373,6 +483,115 @@ def window_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sch
         sch.reverse_compute_at(consumer[0], i_o)
 
 
+def _inline_single_use(sch: s_tir.Schedule) -> None:
+    """Inline every elementwise block that feeds exactly one other block (a cast, a mask, a reshape, a
+    polynomial's stages) into it, until nothing changes: one loop nest instead of one per op."""
+    changed = True
+    while changed:
+        changed = False
+        for b in sch.get_child_blocks(sch.get_sblock("root")):
+            if _is_reduction(sch, b) or len(sch.get_consumers(b)) != 1:
+                continue
+            try:
+                sch.compute_inline(b)
+            except (ValueError, RuntimeError):  # e.g. a block that writes an output buffer
+                continue
+            changed = True
+            break
+
+
+def _row_shape(sch: s_tir.Schedule) -> int | None:
+    """The number of leading *row* axes of a kernel that reduces along its last axis and broadcasts the result
+    back (softmax, LayerNorm, RMSNorm): every reduction block's loops are those rows then one reduction, the
+    output has the rows then the reduced axis. None when the kernel is not such a row kernel."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    out = [b for b in blocks if not sch.get_consumers(b)]
+    reds = [b for b in blocks if _is_reduction(sch, b)]
+    if len(out) != 1 or not reds or _is_reduction(sch, out[0]):
+        return None
+    out_ext = [_ext_or_big(sch, lp) for lp in sch.get_loops(out[0])]
+    rows = len(out_ext) - 1
+    for b in reds:
+        kinds = [iv.iter_type for iv in sch.get(b).iter_vars]
+        exts = [_ext_or_big(sch, lp) for lp in sch.get_loops(b)]
+        if kinds != [tir.IterVar.DataPar] * rows + [tir.IterVar.CommReduce] or exts[:rows] != out_ext[:rows]:
+            return None
+        if exts[-1] != out_ext[-1]:
+            return None
+    return rows if rows > 0 else None
+
+
+def row_reduction(sch: s_tir.Schedule, rows: int, p: ScheduleParams) -> None:
+    """A row kernel (:func:`_row_shape`: softmax, LayerNorm): each row computed by one core, start to end, in
+    cache. Single-use elementwise stages are inlined; each reduction over the row is split into ``w`` partial
+    results (``rfactor``, ``w`` the largest divisor of the row length up to the SIMD width, at least 4)
+    accumulated as one vector — independent accumulators instead of one scalar dependency chain — then reduced;
+    the elementwise stages (``exp``, the normalization) are vectorized along the row (a row length the SIMD
+    width does not divide, 197 tokens, gets a masked last vector)."""
+    _inline_single_use(sch)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    out = next(b for b in blocks if not sch.get_consumers(b))
+    partial = []
+    for b in blocks:
+        if not _is_reduction(sch, b):
+            continue
+        k = sch.get_loops(b)[-1]
+        # partial results only where a vector width divides the row: a split with a remainder would need a
+        # predicate, which compute_at drops from an rfactor block (TVM 0.27); such rows (197 tokens: prime)
+        # keep one scalar accumulator
+        width = max(d for d in _divisors(_ext(sch, k)) if d <= p.lanes)
+        if width < 4 or width == _ext(sch, k):
+            continue
+        _, ki = sch.split(k, [None, width])
+        partial.append(sch.rfactor(ki, rows))
+    loops = sch.get_loops(out)
+    row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+    sch.parallel(row)
+    for b in reversed(sch.get_child_blocks(sch.get_sblock("root"))):
+        if sch.get(b).name_hint != sch.get(out).name_hint:
+            sch.compute_at(b, row, preserve_unit_loops=True)
+    rf_names = {sch.get(r).name_hint for r in partial}
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(b).name_hint in rf_names:  # the partial results' lanes innermost, then vectorized
+            lanes = _loop_of_iter(sch, b, 0)
+            rest = [lp for lp in sch.get_loops(b)[1:] if not sch.get(lp).same_as(sch.get(lanes))]
+            sch.reorder(*rest, lanes)
+            sch.vectorize(lanes)
+            continue
+        inner = sch.get_loops(b)[-1]
+        if not _is_reduction(sch, b) and _ext(sch, inner) > 1:
+            if _ext(sch, inner) % p.lanes or _ext(sch, inner) > p.lanes:
+                _, inner = sch.split(inner, [None, p.lanes])
+            sch.vectorize(inner)
+
+
+def _loop_of_iter(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, index: int) -> s_tir.schedule.LoopRV:
+    """The loop that iter var ``index`` of ``block`` is bound to (the only loop its binding uses)."""
+    from tvm.s_tir import SBlockRealize
+
+    loops = sch.get_loops(block)
+    name = sch.get(block).name_hint
+    found: list[SBlockRealize] = []
+
+    def visit(stmt: object) -> None:
+        if isinstance(stmt, SBlockRealize):
+            if stmt.block.name_hint == name:
+                found.append(stmt)
+            return
+        if isinstance(stmt, tir.SeqStmt):
+            for c in stmt.seq:
+                visit(c)
+        elif getattr(stmt, "body", None) is not None:
+            visit(stmt.body)
+
+    visit(sch.get(loops[0]))
+    used = _loop_vars_used([found[0].iter_values[index]])
+    match = [lp for lp in loops if sch.get(lp).loop_var.name in used]
+    if len(match) != 1:
+        raise ValueError(f"iter var {index} of {name} is not bound to one loop")
+    return match[0]
+
+
 def unroll_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: ScheduleParams) -> None:
     """A block annotated with :data:`~bnfold.targets.tvm.winograd.UNROLL` (a Winograd transform: each point of a
     tile is its own expression, selected by the point's coordinates): the elementwise chain after it folded in,
@@ -411,7 +630,13 @@ def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = N
     for b in [b for b in sch.get_child_blocks(sch.get_sblock("root")) if UNROLL in sch.get(b).annotations]:
         unroll_tile(sch, b, p)  # folds the blocks after it in: the block list is read again below
     main = _main_reduction(sch)
-    if main is not None and not _reads_weights(sch, main):
+    rows = _row_shape(sch) if main is not None and not _reads_weights(sch, main) else None
+    if rows is not None:
+        row_reduction(sch, rows, p)
+        return
+    if main is None:
+        _inline_single_use(sch)
+    elif not _reads_weights(sch, main):
         window_reduction(sch, main, p)
     elif main is not None:
         try:
