@@ -83,6 +83,41 @@ def test_architectures_match_fake_tensor_prop(name: str) -> None:
     assert propagator.rules > 3 * propagator.fake  # the rules carry the propagation
 
 
+def _zoo_cases() -> list[Any]:
+    """Every model of the torchvision, timm and transformers zoos (``tests/zoo.py``, ``tests/zoo_timm.py``): the
+    transformers models and each zoo's default few by default, the rest with ``BNFOLD_SLOW=1``."""
+    import zoo
+    import zoo_timm
+
+    cases = [pytest.param("hf", name, id=name) for name in zoo_timm.HF]
+    cases += [pytest.param("torchvision", name, id=name, marks=() if name in zoo.FAST else pytest.mark.slow)
+              for name in zoo.ZOO]
+    cases += [pytest.param("timm", name, id=name, marks=() if name in zoo_timm.FAST else pytest.mark.slow)
+              for name in zoo_timm.TIMM]
+    return cases
+
+
+@pytest.mark.parametrize(("family", "name"), _zoo_cases())
+def test_zoos_match_fake_tensor_prop(family: str, name: str) -> None:
+    """The graphs symbolic capture gives the zoo models (transformers' modules inlined from outside the model,
+    Gemma's casts, timm's attention) propagate by rules to what ``FakeTensorProp`` records, node by node."""
+    import zoo
+    import zoo_timm
+
+    if family == "hf":
+        pytest.importorskip("transformers")
+        model, inputs = zoo_timm.hf_models()[name]()
+    elif family == "timm":
+        pytest.importorskip("timm")
+        model, inputs = zoo_timm.timm_model(name)
+    else:
+        build, shape = zoo.ZOO[name]
+        torch.manual_seed(0)
+        model, inputs = randomize_bn(build()), (torch.randn(shape),)
+    gm = symbolic_trace(model.eval(), inputs).module
+    check_against_fake_tensor_prop(gm, inputs)
+
+
 def test_batchnorm_never_runs_its_fake_kernel() -> None:
     """The regression of issue 25: ``batch_norm``'s fake kernel decomposes the op, most of the propagation's time."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8))
