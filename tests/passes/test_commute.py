@@ -4,6 +4,7 @@ coefficient per element gives — the same axis, the same coefficients, bit for 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from hypothesis import given, settings
@@ -31,6 +32,18 @@ def _affine(shape: tuple[int, ...], axis: int, seed: int, constant: bool) -> Aff
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
 
 
+def _check_axes_map(shape: tuple[int, ...], out_shape: tuple[int, ...], move: Any, axes: Any, data: st.DataObject,
+                    seed: int, constant: bool) -> None:
+    """The transfer with ``axes`` (the direct map) and without (the index map) move an affine on any axis alike,
+    forward and back."""
+    fast = index_transfer(shape, out_shape, move, axes)
+    slow = index_transfer(shape, out_shape, move)
+    axis = data.draw(st.integers(0, len(shape) - 1))
+    assert _same(fast[0](_affine(shape, axis, seed, constant)), slow[0](_affine(shape, axis, seed, constant)))
+    back = data.draw(st.integers(0, len(out_shape) - 1))
+    assert _same(fast[1](_affine(out_shape, back, seed, constant)), slow[1](_affine(out_shape, back, seed, constant)))
+
+
 @settings(max_examples=200, deadline=None)
 @given(shapes, st.data(), st.integers(0, 2**16), st.booleans())
 def test_permutations_map_axes_as_the_index_map_does(shape: tuple[int, ...], data: st.DataObject, seed: int,
@@ -41,12 +54,7 @@ def test_permutations_map_axes_as_the_index_map_does(shape: tuple[int, ...], dat
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.permute(perm)
 
-    fast = index_transfer(shape, out_shape, move, permute_axes(shape, move))
-    slow = index_transfer(shape, out_shape, move)
-    axis = data.draw(st.integers(0, len(shape) - 1))
-    assert _same(fast[0](_affine(shape, axis, seed, constant)), slow[0](_affine(shape, axis, seed, constant)))
-    back = data.draw(st.integers(0, len(out_shape) - 1))
-    assert _same(fast[1](_affine(out_shape, back, seed, constant)), slow[1](_affine(out_shape, back, seed, constant)))
+    _check_axes_map(shape, out_shape, move, permute_axes(shape, move), data, seed, constant)
 
 
 @settings(max_examples=200, deadline=None)
@@ -70,12 +78,7 @@ def test_reshapes_map_axes_as_the_index_map_does(shape: tuple[int, ...], data: s
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(out_shape)
 
-    fast = index_transfer(shape, out_shape, move, reshape_axes(shape, out_shape))
-    slow = index_transfer(shape, out_shape, move)
-    axis = data.draw(st.integers(0, len(shape) - 1))
-    assert _same(fast[0](_affine(shape, axis, seed, constant)), slow[0](_affine(shape, axis, seed, constant)))
-    back = data.draw(st.integers(0, len(out_shape) - 1))
-    assert _same(fast[1](_affine(out_shape, back, seed, constant)), slow[1](_affine(out_shape, back, seed, constant)))
+    _check_axes_map(shape, out_shape, move, reshape_axes(shape, out_shape), data, seed, constant)
 
 
 def test_transpose_and_t_are_permutations() -> None:

@@ -305,13 +305,18 @@ def _avg_pool_fn(n: int) -> Rule:
 
 # -- rules: shapes and views -----------------------------------------------------------------------------------------
 
-def _view(mode: FakeTensorMode, x: Any, *shape: Any) -> Any:
-    """``view`` / ``reshape``: ``-1`` resolved; the strides of the view, or (``reshape`` of a tensor no view can
-    express, :func:`_reshape`) of a contiguous copy."""
+def _target_shape(x: Any, shape: tuple[Any, ...]) -> tuple[int, ...] | None:
+    """The shape a ``view``/``reshape`` of the fake ``x`` to ``shape`` gives (``-1`` resolved), or None."""
     ints = _ints(shape)
     if not is_fake(x) or ints is None:
         return None
-    out = _infer_shape(ints, x.numel())
+    return _infer_shape(ints, x.numel())
+
+
+def _view(mode: FakeTensorMode, x: Any, *shape: Any) -> Any:
+    """``view`` / ``reshape``: ``-1`` resolved; the strides of the view, or (``reshape`` of a tensor no view can
+    express, :func:`_reshape`) of a contiguous copy."""
+    out = _target_shape(x, shape)
     if out is None:
         return None
     if x.is_contiguous():
@@ -321,10 +326,7 @@ def _view(mode: FakeTensorMode, x: Any, *shape: Any) -> Any:
 
 
 def _reshape(mode: FakeTensorMode, x: Any, *shape: Any) -> Any:
-    ints = _ints(shape)
-    if not is_fake(x) or ints is None:
-        return None
-    out = _infer_shape(ints, x.numel())
+    out = _target_shape(x, shape)
     if out is None:
         return None
     strides = None if x.is_contiguous() else view_strides(x.shape, x.stride(), out)
