@@ -4,10 +4,11 @@
 dozen hook ``OrderedDict``s per module (nearly always empty), each rebuilt through ``__reduce_ex__`` and
 ``copyreg``. :func:`copy_module` walks the tree itself and makes the same copy:
 
-* a module whose class pickles as ``nn.Module`` does (no ``__deepcopy__``, ``__reduce__``/``__reduce_ex__``,
-  ``__getstate__``/``__setstate__`` of its own) is rebuilt as ``copy.deepcopy`` rebuilds it — ``cls.__new__(cls)``,
-  then ``__setstate__`` with a deep copy of ``__getstate__()`` — with empty dicts, plain dicts/lists/tuples/sets
-  and atoms (numbers, strings, dtypes, …) copied directly;
+* a module whose class pickles as ``nn.Module`` does (no ``__deepcopy__``, ``__reduce__``/``__reduce_ex__`` or
+  ``__getstate__`` of its own; its own ``__setstate__`` is called as ``copy.deepcopy`` calls it) is rebuilt as
+  ``copy.deepcopy`` rebuilds it — ``cls.__new__(cls)``, then ``__setstate__`` with a deep copy of
+  ``__getstate__()`` — with empty dicts, plain dicts/lists/tuples/sets and atoms (numbers, strings, dtypes, …)
+  copied directly;
 * a plain ``nn.Parameter`` is copied as its ``__deepcopy__`` does (a clone of its data, its ``requires_grad``); a
   plain tensor (a buffer) that is the only user of its storage, dense from offset 0 and without autograd state or
   attributes, is cloned — what ``Tensor.__deepcopy__`` makes of it (a new storage holding the same bytes) without
@@ -62,10 +63,12 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _plain(cls: type) -> bool:
-    """``cls`` is copied by ``copy.deepcopy`` the way ``nn.Module`` is: nothing of its own in the protocol."""
+    """``cls`` is copied by ``copy.deepcopy`` the way ``nn.Module`` is: nothing of its own in the protocol but,
+    possibly, ``__setstate__`` — which ``copy.deepcopy`` calls with the copied state as :meth:`_Copier.module` does
+    (``_ConvNd``'s sets a missing ``padding_mode``: every conv would otherwise go through ``copy.deepcopy``)."""
     return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ is nn.Module.__setstate__ and cls.__new__ is object.__new__
+            and cls.__new__ is object.__new__
             and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__"))
 
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bnfold.copying import copy_module
+from bnfold.copying import _plain, copy_module
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,3 +106,22 @@ def test_cast_equals_deepcopy_then_to() -> None:
 def test_cast_refuses_a_non_floating_dtype() -> None:
     with pytest.raises(TypeError):
         copy_module(nn.Linear(2, 2), dtype=torch.int32)
+
+
+class Restoring(nn.Conv2d):
+    """A module whose own ``__setstate__`` (like ``_ConvNd``'s, which sets a missing ``padding_mode``) sets an
+    attribute: ``copy.deepcopy`` calls it with the copied state, and so must :func:`copy_module`."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state.pop("restored", None)
+        super().__setstate__(state)
+        self.restored = True
+
+
+def test_own_setstate_is_called_as_deepcopy_calls_it() -> None:
+    model = nn.Sequential(Restoring(3, 4, 3), nn.Conv2d(4, 4, 1))
+    copied = copy_module(model)
+    assert_like_deepcopy(model, copied)
+    assert copied[0].restored and copy.deepcopy(model)[0].restored
+    assert _plain(Restoring) and _plain(nn.Conv2d)  # rebuilt by copy_module itself, not handed to copy.deepcopy
