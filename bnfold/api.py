@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import IO
 
 import torch
@@ -66,14 +68,15 @@ def fold(
     dynamic_shapes: object = None,
     until: str | None = None,
     check: bool = True,
-    dump_ir: IO[str] | None = None,
+    dump_ir: IO[str] | str | os.PathLike[str] | None = None,
     instruments: Sequence[Instrument] = (),
     reparameterize: bool = False,
 ) -> FoldResult:
     """Capture ``model``, fold every normalization that can be folded exactly, and report.
 
     The caller's model is never modified. ``until`` stops after the named pass (debugging); ``dump_ir`` receives
-    the graph before and after every pass that changed it; ``check`` runs parity (original vs folded, and both
+    the graph before and after every pass that changed it (a stream, or a folder that gets one file per such pass;
+    with ``capture="auto"``, one sub-folder per capture); ``check`` runs parity (original vs folded, and both
     vs a float64 copy of the original) on ``example_inputs``.
 
     ``capture="auto"`` folds with symbolic capture, and then with export too unless symbolic capture left nothing
@@ -158,7 +161,8 @@ def _score(report: FoldReport) -> tuple[int, int]:
 
 
 def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: object, until: str | None,
-               dump_ir: IO[str] | None, instruments: Sequence[Instrument], reparameterize: bool) -> FoldResult:
+               dump_ir: IO[str] | str | os.PathLike[str] | None, instruments: Sequence[Instrument],
+               reparameterize: bool) -> FoldResult:
     """Fold with symbolic capture; then with export too, unless symbolic capture left nothing to gain
     (:func:`_nothing_to_gain`); keep the better fold (see :func:`fold`)."""
     results: dict[str, tuple[FoldResult, float]] = {}
@@ -175,9 +179,13 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
                 failure = err
                 continue
             captured_at = time.perf_counter()
-            if dump_ir is not None:
+            dump: IO[str] | str | os.PathLike[str] | None = dump_ir
+            if dump_ir is not None and hasattr(dump_ir, "write"):
                 dump_ir.write(f"### capture: {mode}\n")
-            folded = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
+            elif dump_ir is not None:
+                dump = Path(os.fspath(dump_ir)) / mode
+                dump.mkdir(exist_ok=True)
+            folded = fold_captured(captured, until=until, dump_ir=dump, instruments=instruments,
                                    reparameterize=reparameterize)
         folded.report.timings["capture"] = captured_at - start
         results[mode] = (folded, time.perf_counter() - start)
@@ -245,7 +253,7 @@ def fold_captured(
     captured: Captured,
     *,
     until: str | None = None,
-    dump_ir: IO[str] | None = None,
+    dump_ir: IO[str] | str | os.PathLike[str] | None = None,
     instruments: Sequence[Instrument] = (),
     reparameterize: bool = False,
 ) -> FoldResult:
@@ -257,7 +265,7 @@ def fold_captured(
     gm = captured.module
     extra = list(instruments)
     if dump_ir is not None:
-        extra.append(DumpIR(dump_ir))
+        extra.append(DumpIR(dump_ir) if hasattr(dump_ir, "write") else DumpIR(folder=os.fspath(dump_ir)))
     pipeline = default_pipeline(extra, reparameterize=reparameterize)
     ctx = PassContext(gm, owns_state=captured.owns_state)
     if until is not None:
@@ -301,7 +309,7 @@ def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None
     on by a later rule (a branch BN merged by ``reparameterize``) names where it ended up. With
     ``gm`` (the folded graph), an op named by its node (an export capture's functional linear) is named by the
     module path it came from (``blocks.0.attn.qkv``) instead."""
-    report = FoldReport(capture=mode, rounds=run.rounds)
+    report = FoldReport(capture=mode, rounds=run.rounds, converged=run.converged, stopped_after=run.stopped_after)
     report.changes = [_change_dict(c) for c in run.changes]
     report.passes = [asdict(t) for t in run.timings]
     paths = _node_paths(gm)

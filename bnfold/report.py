@@ -56,6 +56,8 @@ class FoldReport:
     capture_alternatives: dict[str, dict[str, Any]] | None = None
     dynamic_shapes: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    converged: bool = True  # the passes reached a fixed point (False: stopped at the round limit)
+    stopped_after: str | None = None  # the pass ``until`` stopped the pipeline after
 
     @property
     def modified(self) -> bool:
@@ -74,6 +76,8 @@ class FoldReport:
             "changes": self.changes,
             "passes": self.passes,
             "rounds": self.rounds,
+            "converged": self.converged,
+            "stopped_after": self.stopped_after,
             "parity": self.parity,
             "timings": self.timings,
         }
@@ -114,6 +118,11 @@ class FoldReport:
             names = {"capture": "capture", "fold": "fold", "check": "parity check", "total": "total"}
             lines.append("time: " + ", ".join(f"{label} {self.timings[k] * 1000:.0f} ms" for k, label in names.items()
                                                if k in self.timings))
+        if self.stopped_after:
+            lines.append(f"stopped after pass {self.stopped_after} (until): the graph is not fully folded")
+        elif not self.converged:
+            lines.append(f"note: the passes stopped after {self.rounds} rounds without reaching a fixed point; "
+                         "more might fold (please report this model)")
         return "\n".join(lines)
 
 

@@ -157,8 +157,8 @@ def _check_stats(site: BatchNormSite) -> None:
         return
     found = reasons.batchnorm_problem(site.path, site.running_mean, site.running_var, site.weight, site.bias,
                                       site.eps)
-    if isinstance(found, str):
-        site.problem = found
+    if isinstance(found, reasons.Fail):
+        site.problem = found.reason
     else:
         site.affine = found
 

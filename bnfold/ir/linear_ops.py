@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.ir.affine_math import OpKind
+from bnfold.ir.fold_targets import NotFoldable
 from bnfold.ir.graph import fetch_attr, get_constant, normalized_kwargs
 
 __all__ = ["LinearOp", "NotFoldable", "match_linear_op", "module_kind"]
@@ -39,14 +40,6 @@ _FUNCTIONS: dict[Any, OpKind] = {
 }
 _CONVOLUTION = {aten.convolution.default, aten._convolution.default}
 _MATMUL = {aten.addmm.default, aten.mm.default, torch.addmm, torch.mm}  # torch.*: Conv1D (GPT-2) traced
-
-
-@dataclass(frozen=True)
-class NotFoldable:
-    """The node is a conv/linear, but its parameters cannot be rewritten (``reason`` says why)."""
-
-    node: torch.fx.Node
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -72,6 +65,14 @@ class LinearOp:
     @property
     def channel_axis(self) -> int:
         return -1 if self.kind == "linear" else 1
+
+    @property
+    def in_axis(self) -> int:
+        return self.channel_axis
+
+    @property
+    def out_axis(self) -> int:
+        return self.channel_axis
 
     @property
     def out_channels(self) -> int:

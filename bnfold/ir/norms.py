@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.ir.graph import fetch_attr, get_constant, module_path, normalized_kwargs
+from bnfold.ir.reasons import Fail
 
 __all__ = ["NormSplit", "bare_norm", "handwritten_norm", "norm_label", "norm_of"]
 
@@ -47,8 +48,9 @@ if hasattr(F, "rms_norm"):
 
 
 def norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
-             ) -> tuple[NormSplit, torch.fx.Node, torch.Tensor, torch.Tensor | None, int] | str | None:
-    """``(split, input, weight, bias, axis)`` for an affine LN/RMS/GN node; a reason string; or None."""
+             ) -> tuple[NormSplit, torch.fx.Node, torch.Tensor, torch.Tensor | None, int] | Fail | None:
+    """``(split, input, weight, bias, axis)`` for an affine LN/RMS/GN node; why it cannot be split (:class:`Fail`);
+    or None (not an affine norm)."""
     if node.op == "call_module":
         m = fetch_attr(gm, str(node.target))
         x = node.args[0] if node.args else None
@@ -56,7 +58,7 @@ def norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
             if not m.elementwise_affine:
                 return None
             if len(m.normalized_shape) != 1:
-                return f"LayerNorm '{node.target}' normalizes over several axes"
+                return Fail(f"LayerNorm '{node.target}' normalizes over several axes")
             return (NormSplit("layer_norm", tuple(m.normalized_shape), m.eps, str(node.target)),
                     x, m.weight, m.bias, -1)
         if type(m) is nn.GroupNorm:
@@ -67,13 +69,13 @@ def norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
             if not m.affine:
                 return None
             if m.track_running_stats and not m.training:
-                return f"{type(m).__name__} '{node.target}' normalizes with running statistics; not supported"
+                return Fail(f"{type(m).__name__} '{node.target}' normalizes with running statistics; not supported")
             return NormSplit("instance_norm", None, m.eps, str(node.target)), x, m.weight, m.bias, 1
         if hasattr(nn, "RMSNorm") and type(m) is nn.RMSNorm:
             if m.weight is None:
                 return None
             if len(m.normalized_shape) != 1:
-                return f"RMSNorm '{node.target}' normalizes over several axes"
+                return Fail(f"RMSNorm '{node.target}' normalizes over several axes")
             return NormSplit("rms_norm", tuple(m.normalized_shape), m.eps, str(node.target)), x, m.weight, \
                 None, -1
         return None
@@ -89,22 +91,22 @@ def norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node
     w, b = get_constant(gm, w_node), get_constant(gm, b_node)
     path = module_path(node)
     if w is None or (b_node is not None and b is None):
-        return f"the norm at '{path}' takes its weight/bias from computed values"
+        return Fail(f"the norm at '{path}' takes its weight/bias from computed values")
     x = kw.get("input")
     if node.target in _IN:
         if not kw.get("use_input_stats", True):
-            return f"the InstanceNorm at '{path}' normalizes with running statistics; not supported"
+            return Fail(f"the InstanceNorm at '{path}' normalizes with running statistics; not supported")
         return NormSplit("instance_norm", None, kw.get("eps", 1e-5), path), x, w, b, 1
     if node.target in _RMS:
         shape = tuple(kw["normalized_shape"])
         if len(shape) != 1:
-            return f"the RMSNorm at '{path}' normalizes over several axes"
+            return Fail(f"the RMSNorm at '{path}' normalizes over several axes")
         return NormSplit("rms_norm", shape, kw.get("eps"), path), x, w, None, -1
     kind = _LN[node.target]
     if kind == "layer_norm":
         shape = tuple(kw["normalized_shape"])
         if len(shape) != 1:
-            return f"the LayerNorm at '{path}' normalizes over several axes"
+            return Fail(f"the LayerNorm at '{path}' normalizes over several axes")
         return NormSplit(kind, shape, kw.get("eps", 1e-5), path), x, w, b, -1
     return NormSplit(kind, int(kw["num_groups"]), kw.get("eps", 1e-5), path), x, w, b, 1
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from bnfold.ir.affine_math import bn_affine
 
 __all__ = [
+    "Fail",
     "batchnorm_affines",
     "batchnorm_problem",
     "consumer_axis",
@@ -27,6 +29,25 @@ __all__ = [
     "shift_blocked",
     "unusable",
 ]
+
+
+@dataclass(frozen=True)
+class Fail:
+    """A check that failed: ``reason`` a user can act on (it lands in the report), and the ``node`` it is about when
+    that is not the candidate itself (the producer that cannot be rewritten, the op an affine does not cross).
+
+    Every check and predicate of every back end returns a plan or a ``Fail`` (as onnxscript's ``MatchResult.fail``);
+    a ``str`` is never both a reason and a plan, and no caller reads the reason to decide what to do next."""
+
+    reason: str
+    node: str | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def prefixed(self, prefix: str) -> Fail:
+        """The same failure, its reason said after ``prefix`` (``"through 'pool': "``)."""
+        return Fail(prefix + self.reason, self.node)
 
 
 def not_a_linear_output(what: str) -> str:
@@ -78,7 +99,7 @@ def shift_blocked(op: str, scale: torch.Tensor) -> str:
 
 def batchnorm_problem(path: str, running_mean: torch.Tensor, running_var: torch.Tensor,
                       weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor] | str:
+                      ) -> tuple[torch.Tensor, torch.Tensor] | Fail:
     """``(a, b)`` of an inference BatchNorm (:func:`~bnfold.ir.affine_math.bn_affine`, float64), or why its
     statistics cannot be folded. Fast path: they are fine when ``a`` and ``b`` are finite and ``0 ≤ σ² < ∞``
     (every non-finite input shows up in one of them); only a failing one is examined input by input."""
@@ -91,12 +112,12 @@ def batchnorm_problem(path: str, running_mean: torch.Tensor, running_var: torch.
     var = running_var.detach().double()
     tensors = [running_mean, running_var, weight, bias]
     if not all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None):
-        return f"'{path}' has non-finite (NaN/Inf) statistics or parameters; recalibrate it first"
+        return Fail(f"'{path}' has non-finite (NaN/Inf) statistics or parameters; recalibrate it first")
     if bool((var < 0).any()):
-        return f"'{path}' has a negative running_var; its statistics are corrupt, recalibrate first"
+        return Fail(f"'{path}' has a negative running_var; its statistics are corrupt, recalibrate first")
     if bool((var + eps <= 0).any()) or not math.isfinite(eps):
-        return f"'{path}' has running_var + eps = 0 in some channel (division by zero)"
-    return f"'{path}' has statistics whose affine form overflows (a or b is not finite)"
+        return Fail(f"'{path}' has running_var + eps = 0 in some channel (division by zero)")
+    return Fail(f"'{path}' has statistics whose affine form overflows (a or b is not finite)")
 
 
 BatchNormStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]

@@ -143,7 +143,7 @@ def _missing_kernels(exc: Exception) -> list[str]:
 def _macs(model: onnx.ModelProto) -> float:
     """Multiply-adds per sample of the model's convs/matmuls (from inferred shapes; unknown dimensions count as 1):
     to decide whether ``onnx.reference`` can run it in reasonable time."""
-    from bnfold.passes.onnx.shapes import infer_shapes
+    from bnfold.ir.onnx.shapes import infer_shapes
 
     shapes = infer_shapes(model)
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
@@ -184,7 +184,7 @@ def _run64(m64: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence[tuple
                else f"ONNX Runtime could not run the graph in double ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
     samples = sum(int(b[0].shape[0]) if b and b[0].dim() else 1 for b in batches)
-    m64 = ungroup_conv_transpose(m64)
+    m64 = floor_exact_pools(ungroup_conv_transpose(m64))
     if _macs(model) * samples > REFERENCE_EVAL_MACS:
         return None, (f"no float64 reference: {why}, and the model is too large for onnx.reference; verdict by the "
                       "elementwise assert_close tolerances")
@@ -274,6 +274,46 @@ def storage_noise_onnx(model: onnx.ModelProto, batches: Sequence[tuple[torch.Ten
             return []
         out.append(outputs)
     return out
+
+
+def floor_exact_pools(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with ``ceil_mode=1`` dropped from every ``MaxPool``/``AveragePool`` whose output size is the same
+    with floor rounding (``(L + pads − k) mod s = 0`` on every spatial axis of a statically known input) — the same
+    function. For ``onnx.reference``, whose pools with ``ceil_mode=1`` give the wrong size even then (onnx 1.23:
+    kernel 3, stride 1, pads 1 on 10 → 12, not 10); without this, torchvision's googlenet (``ceil_mode=True``
+    Inception pools) got no float64 reference and was judged by the elementwise tolerances."""
+    from bnfold.ir.onnx.shapes import infer_shapes
+
+    pools = [n for n in model.graph.node if n.op_type in ("MaxPool", "AveragePool") and n.domain in ("", "ai.onnx")
+             and any(a.name == "ceil_mode" and a.i for a in n.attribute)]
+    if not pools:
+        return model
+    shapes = infer_shapes(model)
+    exact: set[str] = set()
+    for n in pools:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        dims = shapes.get(n.input[0])
+        kernel = list(attrs.get("kernel_shape", []))
+        if dims is None or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
+                or any(not isinstance(d, int) for d in dims[2:]) or len(dims) - 2 != len(kernel):
+            continue
+        r = len(kernel)
+        strides = list(attrs.get("strides", [1] * r))
+        pads = list(attrs.get("pads", [0] * 2 * r))
+        dil = list(attrs.get("dilations", [1] * r))
+        spans = [int(dims[2 + k]) + pads[k] + pads[k + r] - (dil[k] * (kernel[k] - 1) + 1) for k in range(r)]
+        if all(s >= 0 and s % strides[k] == 0 for k, s in enumerate(spans)):
+            exact.add(n.output[0])
+    if not exact:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.output and n.output[0] in exact:
+            kept = [a for a in n.attribute if a.name != "ceil_mode"]
+            del n.attribute[:]
+            n.attribute.extend(kept)
+    return m
 
 
 def ungroup_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -65,13 +65,13 @@ class AbsorbBias(Rule[PairMatch, Shift]):
         return pair_candidate(m)
 
     def check(self, ctx: PassContext, m: PairMatch) -> Shift | Fail:
-        if isinstance(m.pair, str):
-            return Fail(m.pair)
+        if isinstance(m.pair, Fail):
+            return m.pair
         p = m.pair
         kept = None if self.move_clamps else kept_clamp(p)
-        if kept and any(s.kind == "clamp" and s.hi is not None and bool(torch.isfinite(s.hi).any())
+        if kept is not None and any(s.kind == "clamp" and s.hi is not None and bool(torch.isfinite(s.hi).any())
                         for s in p.steps):
-            return Fail(kept)
+            return kept
         moments = moments_of(p.producer.node)
         if moments is None:
             return Fail(f"no statistics describe {p.producer.describe()}'s output (no BatchNorm was folded into it "
@@ -100,9 +100,9 @@ class AbsorbBias(Rule[PairMatch, Shift]):
                 t = transfer_for(ctx.gm, step.node)
                 shape = tuple(step.input.meta["tensor_meta"].shape)
                 axis = _input_axis(p, step)
-                moved = t if isinstance(t, str) else t.forward(Affine(torch.ones_like(c), -c, axis, shape))
-                if isinstance(moved, str):
-                    return Fail(f"a per-channel shift does not cross {step.describe}: {moved}")
+                moved = t if isinstance(t, Fail) else t.forward(Affine(torch.ones_like(c), -c, axis, shape))
+                if isinstance(moved, Fail):
+                    return moved.prefixed(f"a per-channel shift does not cross {step.describe}: ")
         return Shift(c, kinked)
 
     def rewrite(self, ctx: PassContext, m: PairMatch, plan: Shift) -> list[Change]:

@@ -14,14 +14,15 @@ Every rule edits the graph through a :class:`PassContext`, never through ``torch
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.fx
 
 from bnfold.ir.affine_view import AffineView, affine_view
-from bnfold.ir.graph import add_constant
+from bnfold.ir.graph import add_constant, cached_lookups
 from bnfold.ir.ops import channel_affine
 
 __all__ = ["PassContext"]
@@ -45,6 +46,46 @@ class PassContext:
         self._log: list[torch.fx.Node] = []
         self._erased: set[torch.fx.Node] = set()
         self._sites: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+    # -- what the engine asks of every graph kind (passes.engine.GraphContext) --------------------------------------
+    def nodes(self) -> list[torch.fx.Node]:
+        return list(self.graph.nodes)
+
+    def node_name(self, node: torch.fx.Node) -> str:
+        return node.name
+
+    def format_node(self, node: torch.fx.Node) -> str:
+        return node.format_node()
+
+    def render(self) -> str:
+        return str(self.graph)
+
+    def session(self) -> AbstractContextManager[Any]:
+        return cached_lookups(self.gm)
+
+    def verify(self, pass_name: str, example_inputs: Sequence[Any]) -> None:
+        """The graph lints, and the shape metadata the rewrites maintained locally equals what re-running the model on
+        ``example_inputs`` records (on a copy, for real: independent of :mod:`bnfold.ir.shapes`' rules)."""
+        import copy
+
+        from bnfold.ir.graph import node_dtype, node_shape
+        from bnfold.ir.ops import materialize_affines
+        from bnfold.ir.shapes import propagate_shapes
+
+        self.graph.lint()
+        fresh = copy.deepcopy(self.gm)
+        materialize_affines(fresh)
+        fresh.recompile()
+        propagate_shapes(fresh, tuple(example_inputs), real=True)  # independent of ir.shapes' rules
+        by_name = {n.name: n for n in fresh.graph.nodes}  # the copy may have extra constants (materialized)
+        for kept in self.graph.nodes:
+            ref = by_name[kept.name]
+            if kept.op == "output" or node_shape(ref) is None:  # ShapeProp also records what the graph returns
+                continue
+            got = (node_shape(kept), node_dtype(kept))
+            want = (node_shape(ref), node_dtype(ref))
+            assert got == want, (f"after pass {pass_name}: node {kept.format_node()} has shape meta {got}, runs as "
+                                 f"{want}")
 
     # -- worklists ------------------------------------------------------------------------------------------------
     def touch(self, *nodes: torch.fx.Node) -> None:

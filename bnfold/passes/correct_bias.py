@@ -75,7 +75,7 @@ class CorrectBias(Rule[LayerMatch, Correction]):
     def __init__(self, *, per_channel: bool = True, shifts: Mapping[str, torch.Tensor] | None = None) -> None:
         self.per_channel = per_channel
         self.shifts = shifts
-        self._means: dict[torch.fx.Node, Expectation | str] = {}
+        self._means: dict[torch.fx.Node, Expectation | Fail] = {}
 
     def match(self, ctx: PassContext, node: torch.fx.Node) -> LayerMatch | None:
         op = linear_op(ctx, node)
@@ -95,8 +95,8 @@ class CorrectBias(Rule[LayerMatch, Correction]):
             if shift is None:
                 return Fail(f"{op.describe()} was not reached by the calibration data")
             return Correction(shift.to(f64))
-        mean = self._means.get(op.input, "its input's mean was not derived")
-        if isinstance(mean, str):
+        mean = self._means.get(op.input, Fail("its input's mean was not derived"))
+        if isinstance(mean, Fail):
             return Fail(f"the mean of its input is unknown from BatchNorm statistics: {mean}")
         shape = node_shape(op.input)
         if shape is None or mean.axis != op.channel_axis % len(shape) or mean.mean.numel() != op.in_channels:

@@ -1,8 +1,10 @@
 """The pass engine: results, the worklist-driven :class:`Pipeline`, instruments and internal errors.
 
 A pass is a small object with a ``name`` and ``run(ctx, worklist) -> PassResult``: it looks only at the nodes in
-``worklist`` and rewrites the graph only through ``ctx`` (a :class:`~bnfold.passes.context.PassContext`), which
-records every node an edit touched. The pipeline runs its passes in list order, round after round, until a whole
+``worklist`` and rewrites the graph only through ``ctx``, which records every node an edit touched. The engine
+knows graphs only through :class:`GraphContext`: a torch.fx graph (:class:`~bnfold.passes.context.PassContext`) and
+an ONNX graph (:class:`~bnfold.passes.onnx.context.OnnxContext`) run through the same pipeline, rules, categories
+and instruments. The pipeline runs its passes in list order, round after round, until a whole
 round changes nothing (a fixed point); but only the first round hands a pass every node. Afterwards a pass gets
 the nodes touched since it last ran, so a round costs in proportion to what changed, not to the graph.
 
@@ -20,14 +22,15 @@ import enum
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 import torch
 import torch.fx
 
 from bnfold.errors import BnfoldError, InternalError
-from bnfold.ir.graph import cached_lookups
 from bnfold.passes.context import PassContext
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "Category",
     "Change",
     "DumpIR",
+    "GraphContext",
     "Instrument",
     "Pass",
     "PassResult",
@@ -107,15 +111,58 @@ class PassResult:
     """What one run of a pass did. ``modified`` must never lie: the fixed-point loop stops on it."""
 
     changes: list[Change] = field(default_factory=list)
-    rejections: list[tuple[torch.fx.Node, Rejection]] = field(default_factory=list)
+    rejections: list[tuple[Any, Rejection]] = field(default_factory=list)  # (node of the graph, why)
     candidates: list[Candidate] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
         return bool(self.changes)
 
-    def reject(self, node: torch.fx.Node, rule: str, reason: str, sources: tuple[str, ...]) -> None:
-        self.rejections.append((node, Rejection(rule, node.name, reason, sources)))
+    def reject(self, node: Any, rule: str, reason: str, sources: tuple[str, ...], *, name: str | None = None
+               ) -> None:
+        self.rejections.append((node, Rejection(rule, node.name if name is None else name, reason, sources)))
+
+
+class GraphContext(Protocol):
+    """What the engine needs of the graph a pipeline rewrites (the graph kind's adapter). Nodes are whatever the
+    graph kind uses; the engine compares them by identity only."""
+
+    current: Any  # the node a pass is working on (error messages)
+
+    def nodes(self) -> list[Any]:
+        """Every node, in graph order."""
+        ...
+
+    def cursor(self) -> int:
+        """A position in the log of touched nodes."""
+        ...
+
+    def touched_since(self, cursor: int) -> list[Any]:
+        """Live nodes an edit touched since ``cursor``, each once."""
+        ...
+
+    def is_live(self, node: Any) -> bool: ...
+
+    def node_name(self, node: Any) -> str:
+        """How a report names ``node``."""
+        ...
+
+    def format_node(self, node: Any) -> str:
+        """``node`` in full, for an error message."""
+        ...
+
+    def render(self) -> str:
+        """The whole graph as text (``--dump-ir``)."""
+        ...
+
+    def session(self) -> AbstractContextManager[Any]:
+        """Held for the length of a pipeline run (lookup caches)."""
+        ...
+
+    def verify(self, pass_name: str, example_inputs: Sequence[Any]) -> None:
+        """Check the engine's bookkeeping after ``pass_name`` changed the graph; raise AssertionError naming the pass
+        and the node."""
+        ...
 
 
 class Pass(Protocol):
@@ -128,7 +175,7 @@ class Pass(Protocol):
     name: str
     revisit_rejected: bool
 
-    def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult: ...
+    def run(self, ctx: Any, worklist: Sequence[Any]) -> PassResult: ...
 
 
 @dataclass
@@ -160,9 +207,9 @@ class PipelineResult:
 class Instrument(Protocol):
     """Observes every pass run. ``after_pass`` returns True to stop the pipeline there."""
 
-    def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None: ...
+    def before_pass(self, name: str, ctx: GraphContext, worklist: Sequence[Any]) -> None: ...
 
-    def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool: ...
+    def after_pass(self, name: str, ctx: GraphContext, result: PassResult) -> bool: ...
 
 
 class Timing:
@@ -173,11 +220,11 @@ class Timing:
         self._start = 0.0
         self._nodes = 0
 
-    def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None:
+    def before_pass(self, name: str, ctx: GraphContext, worklist: Sequence[Any]) -> None:
         self._nodes = len(worklist)
         self._start = time.process_time()
 
-    def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
+    def after_pass(self, name: str, ctx: GraphContext, result: PassResult) -> bool:
         t = self.timings.setdefault(name, PassTiming(name))
         t.runs += 1
         t.seconds += time.process_time() - self._start
@@ -193,66 +240,61 @@ class Until:
         self.name = name
         self.stopped = False
 
-    def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None:
+    def before_pass(self, name: str, ctx: GraphContext, worklist: Sequence[Any]) -> None:
         pass
 
-    def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
+    def after_pass(self, name: str, ctx: GraphContext, result: PassResult) -> bool:
         self.stopped = name == self.name
         return self.stopped
 
 
 class DumpIR:
-    """Write the graph before and after every pass that changed it (``--dump-ir``) to ``stream``."""
+    """Write the graph before and after every pass that changed it (``--dump-ir``): to ``stream``, or with ``folder``
+    one file per such pass run into that folder (``001-fold_into_producer.txt``, in the order they ran)."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str] | None = None, *, folder: str | Path | None = None) -> None:
+        if (stream is None) == (folder is None):
+            raise ValueError("DumpIR writes to a stream or to a folder")
         self.stream = stream
+        self.folder = None if folder is None else Path(folder)
+        self.written: list[Path] = []
         self._before = ""
 
-    def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None:
-        self._before = str(ctx.gm.graph)
+    def before_pass(self, name: str, ctx: GraphContext, worklist: Sequence[Any]) -> None:
+        self._before = ctx.render()
 
-    def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
-        if result.modified:
-            self.stream.write(f"# --- before {name} ---\n{self._before}\n# --- after {name} "
-                              f"({len(result.changes)} changes) ---\n{ctx.gm.graph}\n")
+    def after_pass(self, name: str, ctx: GraphContext, result: PassResult) -> bool:
+        if not result.modified:
+            return False
+        text = (f"# --- before {name} ---\n{self._before}\n# --- after {name} "
+                f"({len(result.changes)} changes) ---\n{ctx.render()}\n")
+        if self.folder is None:
+            assert self.stream is not None
+            self.stream.write(text)
+        else:
+            path = self.folder / f"{len(self.written) + 1:03d}-{name}.txt"
+            path.write_text(text)
+            self.written.append(path)
         return False
 
 
 class Verify:
-    """Check the engine's bookkeeping after every pass that changed the graph (tests, debugging): the graph lints,
-    and the shape metadata the rewrites maintained locally equals what re-running the model on ``example_inputs``
-    records (on a copy, for real: independent of :mod:`bnfold.ir.shapes`' rules). Raises :class:`AssertionError`
-    naming the pass and the node."""
+    """Check the engine's bookkeeping after every pass that changed the graph (tests, debugging), as the graph kind
+    defines it (:meth:`GraphContext.verify`; torch.fx: the graph lints, and the shape metadata the rewrites
+    maintained locally equals what re-running the model on ``example_inputs`` records). Raises
+    :class:`AssertionError` naming the pass and the node."""
 
-    def __init__(self, example_inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self, example_inputs: Sequence[Any] = ()) -> None:
         self.example_inputs = tuple(example_inputs)
         self.checked = 0
 
-    def before_pass(self, name: str, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> None:
+    def before_pass(self, name: str, ctx: GraphContext, worklist: Sequence[Any]) -> None:
         pass
 
-    def after_pass(self, name: str, ctx: PassContext, result: PassResult) -> bool:
-        import copy
-
-        from bnfold.ir.graph import node_dtype, node_shape
-        from bnfold.ir.ops import materialize_affines
-        from bnfold.ir.shapes import propagate_shapes
-
+    def after_pass(self, name: str, ctx: GraphContext, result: PassResult) -> bool:
         if not result.modified:
             return False
-        ctx.gm.graph.lint()
-        fresh = copy.deepcopy(ctx.gm)
-        materialize_affines(fresh)
-        fresh.recompile()
-        propagate_shapes(fresh, self.example_inputs, real=True)
-        by_name = {n.name: n for n in fresh.graph.nodes}  # the copy may have extra constants (materialized)
-        for kept in ctx.gm.graph.nodes:
-            ref = by_name[kept.name]
-            if kept.op == "output" or node_shape(ref) is None:  # ShapeProp also records what the graph returns
-                continue
-            got = (node_shape(kept), node_dtype(kept))
-            want = (node_shape(ref), node_dtype(ref))
-            assert got == want, f"after pass {name}: node {kept.format_node()} has shape meta {got}, runs as {want}"
+        ctx.verify(name, self.example_inputs)
         self.checked += 1
         return False
 
@@ -277,22 +319,27 @@ class Pipeline:
         return [p.name for p in self.passes + self.finalize]
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PipelineResult:
-        with cached_lookups(gm):
-            return self._run(gm, ctx or PassContext(gm))
+        """Run on a torch.fx graph (a :class:`~bnfold.passes.context.PassContext` over ``gm``, or ``ctx``)."""
+        return self.run_on(ctx or PassContext(gm))
 
-    def _run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PipelineResult:
+    def run_on(self, ctx: GraphContext) -> PipelineResult:
+        """Run on the graph ``ctx`` adapts (any graph kind)."""
+        with ctx.session():
+            return self._run(ctx)
+
+    def _run(self, ctx: GraphContext) -> PipelineResult:
         timing = Timing()
         instruments: list[Instrument] = [timing, *self.instruments]
         changes: list[Change] = []
         candidates: dict[str, Candidate] = {}
-        rejected: dict[tuple[str, torch.fx.Node], Rejection] = {}
+        rejected: dict[tuple[str, int], tuple[Any, Rejection]] = {}  # (pass, id(node)) → (node, why)
         cursors = {p.name: 0 for p in self.passes}
         history: list[str] = []
         rounds, converged, stopped = 0, False, None
 
-        def run_one(p: Pass, worklist: Sequence[torch.fx.Node]) -> bool:
+        def run_one(p: Pass, worklist: Sequence[Any]) -> bool:
             for node in worklist:
-                rejected.pop((p.name, node), None)
+                rejected.pop((p.name, id(node)), None)
             for ins in instruments:
                 ins.before_pass(p.name, ctx, worklist)
             result = _guarded(p, ctx, worklist, history)
@@ -301,7 +348,7 @@ class Pipeline:
             for c in result.candidates:
                 candidates.setdefault(c.id, c)
             for node, r in result.rejections:
-                rejected[(p.name, node)] = r
+                rejected[(p.name, id(node))] = (node, r)
             stop = False
             for ins in instruments:
                 stop |= ins.after_pass(p.name, ctx, result)
@@ -312,12 +359,12 @@ class Pipeline:
             before = len(changes)
             for p in self.passes:
                 if rounds == 1:
-                    worklist = list(gm.graph.nodes)
+                    worklist = ctx.nodes()
                 else:
                     worklist = ctx.touched_since(cursors[p.name])
                     if p.revisit_rejected and worklist:
-                        worklist += [n for (name, n) in rejected if name == p.name and ctx.is_live(n)]
-                        worklist = list(dict.fromkeys(worklist))
+                        worklist += [n for (name, _), (n, _) in rejected.items() if name == p.name and ctx.is_live(n)]
+                        worklist = list({id(n): n for n in worklist}.values())
                 cursors[p.name] = ctx.cursor()
                 if not worklist:
                     continue
@@ -327,20 +374,22 @@ class Pipeline:
             if len(changes) == before:
                 converged = True
                 break
+        if not converged and stopped is None:
+            log.warning("the fold pipeline stopped after %d rounds without reaching a fixed point", rounds)
         # the reasons that stand: those of nodes still in the graph at the fixed point (finalize only lowers), in
         # pipeline order (a pass that looked at a node again re-inserted its reason at the end of the dict)
         rank = {name: i for i, name in enumerate(self.names)}
-        live = sorted((r for (_, n), r in rejected.items() if ctx.is_live(n)), key=lambda r: rank[r.rule])
+        live = sorted((r for n, r in rejected.values() if ctx.is_live(n)), key=lambda r: rank[r.rule])
         if stopped is None:
             for p in self.finalize:
-                if run_one(p, list(gm.graph.nodes)):
+                if run_one(p, ctx.nodes()):
                     stopped = p.name
                     break
         return PipelineResult(rounds, changes, live, list(candidates.values()),
                               list(timing.timings.values()), converged, stopped)
 
 
-def _guarded(p: Pass, ctx: PassContext, worklist: Sequence[torch.fx.Node], history: list[str]) -> PassResult:
+def _guarded(p: Pass, ctx: GraphContext, worklist: Sequence[Any], history: list[str]) -> PassResult:
     """Run ``p``; any exception that is not a deliberate :class:`BnfoldError` becomes an :class:`InternalError`."""
     ctx.current = None
     try:
@@ -349,11 +398,11 @@ def _guarded(p: Pass, ctx: PassContext, worklist: Sequence[torch.fx.Node], histo
         raise
     except Exception as exc:
         node = ctx.current
-        where = f"node {node.format_node()}" if isinstance(node, torch.fx.Node) else "no particular node"
+        where = "no particular node" if node is None else f"node {ctx.format_node(node)}"
         before = ", ".join(history[-12:]) or "none"
         raise InternalError(
             f"bnfold internal error in pass '{p.name}' at {where}: {type(exc).__name__}: {exc} "
             f"(passes run before it: {before})",
             hint="please report this with the model; bnfold.fold(..., until=<an earlier pass>) narrows it down",
-            pass_name=p.name, node=None if node is None else node.name, passes_before=tuple(history),
+            pass_name=p.name, node=None if node is None else ctx.node_name(node), passes_before=tuple(history),
         ) from exc

@@ -52,7 +52,7 @@ class PairMatch:
     """A conv/linear (the second layer) and the pair it closes, or why it closes none."""
 
     consumer: LinearOp
-    pair: Pair | str
+    pair: Pair | Fail
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -97,12 +97,12 @@ class Equalize(Rule[PairMatch, Scales]):
         return pair_candidate(m)
 
     def check(self, ctx: PassContext, m: PairMatch) -> Scales | Fail:
-        if isinstance(m.pair, str):
-            return Fail(m.pair)
+        if isinstance(m.pair, Fail):
+            return m.pair
         p = m.pair
         kept = None if self.move_clamps else kept_clamp(p)
-        if kept:
-            return Fail(kept)
+        if kept is not None:
+            return kept
         r1 = output_ranges(p.producer.weight, p.producer.kind)
         r2 = input_ranges(p.consumer.weight, p.consumer.kind, p.consumer.groups)
         return Scales(equalization_scales(r1, r2))

@@ -42,8 +42,8 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
 
     def check(self, ctx: PassContext, m: AffineView) -> Plan | Fail:
         ops = consumer_targets(ctx, m.node, m.axis, m.rank, m.channels)
-        if isinstance(ops, str):
-            return Fail(ops)
+        if isinstance(ops, Fail):
+            return ops
         blocked = shift_blocked(ops, m.b)
         if blocked and (bool((m.a == 1).all()) or bool((m.a == 0).any())):
             return Fail(reasons.shift_blocked(blocked[0].describe(), m.a))

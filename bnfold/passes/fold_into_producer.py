@@ -33,8 +33,7 @@ class FoldIntoProducer(Rule[AffineView, LinearOp]):
         return ctx.affine(node)
 
     def check(self, ctx: PassContext, m: AffineView) -> LinearOp | Fail:
-        op = producer_target(ctx, m)
-        return Fail(op) if isinstance(op, str) else op
+        return producer_target(ctx, m)
 
     def rewrite(self, ctx: PassContext, m: AffineView, plan: LinearOp) -> list[Change]:
         in_place = plan.module is not None and ctx.call_sites(str(plan.node.target)) == 1 \

@@ -20,16 +20,19 @@ import torch
 import torch.fx
 from torch import nn
 
-from bnfold.ir import reasons
+from bnfold.ir import fold_targets as targets
 from bnfold.ir.affine_view import AffineView
 from bnfold.ir.graph import normalized_kwargs, unique_attr_name
 from bnfold.ir.linear_ops import LinearOp, NotFoldable, match_linear_op
+from bnfold.ir.reasons import Fail
 from bnfold.ir.uses import value_users
 from bnfold.passes.commute import CAT, Affine, cat_forward, transfer_for
 from bnfold.passes.context import PassContext
 
-__all__ = ["absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target", "replace_params",
-           "shift_blocked", "untie_note", "user_list"]
+__all__ = ["FxTargets", "absorbs", "consumer_targets", "describe", "linear_op", "producer_target", "push_target",
+           "replace_params", "shift_blocked", "untie_note", "user_list"]
+
+shift_blocked = targets.shift_blocked
 
 aten = torch.ops.aten
 
@@ -52,90 +55,79 @@ def describe(node: torch.fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def producer_target(ctx: PassContext, view: AffineView) -> LinearOp | str:
+class FxTargets:
+    """The torch.fx answers to :class:`~bnfold.ir.fold_targets.TargetGraph` (values are the nodes computing them)."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.ctx = ctx
+
+    def producer_op(self, x: torch.fx.Node) -> LinearOp | NotFoldable | None:
+        return linear_op(self.ctx, x)
+
+    def describe_value(self, x: torch.fx.Node) -> str:
+        return "a graph input" if x.op == "placeholder" else f"'{x.name}' ({describe(x)})"
+
+    def value_name(self, x: torch.fx.Node) -> str:
+        return x.name
+
+    def shared_with(self, x: torch.fx.Node) -> str | None:
+        return user_list(x) if len(value_users(x)) > 1 else None
+
+    def consumers(self, x: torch.fx.Node) -> list[torch.fx.Node] | Fail:
+        return value_users(x) or Fail("its output is unused")
+
+    def consumer_op(self, node: torch.fx.Node) -> LinearOp | NotFoldable | None:
+        return linear_op(self.ctx, node)
+
+    def label(self, node: torch.fx.Node) -> str:
+        return node.name
+
+    def op_name(self, node: torch.fx.Node) -> str:
+        return describe(node)
+
+    def reads_as_input(self, op: LinearOp, x: torch.fx.Node) -> bool:
+        return op.input is x
+
+
+def producer_target(ctx: PassContext, view: AffineView) -> LinearOp | Fail:
     """The conv/linear ``view`` folds into as its producer, or why there is none."""
-    producer = view.x
-    op = linear_op(ctx, producer)
-    if op is None:
-        what = "a graph input" if producer.op == "placeholder" else f"'{producer.name}' ({describe(producer)})"
-        return reasons.not_a_linear_output(what)
-    if isinstance(op, NotFoldable):
-        return reasons.unusable("producer", producer.name, op.reason)
-    if len(value_users(producer)) > 1:
-        return reasons.producer_shared(op.describe(), user_list(producer))
-    if view.axis != op.channel_axis % view.rank:
-        return reasons.producer_axis(view.axis, op.describe())
-    if view.channels != op.out_channels:
-        return reasons.producer_channels(view.channels, op.describe(), op.out_channels)
-    return op
+    return targets.producer_target(FxTargets(ctx), view.x, view.axis, view.rank, view.channels)
 
 
 def consumer_targets(ctx: PassContext, node: torch.fx.Node, axis: int, rank: int, channels: int
-                     ) -> list[LinearOp] | str:
-    """The conv/linear users of ``node`` that read it on their input-channel axis ``axis``, or why not all do
-    (users reading only its shape are not consumers: they see the same shape after the fold)."""
-    users = value_users(node)
-    if not users:
-        return "its output is unused"
-    ops: list[LinearOp] = []
-    for u in users:
-        op = linear_op(ctx, u)
-        if op is None:
-            return reasons.consumer_not_linear(u.name, describe(u))
-        if isinstance(op, NotFoldable):
-            return reasons.unusable("consumer", u.name, op.reason)
-        if op.input is not node:
-            return reasons.consumer_other_argument(op.describe())
-        if axis != op.channel_axis % rank:
-            return reasons.consumer_axis(axis, op.describe())
-        if channels != op.in_channels:
-            return reasons.consumer_channels(channels, op.describe(), op.in_channels)
-        ops.append(op)
-    return ops
+                     ) -> list[LinearOp] | Fail:
+    """The conv/linear users of ``node`` that read it on their input-channel axis ``axis``, or why not all do."""
+    return targets.consumer_targets(FxTargets(ctx), node, axis, rank, channels)
 
 
-def shift_blocked(ops: list[LinearOp], shift: torch.Tensor) -> list[LinearOp]:
-    """Consumers that cannot absorb ``shift`` exactly: a conv reading zero padding, or a conv-transpose."""
-    if not bool((shift != 0).any()):
-        return []
-    return [op for op in ops if op.reads_padding_zeros() or op.kind == "conv_transpose"]
-
-
-def absorbs(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> LinearOp | str:
+def absorbs(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> LinearOp | Fail:
     """``node`` is a conv/linear that can take ``aff`` on its output (only user, channel axis, count)."""
-    op = linear_op(ctx, node)
-    if not isinstance(op, LinearOp):
-        return f"'{node.name}' is not a foldable conv/linear"
-    if len(value_users(node)) > 1:
-        return f"{op.describe()} has other users"
-    if aff.axis != op.channel_axis % len(aff.shape) or aff.a.numel() != op.out_channels:
-        return f"{op.describe()} has its channels on another axis"
-    return op
+    return targets.absorbs(FxTargets(ctx), node, aff.axis, len(aff.shape), aff.a.numel())
 
 
 def push_target(ctx: PassContext, start: torch.fx.Node, aff: Affine, max_depth: int = 16
-                ) -> tuple[torch.fx.Node, Affine] | str:
+                ) -> tuple[torch.fx.Node, Affine] | Fail:
     """Follow ``start``'s single-user chain through commuting ops; return the node after which ``aff`` (moved
     along) has only conv/linear consumers, with the moved affine, or why there is none within reach."""
     node = start
     for _ in range(max_depth):
         users = value_users(node)
         if len(users) != 1:
-            return f"'{node.name}' has {len(users)} users"
+            return Fail(f"'{node.name}' has {len(users)} users")
         user = users[0]
         if user.op == "call_function" and user.target in CAT:
             nxt = cat_forward(user, node, aff)
         else:
             t = transfer_for(ctx.gm, user)
-            if isinstance(t, str):
+            if isinstance(t, Fail):
                 return t
             nxt = t.forward(aff)
-        if isinstance(nxt, str):
-            return f"through '{user.name}': {nxt}"
+        if isinstance(nxt, Fail):
+            return nxt.prefixed(f"through '{user.name}': ")
         node, aff = user, nxt
-        if not isinstance(consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel()), str):
+        if not isinstance(consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel()), Fail):
             return node, aff
-    return "no conv/linear consumer within reach"
+    return Fail("no conv/linear consumer within reach")
 
 
 def untie_note(ctx: PassContext, op: LinearOp) -> str:

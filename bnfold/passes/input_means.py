@@ -37,6 +37,7 @@ from bnfold.ir.affine_math import fold_into_consumer
 from bnfold.ir.graph import fetch_attr, get_constant, node_shape
 from bnfold.ir.linear_ops import LinearOp
 from bnfold.ir.moments import clipped_mean, gaussian_mean, moments_of
+from bnfold.ir.reasons import Fail
 from bnfold.passes.commute import CAT, Affine, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.fold_targets import describe, linear_op
@@ -71,7 +72,7 @@ class Expectation:
         return Expectation(self.axis, clipped_mean(m, s, new_lo, new_hi), (m, s, new_lo, new_hi))
 
 
-Known = Expectation | str
+Known = Expectation | Fail
 
 _SMOOTH_MODULES: tuple[type[nn.Module], ...] = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
                                                 nn.ELU, nn.Mish, nn.Softplus)
@@ -99,7 +100,7 @@ def expected_values(ctx: PassContext) -> dict[torch.fx.Node, Known]:
         try:
             known[node] = _expect(ctx, node, known)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # an op this walk misreads: unknown
-            known[node] = f"'{node.name}' ({describe(node)}): {type(exc).__name__}"
+            known[node] = Fail(f"'{node.name}' ({describe(node)}): {type(exc).__name__}")
     return known
 
 
@@ -110,9 +111,9 @@ def _channel_axis(node: torch.fx.Node, axis: int) -> int | None:
 
 def _expect(ctx: PassContext, node: torch.fx.Node, known: dict[torch.fx.Node, Known]) -> Known:
     if node.op == "placeholder":
-        return "it reads the model's input, whose mean is not known without data"
+        return Fail("it reads the model's input, whose mean is not known without data")
     if node.op in ("get_attr", "output"):
-        return f"'{node.name}' is not a computed tensor"
+        return Fail(f"'{node.name}' is not a computed tensor")
     moments = moments_of(node)
     op = linear_op(ctx, node)
     if moments is not None:
@@ -127,22 +128,22 @@ def _expect(ctx: PassContext, node: torch.fx.Node, known: dict[torch.fx.Node, Kn
     view = ctx.affine(node)
     if view is not None:
         inner = _of(known, view.x)
-        if isinstance(inner, str):
+        if isinstance(inner, Fail):
             return inner
         if inner.axis != view.axis or inner.mean.numel() != view.channels:
-            return f"'{node.name}' scales another axis than the known channel means"
+            return Fail(f"'{node.name}' scales another axis than the known channel means")
         return Expectation(inner.axis, view.a * inner.mean + view.b, _affine_normal(inner, view.a, view.b))
     if node.op not in ("call_module", "call_function", "call_method"):
-        return f"'{node.name}' is not an op"
+        return Fail(f"'{node.name}' is not an op")
     act = _activation(ctx, node)
     if act is not None:
         x, how = act
         inner = _of(known, x)
-        if isinstance(inner, str):
+        if isinstance(inner, Fail):
             return inner
         if inner.normal is None:
-            return f"'{node.name}' ({describe(node)}) acts on a tensor that is no longer a (clipped) normal " \
-                   "pre-activation, so BatchNorm statistics do not give the mean of its output"
+            return Fail(f"'{node.name}' ({describe(node)}) acts on a tensor that is no longer a (clipped) normal "
+                        "pre-activation, so BatchNorm statistics do not give the mean of its output")
         if isinstance(how, tuple):  # a clamp: exact by composing the bounds
             lo, hi = (_per_channel(v, inner.mean.numel()) for v in how)
             return inner.clamped(lo, hi)
@@ -169,25 +170,25 @@ def _affine_normal(inner: Expectation, a: torch.Tensor, b: torch.Tensor
 
 def _of(known: dict[torch.fx.Node, Known], node: Any) -> Known:
     if not isinstance(node, torch.fx.Node):
-        return "an operand is not a graph tensor"
-    return known.get(node, f"'{node.name}' comes later in the graph")
+        return Fail("an operand is not a graph tensor")
+    return known.get(node, Fail(f"'{node.name}' comes later in the graph"))
 
 
 def _through_linear(op: LinearOp, known: dict[torch.fx.Node, Known]) -> Known:
     inner = _of(known, op.input)
-    if isinstance(inner, str):
+    if isinstance(inner, Fail):
         return inner
     shape = node_shape(op.input)
     if op.kind == "conv_transpose" or shape is None:
-        return f"{op.describe()}: the mean of its output is not derived (conv-transpose or unknown shape)"
+        return Fail(f"{op.describe()}: the mean of its output is not derived (conv-transpose or unknown shape)")
     if inner.axis != op.channel_axis % len(shape) or inner.mean.numel() != op.in_channels:
-        return f"{op.describe()} reads channels on another axis than the known means"
+        return Fail(f"{op.describe()} reads channels on another axis than the known means")
     _, mean = fold_into_consumer(op.weight, op.bias, torch.ones_like(inner.mean), inner.mean, kind=op.kind,
                                  groups=op.groups)
     assert mean is not None
     out_axis = _channel_axis(op.node, op.channel_axis)
     if out_axis is None:
-        return f"the shape of {op.describe()}'s output is unknown"
+        return Fail(f"the shape of {op.describe()}'s output is unknown")
     return Expectation(out_axis, mean)
 
 
@@ -259,35 +260,35 @@ def _structural(ctx: PassContext, node: torch.fx.Node, known: dict[torch.fx.Node
     is_module = node.op == "call_module"
     if (is_module and isinstance(fetch_attr(ctx.gm, str(target)), _MAX_POOL)) \
             or (not is_module and "max_pool" in getattr(target, "__name__", str(target))):
-        return f"'{node.name}' is a max-pool: the mean of a maximum is not known from BatchNorm statistics"
+        return Fail(f"'{node.name}' is a max-pool: the mean of a maximum is not known from BatchNorm statistics")
     if node.op in ("call_function", "call_method") and target in _ADD and len(node.args) == 2 \
             and all(isinstance(a, torch.fx.Node) for a in node.args):
         u, v = (_of(known, a) for a in node.args)
-        if isinstance(u, str):
+        if isinstance(u, Fail):
             return u
-        if isinstance(v, str):
+        if isinstance(v, Fail):
             return v
         if u.axis != v.axis or u.mean.shape != v.mean.shape or node_shape(node.args[0]) != node_shape(node.args[1]):
-            return f"'{node.name}' adds tensors whose channels do not line up"
+            return Fail(f"'{node.name}' adds tensors whose channels do not line up")
         return Expectation(u.axis, u.mean + v.mean)
     if node.op in ("call_function", "call_method") and target in _MUL:
-        return f"'{node.name}' multiplies two tensors (a gate): the mean of a product is not known from BatchNorm " \
-               "statistics"
+        return Fail(f"'{node.name}' multiplies two tensors (a gate): the mean of a product is not known from BatchNorm "
+                    "statistics")
     if node.op == "call_function" and target in CAT:
         return _concat(node, known)
     t = transfer_for(ctx.gm, node)
-    if isinstance(t, str):
-        return f"{t}: the mean of its output is not known from BatchNorm statistics"
+    if isinstance(t, Fail):
+        return Fail(f"{t.reason}: the mean of its output is not known from BatchNorm statistics")
     inner = _of(known, t.x)
-    if isinstance(inner, str):
+    if isinstance(inner, Fail):
         return inner
     in_shape = node_shape(t.x)
     out_shape = node_shape(node)
     if in_shape is None or out_shape is None:
-        return f"'{node.name}' has an unknown shape"
+        return Fail(f"'{node.name}' has an unknown shape")
     moved = t.forward(Affine(torch.ones_like(inner.mean), inner.mean, inner.axis, in_shape))
-    if isinstance(moved, str):
-        return f"the mean does not cross '{node.name}': {moved}"
+    if isinstance(moved, Fail):
+        return Fail(f"the mean does not cross '{node.name}': {moved.reason}")
     same_values = torch.Size(in_shape).numel() == torch.Size(out_shape).numel()  # moved, not averaged
     return Expectation(moved.axis, moved.b, inner.normal if same_values else None)
 
@@ -297,15 +298,15 @@ def _concat(node: torch.fx.Node, known: dict[torch.fx.Node, Known]) -> Known:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     shape = node_shape(node)
     if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or shape is None:
-        return f"'{node.name}' concatenates along an axis known only at run time"
+        return Fail(f"'{node.name}' concatenates along an axis known only at run time")
     parts = [_of(known, t) for t in tensors]
     for p in parts:
-        if isinstance(p, str):
+        if isinstance(p, Fail):
             return p
     exp = [p for p in parts if isinstance(p, Expectation)]
     axis = dim % len(shape)
     if any(p.axis != axis for p in exp):
-        return f"'{node.name}' concatenates along another axis than the channel means"
+        return Fail(f"'{node.name}' concatenates along another axis than the channel means")
     normals = [p.normal for p in exp]
     normal = None if any(n is None for n in normals) else tuple(
         torch.cat([n[k] for n in normals if n is not None]) for k in range(4))

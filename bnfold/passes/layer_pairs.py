@@ -37,8 +37,9 @@ from torch import nn
 
 from bnfold.ir.graph import fetch_attr, get_constant, node_shape, normalized_kwargs
 from bnfold.ir.linear_ops import LinearOp, NotFoldable
+from bnfold.ir.reasons import Fail
 from bnfold.ir.uses import value_users
-from bnfold.passes.commute import Affine, transfer_for
+from bnfold.passes.commute import Affine, NotInTable, transfer_for
 from bnfold.passes.context import PassContext
 from bnfold.passes.fold_targets import describe, linear_op
 
@@ -101,12 +102,12 @@ def pair_id(consumer: torch.fx.Node) -> str:
     return f"pair:{consumer.name}"
 
 
-def find_pair(ctx: PassContext, consumer: LinearOp) -> Pair | str | None:
+def find_pair(ctx: PassContext, consumer: LinearOp) -> Pair | Fail | None:
     """The pair ``consumer`` closes, or why there is none (``None``: its input is a graph input — no pair to speak
     of)."""
     sources = (pair_id(consumer.node),)
     if consumer.kind not in ("conv", "linear"):
-        return f"{consumer.describe()} is a conv-transpose (not supported as the second layer)"
+        return Fail(f"{consumer.describe()} is a conv-transpose (not supported as the second layer)")
     chain: list[torch.fx.Node] = []
     node, user = consumer.input, consumer.node
     producer: LinearOp | None = None
@@ -117,45 +118,45 @@ def find_pair(ctx: PassContext, consumer: LinearOp) -> Pair | str | None:
         if others:
             what = ", ".join(f"'{u.name}' ({describe(u)})" for u in others)
             if any(u.op in ("call_function", "call_method") and u.target in _ADD for u in others):
-                return f"'{node.name}' is also read by {what}: a residual connection (the skip path would see the " \
-                       "rescaled channels too)"
-            return f"'{node.name}' is also read by {what}: a shared tensor (its other readers would see the " \
-                   "rescaled channels too)"
+                return Fail(f"'{node.name}' is also read by {what}: a residual connection (the skip path would see the "
+                            "rescaled channels too)")
+            return Fail(f"'{node.name}' is also read by {what}: a shared tensor (its other readers would see the "
+                        "rescaled channels too)")
         op = linear_op(ctx, node)
         if isinstance(op, NotFoldable):
-            return f"'{node.name}' cannot be rewritten: {op.reason}"
+            return Fail(f"'{node.name}' cannot be rewritten: {op.reason}")
         if isinstance(op, LinearOp):
             producer = op
             break
         if node.op in ("call_function", "call_method") and node.target in _ADD \
                 and sum(isinstance(a, torch.fx.Node) for a in node.args) > 1:
-            return f"'{node.name}' adds two paths (a residual connection): a channel scale cannot cross the sum"
+            return Fail(f"'{node.name}' adds two paths (a residual connection): a channel scale cannot cross the sum")
         chain.append(node)
         nxt = _single_input(node)
         if nxt is None:
-            return f"'{node.name}' ({describe(node)}) does not have a single tensor input"
+            return Fail(f"'{node.name}' ({describe(node)}) does not have a single tensor input")
         user, node = node, nxt
     if producer is None:
-        return f"no conv/linear within {MAX_STEPS} ops before {consumer.describe()}"
+        return Fail(f"no conv/linear within {MAX_STEPS} ops before {consumer.describe()}")
     if producer.kind not in ("conv", "linear"):
-        return f"{producer.describe()} is a conv-transpose (not supported as the first layer)"
+        return Fail(f"{producer.describe()} is a conv-transpose (not supported as the first layer)")
     for op in (producer, consumer):
         why = _shared_weight(ctx, op)
-        if why:
+        if why is not None:
             return why
     steps = _steps(ctx, producer, list(reversed(chain)), consumer)
-    if isinstance(steps, str):
+    if isinstance(steps, Fail):
         return steps
     return Pair(producer, consumer, steps, sources)
 
 
-def _shared_weight(ctx: PassContext, op: LinearOp) -> str | None:
+def _shared_weight(ctx: PassContext, op: LinearOp) -> Fail | None:
     if op.module is not None and ctx.call_sites(str(op.node.target)) > 1:
-        return f"{op.describe()} is called at {ctx.call_sites(str(op.node.target))} sites: its weight is used " \
-               "twice, and rescaling one use would need a second copy of it"
+        return Fail(f"{op.describe()} is called at {ctx.call_sites(str(op.node.target))} sites: its weight is used "
+                    "twice, and rescaling one use would need a second copy of it")
     if ctx.tied(op.weight):
-        return f"{op.describe()} shares its weight with another parameter (tied): rescaling it would change the " \
-               "other user, or need a second copy"
+        return Fail(f"{op.describe()} shares its weight with another parameter (tied): rescaling it would change the "
+                    "other user, or need a second copy")
     return None
 
 
@@ -165,12 +166,12 @@ def _single_input(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _steps(ctx: PassContext, producer: LinearOp, chain: list[torch.fx.Node], consumer: LinearOp
-           ) -> tuple[Step, ...] | str:
+           ) -> tuple[Step, ...] | Fail:
     """Classify each op between the layers; push a tagged scale (``1, 2, …, C``) through them to check channel ``i``
     of the producer is channel ``i`` of the consumer's input."""
     shape = node_shape(producer.node)
     if shape is None:
-        return f"the shape of {producer.describe()}'s output is unknown"
+        return Fail(f"the shape of {producer.describe()}'s output is unknown")
     channels = producer.out_channels
     tag = torch.arange(1, channels + 1, dtype=f64)
     aff = Affine(tag, torch.zeros_like(tag), producer.channel_axis % len(shape), shape)
@@ -179,15 +180,15 @@ def _steps(ctx: PassContext, producer: LinearOp, chain: list[torch.fx.Node], con
     for node in chain:
         out_shape = node_shape(node)
         if out_shape is None:
-            return f"the shape of '{node.name}' is unknown"
+            return Fail(f"the shape of '{node.name}' is unknown")
         step = _classify(ctx, node, prev, aff.axis, out_shape, channels)
-        if isinstance(step, str):
+        if isinstance(step, Fail):
             return step
         if step.kind == "move":
             t = transfer_for(ctx.gm, node)
-            moved = t if isinstance(t, str) else t.forward(aff)
-            if isinstance(moved, str):
-                return f"a per-channel scale cannot cross '{node.name}': {moved}"
+            moved = t if isinstance(t, Fail) else t.forward(aff)
+            if isinstance(moved, Fail):
+                return Fail(f"a per-channel scale cannot cross '{node.name}': {moved.reason}")
             aff = moved
             step = Step(node, prev, "move", aff.axis, tuple(out_shape))
         steps.append(step)
@@ -195,13 +196,13 @@ def _steps(ctx: PassContext, producer: LinearOp, chain: list[torch.fx.Node], con
     rank = len(aff.shape)
     if aff.axis != consumer.channel_axis % rank or aff.a.numel() != consumer.in_channels \
             or not torch.equal(aff.a, tag):
-        return f"channel i of {producer.describe()} is not channel i of {consumer.describe()}'s input (the ops " \
-               "between reshape or reorder channels)"
+        return Fail(f"channel i of {producer.describe()} is not channel i of {consumer.describe()}'s input (the ops "
+                    "between reshape or reorder channels)")
     return tuple(steps)
 
 
 def _classify(ctx: PassContext, node: torch.fx.Node, x: torch.fx.Node, axis: int, shape: tuple[int, ...],
-              channels: int) -> Step | str:
+              channels: int) -> Step | Fail:
     """What ``node`` (reading ``x``) is as a step, or why a positive per-channel scale does not cross it."""
     if node.op == "call_module":
         m = fetch_attr(ctx.gm, str(node.target))
@@ -213,7 +214,7 @@ def _classify(ctx: PassContext, node: torch.fx.Node, x: torch.fx.Node, axis: int
             return _clamp(node, x, axis, shape, channels, float(m.min_val), float(m.max_val))
         return _blocked_or_move(ctx, node, x, axis, shape)
     if node.op not in ("call_function", "call_method"):
-        return f"'{node.name}' is not an op"
+        return Fail(f"'{node.name}' is not an op")
     target = node.target
     if target in _RELU_FUNCS:
         return Step(node, x, "relu", axis, shape)
@@ -230,17 +231,17 @@ def _classify(ctx: PassContext, node: torch.fx.Node, x: torch.fx.Node, axis: int
         lo = _kwarg(ctx, node, "min", 1, None)
         hi = _kwarg(ctx, node, "max", 2, None)
         if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
-            return f"'{node.name}' clamps to bounds computed at run time"
+            return Fail(f"'{node.name}' clamps to bounds computed at run time")
         return _clamp(node, x, axis, shape, channels, -math.inf if lo is None else lo, math.inf if hi is None else hi)
     if target in _MIN or target in _MAX:
         const = node.args[1] if len(node.args) > 1 and node.args[0] is x else None
         value = get_constant(ctx.gm, const)
         if value is None or not value.is_floating_point():
-            return f"'{node.name}' ({describe(node)}) takes the {'minimum' if target in _MIN else 'maximum'} with " \
-                   "another tensor, not a constant bound"
+            return Fail(f"'{node.name}' ({describe(node)}) takes the {'minimum' if target in _MIN else 'maximum'} with "
+                        "another tensor, not a constant bound")
         bound = _per_channel(value, shape, axis, channels)
         if bound is None:
-            return f"'{node.name}' bounds by a constant that is not per channel"
+            return Fail(f"'{node.name}' bounds by a constant that is not per channel")
         assert isinstance(const, torch.fx.Node)
         lo = bound if target in _MAX else torch.full((channels,), -math.inf, dtype=f64)
         hi = bound if target in _MIN else torch.full((channels,), math.inf, dtype=f64)
@@ -249,22 +250,23 @@ def _classify(ctx: PassContext, node: torch.fx.Node, x: torch.fx.Node, axis: int
 
 
 def _blocked_or_move(ctx: PassContext, node: torch.fx.Node, x: torch.fx.Node, axis: int, shape: tuple[int, ...]
-                     ) -> Step | str:
+                     ) -> Step | Fail:
     if node.op in ("call_function", "call_method") and node.target in _ADD:
-        return f"'{node.name}' adds two paths (a residual connection): a channel scale on one would reach the sum"
+        return Fail(f"'{node.name}' adds two paths (a residual connection): a channel scale on one would reach the sum")
     t = transfer_for(ctx.gm, node)
-    if isinstance(t, str) or t.x is not x:
-        if node_shape(x) == shape and (not isinstance(t, str) or "does not commute" in t):
-            return f"'{node.name}' ({describe(node)}) is not positively homogeneous (f(x/s) ≠ f(x)/s), so a " \
-                   "channel scale cannot move across it"
-        return f"a channel scale cannot cross '{node.name}': {t if isinstance(t, str) else 'it reads other tensors'}"
+    if isinstance(t, Fail) or t.x is not x:
+        if node_shape(x) == shape and (not isinstance(t, Fail) or isinstance(t, NotInTable)):
+            return Fail(f"'{node.name}' ({describe(node)}) is not positively homogeneous (f(x/s) ≠ f(x)/s), so a "
+                        "channel scale cannot move across it")
+        why = t.reason if isinstance(t, Fail) else "it reads other tensors"
+        return Fail(f"a channel scale cannot cross '{node.name}': {why}")
     return Step(node, x, "move", axis, shape)
 
 
 def _clamp(node: torch.fx.Node, x: torch.fx.Node, axis: int, shape: tuple[int, ...], channels: int, lo: float,
-           hi: float) -> Step | str:
+           hi: float) -> Step | Fail:
     if not lo <= 0 <= hi:
-        return f"'{node.name}' clamps to [{lo:g}, {hi:g}], which does not contain 0"
+        return Fail(f"'{node.name}' clamps to [{lo:g}, {hi:g}], which does not contain 0")
     return Step(node, x, "clamp", axis, shape, lo=torch.full((channels,), float(lo), dtype=f64),
                 hi=torch.full((channels,), float(hi), dtype=f64))
 
@@ -294,12 +296,12 @@ def _per_channel(value: torch.Tensor, shape: tuple[int, ...], axis: int, channel
     return value.detach().to(f64).reshape(-1).clone()
 
 
-def kept_clamp(pair: Pair) -> str | None:
+def kept_clamp(pair: Pair) -> Fail | None:
     """Why ``pair`` is left when clamps must keep their fixed bounds (``move_clamps=False``): its first ``clamp``."""
     for step in pair.steps:
         if step.kind == "clamp":
-            return (f"{step.describe} clamps at fixed bounds, and moving clamps is off (move_clamps=False, "
-                    "--keep-clamps): a per-channel clamp would run as a float op in ONNX Runtime's int8 model")
+            return Fail(f"{step.describe} clamps at fixed bounds, and moving clamps is off (move_clamps=False, "
+                        "--keep-clamps): a per-channel clamp would run as a float op in ONNX Runtime's int8 model")
     return None
 
 

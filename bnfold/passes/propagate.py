@@ -79,8 +79,8 @@ class Propagate(Rule[AffineView, Move]):
         view = ctx.affine(node)
         if view is None or node_shape(view.x) is None:
             return None
-        if not isinstance(producer_target(ctx, view), str) \
-                or not isinstance(consumer_targets(ctx, view.node, view.axis, view.rank, view.channels), str):
+        if not isinstance(producer_target(ctx, view), Fail) \
+                or not isinstance(consumer_targets(ctx, view.node, view.axis, view.rank, view.channels), Fail):
             return None  # folds where it is: the fold rules handle it
         return view
 
@@ -96,7 +96,7 @@ class Propagate(Rule[AffineView, Move]):
         if isinstance(fwd, tuple):
             return Move(None, fwd)
         why = "; ".join(dict.fromkeys(back.why)) or "no path"
-        return Fail(f"cannot move it to a conv/linear: backward, {why}; forward, {fwd}")
+        return Fail(f"cannot move it to a conv/linear: backward, {why}; forward, {fwd.reason}")
 
     def rewrite(self, ctx: PassContext, m: AffineView, plan: Move) -> list[Change]:
         if plan.back is not None:
@@ -111,7 +111,7 @@ class Propagate(Rule[AffineView, Move]):
         op = absorbs(ctx, node, aff)
         if isinstance(op, LinearOp):
             return Plan([(node, aff, True, user)], absorbed=1)
-        leftover = Plan([(node, aff, False, user)], leftovers=1, why=[op])
+        leftover = Plan([(node, aff, False, user)], leftovers=1, why=[op.reason])
         if depth >= self.max_depth or len(value_users(node)) > 1:
             if len(value_users(node)) > 1:
                 leftover.why = [f"'{node.name}' has other users"]
@@ -121,12 +121,12 @@ class Propagate(Rule[AffineView, Move]):
         if node.op == "call_function" and node.target in _CAT:
             return self._pull_cat(ctx, node, aff, depth) or leftover
         t = transfer_for(ctx.gm, node)
-        if isinstance(t, str):
-            leftover.why = [t]
+        if isinstance(t, Fail):
+            leftover.why = [t.reason]
             return leftover
         inner = t.backward(aff)
-        if isinstance(inner, str):
-            leftover.why = [f"through '{node.name}': {inner}"]
+        if isinstance(inner, Fail):
+            leftover.why = [f"through '{node.name}': {inner.reason}"]
             return leftover
         return self._pull(ctx, t.x, inner, depth + 1, node)
 

@@ -236,7 +236,7 @@ def _branch(ctx: PassContext, arg: torch.fx.Node, core: torch.fx.Node, chain: li
     return Branch(arg, core, chain, core, a=None, b=None)
 
 
-def _padding(op: LinearOp, dilation: tuple[int, ...]) -> tuple[int, ...] | str:
+def _padding(op: LinearOp, dilation: tuple[int, ...]) -> tuple[int, ...] | Fail:
     if not isinstance(op.padding, str):
         return tuple(op.padding)
     if op.padding == "valid":
@@ -244,12 +244,12 @@ def _padding(op: LinearOp, dilation: tuple[int, ...]) -> tuple[int, ...] | str:
     pads = []
     for k, d in zip(op.kernel, dilation, strict=True):
         if d * (k - 1) % 2:
-            return f"{op.describe()} pads 'same' unevenly (more on one side)"
+            return Fail(f"{op.describe()} pads 'same' unevenly (more on one side)")
         pads.append(d * (k - 1) // 2)
     return tuple(pads)
 
 
-def _geometry(ctx: PassContext, op: LinearOp) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | str:
+def _geometry(ctx: PassContext, op: LinearOp) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | Fail:
     """``(stride, padding, dilation)`` of a conv, or why they cannot be read."""
     n = len(op.kernel)
 
@@ -263,25 +263,25 @@ def _geometry(ctx: PassContext, op: LinearOp) -> tuple[tuple[int, ...], tuple[in
         kw = normalized_kwargs(ctx.gm, op.node) or {}
         stride, dilation = tup(kw.get("stride", 1)), tup(kw.get("dilation", 1))
     pad = _padding(op, dilation)
-    if isinstance(pad, str):
+    if isinstance(pad, Fail):
         return pad
     return stride, pad, dilation
 
 
 def _conv_offset(main: LinearOp, gm_main: tuple[tuple[int, ...], ...], op: LinearOp,
-                 g: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | str:
+                 g: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | Fail:
     (s_m, p_m, d_m), (s, p, d) = gm_main, g
     if s != s_m:
-        return f"{op.describe()} has stride {s}, {main.describe()} stride {s_m}"
+        return Fail(f"{op.describe()} has stride {s}, {main.describe()} stride {s_m}")
     offsets = []
     for k_m, k, pm, pk, dm, dk in zip(main.kernel, op.kernel, p_m, p, d_m, d, strict=True):
         if k > 1 and dk != dm:
-            return f"{op.describe()} has dilation {d}, {main.describe()} dilation {d_m}"
+            return Fail(f"{op.describe()} has dilation {d}, {main.describe()} dilation {d_m}")
         t, r = divmod(pm - pk, dm)
         if r or not 0 <= t <= k_m - k:
-            return (f"{op.describe()} (kernel {op.kernel}, padding {p}) does not line up inside "
+            return (Fail(f"{op.describe()} (kernel {op.kernel}, padding {p}) does not line up inside "
                     f"{main.describe()} (kernel {main.kernel}, padding {p_m}): its taps would not read the same "
-                    f"input positions")
+                    f"input positions"))
         offsets.append(t)
     return tuple(offsets)
 
@@ -358,8 +358,8 @@ class Reparameterize(Rule[Sum, Plan]):
         mop = main.op
         assert mop is not None
         gm_main = _geometry(ctx, mop)
-        if isinstance(gm_main, str):
-            return Fail(gm_main)
+        if isinstance(gm_main, Fail):
+            return gm_main
         embedded: list[Embedded] = []
         for br in group:
             if br.op is not None:
@@ -376,11 +376,11 @@ class Reparameterize(Rule[Sum, Plan]):
                     return Fail(f"no kernel contains the others ({op.describe()} {op.kernel}, "
                                 f"{mop.describe()} {mop.kernel})")
                 g = _geometry(ctx, op)
-                if isinstance(g, str):
-                    return Fail(g)
+                if isinstance(g, Fail):
+                    return g
                 off = _conv_offset(mop, gm_main, op, g)
-                if isinstance(off, str):
-                    return Fail(off)
+                if isinstance(off, Fail):
+                    return off
                 embedded.append(Embedded(op.weight, off, op.bias))
                 continue
             stride, pad, dil = gm_main

@@ -10,44 +10,40 @@ candidates. Rules never call each other; what two rules both need to know lives 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.fx
 
+from bnfold.ir.reasons import Fail
 from bnfold.passes.context import PassContext
-from bnfold.passes.engine import Candidate, Category, Change, PassResult
+from bnfold.passes.engine import Candidate, Category, Change, GraphContext, PassResult
 
-__all__ = ["Fail", "Rule"]
+__all__ = ["Fail", "GraphRule", "Rule"]
 
+C = TypeVar("C")  # the graph context (torch.fx: PassContext; ONNX: passes.onnx.context.OnnxContext)
 M = TypeVar("M")  # what match() found
 P = TypeVar("P")  # what check() planned
 
 
-@dataclass(frozen=True)
-class Fail:
-    """A check that failed, with a reason a user can act on."""
-
-    reason: str
-
-
-class Rule(Generic[M, P]):
-    """Subclass and set ``name`` and ``category``; implement ``match``, ``check`` and ``rewrite``."""
+class GraphRule(Generic[C, M, P]):
+    """A rule over any graph kind ``C``. Subclass and set ``name`` and ``category``; implement ``match``, ``check``
+    and ``rewrite``. torch.fx rules subclass :class:`Rule`, ONNX rules
+    :class:`~bnfold.passes.onnx.context.OnnxRule`: the same class with the graph kind's context."""
 
     name: ClassVar[str]
     category: ClassVar[Category]
     revisit_rejected: ClassVar[bool] = False
 
-    def match(self, ctx: PassContext, node: torch.fx.Node) -> M | None:
+    def match(self, ctx: C, node: Any) -> M | None:
         """The structure this rule applies to at ``node``, or None (cheap; no reason needed)."""
         raise NotImplementedError
 
-    def check(self, ctx: PassContext, m: M) -> P | Fail:
+    def check(self, ctx: C, m: M) -> P | Fail:
         """A plan for the rewrite, or why it cannot be made."""
         raise NotImplementedError
 
-    def rewrite(self, ctx: PassContext, m: M, plan: P) -> list[Change]:
+    def rewrite(self, ctx: C, m: M, plan: P) -> list[Change]:
         """Apply ``plan``; return what changed."""
         raise NotImplementedError
 
@@ -55,21 +51,21 @@ class Rule(Generic[M, P]):
         """The report candidates ``m`` carries; a failed check is reported only for those."""
         return tuple(getattr(m, "sources", ()))
 
-    def candidate(self, ctx: PassContext, m: M) -> Candidate | None:
+    def candidate(self, ctx: C, m: M) -> Candidate | None:
         """A new report candidate found at ``m`` (normalizations the user will want accounted for)."""
         return None
 
-    def change(self, node: torch.fx.Node | str, detail: str, sources: tuple[str, ...] = (),
-               into: str | None = None) -> Change:
+    def change(self, node: Any, detail: str, sources: tuple[str, ...] = (), into: str | None = None) -> Change:
         name = node if isinstance(node, str) else node.name
         return Change(self.name, name, detail, self.category, tuple(sources), into)
 
-    def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
+    def run(self, ctx: C, worklist: Sequence[Any]) -> PassResult:
         result = PassResult()
+        graph: GraphContext = ctx  # type: ignore[assignment]
         for node in worklist:
-            if not ctx.is_live(node):  # erased by an earlier rewrite of this run
+            if not graph.is_live(node):  # erased by an earlier rewrite of this run
                 continue
-            ctx.current = node
+            graph.current = node
             m = self.match(ctx, node)
             if m is None:
                 continue
@@ -80,7 +76,15 @@ class Rule(Generic[M, P]):
             if isinstance(plan, Fail):
                 sources = self.sources(m)
                 if sources:
-                    result.reject(node, self.name, plan.reason, sources)
+                    result.reject(node, self.name, plan.reason, sources, name=graph.node_name(node))
                 continue
             result.changes.extend(self.rewrite(ctx, m, plan))
         return result
+
+
+class Rule(GraphRule[PassContext, M, P]):
+    """A rule over a torch.fx graph (its context: :class:`~bnfold.passes.context.PassContext`)."""
+
+    def match(self, ctx: PassContext, node: torch.fx.Node) -> M | None:
+        """The structure this rule applies to at ``node``, or None (cheap; no reason needed)."""
+        raise NotImplementedError

@@ -37,7 +37,7 @@ f64 = torch.float64
 class Norm:
     node: torch.fx.Node
     label: str
-    found: tuple[NormSplit, Any, torch.Tensor, torch.Tensor | None, int] | str
+    found: tuple[NormSplit, Any, torch.Tensor, torch.Tensor | None, int] | Fail
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -70,8 +70,8 @@ class SplitNormAffine(Rule[Norm, Split]):
         return Candidate(m.node.name, f"{m.label} (affine part)", module_path(m.node))
 
     def check(self, ctx: PassContext, m: Norm) -> Split | Fail:
-        if isinstance(m.found, str):
-            return Fail(m.found)
+        if isinstance(m.found, Fail):
+            return m.found
         split, x, w, b, axis = m.found
         shape = node_shape(m.node)
         if shape is None or not isinstance(x, torch.fx.Node):
@@ -81,7 +81,7 @@ class SplitNormAffine(Rule[Norm, Split]):
         bb = torch.zeros_like(a) if b is None else b.detach().to(f64).reshape(-1)
         why = _will_not_fold(ctx, m.node, Affine(a, bb, axis, shape))
         if why is not None:
-            return Fail(f"its affine stays in the norm: {why}")
+            return why.prefixed("its affine stays in the norm: ")
         return Split(split, x, a, bb, axis)
 
     def rewrite(self, ctx: PassContext, m: Norm, plan: Split) -> list[Change]:
@@ -94,17 +94,17 @@ class SplitNormAffine(Rule[Norm, Split]):
         return [self.change(node, f"{m.label} split into norm + affine", m.sources)]
 
 
-def _will_not_fold(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> str | None:
+def _will_not_fold(ctx: PassContext, node: torch.fx.Node, aff: Affine) -> Fail | None:
     """None when ``aff`` on ``node``'s output folds completely into its consumers (directly or after a forward
     move); otherwise why not."""
-    ops: list[LinearOp] | str = consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel())
+    ops: list[LinearOp] | Fail = consumer_targets(ctx, node, aff.axis, len(aff.shape), aff.a.numel())
     shift = aff.b
-    if isinstance(ops, str):
+    if isinstance(ops, Fail):
         dest = push_target(ctx, node, aff)
-        if isinstance(dest, str):
-            return f"{ops}; moving it forward: {dest}"
+        if isinstance(dest, Fail):
+            return Fail(f"{ops.reason}; moving it forward: {dest.reason}")
         ops = [op for op in (linear_op(ctx, u) for u in value_users(dest[0])) if isinstance(op, LinearOp)]
         shift = dest[1].b
     if shift_blocked(ops, shift):
-        return "a consumer conv pads with zeros, so the shift could not fold"
+        return Fail("a consumer conv pads with zeros, so the shift could not fold")
     return None

@@ -58,7 +58,7 @@ def check_onnx_fold(case: OnnxCase, workdir: Path | None = None) -> str | None:
 def _check(case: OnnxCase, root: Path) -> str | None:
     from bnfold.cli import main
     from bnfold.io.references import onnx_external_files
-    from bnfold.onnx_fold import fold_model, load_onnx
+    from bnfold.onnx import fold_model, load_onnx
 
     src_dir, out_dir = root / "in", root / "out"
     src_dir.mkdir()

@@ -130,7 +130,7 @@ def test_seed_35_small_tensors_stay_inline_so_onnx_runtime_loads_the_output(tmp_
     MIN_EXTERNAL_BYTES now stay inline: the output loads even where the input did not."""
     import onnxruntime as ort
 
-    from bnfold.onnx_fold import MIN_EXTERNAL_BYTES, load_onnx, save_onnx
+    from bnfold.onnx import MIN_EXTERNAL_BYTES, load_onnx, save_onnx
 
     case = make_onnx_case(35)
     assert case.description.startswith("seed 35 onnx opset 20 float32 batch dynamic external weights.bin (64 B)")

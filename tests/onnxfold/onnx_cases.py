@@ -44,7 +44,7 @@ def bn_count(model: onnx.ModelProto) -> int:
 def fold_file(src: Path, tmp: Path) -> tuple[onnx.ModelProto, onnx.ModelProto, Any, Path, list[Path]]:
     """Load ``src``, fold it (ONNX rules), write it to ``tmp`` (checked by ``onnx.checker``); return the original,
     the folded model, the report, the written path and every file written (external data too)."""
-    from bnfold.onnx_fold import fold_model, load_onnx, save_onnx
+    from bnfold.onnx import fold_model, load_onnx, save_onnx
 
     loaded = load_onnx(src)
     original = onnx.ModelProto()

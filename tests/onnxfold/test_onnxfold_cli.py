@@ -121,3 +121,37 @@ def test_folded_model_references_exactly_its_own_data_file(tmp_path: Path,
     assert onnx_external_files(out) == [] and not (tmp_path / "out.onnx.data").exists()
     after = _sums(tmp_path)
     assert {k: after[k] for k in inputs} == inputs and set(after) == {*inputs, "inline.onnx", "out.onnx"}
+
+
+def test_fold_until_and_dump_ir_on_an_onnx_model(tmp_path: Path) -> None:
+    """``bnfold fold model.onnx --until fold_into_producer --dump-ir DIR``: the ONNX pipeline stops after that pass,
+    DIR gets one file per pass that changed the graph, and the report says where it stopped."""
+    model, shape = BUILT["gemm_transB_bn"]()
+    src = export(model, torch.randn(shape), tmp_path / "m.onnx")
+    dump = tmp_path / "ir"
+    out = tmp_path / "m.folded.onnx"
+    r = subprocess.run([*BNFOLD, "fold", str(src), "-o", str(out), "--until", "fold_into_producer", "--dump-ir",
+                        str(dump), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["stopped_after"] == "fold_into_producer" and out.exists()
+    files = sorted(p.name for p in dump.iterdir())
+    assert files and all(f.endswith(".txt") for f in files) and files[-1].endswith("fold_into_producer.txt"), files
+    assert "# --- after fold_into_producer" in (dump / files[-1]).read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--until", "fold_into_embedding"], "names no pass of the ONNX pipeline"),
+    (["--dump-ir", "{taken}"], "the folder is not empty"),
+])
+def test_negative_until_and_dump_ir_refusals(tmp_path: Path, args: list[str], message: str) -> None:
+    model, shape = BUILT["gemm_transB_bn"]()
+    src = export(model, torch.randn(shape), tmp_path / "g.onnx")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    out = tmp_path / "g.folded.onnx"
+    r = subprocess.run([*BNFOLD, "fold", str(src), "-o", str(out), *[a.format(taken=taken) for a in args]],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and not out.exists(), (r.stdout, r.stderr)
+    assert (taken / "notes.txt").read_text() == "mine"

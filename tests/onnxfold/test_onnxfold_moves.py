@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from onnx_cases import BUILT, export, fold_file
 from onnx_cases import bn_count as _bn
 
-from bnfold.onnx_fold import fold_model, load_onnx
+from bnfold.onnx import fold_model, load_onnx
 from bnfold.parity.ort import onnx_parity
 
 

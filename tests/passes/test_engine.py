@@ -121,3 +121,19 @@ def test_reasons_are_reported_in_pipeline_order(capture_mode: str) -> None:
     order = [p.name for p in FIXED_POINT + FINALIZE]
     known = [r for r in rules if r in order]
     assert known == sorted(known, key=order.index) and known[0] == "fold_into_producer", skipped.reason
+
+
+def test_a_run_cut_short_by_the_round_limit_is_reported_as_not_converged() -> None:
+    """Round 1 folds three BNs, so one round cannot know it reached the fixed point: the result, the report's dict and
+    its text all say so (a run that converged says nothing)."""
+    from bnfold.api import build_report
+
+    gm = capture(chain(3), (torch.randn(1, 4, 6, 6),), "symbolic").module
+    full = default_pipeline()
+    run = Pipeline(full.passes, finalize=full.finalize, max_rounds=1).run(gm)
+    assert run.rounds == 1 and not run.converged and run.stopped_after is None
+    report = build_report("symbolic", run)
+    assert report.to_dict()["converged"] is False
+    assert "without reaching a fixed point" in report.render()
+    done = build_report("symbolic", default_pipeline().run(gm))
+    assert done.converged and "fixed point" not in done.render()

@@ -10,6 +10,7 @@ from torch import nn
 
 from bnfold.api import fold
 from bnfold.ir.moments import clipped_mean, moments_of
+from bnfold.ir.reasons import Fail
 from bnfold.passes import PassContext
 from bnfold.passes.input_means import Expectation, expected_values
 
@@ -28,7 +29,7 @@ def graph(model: nn.Module) -> torch.fx.GraphModule:
     return fold(model, (X,), capture="symbolic", check=False).module
 
 
-def by_target(gm: torch.fx.GraphModule, values: dict, target: str) -> Expectation | str:
+def by_target(gm: torch.fx.GraphModule, values: dict, target: str) -> Expectation | Fail:
     return values[next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)]
 
 
@@ -56,7 +57,7 @@ def test_unknowns_have_reasons() -> None:
     values = expected_values(PassContext(gm))
     first = by_target(gm, values, "a")
     assert isinstance(first, Expectation)
-    text = " | ".join(v for v in values.values() if isinstance(v, str))
+    text = " | ".join(v.reason for v in values.values() if isinstance(v, Fail))
     assert "model's input" in text and "max-pool" in text and "gate" in text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.fx
@@ -16,7 +16,7 @@ from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
 from bnfold.io.models import LoadedModel, load_model, parse_shapes
 
 __all__ = ["add_factory_args", "add_model_args", "check_input_shapes", "check_target_options", "check_until",
-           "dynamic_shapes", "fixed_batch", "load_any", "load_batches", "load_with_inputs"]
+           "dump_target", "dynamic_shapes", "fixed_batch", "load_any", "load_batches", "load_with_inputs"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -86,11 +86,34 @@ def check_cache_dir(cache_dir: str | None) -> None:
         raise InputError(f"--cache-dir {p} cannot be created: {parent} is a file")
 
 
-def check_until(until: str | None) -> None:
-    """``--until`` names a pass (checked before any work)."""
+def check_until(until: str | None, *, onnx: bool = False) -> None:
+    """``--until`` names a pass of the model's pipeline (torch.fx, or ``onnx``; checked before any work)."""
+    if onnx:
+        from bnfold.passes.onnx import check_until as check_onnx
+
+        check_onnx(until, spelled="--until ")
+        return
     from bnfold.passes import check_until as check
 
     check(until, spelled="--until ")
+
+
+def dump_target(dump_ir: str | None, stream: IO[str]) -> IO[str] | Path | None:
+    """Where ``--dump-ir`` writes: ``stream`` for the bare flag, else the folder it names — created, and refused
+    when it exists and is not empty (bnfold never writes among files it did not write)."""
+    if dump_ir is None:
+        return None
+    if dump_ir == "-":
+        return stream
+    folder = Path(dump_ir)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise InputError(f"--dump-ir {folder}: {'not a folder' if not folder.is_dir() else 'the folder is not empty'}",
+                         hint="name a new or empty folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--dump-ir {folder} cannot be created: {exc.strerror or exc}") from exc
+    return folder
 
 
 def load_with_inputs(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:

@@ -7,7 +7,7 @@ import sys
 
 from bnfold.api import fold, inspect
 from bnfold.cli.commands import SUMMARY, onnx_cmd
-from bnfold.cli.commands.common import add_model_args, check_until, load_with_inputs
+from bnfold.cli.commands.common import add_model_args, check_until, dump_target, load_with_inputs
 from bnfold.errors import InputError
 from bnfold.io.outputs import OutputPlan
 from bnfold.targets import get_target
@@ -29,8 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output .pt2 path (.onnx for an .onnx model; never the input "
                    "file)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier bnfold output")
-    p.add_argument("--until", help="stop after this pass (debugging)")
-    p.add_argument("--dump-ir", action="store_true", help="print the graph before and after every pass that changes it")
+    p.add_argument("--until", help="stop after this pass (debugging; the passes of the model's pipeline: torch.fx or "
+                   "ONNX)")
+    p.add_argument("--dump-ir", nargs="?", const="-", metavar="DIR",
+                   help="the graph before and after every pass that changes it: on stderr, or one file per such pass "
+                        "in DIR (created; it must be empty)")
     p.add_argument("--data", metavar="DATA", help="inputs for the parity check (.npz/.npy/.pt; an .onnx model only)")
     p.add_argument("--key", action="append", metavar="NAME", help="array of --data to use as input (repeatable)")
     p.add_argument("--batch-size", type=int, help="samples per parity batch (default: the model's fixed batch, or 64)")
@@ -69,7 +72,7 @@ def _fold(args: argparse.Namespace) -> int:
     plan.file(args.output, is_ours=is_bnfold_pt2)
     loaded, inputs = load_with_inputs(args)
     result = fold(loaded.module, inputs, capture=args.capture, until=args.until,
-                  dump_ir=sys.stderr if args.dump_ir else None, reparameterize=args.reparameterize)
+                  dump_ir=dump_target(args.dump_ir, sys.stderr), reparameterize=args.reparameterize)
     get_target("torch").lower(result.module, inputs, {"dynamic_shapes": result.dynamic_shapes}).save(
         args.output, protect=plan.protect)
     print(result.report.to_json() if args.json else result.report)

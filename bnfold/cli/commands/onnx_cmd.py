@@ -32,8 +32,6 @@ def is_onnx(path: str | None) -> bool:
 
 
 TORCH_ONLY: dict[str, tuple[str, object, str]] = {
-    "until": ("--until", None, "it names a pass of the torch pipeline"),
-    "dump_ir": ("--dump-ir", False, "it prints the torch.fx graph"),
     "model_factory": ("--model-factory", None, "it loads a state_dict into a torch model"),
     "factory_kwargs": ("--factory-kwargs", None, "it goes with --model-factory"),
     "allow_missing_keys": ("--allow-missing-keys", False, "it goes with --model-factory"),
@@ -150,7 +148,7 @@ def _json(report: Any) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from bnfold.onnx_fold import fold_model, load_onnx
+    from bnfold.onnx import fold_model, load_onnx
 
     refuse_torch_only(args)
     loaded = load_onnx(args.model)
@@ -184,7 +182,8 @@ def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], dat
     (a parity *failure* is published, for inspection, and said in the report)."""
     import onnx
 
-    from bnfold.onnx_fold import file_size, fold_model, load_onnx, staged_onnx
+    from bnfold.cli.commands.common import dump_target
+    from bnfold.onnx import file_size, fold_model, load_onnx, staged_onnx
     from bnfold.parity.ort import onnx_parity
     from bnfold.targets.onnx import METADATA_KEY
 
@@ -193,7 +192,8 @@ def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], dat
     original = onnx.ModelProto()
     original.CopyFrom(loaded.model)
     reference = _runtime(original, loaded.path)
-    report = fold_model(loaded.model, base_dir=str(loaded.path.parent))
+    report = fold_model(loaded.model, base_dir=str(loaded.path.parent), until=getattr(args, "until", None),
+                        dump_ir=dump_target(getattr(args, "dump_ir", None), sys.stderr))
     if not any(p.key == METADATA_KEY for p in loaded.model.metadata_props):  # how --force knows its own output
         from bnfold import __version__
 
@@ -222,12 +222,14 @@ def fold_onnx_file(args: argparse.Namespace, dest: Path, protect: list[Any], dat
 
 
 def fold(args: argparse.Namespace) -> int:
+    from bnfold.cli.commands.common import check_until
     from bnfold.io.outputs import OutputPlan
     from bnfold.io.references import referenced_files
-    from bnfold.onnx_fold import data_file
+    from bnfold.onnx import data_file
     from bnfold.targets.onnx import is_bnfold_onnx, is_bnfold_onnx_data
 
     refuse_torch_only(args)
+    check_until(args.until, onnx=True)
     if not is_onnx(args.output):
         raise InputError(f"-o {args.output}: an .onnx model is folded into an .onnx file",
                          hint="name the output like model_folded.onnx")

@@ -3,23 +3,41 @@
 The copy turns large initializers into graph inputs of the same type and shape (inference needs their shapes,
 never their bytes), so a model of any size is inferred without copying its weights. A dimension is an ``int``,
 a symbol (``str``, e.g. ``"batch"``) or ``None`` (unknown).
+
+A move that depends on a symbolic dimension (a dynamic batch) is computed twice, with every symbol set to each of
+:data:`SYMBOL_SIZES` (:func:`concrete_shape`), and accepted only when both agree.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import math
+from typing import Protocol
 
 import onnx
 
-if TYPE_CHECKING:
-    from bnfold.passes.onnx.graph import OnnxGraph
+__all__ = ["SYMBOL_SIZES", "Shape", "concrete", "concrete_shape", "concrete_shapes", "infer_shapes", "rank", "shape"]
 
-__all__ = ["Shape", "concrete_shapes", "infer_shapes", "rank", "shape"]
+Shape = tuple[int | str | None, ...]
+
+
+class Shaped(Protocol):
+    """What the shape helpers read of a graph (:class:`~bnfold.ir.onnx.graph.OnnxGraph`)."""
+
+    graph: onnx.GraphProto
+
+    @property
+    def shapes(self) -> dict[str, Shape]: ...
+
+    @property
+    def shapes_at(self) -> dict[int, dict[str, tuple[int, ...]]]: ...
+
+
+SYMBOL_SIZES = (2, 3)
+"""Sizes given to symbolic dimensions; a move must give the same affine for both."""
 
 log = logging.getLogger(__name__)
 
-Shape = tuple[int | str | None, ...]
 
 _INLINE_LIMIT = 64  # initializers up to this many elements stay (Reshape targets, axes: inference reads them)
 
@@ -120,10 +138,44 @@ def concrete_shapes(model: onnx.ModelProto, sizes: tuple[int, ...]) -> dict[int,
     return out
 
 
-def shape(g: OnnxGraph, value: str) -> Shape | None:
+def shape(g: Shaped, value: str) -> Shape | None:
     return g.shapes.get(value)
 
 
-def rank(g: OnnxGraph, value: str) -> int | None:
+def rank(g: Shaped, value: str) -> int | None:
     s = g.shapes.get(value)
     return None if s is None else len(s)
+
+
+def concrete(dims: Shape | None, v: int, *, symbols: set[str] | None = None, total: int | None = None
+             ) -> tuple[int, ...] | None:
+    """``dims`` with every symbol (of ``symbols``, or any symbol when None) set to ``v``; one dimension left
+    unknown is solved from ``total`` elements. None when that is not possible."""
+    if dims is None:
+        return None
+    out: list[int | None] = []
+    for d in dims:
+        if isinstance(d, int):
+            out.append(d)
+        elif isinstance(d, str) and (symbols is None or d in symbols):
+            out.append(v)
+        else:
+            out.append(None)
+    missing = [k for k, d in enumerate(out) if d is None]
+    if missing:
+        known = math.prod(d for d in out if d is not None)
+        if total is None or len(missing) > 1 or known == 0 or total % known:
+            return None
+        out[missing[0]] = total // known
+    return tuple(int(d) for d in out if d is not None)
+
+
+def concrete_shape(g: Shaped, value: str, v: int, *, total: int | None = None) -> tuple[int, ...] | None:
+    """The shape of ``value`` with the graph's dynamic input dimensions set to ``v``: from shape inference run
+    at that size (``g.shapes_at``), else from the symbolic shape (the inputs' symbols set to ``v``, one unknown
+    dimension solved from ``total``)."""
+    s = g.shapes_at.get(v, {}).get(value)
+    if s is not None:
+        return s
+    roots = {d.dim_param for i in g.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    return concrete(shape(g, value), v, symbols=roots, total=total)

@@ -17,8 +17,9 @@ import onnx
 import torch
 
 from bnfold.ir import reasons
-from bnfold.passes.onnx.graph import OnnxGraph, attr
-from bnfold.passes.onnx.ops import FLOAT_TYPES, to64
+from bnfold.ir.onnx.graph import OnnxGraph, attr
+from bnfold.ir.onnx.ops import FLOAT_TYPES, to64
+from bnfold.ir.reasons import Fail
 
 __all__ = ["NORM_OPS", "Site", "find_site"]
 
@@ -47,13 +48,13 @@ class Site:
     def sources(self) -> tuple[str, ...]:
         return (self.id,)
 
-    def per_channel(self, channels: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    def per_channel(self, channels: int) -> tuple[torch.Tensor, torch.Tensor] | Fail:
         """``(a, b)`` over ``channels`` channels (a per-group GroupNorm affine expanded), or why not."""
         assert self.a is not None and self.b is not None
         if not self.groups:
             return self.a, self.b
         if channels % self.groups:
-            return f"{channels} channels do not split into its {self.groups} groups"
+            return Fail(f"{channels} channels do not split into its {self.groups} groups")
         k = channels // self.groups
         return self.a.repeat_interleave(k), self.b.repeat_interleave(k)
 
@@ -73,14 +74,14 @@ def find_site(g: OnnxGraph, node: onnx.NodeProto) -> Site | None:
     return None
 
 
-def _floats(g: OnnxGraph, node: onnx.NodeProto, index: int) -> np.ndarray | str | None:
+def _floats(g: OnnxGraph, node: onnx.NodeProto, index: int) -> np.ndarray | Fail | None:
     if index >= len(node.input) or not node.input[index]:
         return None
     name = node.input[index]
     if not g.is_constant(name):
-        return g.why_not_constant(name)
+        return Fail(g.why_not_constant(name))
     if g.elem_type(name) not in FLOAT_TYPES:
-        return f"'{name}' is not a floating-point tensor"
+        return Fail(f"'{name}' is not a floating-point tensor")
     value = g.constant(name)
     assert value is not None
     return value
@@ -101,8 +102,8 @@ def _batchnorm(g: OnnxGraph, node: onnx.NodeProto) -> Site:
         if v is None:
             site.problem = f"batch norm at '{sid}' has no {name} input"
             return site
-        if isinstance(v, str):
-            site.problem = f"batch norm at '{sid}' has a {name} computed in the graph, not a constant ({v})"
+        if isinstance(v, Fail):
+            site.problem = f"batch norm at '{sid}' has a {name} computed in the graph, not a constant ({v.reason})"
             return site
     scale, bias, mean, var = (to64(v) for v in values if isinstance(v, np.ndarray))
     if not (scale.dim() == bias.dim() == mean.dim() == var.dim() == 1
@@ -110,8 +111,8 @@ def _batchnorm(g: OnnxGraph, node: onnx.NodeProto) -> Site:
         site.problem = f"batch norm at '{sid}' has parameters that are not vectors of one length"
         return site
     found = reasons.batchnorm_problem(sid, mean, var, scale, bias, float(attr(node, "epsilon", 1e-5)))
-    if isinstance(found, str):
-        site.problem = found
+    if isinstance(found, reasons.Fail):
+        site.problem = found.reason
     else:
         site.a, site.b = found
     return site
@@ -126,8 +127,8 @@ def _norm(g: OnnxGraph, node: onnx.NodeProto) -> Site:
     scale = _floats(g, node, 1)
     bias = _floats(g, node, 2) if op != "RMSNormalization" else None
     for what, v in (("weight", scale), ("bias", bias)):
-        if isinstance(v, str):
-            site.problem = f"the norm at '{sid}' takes its {what} from computed values ({v})"
+        if isinstance(v, Fail):
+            site.problem = f"the norm at '{sid}' takes its {what} from computed values ({v.reason})"
             return site
     if not isinstance(scale, np.ndarray):
         site.problem = f"the {label} at '{sid}' has no scale"
@@ -159,6 +160,6 @@ def _norm(g: OnnxGraph, node: onnx.NodeProto) -> Site:
 
 
 def _rank(g: OnnxGraph, value: str) -> int | None:
-    from bnfold.passes.onnx.shapes import rank
+    from bnfold.ir.onnx.shapes import rank
 
     return rank(g, value)

@@ -23,7 +23,8 @@ import onnx
 import torch
 
 from bnfold.ir.affine_math import OpKind
-from bnfold.passes.onnx.graph import OnnxGraph, attr, node_label, set_attr
+from bnfold.ir.fold_targets import NotFoldable
+from bnfold.ir.onnx.graph import OnnxGraph, attr, node_label, set_attr
 
 __all__ = ["FLOAT_TYPES", "NotFoldable", "OnnxLinearOp", "match_linear_op", "to64", "write_linear_op"]
 
@@ -37,16 +38,11 @@ def to64(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
 
 
-@dataclass(frozen=True)
-class NotFoldable:
-    """The node is a conv/linear, but cannot be rewritten; ``reason`` says why."""
-
-    node: onnx.NodeProto
-    reason: str
-
-
 @dataclass
 class OnnxLinearOp:
+    """A Conv / ConvTranspose / Gemm / MatMul(+Add) with constant parameters, described as every back end describes
+    a conv/linear (:class:`~bnfold.ir.fold_targets.LinearOpLike`)."""
+
     node: onnx.NodeProto
     kind: OpKind
     weight: torch.Tensor  # float64, torch layout (module docstring)
@@ -57,7 +53,7 @@ class OnnxLinearOp:
     out_channels: int
     in_axis: int  # channel axis of the input: 1 (conv, gemm) or -1 (matmul: the last)
     out_axis: int  # channel axis of the output: 1 or -1
-    pads_with_zeros: bool
+    pads: bool  # a conv that reads zero padding (explicit pads, or SAME with a kernel larger than 1)
     add: onnx.NodeProto | None = None  # MatMul's bias Add
     add_index: int = 1  # which input of ``add`` is the bias
 
@@ -73,7 +69,7 @@ class OnnxLinearOp:
         return node_label(self.node) + (f" + Add '{self.add.name}'" if self.add is not None else "")
 
     def reads_padding_zeros(self) -> bool:
-        return self.pads_with_zeros
+        return self.pads
 
 
 def _reads_padding(node: onnx.NodeProto, kernel: tuple[int, ...]) -> bool:
@@ -129,7 +125,7 @@ def match_linear_op(g: OnnxGraph, node: onnx.NodeProto) -> OnnxLinearOp | NotFol
         if w.ndim < 3 or out_ch % groups or in_ch % groups:
             return NotFoldable(node, f"its weight shape {tuple(w.shape)} does not fit group={groups}")
         return OnnxLinearOp(node, kind, to64(w), None if b is None else to64(b).reshape(-1), groups, w.dtype,
-                            in_ch, out_ch, 1, 1, kind == "conv_transpose" or _reads_padding(node, kernel))
+                            in_ch, out_ch, 1, 1, _reads_padding(node, kernel))
     if op == "Gemm":
         bmat = _const(g, node, 1, "weight (B)")
         if not isinstance(bmat, np.ndarray):

@@ -1,9 +1,7 @@
-"""Fold an ONNX model: load it safely, run the rules (:mod:`bnfold.passes.onnx.rules`), check and write it.
+"""ONNX files in and out of the fold: load them safely, check and write them.
 
 * :func:`load_onnx` — a readable, complete ONNX file (a truncated or malformed one is an
   :class:`~bnfold.errors.InputError`), its external data read only from the model's own folder;
-* :func:`fold_model` — the rules on a ``ModelProto`` (edited in place), and the report, built like the torch
-  fold's (:func:`bnfold.api.build_report`: same rules, reasons, categories), plus op counts;
 * :func:`save_onnx` / :func:`staged_onnx` — ``onnx.checker.check_model(full_check=True)`` (which also runs strict
   shape inference), then an atomic write: a model that kept its weights in external data is written with external
   data too (``OUT.onnx`` + ``OUT.onnx.data``: the initializers at least as large as the smallest one the input kept
@@ -25,15 +23,9 @@ from onnx import external_data_helper, numpy_helper
 
 from bnfold.errors import InputError
 from bnfold.io.outputs import atomic_files, protected_files, same_file
-from bnfold.passes.engine import PipelineResult
-from bnfold.passes.onnx.graph import OnnxGraph
-from bnfold.passes.onnx.moves import SYMBOL_SIZES
-from bnfold.passes.onnx.report import OnnxFoldReport
-from bnfold.passes.onnx.rules import RULES, run_rules
-from bnfold.passes.onnx.shapes import concrete_shapes, infer_shapes
 
-__all__ = ["LoadedOnnx", "data_file", "fold_model", "load_onnx", "needs_data_file", "op_counts", "save_onnx",
-           "staged_onnx"]
+__all__ = ["MIN_EXTERNAL_BYTES", "LoadedOnnx", "check_folded", "data_file", "file_size", "load_onnx",
+           "needs_data_file", "op_counts", "save_onnx", "staged_onnx"]
 
 _MAX_PROTO = 2**31 - 1
 DEFAULT_THRESHOLD = 1024
@@ -112,32 +104,6 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
     return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
 
 
-def fold_model(model: onnx.ModelProto, *, base_dir: str = "", dry_run: bool = False) -> OnnxFoldReport:
-    """Fold every normalization of ``model`` that folds exactly (``model`` is edited in place; with ``dry_run``
-    a copy is folded to report what would happen) and report."""
-    from bnfold.api import build_report
-
-    if dry_run:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-    before = op_counts(model)
-    g = OnnxGraph(model, base_dir=base_dir)
-    g.shapes = infer_shapes(model)
-    g.shapes_at = concrete_shapes(model, SYMBOL_SIZES)
-    run = run_rules(g)
-    result = PipelineResult(run.rounds, run.changes, [r for rs in run.rejections.values() for r in rs],
-                            list(run.candidates.values()), list(run.timings.values()), converged=True)
-    base = build_report("onnx", result)
-    report = OnnxFoldReport(**{f: getattr(base, f) for f in ("capture", "folded", "skipped", "changes", "passes",
-                                                             "rounds", "parity", "dry_run")})
-    report.dry_run = dry_run
-    after = op_counts(model)
-    report.op_counts = {op: (before.get(op, 0), after.get(op, 0)) for op in sorted(set(before) | set(after))}
-    report.opset = g.opset()
-    return report
-
-
 def check_folded(model: onnx.ModelProto) -> None:
     """``onnx.checker`` with ``full_check`` (strict shape inference included); a failure is bnfold's bug."""
     try:
@@ -147,7 +113,7 @@ def check_folded(model: onnx.ModelProto) -> None:
 
         raise InternalError(f"the folded ONNX model fails onnx.checker: {type(exc).__name__}: {exc}",
                             hint="please report this with the model", pass_name="onnx.checker", node=None,
-                            passes_before=RULES) from exc
+                            passes_before=()) from exc
 
 
 def data_file(dest: str | os.PathLike[str]) -> Path:
@@ -200,7 +166,7 @@ def staged_onnx(model: onnx.ModelProto, dest: str | os.PathLike[str], *, externa
                  if t.data_location == onnx.TensorProto.EXTERNAL]
     if elsewhere:  # it would reference another file's data (an input's): load the data first
         raise InputError(f"cannot write {d}: tensor {elsewhere[0]!r} still refers to the external data it was loaded "
-                         "from", hint="load the model with its external data (bnfold.onnx_fold.load_onnx)")
+                         "from", hint="load the model with its external data (bnfold.onnx.load_onnx)")
     small = model.ByteSize() < _MAX_PROTO
     if small:
         check_folded(model)
@@ -252,5 +218,3 @@ def _write_with_data(model: onnx.ModelProto, path: Path, data: Path, threshold: 
         f.flush()
         os.fsync(f.fileno())
 
-
-__all__ += ["RULES", "check_folded", "file_size"]

@@ -75,9 +75,32 @@ class OnnxGraph:
         self._fresh = Counter[str]()
         self.touched_initializers: set[str] = set()
         self.orphans: set[str] = set()  # constants an edit stopped reading (removed at the end when unread)
-        self.shapes: dict[str, tuple[int | str | None, ...]] = {}  # filled by the pipeline (shapes.py)
-        self.shapes_at: dict[int, dict[str, tuple[int, ...]]] = {}  # numeric shapes per dynamic size (shapes.py)
+        self._shapes: dict[str, tuple[int | str | None, ...]] | None = None
+        self._shapes_at: dict[int, dict[str, tuple[int, ...]]] | None = None
         self.reindex()
+
+    @property
+    def shapes(self) -> dict[str, tuple[int | str | None, ...]]:
+        """Every value's shape from ONNX shape inference (:mod:`~bnfold.ir.onnx.shapes`), inferred on first use and
+        kept: the fold rules never change the shape of a value they keep."""
+        if self._shapes is None:
+            from bnfold.ir.onnx.shapes import infer_shapes
+
+            self._shapes = infer_shapes(self.model)
+        return self._shapes
+
+    @shapes.setter
+    def shapes(self, value: dict[str, tuple[int | str | None, ...]]) -> None:
+        self._shapes = value
+
+    @property
+    def shapes_at(self) -> dict[int, dict[str, tuple[int, ...]]]:
+        """Numeric shapes with the dynamic input dimensions set to each of the symbol sizes (inferred on first use)."""
+        if self._shapes_at is None:
+            from bnfold.ir.onnx.shapes import SYMBOL_SIZES, concrete_shapes
+
+            self._shapes_at = concrete_shapes(self.model, SYMBOL_SIZES)
+        return self._shapes_at
 
     # -- index ---------------------------------------------------------------------------------------------------
 
