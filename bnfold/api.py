@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import gc
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -17,8 +18,9 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
+from bnfold.copying import copy_module
 from bnfold.errors import CaptureError, InputError
-from bnfold.ir.graph import module_path
+from bnfold.ir.graph import compiled, module_path
 from bnfold.ir.ops import materialize_affines
 from bnfold.parity import compare
 from bnfold.passes import (
@@ -77,13 +79,14 @@ def fold(
     with ``capture="auto"``, one sub-folder per capture); ``check`` runs parity (original vs folded, and both
     vs a float64 copy of the original) on ``example_inputs``.
 
-    ``capture="auto"`` folds with *both* captures and keeps the one that folds more candidates (then: leaves
-    fewer; a tie goes to symbolic tracing, which keeps the user's module structure), so it never folds fewer than
-    the better of the two; the report says which capture won and why (``report.capture_choice``). Its cost is
-    both folds, i.e. about the time of a symbolic fold plus an export fold (export dominates): measured on timm
-    models at 64 px on a busy 2-core host, 0.9–5.4 s, 1.5–5x a symbolic-only fold and 1.0–1.1x an export-only
-    one (table in docs/architecture.md, "Capture"). An ExportedProgram (or its ``.module()``,
-    e.g. a loaded ``.pt2``) is already an export graph: it is re-exported only.
+    ``capture="auto"`` folds with symbolic capture, and then with export too unless symbolic capture left nothing
+    to gain (every candidate folded, or none found, and no normalization hidden inside a module symbolic tracing
+    keeps whole); of two folds it keeps the one that folds more candidates (then: leaves fewer; a tie goes to
+    symbolic tracing, which keeps the user's module structure), so it never folds fewer than the better of the
+    two. The report says which captures ran and why this one was kept (``report.capture_choice``,
+    ``report.capture_alternatives``). When both run, the cost is a symbolic fold plus an export fold (export
+    dominates). An ExportedProgram (or its ``.module()``, e.g. a loaded ``.pt2``) is already an export graph: it
+    is re-exported only.
 
     ``dynamic_shapes``: the dynamic dimensions, in ``torch.export``'s format (e.g. ``({0: Dim("batch")},)``);
     the export capture uses them, and :attr:`FoldResult.dynamic_shapes` carries them to whoever exports the
@@ -98,24 +101,59 @@ def fold(
     BatchNorms, with a reason naming this option). :func:`bnfold.optimize`, which produces deployment artifacts,
     turns it on by default.
     """
+    start = time.perf_counter()
     inputs = _as_inputs(example_inputs)
     check_until(until)  # before the capture: a typo costs nothing
     if capture == "auto" and not dynamic.is_exported(model):
         result = _fold_auto(model, inputs, dynamic_shapes, until, dump_ir, instruments, reparameterize)
     else:
-        captured = _capture(model, inputs, capture, dynamic_shapes=dynamic_shapes)
-        result = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
-                               reparameterize=reparameterize)
+        with _collector_paused(capture == "symbolic"):
+            captured = _capture(model, inputs, capture, dynamic_shapes=dynamic_shapes)
+            captured_at = time.perf_counter()
+            result = fold_captured(captured, until=until, dump_ir=dump_ir, instruments=instruments,
+                                   reparameterize=reparameterize)
+        result.report.timings["capture"] = captured_at - start
         if capture == "auto":
             result.report.capture_choice = "the model is an exported program: re-exported (module paths and " \
                                            "dynamic dims kept)"
     if check:
-        try:
-            parity = compare(_reference(model), result.module, inputs)
-        except InputError as err:  # the original ran on these inputs when it was captured: this is ours
-            raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from err
-        result.report.parity = parity.summary()
+        checked_from = time.perf_counter()
+        result.report.parity = _check(model, result.module, inputs)
+        result.report.timings["check"] = time.perf_counter() - checked_from
+    result.report.timings["total"] = time.perf_counter() - start
     return result
+
+
+@contextlib.contextmanager
+def _collector_paused(pause: bool) -> Iterator[None]:
+    """Python's cyclic garbage collector paused for the block (when ``pause`` and it is enabled; re-enabled after).
+
+    A symbolic capture and the passes create many long-lived objects (modules, graph nodes, metadata) and next
+    to no cyclic garbage (what they drop is freed by reference counting); CPython's full collections, each a
+    walk over every live object, then cost a time that grows with the square of the graph: a third of the call
+    at 10,000 nodes (issue 25). ``torch.export``, which leaves cyclic garbage behind, runs with the collector on.
+    Another thread's call meanwhile runs with it paused too."""
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _check(model: nn.Module, folded: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, object]:
+    """The parity summary of ``folded`` against ``model`` on the example inputs: one forward of a copy of the
+    model in float32, one of the folded module, one of a float64 copy (:func:`bnfold.compare`). No batch
+    independence check: the folded module depends on the rest of its batch only where the model itself does (a
+    BatchNorm in training mode is left as it is), which the comparison with the model's outputs shows; it would
+    cost two more forwards."""
+    try:
+        parity = compare(_reference(model), folded, inputs, batch_independence=False)
+    except InputError as err:  # the original ran on these inputs when it was captured: this is ours
+        raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from err
+    return parity.summary()
 
 
 def _score(report: FoldReport) -> tuple[int, int]:
@@ -125,27 +163,36 @@ def _score(report: FoldReport) -> tuple[int, int]:
 def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: object, until: str | None,
                dump_ir: IO[str] | str | os.PathLike[str] | None, instruments: Sequence[Instrument],
                reparameterize: bool) -> FoldResult:
-    """Fold with both captures; keep the better fold (see :func:`fold`)."""
+    """Fold with symbolic capture; then with export too, unless symbolic capture left nothing to gain
+    (:func:`_nothing_to_gain`); keep the better fold (see :func:`fold`)."""
     results: dict[str, tuple[FoldResult, float]] = {}
     errors: dict[str, str] = {}
     failure: CaptureError | None = None
+    complete: str | None = None
     for mode in ("symbolic", "export"):
         start = time.perf_counter()
-        try:
-            captured = _capture(model, inputs, mode, dynamic_shapes=dynamic_shapes)  # type: ignore[arg-type]
-        except CaptureError as err:
-            errors[mode] = err.message
-            failure = err
-            continue
-        dump: IO[str] | str | os.PathLike[str] | None = dump_ir
-        if dump_ir is not None and hasattr(dump_ir, "write"):
-            dump_ir.write(f"### capture: {mode}\n")
-        elif dump_ir is not None:
-            dump = Path(os.fspath(dump_ir)) / mode
-            dump.mkdir(exist_ok=True)
-        folded = fold_captured(captured, until=until, dump_ir=dump, instruments=instruments,
-                               reparameterize=reparameterize)
+        with _collector_paused(mode == "symbolic"):
+            try:
+                captured = _capture(model, inputs, mode, dynamic_shapes=dynamic_shapes)  # type: ignore[arg-type]
+            except CaptureError as err:
+                errors[mode] = err.message
+                failure = err
+                continue
+            captured_at = time.perf_counter()
+            dump: IO[str] | str | os.PathLike[str] | None = dump_ir
+            if dump_ir is not None and hasattr(dump_ir, "write"):
+                dump_ir.write(f"### capture: {mode}\n")
+            elif dump_ir is not None:
+                dump = Path(os.fspath(dump_ir)) / mode
+                dump.mkdir(exist_ok=True)
+            folded = fold_captured(captured, until=until, dump_ir=dump, instruments=instruments,
+                                   reparameterize=reparameterize)
+        folded.report.timings["capture"] = captured_at - start
         results[mode] = (folded, time.perf_counter() - start)
+        if mode == "symbolic" and until is None:
+            complete = _nothing_to_gain(folded)
+            if complete is not None:
+                break
     if not results:
         raise CaptureError(f"could not capture {type(model).__name__} as a graph "
                            f"({'; '.join(f'{m}: {e}' for m, e in errors.items())})",
@@ -161,7 +208,9 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
     for mode, message in errors.items():
         alternatives[mode] = {"error": message}
     rep.capture_alternatives = alternatives
-    if other in errors:
+    if complete is not None:
+        rep.capture_choice = f"{complete}: nothing left for export to gain, so it was not run"
+    elif other in errors:
         rep.capture_choice = f"{other} capture failed"
     else:
         mine, theirs = results[best][0].report, results[other][0].report
@@ -173,6 +222,31 @@ def _fold_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shape
         else:
             rep.capture_choice = f"it leaves {len(mine.skipped)}, {other} leaves {len(theirs.skipped)}"
     return chosen
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+          nn.RMSNorm)
+
+
+def _nothing_to_gain(result: FoldResult) -> str | None:
+    """Why export capture cannot fold more than this symbolic fold, or None when it might.
+
+    Export sees the same model through the same example inputs, so it can fold more only where symbolic capture
+    left a candidate or did not see one: every candidate folded, or none found — and no normalization hidden in
+    a module symbolic tracing keeps whole (``nn.TransformerEncoderLayer``'s LayerNorms, which export traces
+    into) — leaves it nothing. ``tests/zoo_timm.py``'s models fold the same set in both captures."""
+    report = result.report
+    if report.skipped:
+        return None
+    gm = result.module
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            if any(isinstance(sub, _NORMS) or "Norm" in type(sub).__name__ for sub in m.modules() if sub is not m):
+                return None
+    if report.folded:
+        return f"symbolic capture folds every candidate ({len(report.folded)})"
+    return "symbolic capture finds no normalization to fold"
 
 
 def fold_captured(
@@ -187,6 +261,7 @@ def fold_captured(
 
     Shapes recorded at capture stay valid: every rewrite updates ``node.meta`` locally.
     """
+    start = time.perf_counter()
     gm = captured.module
     extra = list(instruments)
     if dump_ir is not None:
@@ -198,9 +273,10 @@ def fold_captured(
         pipeline.instruments.append(Until(until))
     run = pipeline.run(gm, ctx)
     materialize_affines(gm)  # only when the pipeline stopped early do channel_affines remain
-    gm.recompile()
+    gm = compiled(gm)
     report = build_report(captured.mode, run, gm)
     report.dynamic_shapes = dynamic.describe(captured.dynamic_shapes)
+    report.timings["fold"] = time.perf_counter() - start
     return FoldResult(gm, report, captured.dynamic_shapes)
 
 
@@ -218,9 +294,11 @@ def inspect(
 
 
 def _reference(model: nn.Module) -> nn.Module:
+    """What the check runs as the original: a copy (a forward may change a module's state; the caller's model is
+    never run), or an exported program's module."""
     if isinstance(model, torch.export.ExportedProgram):
         return model.module()
-    return copy.deepcopy(model)
+    return copy_module(model)
 
 
 def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None = None) -> FoldReport:

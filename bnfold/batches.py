@@ -21,6 +21,7 @@ a two-input model; a list of tensors for a two-input model), instead of a failur
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -40,10 +41,27 @@ def positional_arity(model: Any) -> int | None:
         placeholders = [n for n in model.graph.nodes if n.op == "placeholder"]
         return None if any(n.args for n in placeholders) else len(placeholders)  # args hold defaults
     forward = model.forward if isinstance(model, torch.nn.Module) else model
+    func = getattr(forward, "__func__", None)  # a bound method: its function, once per class (inspect is slow)
+    if func is not None and getattr(forward, "__self__", None) is not None:
+        try:
+            return _arity(func, bound=True)
+        except TypeError:  # an unhashable callable
+            pass
+    return _arity.__wrapped__(forward, bound=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _arity(forward: Any, *, bound: bool) -> int | None:
+    """:func:`positional_arity` of a function (``bound``: its first parameter is the bound ``self``)."""
     try:
-        params = inspect.signature(forward).parameters.values()
+        params = list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):
         return None
+    if bound:
+        if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            return None
+        params = params[1:]
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind is p.VAR_POSITIONAL for p in params) or any(p.default is not p.empty for p in positional):
         return None

@@ -39,7 +39,10 @@ class FoldReport:
 
     ``capture``: the capture the fold used; ``capture_choice``: why (``capture="auto"``), with
     ``capture_alternatives`` (per capture tried: folded/left counts and seconds, or the capture error);
-    ``dynamic_shapes``: the dynamic dimensions the folded module keeps (per dim: input, dim, name, min, max)."""
+    ``dynamic_shapes``: the dynamic dimensions the folded module keeps (per dim: input, dim, name, min, max);
+    ``timings``: wall seconds of the fold call's parts — ``capture`` (copy, trace, shapes), ``fold`` (passes,
+    the folded module's code, this report), ``check`` (the parity check) and ``total`` (with the captures
+    ``capture="auto"`` tried and did not keep)."""
 
     capture: str
     folded: list[FoldedEntry] = field(default_factory=list)
@@ -52,6 +55,7 @@ class FoldReport:
     capture_choice: str | None = None
     capture_alternatives: dict[str, dict[str, Any]] | None = None
     dynamic_shapes: list[dict[str, Any]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
     converged: bool = True  # the passes reached a fixed point (False: stopped at the round limit)
     stopped_after: str | None = None  # the pass ``until`` stopped the pipeline after
 
@@ -75,6 +79,7 @@ class FoldReport:
             "converged": self.converged,
             "stopped_after": self.stopped_after,
             "parity": self.parity,
+            "timings": self.timings,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -109,6 +114,10 @@ class FoldReport:
             timing = ", ".join(f"{p['name']} {p['seconds'] * 1000:.0f} ms" for p in self.passes if p["runs"])
             lines.append("")
             lines.append(f"passes ({self.rounds} rounds): {timing}")
+        if self.timings:
+            names = {"capture": "capture", "fold": "fold", "check": "parity check", "total": "total"}
+            lines.append("time: " + ", ".join(f"{label} {self.timings[k] * 1000:.0f} ms" for k, label in names.items()
+                                               if k in self.timings))
         if self.stopped_after:
             lines.append(f"stopped after pass {self.stopped_after} (until): the graph is not fully folded")
         elif not self.converged:

@@ -125,6 +125,55 @@ def test_second_fold_changes_nothing(capture_mode: str) -> None:
     assert not again.report.modified, again.report.changes
 
 
+def test_folded_module_is_a_plain_compiled_graph_module() -> None:
+    """Symbolic capture generates no code for the graph as traced (nothing runs it: issue 25); the folded module is
+    a plain GraphModule, named after the model, whose code is that of its folded graph."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    x = torch.randn(2, 3, 8, 8)
+    gm = bnfold.fold(model, x, capture="symbolic", check=False).module
+    assert isinstance(gm, torch.fx.GraphModule) and not isinstance(gm, _LazyGraphModule)
+    assert type(gm).__name__ == "Sequential"
+    assert gm.code == gm.graph.python_code("self").src and "batch_norm" not in gm.code
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_report_times_the_parity_check_apart() -> None:
+    """The default check is timed on its own (issue 25): one float32 forward of a copy of the model, one of the
+    folded module and one of a float64 copy — no batch-independence forwards."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    x = torch.randn(2, 3, 8, 8)
+    report = bnfold.fold(model, x, capture="symbolic").report
+    assert set(report.timings) == {"capture", "fold", "check", "total"}
+    assert report.timings["total"] >= report.timings["capture"] + report.timings["fold"] + report.timings["check"]
+    assert report.parity is not None and report.parity["passed"] and "batch_independent" not in report.parity
+    assert "parity check" in report.render() and report.to_dict()["timings"] == report.timings
+    assert "check" not in bnfold.fold(model, x, capture="symbolic", check=False).report.timings
+
+
+def test_the_garbage_collector_is_left_as_it_was() -> None:
+    """fold pauses Python's cyclic collector during a symbolic capture and the passes (issue 25: their full
+    collections grow with the square of the graph), and leaves it as it found it — also after a failure."""
+    import gc
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
+    x = torch.randn(2, 3, 8, 8)
+    assert gc.isenabled()
+    bnfold.fold(model, x, capture="symbolic", check=False)
+    assert gc.isenabled()
+    with pytest.raises(bnfold.errors.CaptureError):
+        bnfold.fold(model, torch.randn(2, 5, 8, 8), capture="symbolic", check=False)  # wrong channel count
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        bnfold.fold(model, x, capture="symbolic", check=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_import_is_cheap_and_no_submodule_hides_an_api_name() -> None:
     """``import bnfold`` imports neither torch, ONNX nor TVM (the CLI starts fast); the API is imported on first
     use; no API name is a submodule's, so importing every subpackage first (``bnfold.recalibration``,
@@ -172,11 +221,52 @@ def test_auto_folds_as_many_as_the_better_capture() -> None:
 
 
 def test_auto_prefers_symbolic_on_a_tie() -> None:
-    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8),
+                                       nn.ReLU()).eval())  # the second BN is left, so export runs too
     report = bnfold.fold(model, torch.randn(2, 3, 16, 16)).report
-    assert report.capture == "symbolic" and len(report.folded) == 1
+    assert report.capture == "symbolic" and len(report.folded) == 1 and len(report.skipped) == 1
     assert report.capture_choice is not None and "symbolic keeps the model's modules" in report.capture_choice
     assert report.to_dict()["capture_alternatives"]["export"]["folded"] == 1
+
+
+def test_auto_stops_when_symbolic_leaves_nothing_to_gain() -> None:
+    """Every candidate folded (or none at all): export cannot fold more, so it does not run (issue 25); the
+    report says so."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+    x = torch.randn(2, 3, 16, 16)
+    report = bnfold.fold(model, x).report
+    assert report.capture == "symbolic" and len(report.folded) == 1
+    assert report.capture_choice == "symbolic capture folds every candidate (1): nothing left for export to gain, " \
+                                    "so it was not run"
+    assert list(report.capture_alternatives or {}) == ["symbolic"]
+    report = bnfold.fold(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), x).report
+    assert report.capture_choice is not None and report.capture_choice.startswith(
+        "symbolic capture finds no normalization to fold")
+
+
+class _Encoder(nn.Module):
+    """A pre-LN transformer layer: ``nn.TransformerEncoderLayer`` is a leaf of symbolic tracing (a torch.nn
+    module), so its LayerNorms are candidates of the export capture only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(16, 4)
+        for ln in (self.enc.norm1, self.enc.norm2):
+            nn.init.normal_(ln.weight)
+            nn.init.normal_(ln.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+def test_auto_runs_export_for_norms_hidden_in_a_whole_module() -> None:
+    model, x = _Encoder().eval(), torch.randn(2, 5, 16)
+    assert bnfold.fold(model, x, capture="symbolic").report.folded == []
+    result = bnfold.fold(model, x)
+    assert result.report.capture == "export" and len(result.report.folded) == 2
+    assert result.report.capture_choice == "it folds 2, symbolic folds 0"
+    _assert_exact(model, result.module, x)
 
 
 class _QKV(nn.Module):

@@ -12,7 +12,6 @@ a guided one that had to decide on the example shapes is refused with dynamic sh
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +20,14 @@ from typing import Literal
 import torch
 import torch.fx
 from torch import nn
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from bnfold import dynamic
 from bnfold.capture.tracer import BnfoldTracer, SymbolicTrace, symbolic_trace
+from bnfold.copying import copy_module
 from bnfold.errors import CaptureError
-from bnfold.ir.graph import propagate_shapes, shapes_from_vals
+from bnfold.ir.graph import shapes_from_vals
+from bnfold.ir.shapes import propagate_shapes
 
 __all__ = ["BnfoldTracer", "CaptureMode", "Captured", "SymbolicTrace", "capture", "symbolic_trace"]
 
@@ -76,7 +78,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if copy_model:
-        model = copy.deepcopy(model)
+        model = copy_module(model)
     errors: list[str] = []
     failures: list[BaseException] = []
     order: list[Literal["symbolic", "export"]] = ["symbolic", "export"] if mode == "auto" else [mode]
@@ -84,7 +86,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         try:
             decisions: tuple[str, ...] = ()
             if m == "symbolic":
-                traced = symbolic_trace(model, inputs, specialize=dynamic_shapes is None)
+                with _use_lazy_graph_module(True):  # its code is generated once, after the fold
+                    traced = symbolic_trace(model, inputs, specialize=dynamic_shapes is None)
                 gm, decisions = traced.module, traced.decisions
             else:
                 gm = _export(model, inputs, dynamic_shapes)

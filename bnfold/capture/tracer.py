@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx._lazy_graph_module import _make_graph_module
 from torch.fx.proxy import Attribute, Proxy, TraceError
 
 from bnfold.ir.batchnorm import is_stock_batchnorm
@@ -373,7 +374,7 @@ def symbolic_trace(model: nn.Module, example_inputs: Sequence[Any], *, specializ
 def _trace(model: nn.Module, tracer: BnfoldTracer) -> torch.fx.GraphModule:
     with _traceable_batchnorm():
         graph = tracer.trace(model)
-    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    return _make_graph_module(tracer.root, graph, model.__class__.__name__)  # lazily compiled when asked
 
 
 @contextlib.contextmanager

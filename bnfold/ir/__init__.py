@@ -1,6 +1,7 @@
 """bnfold's intermediate representation: what every layer above (capture, passes, recalibration, parity) agrees on.
 
 * :mod:`~bnfold.ir.graph`       — torch.fx helpers: attributes, constants, shapes/dtypes as node metadata;
+* :mod:`~bnfold.ir.shapes`      — that metadata for a whole graph, by rules (fake kernels only where needed);
 * :mod:`~bnfold.ir.ops`         — the canonical op ``channel_affine(x, a, b, axis)`` and its lowering;
 * :mod:`~bnfold.ir.affine_math` — the fold arithmetic as pure float64 functions (no graph);
 * :mod:`~bnfold.ir.affine_view` — read any per-channel affine node (canonical or ``x * s + b``) as ``(x, a, b, axis)``;

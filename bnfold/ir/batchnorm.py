@@ -16,6 +16,7 @@ A site is *foldable* when it uses constant running statistics in inference mode;
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import nn
 from bnfold.ir import reasons
 from bnfold.ir.graph import fetch_attr, get_constant, module_class, module_path, node_shape, normalized_kwargs
 
-__all__ = ["BatchNormSite", "batchnorm_site", "find_batchnorm_sites", "is_stock_batchnorm"]
+__all__ = ["BatchNormSite", "batchnorm_site", "batchnorm_sites", "find_batchnorm_sites", "is_stock_batchnorm"]
 
 aten = torch.ops.aten
 
@@ -164,24 +165,49 @@ def _check_stats(site: BatchNormSite) -> None:
 
 def batchnorm_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNormSite | None:
     """The BatchNorm at ``node`` (foldable, or with a ``problem``), or None when ``node`` is not one."""
+    site = _site(gm, node)
+    if site is not None:
+        _check_stats(site)
+        _check_input(site)
+    return site
+
+
+def batchnorm_sites(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> dict[torch.fx.Node, BatchNormSite]:
+    """:func:`batchnorm_site` of every BatchNorm among ``nodes``, their statistics checked (and their affines
+    computed) together: :func:`~bnfold.ir.reasons.batchnorm_affines`, the same result as one by one."""
+    sites = {node: site for node in nodes if (site := _site(gm, node)) is not None}
+    pending = [s for s in sites.values()
+               if s.problem is None and s.running_mean is not None and s.running_var is not None]
+    found = reasons.batchnorm_affines([(s.running_mean, s.running_var, s.weight, s.bias, s.eps)  # type: ignore[misc]
+                                       for s in pending])
+    for site, affine in zip(pending, found, strict=True):
+        if affine is None:
+            _check_stats(site)  # not plainly fine: examined alone, which names the reason
+        else:
+            site.affine = affine
+    for site in sites.values():
+        _check_input(site)
+    return sites
+
+
+def _site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BatchNormSite | None:
     if node.op == "call_module":
-        site = _module_site(gm, node)
-    elif node.op == "call_function":
-        site = _functional_site(gm, node)
-    else:
-        return None
-    if site is None:
-        return None
-    _check_stats(site)
+        return _module_site(gm, node)
+    if node.op == "call_function":
+        return _functional_site(gm, node)
+    return None
+
+
+def _check_input(site: BatchNormSite) -> None:
+    """Set ``site.problem`` when the input is not a graph tensor of known shape and rank ≥ 2."""
     if site.problem is None and not isinstance(site.input, torch.fx.Node):
         site.problem = f"'{site.path}' normalizes a value that is not a graph tensor"
     if site.problem is None:
         shape = node_shape(site.input)
         if shape is None or len(shape) < 2:
             site.problem = f"'{site.path}': input shape unknown or rank < 2; run with example inputs"
-    return site
 
 
 def find_batchnorm_sites(gm: torch.fx.GraphModule) -> list[BatchNormSite]:
     """Every BatchNorm in ``gm``, in graph order, each either foldable or with a ``problem``."""
-    return [s for s in (batchnorm_site(gm, n) for n in gm.graph.nodes) if s is not None]
+    return list(batchnorm_sites(gm, gm.graph.nodes).values())

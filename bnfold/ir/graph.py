@@ -11,23 +11,23 @@ import contextvars
 import io
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, List  # noqa: UP035 (List[int] is how torch schemas spell a list of ints)
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
 __all__ = [
     "add_constant",
     "cached_lookups",
+    "compiled",
     "fetch_attr",
     "get_constant",
     "module_path",
     "node_dtype",
     "node_shape",
     "normalized_kwargs",
-    "propagate_shapes",
     "shapes_from_vals",
     "unique_attr_name",
 ]
@@ -68,6 +68,21 @@ def _walk(obj: Any, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def compiled(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` recompiled: the Python code of its current graph generated. A module created lazily (``torch.fx``'s
+    ``_LazyGraphModule``: symbolic capture skips generating code for the graph as traced, which nothing runs)
+    becomes a plain ``GraphModule`` first — the same object, given the per-instance class ``GraphModule.__new__``
+    makes (a subclass of ``GraphModule`` alone), so nothing is copied."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    if isinstance(gm, _LazyGraphModule):
+        plain = type(torch.fx.GraphModule.__new__(torch.fx.GraphModule))
+        plain.__name__ = type(gm).__name__  # the model's class name, as GraphModule.__init__ sets it
+        gm.__class__ = plain
+    gm.recompile()
+    return gm
 
 
 def get_constant(gm: torch.fx.GraphModule, arg: Any) -> torch.Tensor | None:
@@ -152,45 +167,6 @@ def shapes_from_vals(gm: torch.fx.GraphModule, *, complete: bool = True) -> bool
     for node, meta in metas.items():
         node.meta["tensor_meta"] = meta
     return True
-
-
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record shape/dtype of every node in ``node.meta['tensor_meta']`` by running ``gm`` once.
-
-    Uses fake tensors (no real compute) when possible and falls back to a real run.
-    """
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-        class _FakeTensorProp(FakeTensorProp):
-            """Also records a plain Python result (``x.size(-1)``: an int; ``x.size()``: a tuple of ints) as the
-            node's ``val``, as torch >= 2.13's own does. Before 2.13 such a node had no value (or Nones), and a node
-            without one may be a tensor: ``x.view(-1, x.size(-1))`` (transformers' ``Conv1D``, GPT-2) then read two
-            tensors, and no affine crossed it."""
-
-            def run_node(self, n: torch.fx.Node) -> Any:
-                result = super().run_node(n)
-                if _plain(result):  # torch < 2.13: no val, or one None per int of a torch.Size
-                    n.meta["val"] = tuple(result) if isinstance(result, (tuple, list)) else result
-                return result
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        _FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
-        shapes_from_vals(gm, complete=False)
-        return
-    except Exception as exc:  # fake propagation is an optimisation only
-        log.debug("fake shape propagation failed (%s); running the graph for real", exc)
-    with torch.no_grad(), quiet_fx():
-        ShapeProp(gm).propagate(*example_inputs)
-
-
-def _plain(value: Any) -> bool:
-    """An int / float / bool, or a tuple or list of them (a ``torch.Size``)."""
-    if isinstance(value, (tuple, list)):
-        return all(isinstance(v, (int, float, bool)) for v in value)
-    return isinstance(value, (int, float, bool))
 
 
 @contextlib.contextmanager

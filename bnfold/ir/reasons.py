@@ -7,6 +7,7 @@ that meet the same situation say the same thing, so a report reads alike whateve
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from bnfold.ir.affine_math import bn_affine
 
 __all__ = [
     "Fail",
+    "batchnorm_affines",
     "batchnorm_problem",
     "consumer_axis",
     "consumer_channels",
@@ -116,3 +118,49 @@ def batchnorm_problem(path: str, running_mean: torch.Tensor, running_var: torch.
     if bool((var + eps <= 0).any()) or not math.isfinite(eps):
         return Fail(f"'{path}' has running_var + eps = 0 in some channel (division by zero)")
     return Fail(f"'{path}' has statistics whose affine form overflows (a or b is not finite)")
+
+
+BatchNormStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]
+"""A BatchNorm's ``(running_mean, running_var, weight, bias, eps)``."""
+
+
+def batchnorm_affines(stats: Sequence[BatchNormStats]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """For each BatchNorm, ``(a, b)`` when :func:`batchnorm_problem`'s fast path accepts its statistics, else None
+    (:func:`batchnorm_problem` then says why, or computes it alone).
+
+    All of them at once: the statistics of the BatchNorms on one device, with one channel count everywhere (the
+    usual case), are concatenated into float64 vectors and :func:`~bnfold.ir.affine_math.bn_affine` and the checks
+    run once over all channels — elementwise, so each ``(a, b)`` has the bits computing it alone gives. Per-layer
+    tensor operations cost more than the arithmetic on a model's few thousand channels; this makes them a few
+    dozen in all."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(stats)
+    if not stats:
+        return out
+    device = stats[0][1].device
+    batch = [i for i, (mean, var, w, b, eps) in enumerate(stats)
+             if math.isfinite(eps) and var.dim() == 1 and var.numel() > 0 and var.device == device
+             and all(t is None or (t.shape == var.shape and t.device == device) for t in (mean, w, b))]
+    if not batch:
+        return out
+    f64 = torch.float64
+    counts = [stats[i][1].numel() for i in batch]
+
+    def joined(k: int, fill: float) -> torch.Tensor:
+        parts = [stats[i][k] for i in batch]
+        return torch.cat([torch.full((n,), fill, dtype=f64, device=device) if t is None else t.detach()
+                          for t, n in zip(parts, counts, strict=True)]).to(f64)
+
+    mean, var, gamma, beta = joined(0, 0.0), joined(1, 0.0), joined(2, 1.0), joined(3, 0.0)
+    eps = torch.repeat_interleave(torch.tensor([stats[i][4] for i in batch], dtype=f64, device=device),
+                                  torch.tensor(counts, device=device))
+    a = gamma / torch.sqrt(var + eps)
+    b = beta - mean * a
+    bad_channels = ~((var >= 0) & torch.isfinite(var) & torch.isfinite(a) & torch.isfinite(b))
+    ends = torch.tensor(counts).cumsum(0)
+    bad = set(torch.searchsorted(ends, bad_channels.nonzero().flatten().cpu(), right=True).tolist())
+    start = 0
+    for k, (i, n) in enumerate(zip(batch, counts, strict=True)):
+        if k not in bad:
+            out[i] = (a[start:start + n], b[start:start + n])
+        start += n
+    return out

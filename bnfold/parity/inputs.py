@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from bnfold.copying import copy_module
 from bnfold.errors import InputError
 
 __all__ = ['Batch', 'as_batches', 'batch_to_float64', 'flatten_outputs', 'random_inputs', 'run_batches', 'to_float64']
@@ -85,8 +86,12 @@ def flatten_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def to_float64(model: torch.nn.Module) -> torch.nn.Module:
-    """A float64 deep copy of ``model`` (the reference every parity check measures against)."""
-    return copy.deepcopy(model).to(torch.float64)
+    """A float64 deep copy of ``model`` (the reference every parity check measures against):
+    ``copy.deepcopy(model).to(torch.float64)``, made in one step (:func:`bnfold.copying.copy_module`) unless a
+    module converts itself its own way (its own ``_apply``, as RNNs have)."""
+    if any(type(m)._apply is not torch.nn.Module._apply for m in model.modules()):
+        return copy.deepcopy(model).to(torch.float64)
+    return copy_module(model, dtype=torch.float64)
 
 
 def batch_to_float64(batch: Batch) -> Batch:

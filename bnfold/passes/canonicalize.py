@@ -13,6 +13,7 @@ candidate, folded only when both parts fold; a hand-written RMSNorm/LayerNorm is
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,17 +21,19 @@ import torch.fx
 
 from bnfold.ir.affine_math import bn_affine
 from bnfold.ir.affine_view import AffineView
-from bnfold.ir.batchnorm import BatchNormSite, batchnorm_site
+from bnfold.ir.batchnorm import BatchNormSite, batchnorm_site, batchnorm_sites
 from bnfold.ir.graph import fetch_attr, module_class, module_path
 from bnfold.ir.moments import bn_moments, set_moments
 from bnfold.ir.norms import handwritten_norm
 from bnfold.ir.ops import is_channel_affine
 from bnfold.passes.constant_fold import model_tensors
 from bnfold.passes.context import PassContext
-from bnfold.passes.engine import Candidate, Category, Change
+from bnfold.passes.engine import Candidate, Category, Change, PassResult
 from bnfold.passes.rule import Fail, Rule
 
 __all__ = ["Canonicalize"]
+
+_SITE = "batchnorm_site"
 
 _NORM_CLASS = re.compile(r"batch.?norm|(^|[^a-z])bn", re.IGNORECASE)
 
@@ -49,8 +52,15 @@ class Canonicalize(Rule[BatchNormSite | TracedNorm, str]):
     name = "canonicalize"
     category = Category.CANONICALIZE
 
+    def run(self, ctx: PassContext, worklist: Sequence[torch.fx.Node]) -> PassResult:
+        """The rule over ``worklist``, the statistics of all its BatchNorms checked at once first
+        (:func:`~bnfold.ir.batchnorm.batchnorm_sites`; remembered per node until an edit touches it)."""
+        for node, site in batchnorm_sites(ctx.gm, worklist).items():
+            ctx.remember(node, _SITE, site)
+        return super().run(ctx, worklist)
+
     def match(self, ctx: PassContext, node: torch.fx.Node) -> BatchNormSite | TracedNorm | None:
-        site = batchnorm_site(ctx.gm, node)
+        site = ctx.recall(node, _SITE) or batchnorm_site(ctx.gm, node)
         if site is not None:
             return site
         if node.op not in ("call_function", "call_method") or is_channel_affine(node) \

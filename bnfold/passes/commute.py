@@ -50,10 +50,10 @@ from bnfold.ir.graph import fetch_attr, node_dtype, node_shape, normalized_kwarg
 from bnfold.ir.reasons import Fail
 from bnfold.ir.uses import nodes_in, reads_values
 
-__all__ = ["CAT", "CROSSINGS", "FX_FUNCTIONS", "FX_MODULES", "Affine", "Check", "Commutes", "Crossing", "Facts",
-           "NotInTable", "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split", "crossings",
-           "index_transfer", "no_check", "positive_scale", "positive_scale_no_shift", "same", "spatial_axis_guard",
-           "transfer_for"]
+__all__ = ["CAT", "CROSSINGS", "FX_FUNCTIONS", "FX_MODULES", "Affine", "AxisMap", "Check", "Commutes", "Crossing",
+           "Facts", "NotInTable", "Transfer", "avg_pool_exact", "cat_forward", "concat_forward", "concat_split",
+           "crossings", "index_transfer", "no_check", "permute_axes", "positive_scale", "positive_scale_no_shift",
+           "reshape_axes", "same", "spatial_axis_guard", "transfer_for"]
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -133,18 +133,33 @@ def spatial_axis_guard(check: Check) -> Check:
     return guarded
 
 
-def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor]
-                    ) -> tuple[Crossing, Crossing]:
-    """Data movement: carry coefficients through ``move`` (forward) or its inverse permutation (backward)."""
+AxisMap = Callable[[int], "int | None"]
+"""Where an axis of one side of a data movement lands on the other side, as one whole axis (None: it does not)."""
+
+
+def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor],
+                   axes: tuple[AxisMap, AxisMap] | None = None
+                   ) -> tuple[Crossing, Crossing]:
+    """Data movement: carry coefficients through ``move`` (forward) or its inverse permutation (backward).
+
+    ``axes`` (forward, backward), for a bijection that keeps axes whole (a permutation, a reshape that leaves the
+    channel axis in place): the affine's axis is mapped directly (:func:`_on_axis`), with the result the index map
+    gives, without moving a coefficient per element; an axis it does not map takes the index map."""
     n = 1
     for d in in_shape:
         n *= d
 
     def fwd(aff: Affine) -> Affine | Fail:
+        axis = axes[0](aff.axis) if axes is not None and 0 not in in_shape and out_shape else None
+        if axis is not None:
+            return _on_axis(aff.a, aff.b, axis, out_shape)
         a_out, b_out = move(aff.full(aff.a)), move(aff.full(aff.b))
         return _read_per_channel(a_out, b_out, "after")
 
     def bwd(aff: Affine) -> Affine | Fail:
+        axis = axes[1](aff.axis) if axes is not None and 0 not in in_shape and in_shape else None
+        if axis is not None:
+            return _on_axis(aff.a, aff.b, axis, in_shape)
         where = move(torch.arange(n).reshape(in_shape)).reshape(-1)
         if where.unique().numel() != where.numel():
             return Fail("the op reads some element twice")
@@ -155,6 +170,47 @@ def index_transfer(in_shape: tuple[int, ...], out_shape: tuple[int, ...], move: 
         return _read_per_channel(a_in.reshape(in_shape), b_in.reshape(in_shape), "before")
 
     return fwd, bwd
+
+
+def _on_axis(a: torch.Tensor, b: torch.Tensor, axis: int, shape: tuple[int, ...]) -> Affine:
+    """The affine :func:`_read_per_channel` reads from coefficients ``a``, ``b`` laid along ``axis`` of ``shape``:
+    on that axis — or, when they are the same in every channel (so they vary along no axis), on the axis it
+    prefers, as one value repeated."""
+    if bool((a == a[0]).all()) and bool((b == b[0]).all()):
+        candidates = [k for k in range(len(shape)) if shape[k] > 1] or list(range(len(shape)))
+        axis = min(candidates, key=lambda k: (k == 0, k))
+        return Affine(a.new_full((shape[axis],), float(a[0])), b.new_full((shape[axis],), float(b[0])), axis,
+                      shape)
+    return Affine(torch.nan_to_num(a, nan=1.0), torch.nan_to_num(b, nan=0.0), axis, shape)
+
+
+def reshape_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[AxisMap, AxisMap]:
+    """The axis maps of a reshape between these shapes: axis ``c`` lands on axis ``c'`` when it is whole there —
+    the same size, and the same number of elements before it."""
+    def mapping(src: tuple[int, ...], dst: tuple[int, ...]) -> AxisMap:
+        def to(c: int) -> int | None:
+            before = math.prod(src[:c])
+            for k, size in enumerate(dst):
+                if size == src[c] and math.prod(dst[:k]) == before:
+                    return k
+            return None
+        return to
+    return mapping(in_shape, out_shape), mapping(out_shape, in_shape)
+
+
+def permute_axes(in_shape: tuple[int, ...], move: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[AxisMap, AxisMap] | None:
+    """The axis maps of ``move``, a permutation of axes (read from the strides it gives a meta tensor whose strides
+    are all different), or None when it is not one."""
+    strides = tuple(range(1, len(in_shape) + 1))
+    try:
+        out = move(torch.empty_strided(in_shape, strides, device="meta"))
+        perm = [strides.index(st) for st in out.stride()]
+    except Exception:
+        return None
+    if sorted(perm) != list(range(len(in_shape))) or tuple(out.shape) != tuple(in_shape[p] for p in perm):
+        return None
+    return perm.index, perm.__getitem__
 
 
 def _read_per_channel(a_full: torch.Tensor, b_full: torch.Tensor, side: str) -> Affine | Fail:
@@ -238,6 +294,7 @@ class Facts:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     move: Callable[[torch.Tensor], torch.Tensor] | None = None
+    axes: tuple[AxisMap, AxisMap] | None = None  # a move that keeps axes whole: where each lands (index_transfer)
     dims: tuple[int, ...] = ()
     keepdim: bool = False
     check: Check = no_check
@@ -245,7 +302,7 @@ class Facts:
 
 def _moved(f: Facts) -> tuple[Crossing, Crossing]:
     assert f.move is not None, "an INDEX op needs its index map"
-    return index_transfer(f.in_shape, f.out_shape, f.move)
+    return index_transfer(f.in_shape, f.out_shape, f.move, f.axes)
 
 
 CROSSINGS: dict[Commutes, Callable[[Facts], tuple[Crossing, Crossing]]] = {
@@ -481,7 +538,7 @@ def _fx_avg(gm: torch.fx.GraphModule, node: torch.fx.Node, i: tuple[int, ...], o
 
 def _fx_reshape(gm: torch.fx.GraphModule, node: torch.fx.Node, i: tuple[int, ...], o: tuple[int, ...]
                 ) -> Facts | Fail:
-    return Facts(Commutes.INDEX, i, o, move=lambda t: t.reshape(o))
+    return Facts(Commutes.INDEX, i, o, move=lambda t: t.reshape(o), axes=reshape_axes(i, o))
 
 
 def _fx_select(gm: torch.fx.GraphModule, node: torch.fx.Node, i: tuple[int, ...], o: tuple[int, ...]
@@ -494,7 +551,8 @@ def _fx_permute(gm: torch.fx.GraphModule, node: torch.fx.Node, i: tuple[int, ...
                 ) -> Facts | Fail:
     if any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
         return Fail(f"'{node.name}' permutes by values computed at run time")
-    return Facts(Commutes.INDEX, i, o, move=_replay(node))
+    move = _replay(node)
+    return Facts(Commutes.INDEX, i, o, move=move, axes=permute_axes(i, move))
 
 
 def _fx_pad(gm: torch.fx.GraphModule, node: torch.fx.Node, i: tuple[int, ...], o: tuple[int, ...]) -> Facts | Fail:
@@ -552,7 +610,7 @@ def _module_avg(m: nn.Module, node: torch.fx.Node, i: tuple[int, ...], o: tuple[
 
 
 def _module_flatten(m: nn.Module, node: torch.fx.Node, i: tuple[int, ...], o: tuple[int, ...]) -> Facts | Fail:
-    return Facts(Commutes.INDEX, i, o, move=lambda t: t.reshape(o))
+    return Facts(Commutes.INDEX, i, o, move=lambda t: t.reshape(o), axes=reshape_axes(i, o))
 
 
 def _unknown_module(node: torch.fx.Node, m: nn.Module) -> Fail:

@@ -65,21 +65,22 @@ class PassContext:
 
     def verify(self, pass_name: str, example_inputs: Sequence[Any]) -> None:
         """The graph lints, and the shape metadata the rewrites maintained locally equals what re-running the model on
-        ``example_inputs`` records (on a copy)."""
+        ``example_inputs`` records (on a copy, for real: independent of :mod:`bnfold.ir.shapes`' rules)."""
         import copy
 
-        from bnfold.ir.graph import node_dtype, node_shape, propagate_shapes
+        from bnfold.ir.graph import node_dtype, node_shape
         from bnfold.ir.ops import materialize_affines
+        from bnfold.ir.shapes import propagate_shapes
 
         self.graph.lint()
         fresh = copy.deepcopy(self.gm)
         materialize_affines(fresh)
         fresh.recompile()
-        propagate_shapes(fresh, tuple(example_inputs))
+        propagate_shapes(fresh, tuple(example_inputs), real=True)  # independent of ir.shapes' rules
         by_name = {n.name: n for n in fresh.graph.nodes}  # the copy may have extra constants (materialized)
         for kept in self.graph.nodes:
             ref = by_name[kept.name]
-            if node_shape(ref) is None:
+            if kept.op == "output" or node_shape(ref) is None:  # ShapeProp also records what the graph returns
                 continue
             got = (node_shape(kept), node_dtype(kept))
             want = (node_shape(ref), node_dtype(ref))
@@ -119,6 +120,19 @@ class PassContext:
         if key not in per:
             per[key] = compute()
         return per[key]
+
+    def remember(self, node: torch.fx.Node, key: str, value: Any) -> None:
+        """Store an analysis of ``node`` computed ahead (for a batch of nodes at once), as :meth:`memo` would."""
+        per = self._memo.get(node)
+        if per is None:
+            per = self._memo[node] = {}
+        per[key] = value
+
+    def recall(self, node: torch.fx.Node, key: str) -> Any:
+        """What :meth:`remember` or :meth:`memo` stored for ``node``, unless an edit has touched it since; else
+        None."""
+        per = self._memo.get(node)
+        return None if per is None else per.get(key)
 
     def affine(self, node: torch.fx.Node) -> AffineView | None:
         """:func:`~bnfold.ir.affine_view.affine_view` of ``node``, remembered (see :meth:`memo`)."""

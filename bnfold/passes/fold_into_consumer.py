@@ -57,7 +57,7 @@ class FoldIntoConsumer(Rule[AffineView, Plan]):
         for op in plan.ops:
             partial = op in plan.blocked
             w, b = fold_into_consumer(op.weight, op.bias, m.a, None if partial else m.b, kind=op.kind,
-                                      groups=op.groups)
+                                      groups=op.groups, out_dtype=op.weight.dtype)
             untied = untie_note(ctx, op)
             where = replace_params(ctx, op, w, b)
             op.node.meta[FOLDED_KEY] = (*op.node.meta.get(FOLDED_KEY, ()), *m.sources)

@@ -368,12 +368,33 @@ def batch_count(batches: Iterable[Any], limit: int | None) -> int | None:
 def progress_bar(progress: bool | None, *, total: int | None, desc: str) -> Any:
     """A tqdm bar on stderr; off when ``progress`` is False, when stderr is not a terminal (``None``) and on
     every rank but 0."""
+    show = progress if progress is not None else sys.stderr.isatty()
+    if not show or world()[1] != 0:
+        return _HiddenBar()
     from tqdm import tqdm
 
-    show = progress if progress is not None else sys.stderr.isatty()
-    show = show and world()[1] == 0
-    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not show, leave=False,
-                dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class _HiddenBar:
+    """What a hidden progress bar does: nothing (a disabled ``tqdm`` still costs its set-up on every call)."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def reset(self, total: int | None = None) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from torch import nn
 
 from bnfold.errors import InputError
 from bnfold.ir.batchnorm import BatchNormSite, find_batchnorm_sites
-from bnfold.recalibration.native import batch_norm_measured, channel_moments_
+from bnfold.recalibration.native import batch_norm_measured, channel_moments_, native_ops
 
 __all__ = [
     "BatchNormLayer",
@@ -128,8 +128,11 @@ class BatchNormLayer:
     calls_per_forward: set[int] = field(default_factory=set)
     holding: str = "stored"  # what running_mean/running_var hold while data flows (see hold())
     settled: bool = False  # the shift was checked against a first batch
+    _float64: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _channels: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._channels = self.running_mean.numel()
         self.stored_mean = self.running_mean.detach().clone()
         self.stored_var = self.running_var.detach().clone()
         self.shift = torch.nan_to_num(self.stored_mean.to(torch.float64), 0.0, 0.0, 0.0)
@@ -137,7 +140,7 @@ class BatchNormLayer:
 
     @property
     def channels(self) -> int:
-        return self.running_mean.numel()
+        return self._channels
 
     @property
     def sites(self) -> int:
@@ -169,8 +172,28 @@ class BatchNormLayer:
         same pass over memory (:func:`bnfold.recalibration.native.batch_norm_measured`); the sums go into the layer's
         moments if ``record``. ``x`` must hold ≥ 2 values per channel."""
         n = self._values_per_channel(x)
+        ops = native_ops() if x.device.type == "cpu" and self.shift.device.type == "cpu" else None
+        if ops is not None:
+            weight, bias = self._as_float64(weight), self._as_float64(bias)
+            if self.settled and record:  # the usual call: into the moments, no closure
+                y, _ = batch_norm_measured(x, weight, bias, self.shift, self.moments.sums, self.eps)
+                self.moments.count += n
+                return y
         return self._sum(x, n, record,
                          lambda total: batch_norm_measured(x, weight, bias, self.shift, total, self.eps))
+
+    def _as_float64(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` (an affine parameter) as a contiguous float64 tensor, converted once while it is unchanged (same
+        object, same version): the native kernel works in float64 and would convert it on every call (the same
+        values: the conversion is exact)."""
+        if t is None or (t.dtype == torch.float64 and t.is_contiguous()):
+            return t
+        hit = self._float64.get(id(t))
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        converted = t.detach().to(torch.float64).contiguous()
+        self._float64[id(t)] = (t, t._version, converted)
+        return converted
 
     def _values_per_channel(self, x: torch.Tensor) -> int:
         if x.dim() < 2 or x.shape[1] != self.channels:

@@ -133,3 +133,32 @@ def test_fold_into_producer_rounds_once_into_the_weight_dtype(case: dict, dtype:
         finally:
             am.BLOCK_ELEMENTS = saved
         assert w_once.dtype == dtype and torch.equal(w_once, w64.to(dtype)) and torch.equal(b_once, b64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(1, 50))
+def test_fold_into_consumer_rounds_once_into_the_weight_dtype(case: dict, dtype: torch.dtype, rows: int) -> None:
+    """``out_dtype`` gives the bits of the float64 result cast once (conv, conv-transpose, linear; with and
+    without the shift), for any block split."""
+    import bnfold.ir.affine_math as am
+
+    d, g, k = case["dims"], case["groups"], case["k"]
+    cin, cout = g * case["in_g"], g * case["out_g"] * rows
+    gen = torch.Generator().manual_seed(case["seed"])
+    a, b = _affine(cin, case["seed"])
+    cases = [("conv", (cout, cin // g, *([k] * d)), g, b), ("conv", (cout, cin // g, *([k] * d)), g, None),
+             ("conv_transpose", (cin, cout // g, *([k] * d)), g, None), ("linear", (cout, cin), 1, b),
+             ("linear", (cout, cin), 1, None)]
+    for kind, shape, groups, shift in cases:
+        w = torch.randn(shape, generator=gen).to(dtype)
+        bias = torch.randn(shape[1] * groups if kind == "conv_transpose" else shape[0], generator=gen).to(dtype) \
+            if case["bias"] else None
+        w64, b64 = fold_into_consumer(w, bias, a, shift, kind=kind, groups=groups)
+        saved = am.BLOCK_ELEMENTS
+        am.BLOCK_ELEMENTS = 7  # force many blocks
+        try:
+            w_once, b_once = fold_into_consumer(w, bias, a, shift, kind=kind, groups=groups, out_dtype=dtype)
+        finally:
+            am.BLOCK_ELEMENTS = saved
+        assert w64.dtype == f64 and w_once.dtype == dtype and torch.equal(w_once, w64.to(dtype)), kind
+        assert (b_once is None and b64 is None) or torch.equal(b_once, b64), kind  # type: ignore[arg-type]

@@ -278,7 +278,7 @@ def test_transformers_conv1d_layernorm_folds_through_the_view_by_its_own_size(ca
     """Found with torch 2.9 (make test-lowest): torch < 2.13's fake-tensor propagation recorded no value for
     ``h.size(-1)``, so ``view(h, -1, size)`` counted as reading two tensors and GPT-2's LayerNorms stayed
     unfolded in the symbolic capture (export folded them). Shape propagation now records such plain values."""
-    from bnfold.ir.graph import propagate_shapes
+    from bnfold.ir.shapes import propagate_shapes
 
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(6))
     gm = torch.fx.symbolic_trace(LayerNormIntoConv1D())

@@ -52,6 +52,7 @@ from bnfold.passes.commute import (
     concat_forward,
     concat_split,
     crossings,
+    reshape_axes,
 )
 
 __all__ = ["MAX_MOVE", "ONNX_OPS", "Moved", "OnnxCrossing", "Pulled", "concat_backward", "concat_forward_onnx",
@@ -161,7 +162,7 @@ def _relu(g: OnnxGraph, node: onnx.NodeProto, in_s: tuple[int, ...], v: int) -> 
 
 
 def _reshaped(in_s: tuple[int, ...], out_s: tuple[int, ...]) -> Facts:
-    return Facts(Commutes.INDEX, in_s, out_s, move=lambda t: t.reshape(out_s))
+    return Facts(Commutes.INDEX, in_s, out_s, move=lambda t: t.reshape(out_s), axes=reshape_axes(in_s, out_s))
 
 
 def _flatten(g: OnnxGraph, node: onnx.NodeProto, in_s: tuple[int, ...], v: int) -> Facts | Fail:
@@ -183,7 +184,8 @@ def _transpose(g: OnnxGraph, node: onnx.NodeProto, in_s: tuple[int, ...], v: int
     perm = [int(p) for p in (attr(node, "perm", None) or range(len(in_s))[::-1])]
     if sorted(perm) != list(range(len(in_s))):
         return Fail(f"'{_label(node)}' (Transpose) has an unexpected permutation", _label(node))
-    return Facts(Commutes.INDEX, in_s, tuple(in_s[p] for p in perm), move=lambda t: t.permute(perm))
+    return Facts(Commutes.INDEX, in_s, tuple(in_s[p] for p in perm), move=lambda t: t.permute(perm),
+                 axes=(list(perm).index, list(perm).__getitem__))
 
 
 def _select(g: OnnxGraph, node: onnx.NodeProto, in_s: tuple[int, ...], v: int) -> Facts | Fail:
