@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,20 @@ def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list
     return full
 
 
+def _reiterable(batches: Iterable[Any] | None, model: nn.Module) -> Iterable[Any] | None:
+    """``batches`` as something every pass can iterate from the start: itself when iterating it twice starts over
+    (a list, a DataLoader, a :mod:`bnfold.io.stream` source); a one-shot iterator (a generator) is listed, since a
+    second pass would find it exhausted."""
+    if batches is None:
+        return None
+    from bnfold.batches import Batches, positional_arity
+
+    arity = positional_arity(model)
+    if isinstance(batches, Iterator):
+        return Batches(list(batches), arity)
+    return Batches(batches, arity)
+
+
 EAGER, TVM = "pytorch eager (original)", "tvm"
 
 
@@ -248,15 +263,16 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
     from bnfold.parity.stages import StageTracker
 
     original = model
-    calib = list(calibration) if calibration is not None else None
-    check_data = _fixed_batches(list(validation) if validation is not None else (calib[:8] if calib else [inputs]),
-                                inputs)
+    calib = _reiterable(calibration, model)  # streamed, never listed: a pass holds one batch
+    first = list(itertools.islice(calib, 8)) if calib is not None else []
+    calib = calib if first else None  # no batches: nothing to recalibrate on
+    check_data = _fixed_batches(list(validation) if validation is not None else (first or [inputs]), inputs)
     tracker = StageTracker(check_data)
     tracker.add("original", original)
     engines: dict[str, Any] = {EAGER: original}
 
     work = original
-    if calib:
+    if calib is not None:
         from bnfold.recalibrate.core import recalibrate
 
         with _timed(result, "recalibrate"):
@@ -295,12 +311,12 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             tracker.add("onnx", runtime)
             engines["onnx runtime"] = runtime
 
-    if int8 is not None and calib:
+    if int8 is not None and calib is not None:
         with _timed(result, "int8"):
             from bnfold.quantize.stage import int8_stage
             from bnfold.targets.onnx import OnnxRuntimeModel
 
-            batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib]
+            batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib]  # int8 keeps its batches
             result.int8 = int8_stage(folded, folded, inputs, batches, check_data, staging, options=int8,
                                      dynamic_shapes=dims)
             result.errors.update({f"int8 {k}": v for k, v in result.int8.errors.items()})

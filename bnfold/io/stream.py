@@ -286,20 +286,25 @@ class CheckedData:
     def _rechunk(self, stream: Iterator[Batch], size: int) -> Iterator[Batch]:
         """Batches of exactly ``size`` samples (the rest held back for the next one: at most two batches held)."""
         held: list[Batch] = []
-        count = 0
+        count = given = 0
         for batch in stream:
             if not held and int(batch[0].shape[0]) == size:
+                given += 1
                 yield batch
                 continue
             held.append(batch)
             count += int(batch[0].shape[0])
             while count >= size:
                 joined = tuple(torch.cat(parts) for parts in zip(*held, strict=True)) if len(held) > 1 else held[0]
+                given += 1
                 yield tuple(t[:size] for t in joined)
                 rest = tuple(t[size:] for t in joined)
                 count -= size
                 held = [rest] if count else []
         self.dropped = count
+        if not given:
+            raise InputError(f"{self.source} holds fewer samples ({count}) than the model's fixed batch size {size}",
+                             hint="give more samples, or re-export the model with a dynamic batch dimension")
         if count and not self._warned:
             self._warned = True
             log.warning("dropping the last %d samples of %s (the model's batch size is fixed at %d)", count,

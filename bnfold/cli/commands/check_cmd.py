@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from bnfold.cli.commands import SUMMARY
-from bnfold.cli.commands.common import check_input_shapes
+from bnfold.cli.commands.common import add_data_source_args, check_input_shapes, open_args_data
 from bnfold.errors import InputError
-from bnfold.io.data import Batch, load_tensors, split_batches
-from bnfold.io.data_checks import check_batches, input_specs
+from bnfold.io.data import Batch, split_batches
+from bnfold.io.data_checks import input_specs
 from bnfold.io.models import load_model
 from bnfold.parity import ParityReport, compare
 from bnfold.report import json_safe
@@ -118,11 +118,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reference", help="reference model: .pt2 (or .onnx / a compiled TVM folder)")
     p.add_argument("candidate", help="candidate model: .pt2, .onnx or a compiled TVM folder")
     p.add_argument("--data", metavar="INPUTS",
-                   help="input batches: .npz/.npy/.pt (see docs/parity.md); without it, random inputs shaped "
-                        "like the reference's stored example inputs (the report says so)")
+                   help="input batches: a .npz/.npy/.pt file (see docs/parity.md) or a folder of images (see "
+                        "--preprocess); without it, random inputs shaped like the reference's stored example inputs "
+                        "(the report says so). Parity keeps these inputs in memory")
     p.add_argument("--data-key", action="append", metavar="KEY",
                    help="arrays of an .npz (entries of a .pt dict) to use as inputs, in order (repeatable)")
-    p.add_argument("--batch-size", type=int, help="split the data into batches of this many samples")
+    p.add_argument("--batch-size", type=int, help="split the data into batches of this many samples (a folder of "
+                   "images: default 64)")
+    add_data_source_args(p)
     p.add_argument("--dtype", help="cast floating-point inputs to this dtype (e.g. float32)")
     p.add_argument("--input-shape", action="append", metavar="SHAPE",
                    help="random inputs of this shape when there is no --data (repeat per input)")
@@ -206,18 +209,20 @@ def _check(args: argparse.Namespace) -> int:
     shapes: list[list[int]] | None = None
     if args.batch_size is not None and args.batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.data:
+    if args.data or args.data_factory:
         dtype = _dtype(args.dtype) or _model_dtype(ref) or _model_dtype(cand)
-        raw = load_tensors(args.data, keys=args.data_key)
         specs = next((s for s in (_specs(ref), _specs(cand)) if s is not None), None)
-        check_batches(raw, specs, args.data, names=args.data_key)
-        inputs = [tuple(t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in b) for b in raw]
-        inputs = split_batches(inputs, args.batch_size) if args.batch_size else inputs
+        if specs is None and args.data and Path(args.data).is_dir():
+            specs = _image_specs(ref, cand)
+        stream = open_args_data(args, args.data, specs=specs, dtype=dtype, batch_size=args.batch_size or (
+            64 if args.data and Path(args.data).is_dir() else None))
+        inputs = list(stream)  # parity runs every model on the same inputs and compares them: kept in memory
         inputs = _fit_batches(inputs, [ref, cand], notes)
     elif args.input_shape:
         shapes = _shapes(args.input_shape)
     elif ref.example_inputs is None and cand.example_inputs is None:
-        raise InputError("no inputs to run the models on", hint="pass --data INPUTS (.npz/.npy/.pt) or --input-shape")
+        raise InputError("no inputs to run the models on", hint="pass --data INPUTS (.npz/.npy/.pt or a folder of "
+                                                                "images) or --input-shape")
     example = ref.example_inputs or cand.example_inputs
     report = compare(ref.model, cand.model, inputs, example_inputs=None if shapes else example,
                      input_shapes=shapes, batch_independence=not args.no_batch_check,
@@ -230,6 +235,17 @@ def _check(args: argparse.Namespace) -> int:
         print(f"bnfold check: reference {ref.path} ({ref.kind}), candidate {cand.path} ({cand.kind})")
         print(report.render())
     return 0 if report.passed else 1
+
+
+def _image_specs(*models: Loaded) -> list[Any] | None:
+    """For a folder of images and models that are not torch modules: the (N, C, H, W) of their stored example
+    inputs, when one has any (the images are checked against it)."""
+    from bnfold.io.data_checks import InputSpec
+
+    ex = next((m.example_inputs for m in models if m.example_inputs), None)
+    if not ex:
+        return None
+    return [InputSpec((None, *t.shape[1:]), t.dtype) for t in ex]
 
 
 def _specs(loaded: Loaded) -> list[Any] | None:
