@@ -1,7 +1,7 @@
 """A folder of images as calibration or validation batches: :class:`ImageFolder`, :class:`Preprocess`.
 
-Every ``.jpg``/``.jpeg``/``.png``/``.webp`` file under the folder (class sub-folders at any depth; sorted by path,
-so the order is the same on every run; hidden files and other files are skipped) is decoded with
+Every ``.jpg``/``.jpeg``/``.png``/``.webp`` file under the folder (class sub-folders at any depth; sorted by its
+path as a string, so the order is the same on every run; hidden files and other files are skipped) is decoded with
 ``torchvision.io.decode_image``, preprocessed and stacked, ``batch_size`` files a batch. Only the files of the
 current batch are in memory: the folder is listed once, then read batch by batch on every pass.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -169,6 +170,7 @@ def list_images(folder: Path) -> list[str]:
                 found.append(os.path.join(root, name))
             else:
                 others += 1
+    found.sort()
     if not found:
         raise InputError(f"{folder} holds no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files, in "
                          f"sub-folders too){f'; it has {others} other file(s)' if others else ''}",
@@ -255,8 +257,10 @@ class ImageFolder:
         except OSError as exc:
             raise InputError(f"{path} cannot be read: {exc.strerror or exc}") from exc
         try:
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else
-                                 torch.empty(0, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else
+                                     torch.empty(0, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise InputError(f"{path} is not a readable image (JPEG/PNG/WebP): {first.split(', ')[-1]}",
