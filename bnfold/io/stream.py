@@ -228,13 +228,14 @@ class Factory:
 
 class CheckedData:
     """``inner``'s batches checked one at a time, cast to ``dtype`` (floating-point tensors only) and, with
-    ``exact``, re-chunked to exactly ``exact`` samples a batch (a model exported with a fixed batch size; a last
-    smaller batch is dropped, with a warning). ``num_samples``/``num_batches`` stop early (the last batch cut)."""
+    ``exact``, re-chunked to exactly ``exact`` samples a batch (a model exported with a fixed batch size: a last
+    smaller batch is dropped, with a warning; with ``keep_last`` it is kept). ``num_samples``/``num_batches`` stop
+    early (the last batch cut)."""
 
     def __init__(self, inner: Any, *, specs: Sequence[InputSpec] | None = None, dtype: torch.dtype | None = None,
                  names: Sequence[str] | None = None, exact: int | None = None, num_samples: int | None = None,
-                 num_batches: int | None = None) -> None:
-        self.inner, self.specs, self.dtype = inner, specs, dtype
+                 num_batches: int | None = None, keep_last: bool = False) -> None:
+        self.inner, self.specs, self.dtype, self.keep_last = inner, specs, dtype, keep_last
         self.source: str = getattr(inner, "source", type(inner).__name__)
         self.names = names if names is not None else getattr(inner, "names", None)
         self.exact, self.num_samples, self.num_batches = exact, num_samples, num_batches
@@ -301,6 +302,9 @@ class CheckedData:
                 rest = tuple(t[size:] for t in joined)
                 count -= size
                 held = [rest] if count else []
+        if count and self.keep_last:
+            yield held[0] if len(held) == 1 else tuple(torch.cat(parts) for parts in zip(*held, strict=True))
+            return
         self.dropped = count
         if not given:
             raise InputError(f"{self.source} holds fewer samples ({count}) than the model's fixed batch size {size}",
@@ -332,7 +336,7 @@ def open_data(data: str | os.PathLike[str] | None = None, *, factory: str | None
     if factory is not None:
         source = Factory(factory, factory_kwargs, keys=keys)
         return CheckedData(source, specs=specs, dtype=dtype, exact=exact or batch_size, num_samples=num_samples,
-                           num_batches=num_batches)
+                           num_batches=num_batches, keep_last=exact is None)
     path = Path(data)  # type: ignore[arg-type]
     batch_size = batch_size or exact or 64
     if factory_kwargs:

@@ -261,6 +261,8 @@ def test_rechunk_and_limits(factory_module: str) -> None:
                                torch.tensor([0., 0., 1., 1., 2., 2., 3., 3., 4.]))
     with pytest.raises(InputError, match=r"fewer samples \(2\) than the model's fixed batch size 3"):
         list(CheckedData(Factory(spec, {"n": 1}), exact=3))
+    kept = list(CheckedData(Factory(spec, {"n": 5}), exact=3, keep_last=True))  # a dynamic batch: nothing dropped
+    assert [b[0].shape[0] for b in kept] == [3, 3, 3, 1]
     cut = list(CheckedData(Factory(spec), num_samples=5))
     assert [b[0].shape[0] for b in cut] == [2, 2, 1]
     assert len(list(CheckedData(Factory(spec), num_batches=2))) == 2
@@ -269,7 +271,7 @@ def test_rechunk_and_limits(factory_module: str) -> None:
 def test_a_pass_holds_one_batch(factory_module: str) -> None:
     """Streaming: when batch k+1 arrives, batch k (and what it was made from) is already freed."""
     alive: list[weakref.ref[torch.Tensor]] = []
-    data = CheckedData(Factory(f"{factory_module}:stream", {"n": 20}), dtype=torch.float64,
+    data = CheckedData(Factory(f"{factory_module}:stream", {"n": 6}), dtype=torch.float64,
                        specs=[InputSpec((None, 3, 8, 8), torch.float64)])
     most = 0
     for (t,) in data:
