@@ -39,6 +39,7 @@ from bnfold.api import fold
 from bnfold.capture import CaptureMode
 from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
+from bnfold.parity.inputs import read_batches
 from bnfold.report import FoldReport, format_table, json_safe
 from bnfold.speed import fastest, measure_latency, slower_than_eager
 from bnfold.targets import get_target
@@ -204,19 +205,17 @@ def optimize(
     return result
 
 
-def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+def _fixed_batches(batches: Iterable[Any], inputs: tuple[torch.Tensor, ...]) -> Iterable[tuple[torch.Tensor, ...]]:
     """Re-chunk validation batches to the example batch size: exported and compiled stages have a static batch.
-    A remainder smaller than one batch is dropped."""
-    from bnfold.io.data import split_batches
+    A remainder smaller than one batch is dropped. A list is re-chunked now; any other source as every pass reads
+    it (never listed)."""
+    from bnfold.io.stream import Rechunked, rechunk
 
-    norm = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
     size = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
-    chunks = split_batches(norm, size)
-    full = [c for c in chunks if int(c[0].shape[0]) == size]
-    if not full:
-        raise InputError(f"the validation data holds fewer samples than one batch ({size})",
-                         hint="give more validation samples or smaller example inputs")
-    return full
+    if isinstance(batches, list):
+        norm = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
+        return list(rechunk(norm, size, source="the validation data"))
+    return Rechunked(read_batches(batches), size, source="the validation data")
 
 
 def _reiterable(batches: Iterable[Any] | None, model: nn.Module) -> Iterable[Any] | None:
@@ -264,9 +263,10 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
 
     original = model
     calib = _reiterable(calibration, model)  # streamed, never listed: a pass holds one batch
-    first = list(itertools.islice(calib, 8)) if calib is not None else []
+    first = list(itertools.islice(calib, 1 if validation is not None else 8)) if calib is not None else []
     calib = calib if first else None  # no batches: nothing to recalibrate on
-    check_data = _fixed_batches(list(validation) if validation is not None else (first or [inputs]), inputs)
+    check_data = _fixed_batches(validation if validation is not None else (first or [inputs]), inputs)
+    del first  # the parity inputs hold what they need
     tracker = StageTracker(check_data)
     tracker.add("original", original)
     engines: dict[str, Any] = {EAGER: original}
@@ -317,7 +317,8 @@ def _run(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tensor, .
             from bnfold.targets.onnx import OnnxRuntimeModel
 
             batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib]  # int8 keeps its batches
-            result.int8 = int8_stage(folded, folded, inputs, batches, check_data, staging, options=int8,
+            checks = check_data if isinstance(check_data, list) else list(check_data)
+            result.int8 = int8_stage(folded, folded, inputs, batches, checks, staging, options=int8,
                                      dynamic_shapes=dims)
             result.errors.update({f"int8 {k}": v for k, v in result.int8.errors.items()})
             if result.int8.path is not None:

@@ -29,7 +29,7 @@ import logging
 import math
 import mmap
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ from bnfold.errors import InputError
 from bnfold.io.data import Batch, load_tensors
 from bnfold.io.data_checks import InputSpec, check_batch, check_same_shapes
 
-__all__ = ["CheckedData", "DataSource", "Factory", "NpyFile", "TensorFile", "open_data"]
+__all__ = ["CheckedData", "DataSource", "Factory", "NpyFile", "Rechunked", "TensorFile", "open_data", "rechunk"]
 
 log = logging.getLogger(__name__)
 
@@ -285,34 +285,52 @@ class CheckedData:
                 return
 
     def _rechunk(self, stream: Iterator[Batch], size: int) -> Iterator[Batch]:
-        """Batches of exactly ``size`` samples (the rest held back for the next one: at most two batches held)."""
-        held: list[Batch] = []
-        count = given = 0
-        for batch in stream:
-            if not held and int(batch[0].shape[0]) == size:
-                given += 1
-                yield batch
-                continue
-            held.append(batch)
-            count += int(batch[0].shape[0])
-            while count >= size:
-                joined = tuple(torch.cat(parts) for parts in zip(*held, strict=True)) if len(held) > 1 else held[0]
-                given += 1
-                yield tuple(t[:size] for t in joined)
-                rest = tuple(t[size:] for t in joined)
-                count -= size
-                held = [rest] if count else []
-        if count and self.keep_last:
-            yield held[0] if len(held) == 1 else tuple(torch.cat(parts) for parts in zip(*held, strict=True))
-            return
-        self.dropped = count
-        if not given:
-            raise InputError(f"{self.source} holds fewer samples ({count}) than the model's fixed batch size {size}",
-                             hint="give more samples, or re-export the model with a dynamic batch dimension")
-        if count and not self._warned:
+        dropped = yield from rechunk(stream, size, keep_last=self.keep_last, source=self.source)
+        self.dropped = dropped
+        if dropped and not self._warned:
             self._warned = True
-            log.warning("dropping the last %d samples of %s (the model's batch size is fixed at %d)", count,
+            log.warning("dropping the last %d samples of %s (the model's batch size is fixed at %d)", dropped,
                         self.source, size)
+
+
+def rechunk(stream: Iterable[Batch], size: int, *, keep_last: bool = False, source: str = "the data"
+            ) -> Generator[Batch, None, int]:
+    """Batches of exactly ``size`` samples out of ``stream`` (the rest held back for the next one: at most two
+    batches held); a last smaller batch is yielded with ``keep_last``, else dropped. Returns the number of samples
+    dropped; no full batch at all is an :class:`InputError`."""
+    held: list[Batch] = []
+    count = given = 0
+    for batch in stream:
+        if not held and int(batch[0].shape[0]) == size:
+            given += 1
+            yield batch
+            continue
+        held.append(batch)
+        count += int(batch[0].shape[0])
+        while count >= size:
+            joined = tuple(torch.cat(parts) for parts in zip(*held, strict=True)) if len(held) > 1 else held[0]
+            given += 1
+            yield tuple(t[:size] for t in joined)
+            rest = tuple(t[size:] for t in joined)
+            count -= size
+            held = [rest] if count else []
+    if count and keep_last:
+        yield held[0] if len(held) == 1 else tuple(torch.cat(parts) for parts in zip(*held, strict=True))
+        return 0
+    if not given:
+        raise InputError(f"{source} holds fewer samples ({count}) than the batch size {size} the model runs with",
+                         hint="give more samples, or re-export the model with a dynamic batch dimension")
+    return count
+
+
+class Rechunked:
+    """:func:`rechunk` as a re-iterable: every pass re-reads ``batches`` (a tuple per batch) and re-chunks it."""
+
+    def __init__(self, batches: Iterable[Batch], size: int, *, source: str = "the data") -> None:
+        self.batches, self.size, self.source = batches, size, source
+
+    def __iter__(self) -> Iterator[Batch]:
+        yield from rechunk(self.batches, self.size, source=self.source)
 
 
 def open_data(data: str | os.PathLike[str] | None = None, *, factory: str | None = None,

@@ -5,7 +5,7 @@ to tensors, float64 copies of models and batches.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,34 +13,92 @@ import torch.fx
 
 from bnfold.errors import InputError
 
-__all__ = ['Batch', 'as_batches', 'batch_to_float64', 'flatten_outputs', 'random_inputs', 'run_batches', 'to_float64']
+__all__ = ['Batch', 'Mapped', 'StreamedBatches', 'as_batches', 'batch_to_float64', 'flatten_outputs', 'random_inputs',
+           'read_batches', 'run_batches', 'to_float64']
 
 
 Batch = tuple[torch.Tensor, ...]
 """The positional inputs of one model call."""
 
 
+def _as_batch(batch: Any, k: int) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    from bnfold.batches import is_tensor_batch
+
+    if is_tensor_batch(batch):
+        return tuple(batch)
+    if isinstance(batch, dict):
+        raise InputError(f"batch {k} is a dict (keyword inputs); parity checks call the models with positional "
+                         "inputs", hint="pass each batch as a tuple of tensors in the order forward() takes them")
+    raise InputError(f"batch {k} is a {type(batch).__name__}, not a tensor or a tuple of tensors",
+                     hint="labels do not belong in the inputs: pass only model inputs")
+
+
 def as_batches(inputs: Any, arity: int | None = None) -> list[Batch]:
     """``inputs`` as a list of batches of positional inputs, read as everywhere in bnfold
     (:mod:`bnfold.batches`: a tensor or a tuple of tensors is one batch, a list or other iterable holds batches);
     ``arity``: the reference's number of positional inputs, when known, to refuse a reading that cannot fit."""
-    from bnfold.batches import is_tensor_batch, iter_batches
+    from bnfold.batches import iter_batches
 
-    batches: list[Batch] = []
-    for k, batch in enumerate(iter_batches(inputs, arity=arity)):
-        if isinstance(batch, torch.Tensor):
-            batches.append((batch,))
-        elif is_tensor_batch(batch):
-            batches.append(tuple(batch))
-        elif isinstance(batch, dict):
-            raise InputError(f"batch {k} is a dict (keyword inputs); parity checks call the models with positional "
-                             "inputs", hint="pass each batch as a tuple of tensors in the order forward() takes them")
-        else:
-            raise InputError(f"batch {k} is a {type(batch).__name__}, not a tensor or a tuple of tensors",
-                             hint="labels do not belong in the inputs: pass only model inputs")
+    batches = [_as_batch(batch, k) for k, batch in enumerate(iter_batches(inputs, arity=arity))]
     if not batches:
         raise InputError("no input tensors were given", hint="pass a tensor, a tuple of tensors or a list of batches")
     return batches
+
+
+class StreamedBatches:
+    """Batches read as by :func:`as_batches` from a source that every pass iterates again from the start (a
+    ``DataLoader``, a :mod:`bnfold.io.stream` source): never listed, so a pass holds one batch. ``len``, ``samples``
+    and indexing (by iterating up to the batch) once a first pass has counted them."""
+
+    def __init__(self, inputs: Any, arity: int | None = None) -> None:
+        self.inputs, self.arity = inputs, arity
+        self.count: int | None = None
+        self.samples = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        from bnfold.batches import iter_batches
+
+        n = samples = 0
+        for k, batch in enumerate(iter_batches(self.inputs, arity=self.arity)):
+            b = _as_batch(batch, k)
+            n += 1
+            samples += int(b[0].shape[0]) if b and b[0].dim() > 0 else 0
+            yield b
+        if not n:
+            raise InputError("no input tensors were given", hint="pass at least one batch")
+        self.count, self.samples = n, samples
+
+    def __len__(self) -> int:
+        if self.count is None:
+            raise TypeError("the number of batches is known after a first pass")
+        return self.count
+
+    def __getitem__(self, k: int) -> Batch:
+        for i, b in enumerate(self):
+            if i == k:
+                return b
+        raise IndexError(k)
+
+
+def read_batches(inputs: Any, arity: int | None = None) -> list[Batch] | StreamedBatches:
+    """:class:`StreamedBatches` for a source that can be iterated again (not a list, a tuple, a tensor or a one-shot
+    iterator), else the list :func:`as_batches` reads."""
+    if isinstance(inputs, (list, tuple, torch.Tensor, Mapping, Iterator)) or not isinstance(inputs, Iterable):
+        return as_batches(inputs, arity)
+    return StreamedBatches(inputs, arity)
+
+
+class Mapped:
+    """``fn`` applied to each batch of ``batches`` as a pass reaches it (re-iterable: e.g. the float64 copies of the
+    inputs, made one batch at a time instead of all at once)."""
+
+    def __init__(self, batches: Iterable[Batch], fn: Callable[[Batch], Batch]) -> None:
+        self.batches, self.fn = batches, fn
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self.fn(b) for b in self.batches)
 
 
 def random_inputs(example_inputs: Sequence[torch.Tensor] | None = None,
@@ -94,7 +152,7 @@ def batch_to_float64(batch: Batch) -> Batch:
     return tuple(t.double() if t.is_floating_point() else t for t in batch)
 
 
-def run_batches(fn: Callable[..., Any], batches: Sequence[Batch]) -> list[list[torch.Tensor]]:
+def run_batches(fn: Callable[..., Any], batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
     """``fn`` on every batch (no autograd); each output flattened, detached and moved to the CPU."""
     from bnfold.errors import BnfoldError, InputError
     from bnfold.ir.graph import quiet_fx

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from bnfold.errors import InputError
 from bnfold.io.data import Batch, split_batches
 from bnfold.io.data_checks import input_specs
 from bnfold.io.models import load_model
+from bnfold.io.stream import TensorFile
 from bnfold.parity import ParityReport, compare
 from bnfold.report import json_safe
 
@@ -120,7 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="INPUTS",
                    help="input batches: a .npz/.npy/.pt file (see docs/parity.md) or a folder of images (see "
                         "--preprocess); without it, random inputs shaped like the reference's stored example inputs "
-                        "(the report says so). Parity keeps these inputs in memory")
+                        "(the report says so). A file is read whole; a folder of images or a factory is re-read by "
+                        "every run")
     p.add_argument("--data-key", action="append", metavar="KEY",
                    help="arrays of an .npz (entries of a .pt dict) to use as inputs, in order (repeatable)")
     p.add_argument("--batch-size", type=int, help="split the data into batches of this many samples (a folder of "
@@ -168,26 +170,33 @@ def _shapes(specs: list[str]) -> list[list[int]]:
     return [list(t.shape) for t in tensors]
 
 
-def _fit_batches(batches: list[Batch], models: list[Loaded], notes: list[str]) -> list[Batch]:
+def _fit_batches(batches: Iterable[Batch], models: list[Loaded], notes: list[str]) -> Iterable[Batch]:
     """A ``.pt2`` exported with a fixed batch size only runs that size: re-split the data when it must."""
     for loaded in models:
         batches = _fit_one(batches, loaded, notes)
     return batches
 
 
-def _fit_one(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]:
+def _fit_one(batches: Iterable[Batch], ref: Loaded, notes: list[str]) -> Iterable[Batch]:
     ex = ref.example_inputs
-    if not ex or not batches or ex[0].dim() == 0:
+    first = next(iter(batches), None)
+    if not ex or first is None or ex[0].dim() == 0:
         return batches
     b = int(ex[0].shape[0])
-    if all(t.dim() and t.shape[0] == b for batch in batches for t in batch[:1]):
+    if isinstance(batches, list) and all(t.dim() and t.shape[0] == b for batch in batches for t in batch[:1]):
         return batches
     try:
         with torch.no_grad():
-            ref.model(*batches[0])
+            ref.model(*first)
         return batches
     except Exception:
         pass
+    if not isinstance(batches, list):  # a stream: re-chunked as it is read
+        from bnfold.io.stream import Rechunked
+
+        notes.append(f"{ref.path.name} runs only batches of {b} (it was exported with a fixed batch size): the data "
+                     f"was re-chunked into batches of {b}, a last smaller batch dropped")
+        return Rechunked(batches, b, source=f"the data ({ref.path.name} runs batches of {b})")
     split = split_batches(batches, b)
     kept = [batch for batch in split if batch[0].shape[0] == b]
     dropped = sum(int(batch[0].shape[0]) for batch in split) - b * len(kept)
@@ -205,7 +214,7 @@ def _check(args: argparse.Namespace) -> int:
     ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     notes: list[str] = []
-    inputs: list[Batch] | None = None
+    inputs: Iterable[Batch] | None = None
     shapes: list[list[int]] | None = None
     if args.batch_size is not None and args.batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
@@ -216,7 +225,8 @@ def _check(args: argparse.Namespace) -> int:
             specs = _image_specs(ref, cand)
         stream = open_args_data(args, args.data, specs=specs, dtype=dtype, batch_size=args.batch_size or (
             64 if args.data and Path(args.data).is_dir() else None))
-        inputs = list(stream)  # parity runs every model on the same inputs and compares them: kept in memory
+        # a file is read whole anyway (every batch checked before any work); a stream is re-read by every run
+        inputs = list(stream) if isinstance(stream.inner, TensorFile) else stream
         inputs = _fit_batches(inputs, [ref, cand], notes)
     elif args.input_shape:
         shapes = _shapes(args.input_shape)
