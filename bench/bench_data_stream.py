@@ -14,7 +14,12 @@
 
    * ``folder``: ``--data images_n/ --preprocess resize=32,crop=28,mean=0.5,std=0.25``;
    * ``factory``: ``--data-factory bench_data_factory:loader --data-kwargs '{"root": "images_n", ...}'`` (a
-     ``torch.utils.data.DataLoader`` over the same PNG files, decoded and cropped by the user's Dataset).
+     ``torch.utils.data.DataLoader`` over the same PNG files, decoded and cropped by the user's Dataset);
+   * ``validate``: ``folder`` plus ``--validate images_n/``: the parity checks of every stage on every image
+     (re-read by each run);
+   * ``npy``: the same images preprocessed into one ``(n, 3, 28, 28)`` float32 ``calib_n.npy`` (memory-mapped);
+   * ``npz``: the same array in ``calib_n.npz``, which cannot be read in parts: the control, whose peak must grow
+     by about the array's size (20,000 images: 179 MiB) — the measurement can see growth.
 
    The report is the peak RSS for N and 10·N and their ratio (acceptance: within 10%), plus the wall time.
 """
@@ -60,6 +65,21 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
     done.write_text(str(n))
 
 
+def make_arrays(work: Path, n: int) -> None:
+    """``calib_n.npy`` / ``calib_n.npz``: the images of ``images_n`` as bnfold's folder reader makes them."""
+    if (work / f"calib_{n}.npz").exists():
+        return
+    import torch
+
+    from bnfold.io.images import ImageFolder, Preprocess
+
+    folder = ImageFolder(work / f"images_{n}", batch_size=500, size=(3, 28, 28),
+                         preprocess=Preprocess.parse("resize=32,crop=28,mean=0.5,std=0.25"))
+    x = torch.cat([b[0] for b in folder]).numpy()
+    np.save(work / f"calib_{n}.npy", x)
+    np.savez(work / f"calib_{n}.npz", x=x)
+
+
 def make_model(path: Path) -> None:
     import torch
     from torch import nn
@@ -99,7 +119,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bnfold-bench26"))
-    ap.add_argument("--cases", default="folder,factory")
+    ap.add_argument("--cases", default="folder,factory,validate,npy,npz")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -108,6 +128,8 @@ def main() -> None:
         t = time.perf_counter()
         make_images(args.work / f"images_{n}", n)
         print(f"images_{n}: ready ({time.perf_counter() - t:.1f}s)", flush=True)
+    for n in sizes:
+        make_arrays(args.work, n)
     model = args.work / "model.pt2"
     if not model.exists():
         make_model(model)
@@ -120,22 +142,27 @@ def main() -> None:
             out = args.work / f"out_{case}_{n}"
             argv = [sys.executable, "-m", "bnfold.cli", "optimize", str(model), "-o", str(out), "--force",
                     "--target", "none", "--batch-size", "32"]
-            if case == "folder":
+            if case in ("folder", "validate"):
                 argv += ["--data", str(images), "--preprocess", "resize=32,crop=28,mean=0.5,std=0.25"]
+                argv += ["--validate", str(images)] if case == "validate" else []
+            elif case in ("npy", "npz"):
+                argv += ["--data", str(args.work / f"calib_{n}.{case}")]
             else:
                 argv += ["--data-factory", "bench_data_factory:loader", "--data-kwargs",
                          json.dumps({"root": str(images), "batch_size": 32})]
             rss, seconds, rc = peak_rss(argv, env)
             report = json.loads((out / "report.json").read_text()) if rc in (0, 1) else {}
             recal = report.get("recalibration") or {}
+            stages = report.get("stages") or {}
             rows.append({"case": case, "images": n, "peak_rss_mib": round(rss / 2**20, 1), "seconds": round(seconds, 1),
-                         "exit": rc, "samples": recal.get("samples"), "passed": report.get("passed")})
+                         "exit": rc, "samples": recal.get("samples"), "parity_samples": stages.get("samples"),
+                         "passed": report.get("passed")})
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print(f"{'case':8} {'images':>7} {'peak RSS MiB':>13} {'s':>7} {'samples':>8} exit")
+    print(f"{'case':8} {'images':>7} {'peak RSS MiB':>13} {'s':>7} {'calib':>7} {'parity':>7} exit")
     for r in rows:
-        print(f"{r['case']:8} {r['images']:>7} {r['peak_rss_mib']:>13} {r['seconds']:>7} {r['samples']!s:>8} "
-              f"{r['exit']}")
+        print(f"{r['case']:8} {r['images']:>7} {r['peak_rss_mib']:>13} {r['seconds']:>7} {r['samples']!s:>7} "
+              f"{r['parity_samples']!s:>7} {r['exit']}")
     for case in args.cases.split(","):
         small, big = (next(r for r in rows if r["case"] == case and r["images"] == n) for n in sizes)
         print(f"{case}: peak RSS {big['images']} / {small['images']} images = "
