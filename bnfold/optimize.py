@@ -37,7 +37,7 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.api import fold
 from bnfold.capture import CaptureMode
-from bnfold.errors import BnfoldError, InputError, OutputError
+from bnfold.errors import BnfoldError, DataError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
 from bnfold.parity.inputs import read_batches
 from bnfold.report import FoldReport, format_table, json_safe
@@ -117,8 +117,8 @@ def _timed(result: OptimizeResult, stage: str):
     start = time.perf_counter()
     try:
         yield
-    except OutputError:  # an output that cannot be written (disk full): the whole command fails, nothing published
-        raise
+    except (OutputError, DataError):  # an output that cannot be written (disk full), unusable data (a corrupt
+        raise  # image, a factory that fails): the whole command fails, nothing published
     except BnfoldError as err:
         log.warning("%s failed: %s", stage, err)
         result.errors[stage] = str(err)

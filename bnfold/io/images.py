@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from bnfold.errors import InputError
+from bnfold.errors import DataError, InputError
 
 __all__ = ["IMAGE_SUFFIXES", "PRESETS", "ImageFolder", "Preprocess", "list_images"]
 
@@ -105,7 +105,7 @@ class Preprocess:
         if self.crop is not None:
             h, w = image.shape[-2:]
             if self.crop[0] > h or self.crop[1] > w:
-                raise InputError(f"{where} is {h}x{w} (after resize), smaller than the crop "
+                raise DataError(f"{where} is {h}x{w} (after resize), smaller than the crop "
                                  f"{_size_text(self.crop)}", hint="resize it first: --preprocess resize=...,crop=...")
             image = F.center_crop(image, list(self.crop))
         x = image.to(torch.float32 if dtype == torch.float16 or dtype == torch.bfloat16 else dtype).div_(255.0)
@@ -243,7 +243,7 @@ class ImageFolder:
                 if shape is None:
                     shape, first = tuple(x.shape), path
                 elif tuple(x.shape) != shape:
-                    raise InputError(f"{path} is {_hw(x)} after preprocessing ({self.preprocess.describe()}) but "
+                    raise DataError(f"{path} is {_hw(x)} after preprocessing ({self.preprocess.describe()}) but "
                                      f"{first} is {shape[1]}x{shape[2]}: images of different sizes cannot be batched",
                                      hint="pass --preprocess resize=...,crop=... to bring them to one size")
                 images.append(x)
@@ -255,7 +255,7 @@ class ImageFolder:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise InputError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+            raise DataError(f"{path} cannot be read: {exc.strerror or exc}") from exc
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -263,7 +263,7 @@ class ImageFolder:
                                      torch.empty(0, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise InputError(f"{path} is not a readable image (JPEG/PNG/WebP): {first.split(', ')[-1]}",
+            raise DataError(f"{path} is not a readable image (JPEG/PNG/WebP): {first.split(', ')[-1]}",
                              hint="remove or replace the file; bnfold never changes your data") from exc
         image = self._convert(image, path)
         x = self.preprocess.apply(image, self.dtype, path)
@@ -272,7 +272,7 @@ class ImageFolder:
             want = f"{self.height or 'H'}x{self.width or 'W'}"
             how = f"after --preprocess {self.preprocess.describe()}" if self.preprocess != Preprocess() else \
                 "and no --preprocess resizes it"
-            raise InputError(f"{path} is {_hw(x)} {how}, but the model takes {want} images",
+            raise DataError(f"{path} is {_hw(x)} {how}, but the model takes {want} images",
                              hint=f"pass --preprocess resize=...,crop={want} (e.g. --preprocess "
                                   f"resize={self.height or 224},crop={want})")
         return x
@@ -288,7 +288,7 @@ class ImageFolder:
             return image.expand(3, -1, -1)
         if want == 1 and not gray:
             if self.preprocess.color != "gray":
-                raise InputError(f"{path} is a colour image but the model takes 1-channel (grayscale) input",
+                raise DataError(f"{path} is a colour image but the model takes 1-channel (grayscale) input",
                                  hint="convert the images to grayscale, or pass --preprocess color=gray to let "
                                       "bnfold convert them (0.299 R + 0.587 G + 0.114 B)")
             weights = torch.tensor(_LUMA, dtype=torch.float32)[:, None, None]

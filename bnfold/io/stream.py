@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from bnfold.errors import InputError
+from bnfold.errors import DataError, InputError
 from bnfold.io.data import Batch, load_tensors
 from bnfold.io.data_checks import InputSpec, check_batch, check_same_shapes
 
@@ -170,10 +170,10 @@ class Factory:
             made = self.fn(**self.kwargs)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise InputError(f"{self.source} raised {type(exc).__name__}: {first}",
+            raise DataError(f"{self.source} raised {type(exc).__name__}: {first}",
                              hint="check --data-kwargs and your data code") from exc
         if isinstance(made, (torch.Tensor, str, bytes, Mapping)) or not isinstance(made, Iterable):
-            raise InputError(f"{self.source} returned a {type(made).__name__}, not an iterable of batches",
+            raise DataError(f"{self.source} returned a {type(made).__name__}, not an iterable of batches",
                              hint="return a DataLoader, a list or a generator of batches")
         with contextlib.suppress(TypeError):
             self.length = len(made)  # type: ignore[arg-type]
@@ -189,7 +189,7 @@ class Factory:
                 return
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise InputError(f"{self.source} failed while producing batch {k}: {type(exc).__name__}: {first}",
+                raise DataError(f"{self.source} failed while producing batch {k}: {type(exc).__name__}: {first}",
                                  hint="the error is in your data code (its Dataset or DataLoader)") from exc
             yield self._batch(item, k)
             k += 1
@@ -199,12 +199,12 @@ class Factory:
         if isinstance(item, torch.Tensor):
             values: list[Any] = [item]
             if self.keys:
-                raise InputError(f"{where} is one tensor; --key cannot select from it")
+                raise DataError(f"{where} is one tensor; --key cannot select from it")
         elif isinstance(item, Mapping):
             chosen = self.keys or list(item)
             missing = [key for key in chosen if key not in item]
             if missing:
-                raise InputError(f"{where} has no entries {missing}", hint=f"it holds {list(item)}")
+                raise DataError(f"{where} has no entries {missing}", hint=f"it holds {list(item)}")
             values = [item[key] for key in chosen]
         elif isinstance(item, (tuple, list)):
             values = list(item)
@@ -212,16 +212,16 @@ class Factory:
                 try:
                     values = [values[int(key)] for key in self.keys]
                 except (ValueError, IndexError) as exc:
-                    raise InputError(f"{where} is a {type(item).__name__} of {len(item)}; --key {self.keys} must "
+                    raise DataError(f"{where} is a {type(item).__name__} of {len(item)}; --key {self.keys} must "
                                      f"be positions 0..{len(item) - 1}") from exc
         else:
-            raise InputError(f"{where} is a {type(item).__name__}, not a tensor, a tuple of tensors or a dict of "
+            raise DataError(f"{where} is a {type(item).__name__}, not a tensor, a tuple of tensors or a dict of "
                              "tensors", hint="yield the model's inputs as torch tensors (e.g. with ToTensor / "
                                              "torch.as_tensor)")
         bad = next((i for i, v in enumerate(values) if not isinstance(v, torch.Tensor)), None)
         if bad is not None or not values:
             what = "nothing" if not values else f"a {type(values[bad]).__name__} at position {bad}"  # type: ignore
-            raise InputError(f"{where} holds {what}, not a tensor",
+            raise DataError(f"{where} holds {what}, not a tensor",
                              hint="yield only tensors; pick the inputs out of (inputs, labels) with --key 0")
         return tuple(values)
 
@@ -259,13 +259,18 @@ class CheckedData:
         k = -1
         for k, batch in enumerate(self.inner):
             where = _describe(self.inner, k)
-            check_batch(batch, self.specs, where, names=self.names)
-            shapes = check_same_shapes(batch, shapes, where)
+            try:
+                check_batch(batch, self.specs, where, names=self.names)
+                shapes = check_same_shapes(batch, shapes, where)
+            except DataError:
+                raise
+            except InputError as exc:  # found while streaming: the whole step stops
+                raise DataError(exc.message, hint=exc.hint) from exc
             if self.dtype is not None:
                 batch = tuple(t.to(self.dtype) if t.is_floating_point() else t for t in batch)
             yield batch
         if k < 0:
-            raise InputError(f"{self.source} holds no batches (zero samples)")
+            raise DataError(f"{self.source} holds no batches (zero samples)")
 
     def __iter__(self) -> Iterator[Batch]:
         stream = self._checked()
@@ -318,7 +323,7 @@ def rechunk(stream: Iterable[Batch], size: int, *, keep_last: bool = False, sour
         yield held[0] if len(held) == 1 else tuple(torch.cat(parts) for parts in zip(*held, strict=True))
         return 0
     if not given:
-        raise InputError(f"{source} holds fewer samples ({count}) than the batch size {size} the model runs with",
+        raise DataError(f"{source} holds fewer samples ({count}) than the batch size {size} the model runs with",
                          hint="give more samples, or re-export the model with a dynamic batch dimension")
     return count
 

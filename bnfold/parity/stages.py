@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from bnfold.errors import DataError
 from bnfold.parity.core import ParityReport, judge, run_reference64
 from bnfold.parity.independence import BatchIndependence, check_batch_independence
 from bnfold.parity.inputs import Batch, StreamedBatches, random_inputs, read_batches, run_batches
@@ -250,6 +251,8 @@ class StageTracker:
         start = time.perf_counter()
         try:
             outputs = run_batches(model, self.batches)
+        except DataError:  # the data, not this stage: the same for every stage
+            raise
         except Exception as exc:
             log.debug("stage %s failed to run", name, exc_info=True)
             stage.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -47,6 +47,12 @@ def raises():
 
 def words():
     return iter(["not", "tensors"])
+
+def late(n=5):
+    for k in range(n):
+        if k == 3:
+            raise OSError("disk read error in shard 3")
+        yield torch.rand(4, 3, 8, 8)
 '''
 
 
@@ -190,6 +196,15 @@ HOSTILE = [
      "unknown key 'men'"),
     ("data-kwargs-alone", "diagnose {model.pt2} --data {images} --data-kwargs {kw}", "--data-kwargs needs"),
     ("no-data", "diagnose {model.pt2}", "needs data"),
+    # found while streaming, after the first batch: the whole step stops (exit 2), no stage recorded as failed
+    ("optimize-corrupt-calibration", "optimize {model.pt2} --data {corrupt} --batch-size 2 -o {out}/o --target none",
+     "corrupt/3.png is not a readable image"),
+    ("optimize-corrupt-validation", "optimize {model.pt2} --validate {corrupt} --batch-size 2 -o {out}/o "
+     "--target none", "corrupt/3.png is not a readable image"),
+    ("optimize-factory-fails-late", "optimize {model.pt2} --data-factory userdata26:late --validate {images} "
+     "-o {out}/o --target none", "failed while producing batch 3: OSError: disk read error in shard 3"),
+    ("check-corrupt-stream", "check {model.pt2} {model.pt2} --data {corrupt} --batch-size 2",
+     "corrupt/3.png is not a readable image"),
     ("image-crop-too-big", "diagnose {model.pt2} --data {images} --preprocess crop=10", "smaller than the crop"),
 ]
 

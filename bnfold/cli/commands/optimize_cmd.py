@@ -26,6 +26,7 @@ from bnfold.cli.commands.quantize_cmd import add_int8_rule_args, int8_rule
 from bnfold.errors import InputError
 from bnfold.io.data_checks import check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
+from bnfold.io.stream import TensorFile
 from bnfold.optimize import optimize, owned_entries
 from bnfold.quantize.stage import Int8Options
 from bnfold.report import json_safe
@@ -104,8 +105,12 @@ def _optimize(args: argparse.Namespace) -> int:
         validation = open_args_data(args, args.validate, factory=False, specs=input_specs(loaded.module, inputs),
                                     dtype=dtype, batch_size=args.batch_size or (64 if Path(args.validate).is_dir()
                                                                                 else None))
+        if isinstance(validation.inner, TensorFile):  # read whole anyway: every batch checked before any work
+            validation = list(validation)
+        first = validation[0] if isinstance(validation, list) else validation.first()  # checked before any work
         if not isinstance(loaded.module, torch.fx.GraphModule):
-            check_model_runs(loaded.module, validation.first(), args.validate)
+            check_model_runs(loaded.module, first, args.validate)
+        del first
     result = optimize(loaded.module, inputs, args.output, calibration=calibration, validation=validation,
                       capture=args.capture, recalibrate_mode=args.mode, onnx=not args.no_onnx,
                       tvm_target=None if args.target == "none" else args.target, arch=args.arch,
