@@ -163,15 +163,34 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+        class _FakeTensorProp(FakeTensorProp):
+            """Also records a plain Python result (``x.size(-1)``: an int; ``x.size()``: a tuple of ints) as the
+            node's ``val``, as torch >= 2.13's own does. Before 2.13 such a node had no value (or Nones), and a node
+            without one may be a tensor: ``x.view(-1, x.size(-1))`` (transformers' ``Conv1D``, GPT-2) then read two
+            tensors, and no affine crossed it."""
+
+            def run_node(self, n: torch.fx.Node) -> Any:
+                result = super().run_node(n)
+                if _plain(result):  # torch < 2.13: no val, or one None per int of a torch.Size
+                    n.meta["val"] = tuple(result) if isinstance(result, (tuple, list)) else result
+                return result
+
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        _FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
         shapes_from_vals(gm, complete=False)
         return
     except Exception as exc:  # fake propagation is an optimisation only
         log.debug("fake shape propagation failed (%s); running the graph for real", exc)
     with torch.no_grad(), quiet_fx():
         ShapeProp(gm).propagate(*example_inputs)
+
+
+def _plain(value: Any) -> bool:
+    """An int / float / bool, or a tuple or list of them (a ``torch.Size``)."""
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, (int, float, bool)) for v in value)
+    return isinstance(value, (int, float, bool))
 
 
 @contextlib.contextmanager

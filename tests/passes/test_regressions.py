@@ -252,3 +252,37 @@ def test_an_integer_cast_blocks_the_fold_with_its_reason(capture_mode: str) -> N
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
     result = fold_and_check(OnePlusWeightNorm(cast_to=torch.int32).eval(), (x,), capture_mode, folded=0, left=1)
     assert "torch.float32 to torch.int32" in result.report.skipped[0].reason, result.report
+
+
+class LayerNormIntoConv1D(nn.Module):
+    """GPT-2's ``ln_1`` → ``c_attn`` (transformers ``Conv1D``): the weight stored (in, out), applied as
+    ``addmm(bias, x.view(-1, x.size(-1)), weight)``."""
+
+    def __init__(self, dim: int = 8, out: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.ln = nn.LayerNorm(dim)
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 2.0, generator=g)
+            self.ln.bias.normal_(generator=g)
+        self.weight = nn.Parameter(torch.randn(dim, out, generator=g))
+        self.bias = nn.Parameter(torch.randn(out, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        size_out = h.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, h.view(-1, h.size(-1)), self.weight).view(size_out)
+
+
+def test_transformers_conv1d_layernorm_folds_through_the_view_by_its_own_size(capture_mode: str) -> None:
+    """Found with torch 2.9 (make test-lowest): torch < 2.13's fake-tensor propagation recorded no value for
+    ``h.size(-1)``, so ``view(h, -1, size)`` counted as reading two tensors and GPT-2's LayerNorms stayed
+    unfolded in the symbolic capture (export folded them). Shape propagation now records such plain values."""
+    from bnfold.ir.graph import propagate_shapes
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(6))
+    gm = torch.fx.symbolic_trace(LayerNormIntoConv1D())
+    propagate_shapes(gm, [x])
+    sizes = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.target == "size"}
+    assert sizes == {"size": (2, 5, 8), "size_1": 8}, sizes
+    fold_and_check(LayerNormIntoConv1D().eval(), (x,), capture_mode, folded=1)
