@@ -226,3 +226,16 @@ def test_hostile_data(row: tuple[str, str, str], files: dict[str, Path], tmp_pat
         assert wrong not in err, err
     assert _sums(files["dir"]) == before  # the user's data is never changed
     assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())  # nothing written
+
+
+def test_fixed_batch_model_on_images(files: dict[str, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A .pt2 exported with a fixed batch of 5: the 24 images run as 4 batches of 5, the last 4 dropped (said)."""
+    net = randomize_bn(_Net()).eval()
+    torch.export.save(torch.export.export(net, (torch.randn(5, 3, 8, 8),)), str(tmp_path / "fixed.pt2"))
+    code, out, err = _run(["diagnose", str(tmp_path / "fixed.pt2"), "--data", str(files["images"]), "--json"], capsys)
+    assert code == 0, err
+    assert (json.loads(out)["batches"], json.loads(out)["samples"]) == (4, 20)
+    code, _, err = _run(["diagnose", str(tmp_path / "fixed.pt2"), "--data", str(files["images"]), "--batch-size",
+                         "8"], capsys)
+    assert code == 2 and "fixed batch size of 5" in err
