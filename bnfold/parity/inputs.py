@@ -49,25 +49,42 @@ def as_batches(inputs: Any, arity: int | None = None) -> list[Batch]:
 
 class StreamedBatches:
     """Batches read as by :func:`as_batches` from a source that every pass iterates again from the start (a
-    ``DataLoader``, a :mod:`bnfold.io.stream` source): never listed, so a pass holds one batch. ``len``, ``samples``
-    and indexing (by iterating up to the batch) once a first pass has counted them."""
+    ``DataLoader`` without shuffling, a :mod:`bnfold.io.stream` source): never listed, so a pass holds one batch.
+    ``len``, ``samples`` and indexing (by iterating up to the batch) once a first pass has counted them. Every
+    model must see the same inputs: a later pass that gives other batches than the first (a float64 sum and the
+    shape per input) is a :class:`~bnfold.errors.DataError`."""
 
     def __init__(self, inputs: Any, arity: int | None = None) -> None:
         self.inputs, self.arity = inputs, arity
         self.count: int | None = None
         self.samples = 0
+        self._prints: list[tuple[Any, ...]] = []
 
     def __iter__(self) -> Iterator[Batch]:
         from bnfold.batches import iter_batches
+        from bnfold.errors import DataError
 
         n = samples = 0
+        first = self.count is None
+        if first:
+            self._prints = []
         for k, batch in enumerate(iter_batches(self.inputs, arity=self.arity)):
             b = _as_batch(batch, k)
+            mark = _fingerprint(b)
+            if first:
+                self._prints.append(mark)
+            elif k >= len(self._prints) or self._prints[k] != mark:
+                raise DataError(f"the inputs changed between two runs over them (batch {k} differs): parity runs "
+                                "every model on the same inputs, so the source must give the same batches each time",
+                                hint="a DataLoader: shuffle=False and no random augmentation; or pass a list")
             n += 1
             samples += int(b[0].shape[0]) if b and b[0].dim() > 0 else 0
             yield b
         if not n:
             raise InputError("no input tensors were given", hint="pass at least one batch")
+        if not first and n != self.count:
+            raise DataError(f"the inputs changed between two runs over them ({n} batches, then {self.count})",
+                            hint="a DataLoader: shuffle=False and no random augmentation; or pass a list")
         self.count, self.samples = n, samples
 
     def __len__(self) -> int:
@@ -82,12 +99,29 @@ class StreamedBatches:
         raise IndexError(k)
 
 
-def read_batches(inputs: Any, arity: int | None = None) -> list[Batch] | StreamedBatches:
-    """:class:`StreamedBatches` for a source that can be iterated again (not a list, a tuple, a tensor or a one-shot
-    iterator), else the list :func:`as_batches` reads."""
+def _fingerprint(batch: Batch) -> tuple[Any, ...]:
+    return tuple((tuple(t.shape), t.dtype, float(t.detach().sum(dtype=torch.float64)) if t.numel() else 0.0)
+                 for t in batch)
+
+
+def _rereadable(inputs: Any) -> bool:
+    """Whether ``inputs`` can be read again rather than listed: an iterable that is not itself an iterator, not
+    already in memory, and — a ``DataLoader`` — one that does not shuffle (a sampler other than sequential would
+    give every model other batches)."""
     if isinstance(inputs, (list, tuple, torch.Tensor, Mapping, Iterator)) or not isinstance(inputs, Iterable):
-        return as_batches(inputs, arity)
-    return StreamedBatches(inputs, arity)
+        return False
+    sampler = getattr(inputs, "sampler", None)
+    if sampler is not None and hasattr(inputs, "batch_sampler"):  # a torch DataLoader
+        from torch.utils.data import SequentialSampler
+
+        return isinstance(sampler, SequentialSampler)
+    return True
+
+
+def read_batches(inputs: Any, arity: int | None = None) -> list[Batch] | StreamedBatches:
+    """:class:`StreamedBatches` for a source that can be read again (:func:`_rereadable`), else the list
+    :func:`as_batches` reads."""
+    return StreamedBatches(inputs, arity) if _rereadable(inputs) else as_batches(inputs, arity)
 
 
 class Mapped:

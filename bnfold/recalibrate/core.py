@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from bnfold.batches import Batches, positional_arity
-from bnfold.errors import InputError
+from bnfold.errors import DataError, InputError
 from bnfold.recalibrate.drift import drift_metrics
 from bnfold.recalibrate.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
 from bnfold.recalibrate.stats import (
@@ -219,8 +219,8 @@ def _measure_sequential(runner: Runner, layers: list[BatchNormLayer], batches: I
     bar = progress_bar(progress, total=length, desc="recalibrate 1/?")
     try:
         calls = limited_calls(batches, num_batches=num_batches, num_samples=num_samples)
-        local, n_samples = runner.run(Pass(default="batch", record=set(layers)), calls, bar, keep=kept)
-        n_batches, n_samples = _check_data(all_reduce_layers(layers, [local, n_samples]))
+        local, local_samples = runner.run(Pass(default="batch", record=set(layers)), calls, bar, keep=kept)
+        n_batches, n_samples = _check_data(all_reduce_layers(layers, [local, local_samples]))
         agree_on_order(layers)
         order = sorted((layer for layer in layers if layer.moments.count > 0), key=lambda layer: layer.first_call)
         finalize_all(order[:1])
@@ -232,8 +232,12 @@ def _measure_sequential(runner: Runner, layers: list[BatchNormLayer], batches: I
             calls_per_forward = target.calls_per_forward
             stop = (target, next(iter(calls_per_forward))) if len(calls_per_forward) == 1 else None
             plan = Pass(default="batch", record={target}, use=dict.fromkeys(order[:k], "new"), stop_after=stop)
-            runner.run(plan, kept if kept is not None else
-                       limited_calls(batches, num_batches=num_batches, num_samples=num_samples), bar)
+            seen = runner.run(plan, kept if kept is not None else
+                              limited_calls(batches, num_batches=num_batches, num_samples=num_samples), bar)
+            if seen[1] != local_samples:
+                raise DataError(f"the calibration data gave {seen[1]} samples on pass {k + 1} but {local_samples} on "
+                                "pass 1: sequential mode reads it once per pass and needs the same samples each time",
+                                hint="no random augmentation or sampling in the loader, or pass a list of batches")
             all_reduce_layers([target])
             finalize_all([target])
     finally:

@@ -896,3 +896,22 @@ def test_sequential_mode_rereads_a_reiterable_source() -> None:
         torch.testing.assert_close(t, u, rtol=0, atol=0, msg=name)
     one_shot = bnfold.recalibrate(copy.deepcopy(model), iter(batches), mode="sequential", progress=False)
     assert one_shot.samples == 35 and not one_shot.no_data  # a generator is kept, not re-read (it cannot be)
+
+
+def test_sequential_mode_refuses_a_source_that_changes_size() -> None:
+    """A source giving other samples on a later pass (random sampling) cannot be measured sequentially: said, and
+    the model's statistics are left as they were."""
+    from bnfold.errors import DataError
+
+    class Shrinking(_Source):
+        def __iter__(self):
+            self.passes += 1
+            yield from self.batches[: len(self.batches) - self.passes + 1]
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                       nn.BatchNorm2d(4))).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DataError, match="gave 15 samples on pass 2 but 20 on pass 1"):
+        bnfold.recalibrate(model, Shrinking([torch.randn(5, 3, 6, 6) for _ in range(4)]), mode="sequential",
+                           progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
