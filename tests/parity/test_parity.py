@@ -328,3 +328,18 @@ def test_compare_rereads_a_source_and_refuses_one_that_changes() -> None:
         bnfold.compare(model, folded, _Reread(xs, drift=True))
     loader = DataLoader(torch.cat(xs), batch_size=4, shuffle=True)
     assert bnfold.compare(model, folded, loader).passed
+
+
+def test_run_batches_compacts_kept_outputs() -> None:
+    """Kept outputs are moved into one block per 64 batches (the allocator's heap stays flat) with the same values,
+    batch by batch; outputs whose trailing shapes differ between batches, and 0-dim outputs, are left alone."""
+    from bnfold.parity.inputs import COMPACT_EVERY, compact_outputs, run_batches
+
+    xs = [(torch.randn(3 if k % 7 else 2, 5),) for k in range(COMPACT_EVERY + 9)]
+    out = run_batches(lambda x: (x * 2, x.sum()), xs)
+    assert len(out) == len(xs)
+    for (x,), (y, s) in zip(xs, out, strict=True):
+        assert torch.equal(y, x * 2) and torch.equal(s, x.sum())
+    assert out[0][0].untyped_storage().data_ptr() == out[COMPACT_EVERY - 1][0].untyped_storage().data_ptr()
+    mixed = [[torch.zeros(2, 3)], [torch.zeros(2, 4)]]
+    assert all(a[0] is b[0] for a, b in zip(compact_outputs(mixed), mixed, strict=True))
