@@ -15,7 +15,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 LOCK   := requirements/lock.txt
 STAMP  := $(VENV)/.bnfold-installed
-EXTRAS := --extra onnx --extra tvm --extra test
+EXTRAS := --extra onnx --extra tvm --extra images --extra test
 # what `make lock` resolves: bnfold's dependencies with every extra, and the tools above, with hashes
 COMPILE = pip compile pyproject.toml requirements/tools.in $(EXTRAS) --universal --python-version 3.10 \
           --generate-hashes --no-header --quiet

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BnfoldError", "CaptureError", "InputError", "InternalError", "OutputError"]
+__all__ = ["BnfoldError", "CaptureError", "DataError", "InputError", "InternalError", "OutputError"]
 
 
 class BnfoldError(Exception):
@@ -23,6 +23,11 @@ class CaptureError(BnfoldError):
 
 class InputError(BnfoldError, ValueError):
     """A file, shape or argument given by the user is unusable (a ``ValueError`` too, for Python callers)."""
+
+
+class DataError(InputError):
+    """The user's data is unusable (a batch, an image file, a data factory), found while it streams: the whole step
+    stops (exit 2), rather than one stage being recorded as failed — the data is the same for every stage."""
 
 
 class InternalError(BnfoldError):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["count_batchnorm", "onnx_conv_bn", "randomize_bn"]
+__all__ = ["as_batch", "count_batchnorm", "onnx_conv_bn", "randomize_bn", "write_images"]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -128,3 +128,30 @@ def compile_untuned_and_check(model: nn.Module, gm: torch.fx.GraphModule, x: tor
     reference = copy.deepcopy(model).double()(x.double())
     torch.testing.assert_close(art(x).double(), reference, rtol=1e-4, atol=1e-4)
     return art
+
+
+def write_images(folder: Any, n: int = 12, size: tuple[int, int] = (8, 8), *, gray_every: int = 0,
+                 fmt: str = "png", seed: int = 0) -> list[Any]:
+    """``n`` random images in two class folders (some one level deeper; every ``gray_every``-th grayscale); returns
+    their pixels (H, W, 3 — gray repeated) in the sorted order bnfold reads them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = []
+    for i in range(n):
+        sub = folder / f"class{i % 2}" / ("deep" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        gray = gray_every and i % gray_every == 0
+        arr = rng.integers(0, 256, (*size, 1 if gray else 3), dtype=np.uint8)
+        img = Image.fromarray(arr[..., 0] if gray else arr)
+        img.save(sub / f"img{i:03d}.{fmt}")
+        pixels.append((str(sub / f"img{i:03d}.{fmt}"), np.repeat(arr, 3, axis=2) if gray else arr))
+    return [p for _, p in sorted(pixels, key=lambda t: t[0])]
+
+
+def as_batch(pixels: list[Any]) -> torch.Tensor:
+    """Pixels from :func:`write_images` as one contiguous float batch in [0, 1]."""
+    import numpy as np
+
+    return (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255.0).contiguous()

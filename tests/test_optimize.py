@@ -108,3 +108,54 @@ def test_optimize_cli(tmp_path: Path, digits, capsys: pytest.CaptureFixture[str]
     assert "stages PASS" in text and (out / "folded.pt2").exists() and (out / "model.onnx").exists()
     assert main(["optimize", str(pt2), "-o", str(out), "--target", "none"]) == 2  # exists: refuses
     assert "not empty" in capsys.readouterr().err
+
+
+class _Loader:
+    """A re-iterable source of batches, like a DataLoader: counts its passes and the batches alive at once."""
+
+    def __init__(self, x: torch.Tensor, size: int) -> None:
+        import weakref
+
+        self.x, self.size, self.passes, self.most_alive = x, size, 0, 0
+        self._alive: list[weakref.ref[torch.Tensor]] = []
+        self._ref = weakref.ref
+
+    def __iter__(self):
+        self.passes += 1
+        for i in range(0, len(self.x), self.size):
+            batch = self.x[i:i + self.size].clone()  # a batch of its own, as a loader makes
+            self._alive.append(self._ref(batch))  # CPython frees a batch as its last reference goes
+            self.most_alive = max(self.most_alive, sum(r() is not None for r in self._alive))
+            yield batch
+            del batch
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.size)
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_optimize_streams_a_reiterable_source(tmp_path: Path, digits, capture: str) -> None:
+    """optimize(calibration=loader, validation=loader) re-reads the loaders instead of listing them (one batch alive,
+    or two at a time) and reaches the same statistics and parity verdicts as with lists of the same batches."""
+    model = load_pretrained()
+    calib_x, val_x = shift_images(digits.x_train[:300]), shift_images(digits.x_test[:96], seed=1)
+    calib, val = _Loader(calib_x, 40), _Loader(val_x, 24)
+    streamed = optimize(model, (digits.x_test[:16],), tmp_path / "a", calibration=calib, validation=val,
+                        capture=capture, onnx=False, tvm_target=None)
+    listed = optimize(model, (digits.x_test[:16],), tmp_path / "b", calibration=list(calib_x.split(40)),
+                      validation=list(val_x.split(24)), capture=capture, onnx=False, tvm_target=None)
+    assert streamed.passed and listed.passed, str(streamed)
+    # a consumer's loop variable still holds batch k while the loader makes batch k+1: two alive, never more
+    assert calib.most_alive <= 2 and val.most_alive <= 2, (calib.most_alive, val.most_alive)
+    assert calib.passes == 2 and val.passes >= 3  # calibration: the parity default peek + recalibration
+    assert streamed.recalibration.samples == listed.recalibration.samples == 300
+    for a, b in zip(streamed.recalibration.layers, listed.recalibration.layers, strict=True):
+        torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+        torch.testing.assert_close(a.var, b.var, rtol=0, atol=0)
+    s, t = streamed.stages.to_dict(), listed.stages.to_dict()
+    assert (s["batches"], s["samples"]) == (t["batches"], t["samples"]) == (6, 96)
+    for x, y in zip(s["stages"], t["stages"], strict=True):
+        assert x["passed"] == y["passed"]
+        for key in ("vs_previous", "vs_baseline"):
+            if x[key] is not None:
+                assert x[key]["outputs"] == y[key]["outputs"], key

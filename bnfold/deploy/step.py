@@ -32,7 +32,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +47,9 @@ from bnfold.capture import CaptureMode
 from bnfold.deploy.config import FoldStage, OptimizeConfig, RecalibrateStage
 from bnfold.deploy.ownership import owned_entries, write_ownership
 from bnfold.deploy.result import OptimizeResult
-from bnfold.errors import BnfoldError, InputError, OutputError
+from bnfold.errors import BnfoldError, DataError, InputError, OutputError
 from bnfold.io.outputs import check_output_dir, staged_output
+from bnfold.parity.inputs import read_batches
 from bnfold.report import json_safe
 from bnfold.speed import fastest, measure_latency, slower_than_eager
 from bnfold.targets import get_target
@@ -68,8 +69,8 @@ def _timed(result: OptimizeResult, stage: str):
     start = time.perf_counter()
     try:
         yield
-    except OutputError:  # an output that cannot be written (disk full): the whole command fails, nothing published
-        raise
+    except (OutputError, DataError):  # an output that cannot be written (disk full), unusable data (a corrupt
+        raise  # image, a factory that fails): the whole command fails, nothing published
     except BnfoldError as err:
         log.warning("%s failed: %s", stage, err)
         result.errors[stage] = str(err)
@@ -174,19 +175,31 @@ _DEFAULTS: dict[str, Any] = {
 """The defaults of :func:`optimize`'s shorthand options (an option given beside ``config=`` is an error)."""
 
 
-def _fixed_batches(batches: list[Any], inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+def _fixed_batches(batches: Iterable[Any], inputs: tuple[torch.Tensor, ...]) -> Iterable[tuple[torch.Tensor, ...]]:
     """Re-chunk validation batches to the example batch size: exported and compiled stages have a static batch.
-    A remainder smaller than one batch is dropped."""
-    from bnfold.io.data import split_batches
+    A remainder smaller than one batch is dropped. A list is re-chunked now; any other source as every pass reads
+    it (never listed)."""
+    from bnfold.io.stream import Rechunked, rechunk
 
-    norm = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
     size = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
-    chunks = split_batches(norm, size)
-    full = [c for c in chunks if int(c[0].shape[0]) == size]
-    if not full:
-        raise InputError(f"the validation data holds fewer samples than one batch ({size})",
-                         hint="give more validation samples or smaller example inputs")
-    return full
+    if isinstance(batches, list):
+        norm = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
+        return list(rechunk(norm, size, source="the validation data"))
+    return Rechunked(read_batches(batches), size, source="the validation data")
+
+
+def _reiterable(batches: Iterable[Any] | None, model: nn.Module) -> Iterable[Any] | None:
+    """``batches`` as something every pass can iterate from the start: itself when iterating it twice starts over
+    (a list, a DataLoader, a :mod:`bnfold.io.stream` source); a one-shot iterator (a generator) is listed, since a
+    second pass would find it exhausted."""
+    if batches is None:
+        return None
+    from bnfold.batches import Batches, positional_arity
+
+    arity = positional_arity(model)
+    if isinstance(batches, Iterator):
+        return Batches(list(batches), arity)
+    return Batches(batches, arity)
 
 
 EAGER, TVM = "pytorch eager (original)", "tvm"
@@ -219,10 +232,10 @@ class _Run:
     inputs: tuple[torch.Tensor, ...]
     staging: Path
     config: OptimizeConfig
-    check_data: list[tuple[torch.Tensor, ...]]
+    check_data: Iterable[tuple[torch.Tensor, ...]]
     tracker: StageTracker
     engines: dict[str, Any] = field(default_factory=dict)
-    calib: list[Any] | None = None
+    calib: Iterable[Any] | None = None
     dims: Any = None
 
 
@@ -233,20 +246,22 @@ def run_step(result: OptimizeResult, model: nn.Module, inputs: tuple[torch.Tenso
     in ``result.errors``; later stages run where they can)."""
     from bnfold.parity.stages import StageTracker
 
-    calib = list(calibration) if calibration is not None else None
-    check_data = _fixed_batches(list(validation) if validation is not None else (calib[:8] if calib else [inputs]),
-                                inputs)
+    calib = _reiterable(calibration, model)  # streamed, never listed: a pass holds one batch
+    first = list(itertools.islice(calib, 1 if validation is not None else 8)) if calib is not None else []
+    calib = calib if first else None  # no batches: nothing to recalibrate on
+    check_data = _fixed_batches(validation if validation is not None else (first or [inputs]), inputs)
+    del first  # the parity inputs hold what they need
     step = _Run(result, inputs, staging, config, check_data, StageTracker(check_data), calib=calib)
     step.tracker.add("original", model)
     step.engines[EAGER] = model
-    work = _recalibrate(step, model) if calib else model
+    work = _recalibrate(step, model) if calib is not None else model
     folded = _fold(step, model, work)
     if folded is None:
         result.stages = step.tracker.report()
         return
     if config.onnx is not None:
         _onnx(step, folded, config.onnx)
-    if config.int8 is not None and calib:
+    if config.int8 is not None and calib is not None:
         _int8(step, folded)
     if config.tvm is not None:
         _tvm(step, folded, config.tvm)
@@ -325,8 +340,9 @@ def _int8(step: _Run, folded: torch.fx.GraphModule) -> None:
         from bnfold.quantization.stage import int8_stage
         from bnfold.targets.onnx import OnnxRuntimeModel
 
-        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in step.calib or ()]
-        result.int8 = int8_stage(folded, folded, step.inputs, batches, step.check_data, step.staging,
+        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in step.calib or ()]  # int8 keeps them
+        checks = step.check_data if isinstance(step.check_data, list) else list(step.check_data)
+        result.int8 = int8_stage(folded, folded, step.inputs, batches, checks, step.staging,
                                  options=step.config.int8, dynamic_shapes=step.dims)
         result.errors.update({f"int8 {k}": v for k, v in result.int8.errors.items()})
         if result.int8.path is not None:

@@ -18,7 +18,8 @@ import torch.fx
 
 from bnfold.errors import BnfoldError, InputError
 
-__all__ = ["InputSpec", "check_batches", "check_model_runs", "check_shape_request", "input_specs"]
+__all__ = ["InputSpec", "check_batch", "check_batches", "check_model_runs", "check_same_shapes", "check_shape_request",
+           "input_specs"]
 
 MAX_INPUT_BYTES = 4 << 30
 """``--input-shape`` requests above this (4 GiB per tensor) are refused as a likely typo."""
@@ -109,38 +110,51 @@ def check_batches(batches: Sequence[Sequence[torch.Tensor]], specs: Sequence[Inp
     first_shapes: list[tuple[int, ...]] | None = None
     for k, batch in enumerate(batches):
         where_b = f"{source}, batch {k}" if len(batches) > 1 else source
-        if specs is not None and len(batch) != len(specs):
-            raise InputError(f"{where_b} gives {len(batch)} input tensor(s) but the model takes {len(specs)}",
-                             hint="choose the model inputs with --key NAME (labels do not belong in the data)")
-        shapes = [tuple(t.shape) for t in batch]
-        for i, t in enumerate(batch):
-            label = names[i] if names is not None and i < len(names) else f"input {i}"
-            where = f"{where_b}, {label}"
-            if t.dim() == 0 or t.shape[0] == 0 or t.numel() == 0:
-                raise InputError(f"{where} holds zero samples (shape {tuple(t.shape)})",
-                                 hint="give at least one sample; dimension 0 is the batch")
-            if specs is not None:
-                spec = specs[i]
-                if t.dim() != len(spec.sizes):
-                    raise InputError(f"{where} has shape {tuple(t.shape)} (rank {t.dim()}) but the model expects "
-                                     f"rank {len(spec.sizes)}, shape {spec.describe()}")
-                wrong = [a for a, (got, want) in enumerate(zip(t.shape, spec.sizes, strict=True))
-                         if a > 0 and want is not None and got != want]
-                if wrong:
-                    raise InputError(f"{where} has shape {tuple(t.shape)} but the model expects {spec.describe()} "
-                                     f"(dimension {wrong[0]} differs)")
-                if spec.dtype.is_floating_point != t.is_floating_point() or (spec.dtype == torch.bool) != (
-                        t.dtype == torch.bool):
-                    raise InputError(f"{where} is {str(t.dtype).removeprefix('torch.')} but the model takes "
-                                     f"{str(spec.dtype).removeprefix('torch.')}",
-                                     hint="store the inputs with the model's dtype")
-            bad = _first_bad_sample(t)
-            if bad is not None:
-                raise InputError(f"{where}, sample {bad[0]} holds {bad[1]}",
-                                 hint="remove or fix non-finite samples; they make every statistic and parity "
-                                      "verdict meaningless")
-        if first_shapes is None:
-            first_shapes = shapes
-        elif [s[1:] for s in shapes] != [s[1:] for s in first_shapes]:
-            raise InputError(f"{where_b} has shapes {shapes} but batch 0 has {first_shapes}: batches of mixed "
-                             "shapes", hint="store every batch with the same per-sample shape")
+        check_batch(batch, specs, where_b, names=names)
+        first_shapes = check_same_shapes(batch, first_shapes, where_b)
+
+
+def check_same_shapes(batch: Sequence[torch.Tensor], first: list[tuple[int, ...]] | None, where: str
+                      ) -> list[tuple[int, ...]]:
+    """``batch`` has the per-sample shapes of the first batch (``first``; ``None`` for the first batch itself);
+    returns the first batch's shapes."""
+    shapes = [tuple(t.shape) for t in batch]
+    if first is not None and [s[1:] for s in shapes] != [s[1:] for s in first]:
+        raise InputError(f"{where} has shapes {shapes} but batch 0 has {first}: batches of mixed "
+                         "shapes", hint="store every batch with the same per-sample shape")
+    return shapes if first is None else first
+
+
+def check_batch(batch: Sequence[torch.Tensor], specs: Sequence[InputSpec] | None, where_b: str,
+                *, names: Sequence[str] | None = None) -> None:
+    """One batch (named ``where_b`` in messages): the count of inputs, zero samples, rank, static sizes, the kind
+    of dtype and NaN/Inf (module docstring). ``names``: how to call each input (default ``input i``)."""
+    if specs is not None and len(batch) != len(specs):
+        raise InputError(f"{where_b} gives {len(batch)} input tensor(s) but the model takes {len(specs)}",
+                         hint="choose the model inputs with --key NAME (labels do not belong in the data)")
+    for i, t in enumerate(batch):
+        label = names[i] if names is not None and i < len(names) else f"input {i}"
+        where = f"{where_b}, {label}"
+        if t.dim() == 0 or t.shape[0] == 0 or t.numel() == 0:
+            raise InputError(f"{where} holds zero samples (shape {tuple(t.shape)})",
+                             hint="give at least one sample; dimension 0 is the batch")
+        if specs is not None:
+            spec = specs[i]
+            if t.dim() != len(spec.sizes):
+                raise InputError(f"{where} has shape {tuple(t.shape)} (rank {t.dim()}) but the model expects "
+                                 f"rank {len(spec.sizes)}, shape {spec.describe()}")
+            wrong = [a for a, (got, want) in enumerate(zip(t.shape, spec.sizes, strict=True))
+                     if a > 0 and want is not None and got != want]
+            if wrong:
+                raise InputError(f"{where} has shape {tuple(t.shape)} but the model expects {spec.describe()} "
+                                 f"(dimension {wrong[0]} differs)")
+            if spec.dtype.is_floating_point != t.is_floating_point() or (spec.dtype == torch.bool) != (
+                    t.dtype == torch.bool):
+                raise InputError(f"{where} is {str(t.dtype).removeprefix('torch.')} but the model takes "
+                                 f"{str(spec.dtype).removeprefix('torch.')}",
+                                 hint="store the inputs with the model's dtype")
+        bad = _first_bad_sample(t)
+        if bad is not None:
+            raise InputError(f"{where}, sample {bad[0]} holds {bad[1]}",
+                             hint="remove or fix non-finite samples; they make every statistic and parity "
+                                  "verdict meaningless")

@@ -27,7 +27,7 @@ from torch import nn
 
 from bnfold.errors import InputError
 
-__all__ = ["FactoryModel", "load_factory_model", "parse_factory_kwargs"]
+__all__ = ["FactoryModel", "import_callable", "load_factory_model", "parse_factory_kwargs"]
 
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
 _SHOWN = 8
@@ -40,38 +40,40 @@ class FactoryModel:
     unexpected: list[str] = field(default_factory=list)
 
 
-def parse_factory_kwargs(text: str | None) -> dict[str, Any]:
-    """``--factory-kwargs`` JSON (an object) → keyword arguments."""
+def parse_factory_kwargs(text: str | None, option: str = "--factory-kwargs") -> dict[str, Any]:
+    """``--factory-kwargs`` JSON (an object) → keyword arguments (``option``: the flag, for messages)."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"--factory-kwargs is not valid JSON: {exc.msg} (at character {exc.pos})",
+        raise InputError(f"{option} is not valid JSON: {exc.msg} (at character {exc.pos})",
                          hint='write it like \'{"num_classes": 10}\'') from exc
     if not isinstance(value, dict):
-        raise InputError(f"--factory-kwargs must be a JSON object, got {type(value).__name__}",
+        raise InputError(f"{option} must be a JSON object, got {type(value).__name__}",
                          hint='write it like \'{"num_classes": 10}\'')
     return value
 
 
-def _factory(spec: str) -> Any:
+def import_callable(spec: str, option: str = "--model-factory",
+                    example: str = "torchvision.models:resnet18") -> Any:
+    """The callable ``package.module:attr`` names (importing the user's module: naming it is consent to run it);
+    ``option``/``example`` word the messages."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise InputError(f"--model-factory {spec!r} is not 'package.module:callable'",
-                         hint="e.g. --model-factory torchvision.models:resnet18")
+        raise InputError(f"{option} {spec!r} is not 'package.module:callable'", hint=f"e.g. {option} {example}")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise InputError(f"--model-factory: importing {module_name!r} failed: {type(exc).__name__}: {exc}",
+        raise InputError(f"{option}: importing {module_name!r} failed: {type(exc).__name__}: {exc}",
                          hint="is the package installed, or its folder on PYTHONPATH?") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"--model-factory: {module_name!r} has no attribute {attr!r}")
+            raise InputError(f"{option}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"--model-factory: {spec} is a {type(obj).__name__}, not a callable")
+        raise InputError(f"{option}: {spec} is a {type(obj).__name__}, not a callable")
     return obj
 
 
@@ -108,7 +110,7 @@ def load_factory_model(spec: str, weights: str | os.PathLike[str], *, kwargs: di
                        allow_missing: bool = False) -> FactoryModel:
     """Build ``spec(**kwargs)`` and load ``weights`` into it (module docstring); the module is in eval mode."""
     state = _state_dict(Path(weights))  # before running the user's code: a bad file costs nothing
-    factory = _factory(spec)
+    factory = import_callable(spec)
     try:
         module = factory(**(kwargs or {}))
     except Exception as exc:

@@ -14,7 +14,15 @@ import torch.fx
 
 from bnfold.batches import positional_arity
 from bnfold.parity.independence import BatchIndependence, check_batch_independence
-from bnfold.parity.inputs import Batch, as_batches, batch_to_float64, random_inputs, run_batches, to_float64
+from bnfold.parity.inputs import (
+    Batch,
+    Mapped,
+    batch_to_float64,
+    random_inputs,
+    read_batches,
+    run_batches,
+    to_float64,
+)
 from bnfold.parity.metrics import OutputParity, OutputStats
 from bnfold.parity.noise import storage_noise64
 from bnfold.parity.tolerance import Tolerance, rounding_depth
@@ -225,7 +233,7 @@ def _needs_storage_noise(report: ParityReport) -> bool:
 
 
 def run_reference64(reference: Callable[..., Any], reference64: Callable[..., Any] | None,
-                    batches: Sequence[Batch]) -> tuple[list[list[torch.Tensor]] | None, str]:
+                    batches: Iterable[Batch]) -> tuple[list[list[torch.Tensor]] | None, str]:
     """Outputs of a float64 copy of ``reference`` (``reference64`` when given) on ``batches``, or ``None`` and
     a note saying why there are none."""
     if reference64 is None:
@@ -238,7 +246,7 @@ def run_reference64(reference: Callable[..., Any], reference64: Callable[..., An
         except Exception as exc:
             return None, f"no float64 reference (copying the reference failed: {type(exc).__name__}: {exc})"
     try:
-        return run_batches(reference64, [batch_to_float64(b) for b in batches]), ""
+        return run_batches(reference64, Mapped(batches, batch_to_float64)), ""  # one float64 batch at a time
     except Exception as exc:
         log.debug("float64 reference run failed", exc_info=True)
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -262,7 +270,8 @@ def compare(
     """Run ``reference`` and ``candidate`` (anything callable on torch tensors) on ``inputs`` and judge parity.
 
     ``inputs``: one batch (a tensor or a tuple of tensors) or a list/iterable of batches — the user's data, read
-    as by every bnfold function (:mod:`bnfold.batches`). Only when
+    as by every bnfold function (:mod:`bnfold.batches`); a source that can be iterated again (a ``DataLoader``) is
+    re-read for every run rather than kept in memory (the outputs are kept). Only when
     it is ``None`` are random batches drawn, shaped like ``example_inputs`` or ``input_shapes`` (seeded by
     ``seed``); ``report.inputs`` is then ``"random"`` and a note says so. ``reference64``: a float64 copy of
     the reference (made automatically when the reference is an ``nn.Module``). ``tolerance``: overrides the
@@ -274,7 +283,7 @@ def compare(
         batches = random_inputs(example_inputs, input_shapes, seed=seed)
         source = "random"
     else:
-        batches, source = as_batches(inputs, positional_arity(reference)), "user"
+        batches, source = read_batches(inputs, positional_arity(reference)), "user"  # a re-iterable: re-read
     ref_out = run_batches(reference, batches)
     cand_out = run_batches(candidate, batches)
     ref64_out, note64 = run_reference64(reference, reference64, batches)

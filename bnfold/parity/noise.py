@@ -6,12 +6,12 @@ inputs, measured on float64 copies with seeded random perturbations.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from bnfold.parity.inputs import Batch, batch_to_float64, run_batches, to_float64
+from bnfold.parity.inputs import Batch, Mapped, batch_to_float64, run_batches, to_float64
 from bnfold.parity.tolerance import storage_roundoff
 
 __all__ = ["STORAGE_DRAWS", "storage_noise64"]
@@ -22,7 +22,7 @@ STORAGE_DRAWS = 4
 """Seeded draws of the storage-rounding perturbation; the storage noise ``S`` is the largest of their rmses."""
 
 
-def storage_noise64(reference: Any, batches: Sequence[Batch], draws: int = STORAGE_DRAWS, seed: int = 0
+def storage_noise64(reference: Any, batches: Iterable[Batch], draws: int = STORAGE_DRAWS, seed: int = 0
                     ) -> list[list[list[torch.Tensor]]]:
     """Outputs (per draw, per batch) of float64 copies of ``reference`` whose layer tensors are each multiplied
     by ``1 + δ``, ``δ`` uniform in ``[−u_s, u_s]`` per element (``u_s`` of the reference's own dtype), and whose
@@ -41,7 +41,7 @@ def storage_noise64(reference: Any, batches: Sequence[Batch], draws: int = STORA
         return []
     u_s = max(storage_roundoff(d) for d in dtypes)
     gen = torch.Generator().manual_seed(seed)
-    batches64 = [batch_to_float64(b) for b in batches]
+    batches64 = Mapped(batches, batch_to_float64)  # one float64 batch at a time
     out = []
     for _ in range(draws):
         try:

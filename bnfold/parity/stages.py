@@ -32,9 +32,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from bnfold.errors import DataError
 from bnfold.parity.core import ParityReport, judge, run_reference64
 from bnfold.parity.independence import BatchIndependence, check_batch_independence
-from bnfold.parity.inputs import Batch, as_batches, random_inputs, run_batches
+from bnfold.parity.inputs import Batch, StreamedBatches, random_inputs, read_batches, run_batches
 from bnfold.parity.noise import storage_noise64
 from bnfold.parity.tolerance import Tolerance, rounding_depth
 from bnfold.report import json_safe
@@ -195,12 +196,12 @@ class _Kept:
     outputs64: list[list[torch.Tensor]] | None = None
     noise64: list[list[list[torch.Tensor]]] = field(default_factory=list)
 
-    def run64(self, batches: Sequence[Batch]) -> str:
+    def run64(self, batches: Iterable[Batch]) -> str:
         """Run the float64 reference of this stage; return the note when there is none."""
         self.outputs64, note = run_reference64(self.model, None, batches)
         return note
 
-    def storage_noise(self, batches: Sequence[Batch]) -> list[list[list[torch.Tensor]]]:
+    def storage_noise(self, batches: Iterable[Batch]) -> list[list[list[torch.Tensor]]]:
         """The storage noise of this stage's model (measured once, when a verdict first needs it)."""
         if not self.noise64:
             self.noise64 = storage_noise64(self.model, batches)
@@ -210,23 +211,27 @@ class _Kept:
 class StageTracker:
     """Add stages one at a time (``tracker.add("folded", gm)``), read :meth:`report` at any point.
 
-    ``inputs``: the user's batches (see :func:`bnfold.parity.as_batches`); only when ``None``, random batches
-    shaped like ``example_inputs``/``input_shapes``, and the report says so.
+    ``inputs``: the user's batches (see :func:`bnfold.parity.as_batches`); a source that can be iterated again (a
+    ``DataLoader``, a :mod:`bnfold.io.stream` source) is re-read for every run instead of being kept in memory
+    (each stage's outputs are kept). Only when ``None``, random batches shaped like
+    ``example_inputs``/``input_shapes``, and the report says so.
     """
 
     def __init__(self, inputs: Any = None, *, example_inputs: Sequence[torch.Tensor] | None = None,
                  input_shapes: Sequence[Sequence[int]] | None = None, tolerance: Tolerance | None = None,
                  localize: bool = True, batch_independence: bool = True, seed: int = 0) -> None:
+        self.batches: list[Batch] | StreamedBatches
         if inputs is None:
-            self.batches: list[Batch] = random_inputs(example_inputs, input_shapes, seed=seed)
+            self.batches = random_inputs(example_inputs, input_shapes, seed=seed)
             source = "random"
         else:
-            self.batches, source = as_batches(inputs), "user"
+            self.batches, source = read_batches(inputs), "user"  # a re-iterable source is re-read, never listed
         self.tolerance = tolerance
         self.localize = localize
         self.batch_independence = batch_independence
-        samples = sum(int(b[0].shape[0]) for b in self.batches if b and b[0].dim() > 0)
-        self._report = StageReport(inputs=source, batches=len(self.batches), samples=samples)
+        streamed = isinstance(self.batches, StreamedBatches)
+        samples = 0 if streamed else sum(int(b[0].shape[0]) for b in self.batches if b and b[0].dim() > 0)
+        self._report = StageReport(inputs=source, batches=0 if streamed else len(self.batches), samples=samples)
         if source == "random":
             self._report.notes.append("no inputs were given: stages compared on random inputs")
         self._original: _Kept | None = None
@@ -246,6 +251,8 @@ class StageTracker:
         start = time.perf_counter()
         try:
             outputs = run_batches(model, self.batches)
+        except DataError:  # the data, not this stage: the same for every stage
+            raise
         except Exception as exc:
             log.debug("stage %s failed to run", name, exc_info=True)
             stage.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -253,6 +260,8 @@ class StageTracker:
             stage.previous = None if self._previous is None else self._previous.name
             return stage
         stage.seconds = time.perf_counter() - start
+        if isinstance(self.batches, StreamedBatches):  # counted by the pass that just ran
+            self._report.batches, self._report.samples = len(self.batches), self.batches.samples
         kept = _Kept(name, model, outputs)
         if self._original is None:
             note = kept.run64(self.batches)

@@ -21,7 +21,9 @@ data flows:
 ``"sequential"`` (inference-exact, L passes for L layers)
     layer k is measured with every earlier layer already normalizing with its *new* statistics, exactly as at
     inference after recalibration. Pass k stops each forward right after layer k (so the L passes cost about
-    L/2 full forwards), and the batches are kept in memory between passes.
+    L/2 full forwards). A source that can be iterated again (a ``DataLoader``, an image folder) is read again by
+    every pass — it must give the same samples each time, in any order or batching (what layer k receives no
+    longer depends on the batch); a list or a generator is kept in memory between passes.
 
 The model is changed only at the end, and only its running_mean / running_var; if anything fails or is
 interrupted the statistics are restored from a snapshot and the error propagates. Layers that saw no data keep
@@ -33,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from bnfold.batches import Batches, positional_arity
-from bnfold.errors import InputError
+from bnfold.errors import DataError, InputError
 from bnfold.recalibration.drift import drift_metrics
 from bnfold.recalibration.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
 from bnfold.recalibration.stats import (
@@ -212,30 +214,46 @@ def _measure_sequential(runner: Runner, layers: list[BatchNormLayer], batches: I
                         progress: bool | None) -> tuple[int, int, int]:
     """Pass 0 measures every layer in batch mode (final for the first layer called) and finds the execution order;
     pass k re-measures layer k with layers < k on their new statistics, stopping each forward after layer k."""
-    kept: list[Any] = []
+    replay = _replayable(batches)
+    kept: list[Any] | None = None if replay else []
     length = batch_count(batches, num_batches)
     bar = progress_bar(progress, total=length, desc="recalibrate 1/?")
     try:
         calls = limited_calls(batches, num_batches=num_batches, num_samples=num_samples)
-        n_batches, n_samples = runner.run(Pass(default="batch", record=set(layers)), calls, bar, keep=kept)
-        n_batches, n_samples = _check_data(all_reduce_layers(layers, [n_batches, n_samples]))
+        local, local_samples = runner.run(Pass(default="batch", record=set(layers)), calls, bar, keep=kept)
+        n_batches, n_samples = _check_data(all_reduce_layers(layers, [local, local_samples]))
         agree_on_order(layers)
         order = sorted((layer for layer in layers if layer.moments.count > 0), key=lambda layer: layer.first_call)
         finalize_all(order[:1])
-        bar.reset(total=len(kept) * len(order))
-        bar.update(len(kept))
+        bar.reset(total=local * len(order))
+        bar.update(local)
         for k, target in enumerate(order[1:], start=1):
             bar.set_description(f"recalibrate {k + 1}/{len(order)}")
             target.reset_moments()
             calls_per_forward = target.calls_per_forward
             stop = (target, next(iter(calls_per_forward))) if len(calls_per_forward) == 1 else None
             plan = Pass(default="batch", record={target}, use=dict.fromkeys(order[:k], "new"), stop_after=stop)
-            runner.run(plan, kept, bar)
+            seen = runner.run(plan, kept if kept is not None else
+                              limited_calls(batches, num_batches=num_batches, num_samples=num_samples), bar)
+            if seen[1] != local_samples:
+                raise DataError(f"the calibration data gave {seen[1]} samples on pass {k + 1} but {local_samples} on "
+                                "pass 1: sequential mode reads it once per pass and needs the same samples each time",
+                                hint="no random augmentation or sampling in the loader, or pass a list of batches")
             all_reduce_layers([target])
             finalize_all([target])
     finally:
         bar.close()
     return max(1, len(order)), n_batches, n_samples
+
+
+def _replayable(batches: Iterable[Any]) -> bool:
+    """Whether every pass can iterate ``batches`` from the start, reading them again (a ``DataLoader``, a
+    :mod:`bnfold.io.stream` source): then sequential mode re-reads them instead of keeping them in memory. A list
+    (already in memory) and a one-shot iterator (a generator) are kept."""
+    inner: Any = batches
+    while isinstance(inner, Batches):  # what the batches are read from
+        inner = inner.inputs
+    return not isinstance(inner, (Iterator, list, tuple, torch.Tensor, Mapping))
 
 
 def _check_data(counters: list[float]) -> tuple[int, int]:

@@ -291,3 +291,55 @@ def test_render_is_a_table_with_the_verdict() -> None:
     text = compare(net, torch.fx.symbolic_trace(_net().train()), (x,)).render()
     assert text.startswith("parity FAIL")
     assert "SQNR dB" in text and "batch independence FAIL" in text and "first divergence" in text
+
+
+class _Reread:
+    """A re-iterable source that counts its passes; ``drift`` makes every pass after the first give other values."""
+
+    def __init__(self, xs: list[torch.Tensor], drift: bool = False) -> None:
+        self.xs, self.drift, self.passes = xs, drift, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for x in self.xs:
+            yield x + (self.passes - 1) * 1e-3 if self.drift else x.clone()
+
+
+def test_compare_rereads_a_source_and_refuses_one_that_changes() -> None:
+    """A re-iterable source is read again by every run (same verdict and numbers as a list); one whose batches change
+    between runs (a shuffling or augmenting loader) is refused, naming the batch; a shuffling DataLoader is listed
+    once, as before, and compares fine."""
+    from torch.utils.data import DataLoader
+
+    from bnfold.errors import DataError
+
+    torch.manual_seed(0)
+    from helpers import randomize_bn
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(4 * 6 * 6, 5))).eval()
+    folded = bnfold.fold(model, (torch.randn(2, 3, 8, 8),), capture="symbolic").module
+    xs = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    source = _Reread(xs)
+    streamed, listed = bnfold.compare(model, folded, source), bnfold.compare(model, folded, xs)
+    assert streamed.passed and source.passes >= 3  # reference, candidate, float64 reference (and more)
+    assert streamed.to_dict()["outputs"] == listed.to_dict()["outputs"]
+    with pytest.raises(DataError, match="batch 0 differs"):
+        bnfold.compare(model, folded, _Reread(xs, drift=True))
+    loader = DataLoader(torch.cat(xs), batch_size=4, shuffle=True)
+    assert bnfold.compare(model, folded, loader).passed
+
+
+def test_run_batches_compacts_kept_outputs() -> None:
+    """Kept outputs are moved into one block per 64 batches (the allocator's heap stays flat) with the same values,
+    batch by batch; outputs whose trailing shapes differ between batches, and 0-dim outputs, are left alone."""
+    from bnfold.parity.inputs import COMPACT_EVERY, compact_outputs, run_batches
+
+    xs = [(torch.randn(3 if k % 7 else 2, 5),) for k in range(COMPACT_EVERY + 9)]
+    out = run_batches(lambda x: (x * 2, x.sum()), xs)
+    assert len(out) == len(xs)
+    for (x,), (y, s) in zip(xs, out, strict=True):
+        assert torch.equal(y, x * 2) and torch.equal(s, x.sum())
+    assert out[0][0].untyped_storage().data_ptr() == out[COMPACT_EVERY - 1][0].untyped_storage().data_ptr()
+    mixed = [[torch.zeros(2, 3)], [torch.zeros(2, 4)]]
+    assert all(a[0] is b[0] for a, b in zip(compact_outputs(mixed), mixed, strict=True))

@@ -856,3 +856,62 @@ def test_tt_metal_55440_running_variance_is_unbiased(mode: str) -> None:
     torch.testing.assert_close(bn.running_var, x.var(0, correction=1), rtol=1e-6, atol=0)
     torch.testing.assert_close(bn.running_mean, x.mean(0), rtol=1e-6, atol=0)
     assert not torch.allclose(bn.running_var, x.var(0, correction=0))
+
+
+class _Source:
+    """A re-iterable source like a DataLoader: counts its passes and the batches it made that are still alive."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        import weakref
+
+        self.batches, self.passes, self.most_alive, self._alive, self._ref = batches, 0, 0, [], weakref.ref
+
+    def __iter__(self):
+        self.passes += 1
+        for b in self.batches:
+            copy_ = b.clone()  # a batch of its own, as a loader makes
+            self._alive.append(self._ref(copy_))
+            self.most_alive = max(self.most_alive, sum(r() is not None for r in self._alive))
+            yield copy_
+            del copy_
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def test_sequential_mode_rereads_a_reiterable_source() -> None:
+    """Sequential mode reads a re-iterable source once per pass instead of keeping its batches (two alive at most:
+    the loop's last one and the new one) and gets the statistics it gets from a list of the same batches."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                                       nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))).eval()
+    batches = [torch.randn(5, 3, 10, 10) * 2 + 0.5 for _ in range(7)]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    source = _Source(batches)
+    ra = bnfold.recalibrate(a, source, mode="sequential", progress=False)
+    rb = bnfold.recalibrate(b, batches, mode="sequential", progress=False)
+    assert ra.passes == rb.passes == 3 and source.passes == 3 and source.most_alive <= 2
+    assert (ra.batches, ra.samples) == (rb.batches, rb.samples) == (7, 35)
+    for (name, t), (_, u) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(t, u, rtol=0, atol=0, msg=name)
+    one_shot = bnfold.recalibrate(copy.deepcopy(model), iter(batches), mode="sequential", progress=False)
+    assert one_shot.samples == 35 and not one_shot.no_data  # a generator is kept, not re-read (it cannot be)
+
+
+def test_sequential_mode_refuses_a_source_that_changes_size() -> None:
+    """A source giving other samples on a later pass (random sampling) cannot be measured sequentially: said, and
+    the model's statistics are left as they were."""
+    from bnfold.errors import DataError
+
+    class Shrinking(_Source):
+        def __iter__(self):
+            self.passes += 1
+            yield from self.batches[: len(self.batches) - self.passes + 1]
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                       nn.BatchNorm2d(4))).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DataError, match="gave 15 samples on pass 2 but 20 on pass 1"):
+        bnfold.recalibrate(model, Shrinking([torch.randn(5, 3, 6, 6) for _ in range(4)]), mode="sequential",
+                           progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from bnfold.cli.commands import SUMMARY
-from bnfold.cli.commands.common import check_input_shapes
+from bnfold.cli.commands.common import add_data_source_args, check_input_shapes, open_args_data
 from bnfold.errors import InputError
-from bnfold.io.data import Batch, load_tensors, split_batches
-from bnfold.io.data_checks import check_batches, input_specs
+from bnfold.io.data import Batch, split_batches
+from bnfold.io.data_checks import input_specs
 from bnfold.io.models import load_model
+from bnfold.io.stream import TensorFile
 from bnfold.parity import ParityReport, compare
 from bnfold.report import json_safe
 
@@ -118,11 +119,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reference", help="reference model: .pt2 (or .onnx / a compiled TVM folder)")
     p.add_argument("candidate", help="candidate model: .pt2, .onnx or a compiled TVM folder")
     p.add_argument("--data", metavar="INPUTS",
-                   help="input batches: .npz/.npy/.pt (see docs/parity.md); without it, random inputs shaped "
-                        "like the reference's stored example inputs (the report says so)")
+                   help="input batches: a .npz/.npy/.pt file (see docs/parity.md) or a folder of images (see "
+                        "--preprocess); without it, random inputs shaped like the reference's stored example inputs "
+                        "(the report says so). A file is read whole; a folder of images or a factory is re-read by "
+                        "every run")
     p.add_argument("--data-key", action="append", metavar="KEY",
                    help="arrays of an .npz (entries of a .pt dict) to use as inputs, in order (repeatable)")
-    p.add_argument("--batch-size", type=int, help="split the data into batches of this many samples")
+    p.add_argument("--batch-size", type=int, help="split the data into batches of this many samples (a folder of "
+                   "images: default 64)")
+    add_data_source_args(p)
     p.add_argument("--dtype", help="cast floating-point inputs to this dtype (e.g. float32)")
     p.add_argument("--input-shape", action="append", metavar="SHAPE",
                    help="random inputs of this shape when there is no --data (repeat per input)")
@@ -167,26 +172,33 @@ def _shapes(specs: list[str]) -> list[list[int]]:
     return [list(t.shape) for t in tensors]
 
 
-def _fit_batches(batches: list[Batch], models: list[Loaded], notes: list[str]) -> list[Batch]:
+def _fit_batches(batches: Iterable[Batch], models: list[Loaded], notes: list[str]) -> Iterable[Batch]:
     """A ``.pt2`` exported with a fixed batch size only runs that size: re-split the data when it must."""
     for loaded in models:
         batches = _fit_one(batches, loaded, notes)
     return batches
 
 
-def _fit_one(batches: list[Batch], ref: Loaded, notes: list[str]) -> list[Batch]:
+def _fit_one(batches: Iterable[Batch], ref: Loaded, notes: list[str]) -> Iterable[Batch]:
     ex = ref.example_inputs
-    if not ex or not batches or ex[0].dim() == 0:
+    first = next(iter(batches), None)
+    if not ex or first is None or ex[0].dim() == 0:
         return batches
     b = int(ex[0].shape[0])
-    if all(t.dim() and t.shape[0] == b for batch in batches for t in batch[:1]):
+    if isinstance(batches, list) and all(t.dim() and t.shape[0] == b for batch in batches for t in batch[:1]):
         return batches
     try:
         with torch.no_grad():
-            ref.model(*batches[0])
+            ref.model(*first)
         return batches
     except Exception:
         pass
+    if not isinstance(batches, list):  # a stream: re-chunked as it is read
+        from bnfold.io.stream import Rechunked
+
+        notes.append(f"{ref.path.name} runs only batches of {b} (it was exported with a fixed batch size): the data "
+                     f"was re-chunked into batches of {b}, a last smaller batch dropped")
+        return Rechunked(batches, b, source=f"the data ({ref.path.name} runs batches of {b})")
     split = split_batches(batches, b)
     kept = [batch for batch in split if batch[0].shape[0] == b]
     dropped = sum(int(batch[0].shape[0]) for batch in split) - b * len(kept)
@@ -211,22 +223,25 @@ def _check(args: argparse.Namespace) -> int:
     ref = load_runnable(args.reference, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     cand = load_runnable(args.candidate, trusted_pickle=args.trust_pickle, own_example_inputs=own)
     notes: list[str] = []
-    inputs: list[Batch] | None = None
+    inputs: Iterable[Batch] | None = None
     shapes: list[list[int]] | None = None
     if args.batch_size is not None and args.batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.data:
+    if args.data or args.data_factory:
         dtype = _dtype(args.dtype) or _model_dtype(ref) or _model_dtype(cand)
-        raw = load_tensors(args.data, keys=args.data_key)
         specs = next((s for s in (_specs(ref), _specs(cand)) if s is not None), None)
-        check_batches(raw, specs, args.data, names=args.data_key)
-        inputs = [tuple(t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in b) for b in raw]
-        inputs = split_batches(inputs, args.batch_size) if args.batch_size else inputs
+        if specs is None and args.data and Path(args.data).is_dir():
+            specs = _image_specs(ref, cand)
+        stream = open_args_data(args, args.data, specs=specs, dtype=dtype, batch_size=args.batch_size or (
+            64 if args.data and Path(args.data).is_dir() else None))
+        # a file is read whole anyway (every batch checked before any work); a stream is re-read by every run
+        inputs = list(stream) if isinstance(stream.inner, TensorFile) else stream
         inputs = _fit_batches(inputs, [ref, cand], notes)
     elif args.input_shape:
         shapes = _shapes(args.input_shape)
     elif ref.example_inputs is None and cand.example_inputs is None:
-        raise InputError("no inputs to run the models on", hint="pass --data INPUTS (.npz/.npy/.pt) or --input-shape")
+        raise InputError("no inputs to run the models on", hint="pass --data INPUTS (.npz/.npy/.pt or a folder of "
+                                                                "images) or --input-shape")
     example = ref.example_inputs or cand.example_inputs
     report = compare(ref.model, cand.model, inputs, example_inputs=None if shapes else example,
                      input_shapes=shapes, batch_independence=not args.no_batch_check,
@@ -243,6 +258,17 @@ def _check(args: argparse.Namespace) -> int:
         print(f"bnfold check: reference {ref.path} ({ref.kind}), candidate {cand.path} ({cand.kind})")
         print(report.render())
     return 0 if report.passed else 1
+
+
+def _image_specs(*models: Loaded) -> list[Any] | None:
+    """For a folder of images and models that are not torch modules: the (N, C, H, W) of their stored example
+    inputs, when one has any (the images are checked against it)."""
+    from bnfold.io.data_checks import InputSpec
+
+    ex = next((m.example_inputs for m in models if m.example_inputs), None)
+    if not ex:
+        return None
+    return [InputSpec((None, *t.shape[1:]), t.dtype) for t in ex]
 
 
 def _specs(loaded: Loaded) -> list[Any] | None:

@@ -11,12 +11,13 @@ import torch
 import torch.fx
 
 from bnfold.errors import InputError
-from bnfold.io.data import load_tensors, split_batches
-from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
+from bnfold.io.data_checks import InputSpec, check_model_runs, input_specs
 from bnfold.io.models import LoadedModel, load_model, parse_shapes
+from bnfold.io.stream import CheckedData, TensorFile, open_data
 
-__all__ = ["add_factory_args", "add_model_args", "check_input_shapes", "check_target_options", "check_until",
-           "dump_target", "dynamic_shapes", "fixed_batch", "load_any", "load_batches", "load_with_inputs"]
+__all__ = ["add_data_source_args", "add_factory_args", "add_model_args", "check_input_shapes", "check_target_options",
+           "check_until", "dump_target", "dynamic_shapes", "fixed_batch", "load_any", "load_batches",
+           "load_with_inputs", "open_args_data"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -150,17 +151,51 @@ def check_input_shapes(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
                              hint="N marks a dynamic dimension; the others must match")
 
 
-def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]]]:
-    opt = {name: getattr(args, name, None) for name in ("batch_size", "num_samples", "num_batches", "top", "key")}
+def add_data_source_args(p: argparse.ArgumentParser) -> None:
+    """``--preprocess`` (a folder of images), ``--data-factory`` and ``--data-kwargs`` (data from the user's code)."""
+    p.add_argument("--preprocess", metavar="SPEC", help="with --data FOLDER of images: 'imagenet' (resize 256, "
+                   "centre crop 224, ImageNet mean/std) or key=value,... with resize=S|HxW, crop=S|HxW, mean=M[/M/M], "
+                   "std=S[/S/S], color=gray (e.g. resize=32,crop=28,mean=0.5,std=0.25; imagenet,crop=192); default: "
+                   "pixels scaled to [0, 1], no resize")
+    p.add_argument("--data-factory", metavar="MODULE:CALLABLE", help="calibration batches from your code: the "
+                   "callable returns an iterable of batches (a DataLoader); called once per pass over the data. "
+                   "Naming it is consent to run it")
+    p.add_argument("--data-kwargs", metavar="JSON", help='keyword arguments for --data-factory, e.g. '
+                   '\'{"root": "/data/val", "batch_size": 32}\'')
+
+
+def open_args_data(args: argparse.Namespace, data: str | None, *, factory: bool = True,
+                   specs: list[InputSpec] | None = None, dtype: torch.dtype | None = None,
+                   batch_size: int | None = None, exact: int | None = None, limit: bool = False) -> CheckedData:
+    """``data`` (a file or a folder of images) or, with ``factory``, ``--data-factory`` as a checked stream
+    (:func:`bnfold.io.stream.open_data`). ``limit``: apply ``--num-samples``/``--num-batches`` to it."""
+    from bnfold.io.factory import parse_factory_kwargs
+
+    spec = getattr(args, "data_factory", None) if factory else None
+    kwargs = parse_factory_kwargs(getattr(args, "data_kwargs", None), "--data-kwargs")
+    if kwargs and not spec:
+        raise InputError("--data-kwargs needs --data-factory")
+    keys = getattr(args, "key", None) or getattr(args, "data_key", None)
+    return open_data(data if not spec else None, factory=spec, factory_kwargs=kwargs, keys=keys,
+                     batch_size=batch_size, preprocess=getattr(args, "preprocess", None), specs=specs, dtype=dtype,
+                     exact=exact, num_samples=getattr(args, "num_samples", None) if limit else None,
+                     num_batches=getattr(args, "num_batches", None) if limit else None)
+
+
+def _load_with_data(args: argparse.Namespace, data: str | None, *, limit: bool
+                    ) -> tuple[LoadedModel, CheckedData]:
+    opt = {name: getattr(args, name, None) for name in ("batch_size", "num_samples", "num_batches", "top")}
     for name, value in opt.items():
-        if name != "key" and value is not None and value <= 0:
+        if value is not None and value <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if data is not None and getattr(args, "data_factory", None):
+        raise InputError("give the calibration data as --data PATH or as --data-factory, not both")
     loaded = load_any(args, own_example_inputs=True)
     example = loaded.example_inputs
     specs = input_specs(loaded.module, example)
     dtype = next((s.dtype for s in specs or () if s.dtype.is_floating_point), torch.float32)
     fixed = fixed_batch(loaded.module)
-    batch_size = opt["batch_size"] or fixed or 64
+    batch_size = opt["batch_size"] or fixed
     if fixed is not None and batch_size != fixed:
         raise InputError(f"{args.model} was exported with a fixed batch size of {fixed}; --batch-size {batch_size} "
                          "cannot run", hint=f"use --batch-size {fixed}, or re-export the model with a dynamic "
@@ -168,18 +203,16 @@ def _load_with_data(args: argparse.Namespace, data: str) -> tuple[LoadedModel, l
     num_samples = opt["num_samples"]
     if fixed is not None and num_samples is not None and num_samples % fixed:
         raise InputError(f"--num-samples {num_samples} is not a multiple of the model's fixed batch size {fixed}")
-    raw = load_tensors(data, keys=opt["key"])
-    check_batches(raw, specs, data, names=opt["key"])
-    batches = split_batches([tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in raw], batch_size)
+    factory = getattr(args, "data_factory", None)
+    stream = open_args_data(args, data, specs=specs, dtype=dtype,
+                            batch_size=batch_size or (None if factory else 64), exact=fixed, limit=limit)
+    if isinstance(stream.inner, TensorFile):  # read whole anyway: every batch checked before any work
+        for _ in stream:
+            pass
+    first = stream.first()  # a stream's first batch checked (and, below, run) before any work
     if not isinstance(loaded.module, torch.fx.GraphModule):  # shapes unknown: one forward finds a misfit
-        check_model_runs(loaded.module, batches[0], data)
-    if fixed is not None and batches[-1][0].shape[0] != fixed:
-        print(f"bnfold: note: dropping the last {batches[-1][0].shape[0]} samples (the model's batch size is fixed "
-              f"at {fixed})", file=sys.stderr)
-        batches = batches[:-1]
-        if not batches:
-            raise InputError(f"{data} holds fewer samples than the model's fixed batch size {fixed}")
-    return loaded, batches
+        check_model_runs(loaded.module, first, data or stream.source)
+    return loaded, stream
 
 
 def _input_values(module: torch.nn.Module) -> list[Any]:
@@ -207,11 +240,17 @@ def dynamic_shapes(module: torch.nn.Module) -> tuple[dict[int, Any], ...] | None
     return shapes if any(shapes) else None
 
 
-def load_batches(args: argparse.Namespace, data: str | None
-                 ) -> tuple[LoadedModel, list[tuple[torch.Tensor, ...]] | None]:
-    """Load ``args.model`` and, when ``data`` is given, its input batches: cast to the model's input dtype and
-    cut to its batch size (a .pt2 exported with a fixed batch drops a last partial batch, with a note).
-    Reads ``args.key``/``batch_size``/``num_samples``/``num_batches`` when the command defines them."""
-    if data is None:
+def load_batches(args: argparse.Namespace, data: str | None, *, limit: bool = False
+                 ) -> tuple[LoadedModel, CheckedData | None]:
+    """Load ``args.model`` and, when ``data`` (or ``--data-factory``) is given, its input batches as a checked
+    stream (:mod:`bnfold.io.stream`): cast to the model's input dtype and cut to its batch size (a .pt2 exported
+    with a fixed batch drops a last partial batch, with a warning). Reads ``args.key``/``batch_size``/
+    ``num_samples``/``num_batches``/``preprocess``/``data_factory``/``data_kwargs`` when the command defines them;
+    ``limit``: the stream applies ``--num-samples``/``--num-batches`` (else the command does)."""
+    if data is None and not getattr(args, "data_factory", None):
+        if getattr(args, "data_kwargs", None):
+            raise InputError("--data-kwargs needs --data-factory")
+        if getattr(args, "preprocess", None):
+            raise InputError("--preprocess applies to --data FOLDER (a folder of images)")
         return load_any(args), None
-    return _load_with_data(args, data)
+    return _load_with_data(args, data, limit=limit)

@@ -42,6 +42,8 @@ TORCH_ONLY: dict[str, tuple[str, object, str]] = {
     "num_samples": ("--num-samples", None, "it limits the calibration data, and an .onnx model is not recalibrated"),
     "num_batches": ("--num-batches", None, "it limits the calibration data, and an .onnx model is not recalibrated"),
     "mode": ("--mode", "batch", "it is the recalibration mode, and an .onnx model is not recalibrated"),
+    "data_factory": ("--data-factory", None, "it gives calibration data, and an .onnx model is not recalibrated"),
+    "data_kwargs": ("--data-kwargs", None, "it goes with --data-factory"),
     "no_onnx": ("--no-onnx", False, "it skips the ONNX export of a torch model; the model here is ONNX already"),
 }
 """Options of the torch commands that do not apply to an ``.onnx`` model: ``dest → (spelling, value(s) meaning
@@ -95,7 +97,6 @@ def parity_batches(model: Any, args: argparse.Namespace, data: str | None = None
     rank, static sizes, dtype kind, NaN/Inf, zero samples, mixed shapes, as for a ``.pt2`` — then cast to the
     model's floating input dtype and split into batches), random ones shaped by ``--input-shape`` (checked the same
     way), or None (random inputs from the model's declared shapes); and notes for the report."""
-    from bnfold.io.data import load_tensors, split_batches
     from bnfold.io.data_checks import check_batches
 
     specs = onnx_input_specs(model)
@@ -114,17 +115,15 @@ def parity_batches(model: Any, args: argparse.Namespace, data: str | None = None
                          hint=f"use --batch-size {fixed_batch}, or drop it")
     notes: list[str] = []
     if data:
-        keys = getattr(args, "key", None)
-        raw = load_tensors(data, keys=keys)
-        check_batches(raw, specs, data, names=keys)
-        cast = [tuple(t.to(float_dtype) if t.is_floating_point() else t for t in b) for b in raw]
-        batches = split_batches(cast, size or fixed_batch or 64)
-        if fixed_batch is not None and int(batches[-1][0].shape[0]) != fixed_batch:
-            notes.append(f"dropped the last {int(batches[-1][0].shape[0])} samples of {data} (the model's batch size "
-                         f"is fixed at {fixed_batch})")
-            batches = [b for b in batches if int(b[0].shape[0]) == fixed_batch]
-            if not batches:
-                raise InputError(f"{data} holds fewer samples than the model's fixed batch size {fixed_batch}")
+        from bnfold.io.stream import open_data
+
+        stream = open_data(data, keys=getattr(args, "key", None), batch_size=size or fixed_batch or 64,
+                           preprocess=getattr(args, "preprocess", None), specs=specs, dtype=float_dtype,
+                           exact=fixed_batch)
+        batches = list(stream)  # parity compares every model on the same inputs: kept in memory
+        if stream.dropped:
+            notes.append(f"dropped the last {stream.dropped} samples of {data} (the model's batch size is fixed at "
+                         f"{fixed_batch})")
         return batches, notes
     shapes = getattr(args, "input_shape", None)
     if shapes:

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch.fx
 
 from bnfold.cli.commands import SUMMARY, onnx_cmd
-from bnfold.cli.commands.common import add_factory_args, check_cache_dir, check_target_options, load_batches
+from bnfold.cli.commands.common import (
+    add_data_source_args,
+    add_factory_args,
+    check_cache_dir,
+    check_target_options,
+    load_batches,
+    open_args_data,
+)
 from bnfold.cli.commands.quantize_cmd import add_int8_rule_args, int8_rule
 from bnfold.deploy import FoldStage, OptimizeConfig, RecalibrateStage, run
 from bnfold.deploy.ownership import owned_entries
 from bnfold.errors import InputError
-from bnfold.io.data import load_tensors
-from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
+from bnfold.io.data_checks import check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
+from bnfold.io.stream import TensorFile
 from bnfold.quantization.stage import Int8Options
 from bnfold.report import json_safe
 from bnfold.targets.options import OnnxOptions, TvmOptions, parse_option
@@ -33,10 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created; must be "
                    "new or empty unless --force)")
-    p.add_argument("--data", metavar="CALIB", help="unlabeled calibration inputs (.npz/.npy/.pt): recalibrate "
-                   "BatchNorm statistics on them before folding")
-    p.add_argument("--validate", metavar="DATA", help="validation inputs for the parity checks (default: CALIB, "
-                   "else the model's example inputs)")
+    p.add_argument("--data", metavar="CALIB", help="unlabeled calibration inputs (a .npz/.npy/.pt file or a folder "
+                   "of images, see --preprocess): recalibrate BatchNorm statistics on them before folding")
+    p.add_argument("--validate", metavar="DATA", help="validation inputs for the parity checks, a file or a folder "
+                   "of images (default: the first 8 batches of CALIB, else the model's example inputs)")
     p.add_argument("--key", action="append", metavar="NAME", help="array of the data files to use as input")
     p.add_argument("--batch-size", type=int, help="samples per batch (default: the model's batch size)")
     p.add_argument("--num-samples", type=int, help="use only the first N calibration samples")
@@ -69,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
     add_factory_args(p)
+    add_data_source_args(p)
     p.set_defaults(func=_optimize)
 
 
@@ -97,25 +106,30 @@ def _optimize(args: argparse.Namespace) -> int:
                                                         progress=False, **tvm_extra)
     int8 = None
     if args.int8:
-        if not args.data:
+        if not args.data and not args.data_factory:
             raise InputError("--int8 needs --data CALIB: ONNX Runtime calibrates the int8 activation ranges on it")
         int8 = Int8Options(per_channel=not args.per_tensor, rule=int8_rule(args), move_clamps=not args.keep_clamps)
     elif args.per_tensor or args.keep_clamps:
         raise InputError("--per-tensor and --keep-clamps apply to --int8")
     plan = OutputPlan([args.model, args.data, args.validate], force=args.force)
     plan.folder(args.output, owned=owned_entries)  # before any work
-    loaded, calibration = load_batches(args, args.data)
-    inputs = loaded.example_inputs or (calibration[0] if calibration else None)
+    loaded, calibration = load_batches(args, args.data, limit=True)
+    inputs = loaded.example_inputs or (calibration.first() if calibration is not None else None)
     if inputs is None:
         raise InputError(f"{args.model} stores no example inputs and no --data was given",
                          hint="pass --data CALIB (its first batch is used as example inputs)")
     validation = None
     if args.validate:
         dtype = next((t.dtype for t in inputs if t.is_floating_point()), None)
-        validation = load_tensors(args.validate, keys=args.key, dtype=dtype)
-        check_batches(validation, input_specs(loaded.module, inputs), args.validate, names=args.key)
+        validation = open_args_data(args, args.validate, factory=False, specs=input_specs(loaded.module, inputs),
+                                    dtype=dtype, batch_size=args.batch_size or (64 if Path(args.validate).is_dir()
+                                                                                else None))
+        if isinstance(validation.inner, TensorFile):  # read whole anyway: every batch checked before any work
+            validation = list(validation)
+        first = validation[0] if isinstance(validation, list) else validation.first()  # checked before any work
         if not isinstance(loaded.module, torch.fx.GraphModule):
-            check_model_runs(loaded.module, validation[0], args.validate)
+            check_model_runs(loaded.module, first, args.validate)
+        del first
     config = OptimizeConfig(recalibrate=RecalibrateStage(mode=args.mode),
                             fold=FoldStage(capture=args.capture, reparameterize=args.reparameterize is not False),
                             onnx=None if args.no_onnx else OnnxOptions(), tvm=tvm, int8=int8, overwrite=args.force,

@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch.fx
 
 from bnfold.cli.commands import SUMMARY, onnx_cmd
-from bnfold.cli.commands.common import add_factory_args, load_batches
+from bnfold.cli.commands.common import add_data_source_args, add_factory_args, load_batches, open_args_data
 from bnfold.deploy.ownership import owned_entries
 from bnfold.errors import InputError
-from bnfold.io.data import load_tensors
-from bnfold.io.data_checks import check_batches, check_model_runs, input_specs
+from bnfold.io.data_checks import check_model_runs, input_specs
 from bnfold.io.outputs import OutputPlan
 from bnfold.parity.int8 import DEFAULT_MIN_SQNR_DB, DEFAULT_MIN_TOP1, Int8Rule
 from bnfold.quantization import Int8Options, quantize
@@ -32,14 +32,15 @@ __all__ = ["add_int8_rule_args", "int8_rule", "register"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help=SUMMARY["quantize"][1])
     p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
-    p.add_argument("--data", required=True, metavar="CALIB", help="unlabeled calibration inputs (.npz/.npy/.pt): "
-                   "activation ranges, and the statistics of bias correction, come from them")
+    p.add_argument("--data", metavar="CALIB", help="unlabeled calibration inputs (a .npz/.npy/.pt file or a folder "
+                   "of images, see --preprocess; or --data-factory): activation ranges, and the statistics of bias "
+                   "correction, come from them (the int8 step keeps these batches in memory)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created; must be new or "
                    "empty unless --force)")
     p.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor (default: one per "
                    "output channel)")
-    p.add_argument("--validate", metavar="DATA", help="inputs to judge the int8 model on (default: the first 8 "
-                   "batches of CALIB)")
+    p.add_argument("--validate", metavar="DATA", help="inputs to judge the int8 model on, a file or a folder of "
+                   "images (default: the first 8 batches of CALIB)")
     p.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization")
     p.add_argument("--no-absorb", action="store_true", help="no bias absorption")
     p.add_argument("--keep-clamps", action="store_true", help="never turn a ReLU6/clamp into a per-channel clamp "
@@ -63,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
     add_factory_args(p)
+    add_data_source_args(p)
     p.set_defaults(func=_quantize)
 
 
@@ -92,24 +94,20 @@ def _quantize(args: argparse.Namespace) -> int:
     rule = int8_rule(args)
     plan = OutputPlan([args.model, args.data, args.validate], force=args.force)
     plan.folder(args.output, owned=owned_entries)  # before any work
-    loaded, calibration = load_batches(args, args.data)
-    assert calibration is not None
-    if args.num_samples is not None:
-        kept, left = [], args.num_samples
-        for b in calibration:
-            if left <= 0:
-                break
-            kept.append(tuple(t[:left] for t in b))
-            left -= int(b[0].shape[0])
-        calibration = kept
-    if args.num_batches is not None:
-        calibration = calibration[:args.num_batches]
+    if not args.data and not args.data_factory:
+        raise InputError("bnfold quantize needs calibration data", hint="pass --data CALIB (a file or a folder of "
+                                                                        "images) or --data-factory MODULE:CALLABLE")
+    loaded, stream = load_batches(args, args.data, limit=True)
+    assert stream is not None
+    calibration = list(stream)  # ONNX Runtime's calibration and bias correction take a list of batches
     inputs = loaded.example_inputs or calibration[0]
     validation = None
     if args.validate:
         dtype = next((t.dtype for t in inputs if t.is_floating_point()), None)
-        validation = load_tensors(args.validate, keys=args.key, dtype=dtype)
-        check_batches(validation, input_specs(loaded.module, inputs), args.validate, names=args.key)
+        checked = open_args_data(args, args.validate, factory=False, specs=input_specs(loaded.module, inputs),
+                                 dtype=dtype, batch_size=args.batch_size or (64 if Path(args.validate).is_dir()
+                                                                             else None))
+        validation = list(checked)
         if not isinstance(loaded.module, torch.fx.GraphModule):
             check_model_runs(loaded.module, validation[0], args.validate)
     options = Int8Options(per_channel=not args.per_tensor, equalize=not args.no_equalize, absorb=not args.no_absorb,

@@ -1,7 +1,9 @@
 """``bnfold recalibrate MODEL --data CALIB -o OUT`` and ``bnfold diagnose MODEL --data CALIB``.
 
-CALIB is read by :func:`bnfold.io.data.load_tensors` (``.npz`` / ``.npy`` / ``.pt``; format in docs/recalibration.md)
-and split into batches of ``--batch-size`` samples. Floating-point inputs are cast to the dtype of the model's
+CALIB is a data file (``.npz`` / ``.npy`` memory-mapped / ``.pt``; format in docs/recalibration.md) or a folder of
+images (``--preprocess``), or the batches come from ``--data-factory MODULE:CALLABLE``; they are streamed
+(:mod:`bnfold.io.stream`: one batch in memory at a time, each checked as it arrives) in batches of ``--batch-size``
+samples. Floating-point inputs are cast to the dtype of the model's
 stored example inputs (float32 when it stores none).
 """
 
@@ -14,7 +16,7 @@ import torch
 import torch.fx
 
 from bnfold.cli.commands import SUMMARY
-from bnfold.cli.commands.common import dynamic_shapes, load_batches
+from bnfold.cli.commands.common import add_data_source_args, dynamic_shapes, load_batches
 from bnfold.errors import InputError
 from bnfold.io.outputs import OutputPlan
 from bnfold.recalibration.core import recalibrate
@@ -48,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file: .pt2 (torch.export.save) or, with --trust-pickle, .pt/.pth")
-    p.add_argument("--data", required=True, metavar="CALIB",
-                   help="calibration inputs (no labels): .npz, .npy or .pt (see docs/recalibration.md)")
+    p.add_argument("--data", metavar="CALIB",
+                   help="calibration inputs (no labels): a .npz, .npy or .pt file (see docs/recalibration.md) or a "
+                        "folder of images (JPEG/PNG/WebP, class sub-folders allowed; see --preprocess)")
     p.add_argument("--key", action="append", metavar="NAME",
                    help="array/entry of CALIB to use as input, in order (repeat for several inputs)")
     p.add_argument("--batch-size", type=int, help="samples per batch (default: the model's fixed batch size "
@@ -59,15 +62,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled .pt/.pth modules")
+    add_data_source_args(p)
+
+
+def _needs_data(args: argparse.Namespace) -> None:
+    if not args.data and not args.data_factory:
+        raise InputError(f"bnfold {args.command} needs data", hint="pass --data CALIB (a file or a folder of images) "
+                                                                   "or --data-factory MODULE:CALLABLE")
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
+    _needs_data(args)
     plan = OutputPlan([args.model, args.data], force=args.force)
     plan.file(args.output, is_ours=is_bnfold_pt2)
     loaded, batches = load_batches(args, args.data)
+    assert batches is not None
     report = recalibrate(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
                          mode=args.mode, progress=False if args.no_progress else None)
-    example = loaded.example_inputs or batches[0]
+    example = loaded.example_inputs or batches.first()
     dynamic = dynamic_shapes(loaded.module)
 
     def export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
@@ -86,12 +98,14 @@ def _recalibrate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     if not math.isfinite(args.threshold) or args.threshold < 0:
         raise InputError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    _needs_data(args)
     plan = OutputPlan([args.model, args.data], force=args.force)
     if args.html:
         from bnfold.htmlreport import is_bnfold_html
 
         plan.file(args.html, is_ours=is_bnfold_html)  # before any work
     loaded, batches = load_batches(args, args.data)
+    assert batches is not None
     report = diagnose(loaded.module, batches, num_batches=args.num_batches, num_samples=args.num_samples,
                       threshold=args.threshold, progress=False if args.no_progress else None)
     if args.html:
