@@ -282,11 +282,24 @@ def _recalibrate(step: _Run, original: nn.Module) -> nn.Module:
         step.result.recalibration = recalibrate(work, step.calib, mode=stage.mode)  # type: ignore[arg-type]
         step.tracker.add("recalibrated", work, expected_change=True)
     if step.result.recalibration is not None and stage.drift_batches:
-        _drift(step, original, work, list(itertools.islice(step.check_data, stage.drift_batches)))
+        _drift(step, original, work, _FirstBatches(step.check_data, stage.drift_batches))
     return work
 
 
-def _drift(step: _Run, original: nn.Module, recalibrated: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> None:
+@dataclass(frozen=True)
+class _FirstBatches:
+    """The first ``n`` batches of a re-iterable source, read again on every pass (never listed: a streamed
+    validation set keeps one batch in memory)."""
+
+    source: Iterable[tuple[torch.Tensor, ...]]
+    n: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return itertools.islice(self.source, self.n)
+
+
+def _drift(step: _Run, original: nn.Module, recalibrated: nn.Module,
+           batches: Iterable[tuple[torch.Tensor, ...]]) -> None:
     """Drift (:func:`bnfold.diagnose`) of the original and of the recalibrated model on ``batches``: what the
     report's drift chart shows. Informational: a failure is a warning, not a stage error."""
     from bnfold.recalibration.drift import diagnose
