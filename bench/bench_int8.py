@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -162,25 +161,9 @@ class DSNet(nn.Module):
 
 def train_dsnet(epochs: int = 40, seed: int = 0) -> tuple[DSNet, object]:
     from bnfold.demo.data import load_digits
+    from bnfold.demo.train import train
 
-    torch.manual_seed(seed)
-    data = load_digits()
-    model = DSNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(data.y_train), generator=g)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            x = data.x_train[idx] + 0.05 * torch.randn(data.x_train[idx].shape, generator=g)
-            loss = F.cross_entropy(model(x), data.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    return model.eval(), data
+    return train(epochs, seed, make_model=DSNet), load_digits()
 
 
 def digits() -> dict:
