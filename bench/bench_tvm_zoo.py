@@ -47,6 +47,7 @@ from bnfold.targets.tvm import UntunedKernelsWarning, configure_threads, tuning_
 from bnfold.targets.tvm.target import cpu_target, usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_tvm import _time_interleaved  # one timing method for both TVM benchmarks (interleaved rounds)
 from helpers import randomize_bn
 from zoo_timm import Out, randomize_norms
 
@@ -105,23 +106,6 @@ def _openvino(path: Path, x: tuple[torch.Tensor, ...], threads: int) -> Callable
     request = compiled.create_infer_request()
     feed = [t.numpy() for t in x]
     return lambda: request.infer(feed)
-
-
-def _time_interleaved(engines: dict[str, Callable[[], Any]], rounds: int, per_round: int,
-                      warmup: int) -> dict[str, dict[str, float]]:
-    samples: dict[str, list[float]] = {k: [] for k in engines}
-    with torch.inference_mode():
-        for fn in engines.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(rounds):
-            for name, fn in engines.items():
-                fn()  # untimed: the previous engine's idle workers stop spinning during this call
-                for _ in range(per_round):
-                    t = time.perf_counter()
-                    fn()
-                    samples[name].append(time.perf_counter() - t)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)} for k, v in samples.items()}
 
 
 def _try(what: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
