@@ -14,8 +14,9 @@ repeat, a garbage collection before each. For each model (random weights, random
   left nothing to gain (the *captures* column says which ran); **ratio** = call / fx fuse;
 * **pipeline**: what the call does after capture (``bnfold.api.fold_captured`` on a graph captured outside the
   timer: passes, code, report) — the figure earlier versions of this script reported;
-* **check**: the parity check ``fold`` runs by default (``check=True``; ``bnfold.api._check``: a float32 forward of
-  a copy of the model, one of the folded module, one of a float64 copy), and **/ fwd** its cost in units of one
+* **check**: the parity check ``fold`` runs by default (``check=True``; ``bnfold.api._check``: a float64 copy of
+  the model and its forward, a forward of the folded module, and a float32 copy of the model and its forward only
+  when the folded module's error is not within the float64 rule's floor), and **/ fwd** its cost in units of one
   float32 plus one float64 eval forward of the model on the same inputs;
 * **µs/node**: the symbolic call per node of the captured graph.
 

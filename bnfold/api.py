@@ -18,7 +18,6 @@ from torch import nn
 from bnfold import dynamic
 from bnfold.capture import Captured, CaptureMode
 from bnfold.capture import capture as _capture  # the fold() parameter `capture` shadows the name
-from bnfold.copying import copy_module
 from bnfold.errors import CaptureError, InputError
 from bnfold.ir.graph import compiled, module_path
 from bnfold.ir.ops import materialize_affines
@@ -144,13 +143,16 @@ def _collector_paused(pause: bool) -> Iterator[None]:
 
 
 def _check(model: nn.Module, folded: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, object]:
-    """The parity summary of ``folded`` against ``model`` on the example inputs: one forward of a copy of the
-    model in float32, one of the folded module, one of a float64 copy (:func:`bnfold.compare`). No batch
-    independence check: the folded module depends on the rest of its batch only where the model itself does (a
-    BatchNorm in training mode is left as it is), which the comparison with the model's outputs shows; it would
-    cost two more forwards."""
+    """The parity summary of ``folded`` against ``model`` on the example inputs (:func:`bnfold.compare` with
+    ``run_reference="when_needed"``): one forward of the folded module and one of a float64 copy of the model;
+    a float32 copy of the model runs too only when the folded module's error is not within the float64 rule's
+    floor (then its own error decides the bound). The caller's model is never run. No batch independence check:
+    the folded module depends on the rest of its batch only where the model itself does (a BatchNorm in training
+    mode is left as it is), which the comparison with the float64 outputs shows; it would cost two more
+    forwards."""
+    reference = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     try:
-        parity = compare(_reference(model), folded, inputs, batch_independence=False)
+        parity = compare(reference, folded, inputs, batch_independence=False, run_reference="when_needed")
     except InputError as err:  # the original ran on these inputs when it was captured: this is ours
         raise RuntimeError(f"the folded module failed where the original ran: {err.message}") from err
     return parity.summary()
@@ -291,14 +293,6 @@ def inspect(
     report = fold(model, example_inputs, capture=capture, check=False, reparameterize=reparameterize).report
     report.dry_run = True
     return report
-
-
-def _reference(model: nn.Module) -> nn.Module:
-    """What the check runs as the original: a copy (a forward may change a module's state; the caller's model is
-    never run), or an exported program's module."""
-    if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
-    return copy_module(model)
 
 
 def build_report(mode: str, run: PipelineResult, gm: torch.fx.GraphModule | None = None) -> FoldReport:

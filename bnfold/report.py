@@ -132,10 +132,13 @@ def _short(reason: str, width: int = 60) -> str:
 
 def _render_parity(p: dict[str, Any]) -> str:
     verdict = "PASS" if p.get("passed") else "FAIL"
-    parts = [f"parity {verdict}: max abs {p.get('max_abs', float('nan')):.3g}, "
+    against = " vs float64" if p.get("against") == "float64" else ""
+    parts = [f"parity {verdict}: max abs{against} {p.get('max_abs', float('nan')):.3g}, "
              f"max rel {p.get('max_rel', float('nan')):.3g}, cosine {p.get('cosine', float('nan')):.9f}"]
-    if "rmse_vs_fp64" in p:
+    if "reference_rmse_vs_fp64" in p:
         parts.append(f"rmse vs fp64: folded {p['rmse_vs_fp64']:.3g}, original {p['reference_rmse_vs_fp64']:.3g}")
+    elif "rmse_vs_fp64" in p:  # the original was not run: the folded module is within the rule's floor
+        parts.append(f"rmse vs fp64: folded {p['rmse_vs_fp64']:.3g} ≤ floor {p['bound']:.3g}")
     if p.get("batch_independent") is False:
         parts.append("output depends on the rest of the batch (a BatchNorm still uses batch statistics?)")
     if p.get("diverging_node"):

@@ -141,8 +141,8 @@ def test_folded_module_is_a_plain_compiled_graph_module() -> None:
 
 
 def test_report_times_the_parity_check_apart() -> None:
-    """The default check is timed on its own (issue 25): one float32 forward of a copy of the model, one of the
-    folded module and one of a float64 copy — no batch-independence forwards."""
+    """The default check is timed on its own (issue 25): one forward of the folded module and one of a float64
+    copy of the model — no batch-independence forwards (tests/parity/test_lazy_reference.py counts them)."""
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
     x = torch.randn(2, 3, 8, 8)
     report = bnfold.fold(model, x, capture="symbolic").report

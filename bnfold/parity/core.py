@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.fx
 
 from bnfold.batches import positional_arity
+from bnfold.copying import copy_module
 from bnfold.parity.independence import BatchIndependence, check_batch_independence
 from bnfold.parity.inputs import (
     Batch,
@@ -50,6 +51,9 @@ class ParityReport:
     batch_independence: BatchIndependence | None = None
     localization: Localization | None = None
     reference_fp64: bool = False
+    against: str = "reference"
+    """What the metrics (max abs, cosine, SQNR, top-k) compare the candidate with: ``"reference"``, or
+    ``"float64"`` when the reference itself was not run (``compare(..., run_reference="when_needed")``)."""
 
     @property
     def passed(self) -> bool:
@@ -73,11 +77,14 @@ class ParityReport:
             "cosine": min(o.cosine for o in self.outputs),
             "inputs": self.inputs,
         }
+        if self.against != "reference":
+            out["against"] = self.against
         with_ref = [o for o in self.outputs if o.rmse_vs_fp64 is not None]
         if with_ref:
             worst = max(with_ref, key=lambda o: o.ratio)
             out["rmse_vs_fp64"] = worst.rmse_vs_fp64
-            out["reference_rmse_vs_fp64"] = worst.reference_rmse_vs_fp64
+            if worst.reference_rmse_vs_fp64 is not None:
+                out["reference_rmse_vs_fp64"] = worst.reference_rmse_vs_fp64
             out["bound"] = worst.bound
         out["sqnr_db"] = json_safe(min(o.sqnr_db for o in self.outputs))
         top1 = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
@@ -100,6 +107,7 @@ class ParityReport:
             "batches": self.batches,
             "samples": self.samples,
             "reference_fp64": self.reference_fp64,
+            "against": self.against,
             "notes": list(self.notes),
             "errors": list(self.errors),
             "outputs": [asdict(o) for o in self.outputs],
@@ -156,6 +164,8 @@ def _pct(x: float | None) -> str:
 def _vs64(o: OutputParity) -> str:
     if o.rmse_vs_fp64 is None:
         return f"- ({o.not_close} not close)"
+    if o.reference_rmse_vs_fp64 is None:
+        return f"{o.rmse_vs_fp64:.3g} / not run ≤ {o.bound:.3g}"
     return f"{o.rmse_vs_fp64:.3g} / {o.reference_rmse_vs_fp64:.3g} ≤ {o.bound:.3g}"
 
 
@@ -184,7 +194,10 @@ def judge(reference_outputs: Sequence[Sequence[torch.Tensor]], candidate_outputs
 def _judge_once(reference_outputs: Sequence[Sequence[torch.Tensor]],
                 candidate_outputs: Sequence[Sequence[torch.Tensor]],
                 reference64_outputs: Sequence[Sequence[torch.Tensor]] | None, tolerance: Tolerance | None,
-                depth: int, noise64_outputs: Noise64) -> tuple[ParityReport, list[float]]:
+                depth: int, noise64_outputs: Noise64,
+                dtype_of: Literal["reference", "candidate"] = "reference") -> tuple[ParityReport, list[float]]:
+    """One verdict; the per-dtype tolerance of each output from the reference's dtype, or the candidate's
+    (``dtype_of="candidate"``: the float64 outputs stand in for a reference that was not run)."""
     report = ParityReport(batches=len(reference_outputs))
     totals: list[OutputStats] = []
     tols: list[Tolerance] = []
@@ -203,7 +216,7 @@ def _judge_once(reference_outputs: Sequence[Sequence[torch.Tensor]],
         for i, (r, c) in enumerate(zip(ref, cand, strict=True)):
             if i == len(totals):
                 totals.append(OutputStats())
-                tols.append(tolerance or Tolerance.for_dtype(r.dtype, depth))
+                tols.append(tolerance or Tolerance.for_dtype((c if dtype_of == "candidate" else r).dtype, depth))
             stats = OutputStats()
             try:
                 noise = [d[k][i] for d in noise64_outputs if len(d[k]) == len(ref)]
@@ -266,6 +279,7 @@ def compare(
     seed: int = 0,
     batch_independence: bool = True,
     localize: bool = True,
+    run_reference: Literal["always", "when_needed"] = "always",
 ) -> ParityReport:
     """Run ``reference`` and ``candidate`` (anything callable on torch tensors) on ``inputs`` and judge parity.
 
@@ -278,17 +292,40 @@ def compare(
     per-dtype defaults (:meth:`Tolerance.for_dtype`). ``batch_independence``: also check that the candidate's
     output for a sample does not depend on the rest of the batch. ``localize``: when a ``GraphModule``
     candidate fails, find the first node whose output diverges (:func:`bnfold.parity.localize.localize`).
+
+    ``run_reference="when_needed"`` (``reference`` an ``nn.Module``, which is then never run itself: a forward
+    may change a module's state): the candidate is first judged against the float64 reference alone, with the
+    rule's floor as the bound — ``rmse(c, t) ≤ floor`` implies ``rmse(c, t) ≤ m · rmse(r, t) + floor`` whatever
+    the reference's own error, so this verdict is the rule's. When every output passes so, the reference is not
+    run at all: the report's metrics compare the candidate with the float64 outputs (``report.against ==
+    "float64"``) and no output has a ``reference_rmse_vs_fp64``. Otherwise a copy of the reference is run and
+    judged as with ``"always"`` (the float64 outputs are reused). The check :func:`bnfold.fold` runs by default:
+    one forward of the candidate and one float64 forward, unless the candidate is near its bound.
     """
     if inputs is None:
         batches = random_inputs(example_inputs, input_shapes, seed=seed)
         source = "random"
     else:
         batches, source = read_batches(inputs, positional_arity(reference)), "user"  # a re-iterable: re-read
-    ref_out = run_batches(reference, batches)
-    cand_out = run_batches(candidate, batches)
-    ref64_out, note64 = run_reference64(reference, reference64, batches)
-    report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=rounding_depth(reference),
-                           storage_noise=lambda: storage_noise64(reference, batches))
+    depth = rounding_depth(reference)
+    ratios: list[float] = []
+    if run_reference == "when_needed":
+        if not isinstance(reference, torch.nn.Module):
+            raise TypeError("compare(run_reference='when_needed') needs the reference as an nn.Module")
+        cand_out = run_batches(candidate, batches)
+        ref64_out, note64 = run_reference64(reference, reference64, batches)
+        report = _floor_verdict(cand_out, ref64_out, tolerance, depth)
+        if report is None:
+            reference = copy_module(reference)
+            ref_out = run_batches(reference, batches)
+    else:
+        ref_out = run_batches(reference, batches)
+        cand_out = run_batches(candidate, batches)
+        ref64_out, note64 = run_reference64(reference, reference64, batches)
+        report = None
+    if report is None:
+        report, ratios = judge(ref_out, cand_out, ref64_out, tolerance=tolerance, depth=depth,
+                               storage_noise=lambda: storage_noise64(reference, batches))
     report.inputs = source
     if source == "random":
         shapes = ", ".join("x".join(map(str, t.shape)) for t in batches[0])
@@ -297,9 +334,11 @@ def compare(
     if note64:
         report.notes.append(note64)
     if batch_independence:
-        report.batch_independence = check_batch_independence(candidate, batches, reference=reference,
+        unrun = report.against != "reference"  # the caller's module, which is not run: a copy is, when asked
+        ref_bi = (lambda *args, m=reference: copy_module(m)(*args)) if unrun else reference
+        report.batch_independence = check_batch_independence(candidate, batches, reference=ref_bi,
                                                              tolerance=tolerance)
-    if localize and not all(o.passed for o in report.outputs) and not report.errors \
+    if localize and not report.passed and report.against == "reference" and not report.errors \
             and isinstance(candidate, torch.fx.GraphModule) and isinstance(reference, torch.nn.Module):
         from bnfold.parity.localize import localize as localize_node
 
@@ -309,4 +348,22 @@ def compare(
         except Exception as exc:  # localization is a diagnosis aid; it must never hide the verdict
             log.debug("localization failed", exc_info=True)
             report.notes.append(f"localization failed: {type(exc).__name__}: {exc}")
+    return report
+
+
+def _floor_verdict(candidate_outputs: Sequence[Sequence[torch.Tensor]],
+                   reference64_outputs: Sequence[Sequence[torch.Tensor]] | None, tolerance: Tolerance | None,
+                   depth: int) -> ParityReport | None:
+    """The float64 rule's verdict without the reference's outputs, when it can be given: every output's
+    ``rmse(c, t)`` within the floor (the rule's bound with ``rmse(r, t) = 0``, the tolerance of the candidate's
+    dtype) — the metrics then against the float64 outputs, ``reference_rmse_vs_fp64`` unknown (``None``).
+    ``None`` when some output is not within it (or holds a NaN, a non-finite mismatch…): the reference must run."""
+    if reference64_outputs is None:
+        return None
+    report, _ = _judge_once(reference64_outputs, candidate_outputs, reference64_outputs, tolerance, depth, (),
+                            dtype_of="candidate")
+    if not report.passed or not report.reference_fp64:
+        return None
+    report.outputs = [replace(o, reference_rmse_vs_fp64=None) for o in report.outputs]
+    report.against = "float64"
     return report
