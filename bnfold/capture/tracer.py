@@ -20,11 +20,15 @@ carries the *fake* value of what it stands for (``FakeTensorMode``: shapes, dtyp
 from __future__ import annotations
 
 import contextlib
+import dis
+import functools
 import inspect
 import logging
 import operator
 import os
+import sys
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
 from typing import Any
@@ -44,6 +48,47 @@ __all__ = ["BnfoldTracer", "DataDependentControlFlow", "GuidedTracer", "Symbolic
 log = logging.getLogger(__name__)
 
 _NO_VALUE = object()
+
+
+class UnpackingProxy(Proxy):
+    """fx's ``Proxy``, whose ``a, b, c = proxy`` (``Proxy.__iter__``: one ``getitem`` per target when the caller's
+    instruction is ``UNPACK_SEQUENCE``) reads that instruction from a per-code-object table instead of
+    disassembling the caller's whole function at every unpacking — a tenth of a symbolic capture of timm's LeViT,
+    whose attention unpacks shapes and splits; transformers write ``B, N, C = x.shape`` everywhere."""
+
+    def __iter__(self) -> Iterator[Proxy]:
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is None:
+            return super().__iter__()
+        targets = _unpacked_targets(caller.f_code, caller.f_lasti)
+        if targets is not None:
+            return (self[i] for i in range(targets))
+        return self.tracer.iter(self)
+
+    def __getattr__(self, k: str) -> Any:
+        return UnpackingAttribute(self, k)
+
+
+class UnpackingAttribute(Attribute, UnpackingProxy):
+    """``proxy.attr`` (fx's lazy ``Attribute``) that unpacks as :class:`UnpackingProxy` does."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _instructions(code: Any) -> tuple[list[int], list[tuple[str, Any]]]:
+    """Offsets and (opname, argval) of ``code``'s instructions, as ``dis.get_instructions`` lists them."""
+    listed = list(dis.get_instructions(code))
+    return [i.offset for i in listed], [(i.opname, i.argval) for i in listed]
+
+
+def _unpacked_targets(code: Any, lasti: int) -> int | None:
+    """How many targets the instruction at ``lasti`` unpacks into, or ``None`` when it is no
+    ``UNPACK_SEQUENCE`` — the instruction ``Proxy.__iter__`` looks at (the first at or after ``lasti`` on
+    Python ≥ 3.11, the ``lasti // 2``-th before)."""
+    offsets, ops = _instructions(code)
+    k = bisect_left(offsets, lasti) if sys.version_info >= (3, 11) else lasti // 2
+    opname, argval = ops[k]
+    return int(argval) if opname == "UNPACK_SEQUENCE" else None
 
 
 class BnfoldTracer(torch.fx.Tracer):
@@ -110,6 +155,9 @@ class BnfoldTracer(torch.fx.Tracer):
                 index.setdefault(id(v), (n, v))
         entry = index.get(id(t))
         return entry[0] if entry is not None and entry[1] is t else None
+
+    def proxy(self, node: torch.fx.Node) -> Proxy:
+        return UnpackingProxy(node, self)
 
     def _is_submodule(self, m: nn.Module) -> bool:
         try:
@@ -187,7 +235,7 @@ class DataDependentControlFlow(TraceError):
     """The model takes a Python decision on tensor values while being traced: a graph cannot hold it."""
 
 
-class GuidedProxy(Proxy):
+class GuidedProxy(UnpackingProxy):
     """A proxy whose tracer knows the fake value of what it stands for (see :class:`GuidedTracer`)."""
 
     tracer: GuidedTracer
