@@ -176,34 +176,45 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, workdir: Path
         engines[label] = (lambda a=a: a(*x))
         if label == "tvm tuned":
             t = a.build_info["tuning"]
-            info["tuning"] = {"trials_run": t["trials_run"], "seconds": t["seconds"]}
+            info["tuning"] = {"trials_run": t["trials_run"], "seconds": t["seconds"],
+                              "failed_runs": t.get("failed_runs"), "failed_builds": t.get("failed_builds")}
     info["timings"] = _time_interleaved(engines, args.rounds, args.per_round, args.warmup)
     return info
 
 
 def table(results: list[dict[str, Any]], engines: list[str]) -> str:
-    """Medians (ms) per engine and TVM's ratios to eager and ORT."""
+    """Medians (ms) per engine and TVM's ratios to eager and ORT (untuned, and tuned when it ran); the summary
+    lines give the medians, the worst model and, for tuning, its budget, time and lost trials."""
     cols = [e for e in ["eager", "inductor", "ort", "openvino", "tvm", "tvm tuned"] if e in engines]
-    head = "| model | " + " | ".join(f"{c} ms" for c in cols) + " | TVM / eager | TVM / ORT | parity |"
-    lines = [head, "|---|" + "---:|" * (len(cols) + 2) + "---|"]
+    tuned = "tvm tuned" in cols
+    head = ("| model | " + " | ".join(f"{c} ms" for c in cols) + " | TVM / eager | TVM / ORT |"
+            + (" tuned / ORT |" if tuned else "") + " parity |")
+    lines = [head, "|---|" + "---:|" * (len(cols) + 2 + tuned) + "---|"]
     for r in results:
         t = {k: v["median_ms"] for k, v in r.get("timings", {}).items()}
         cells = [f"{t[c]:.2f}" if c in t else "—" for c in cols]
-        tvm = t.get("tvm")
         eager, ort = t.get("eager"), t.get("ort")
-        ratio_e = f"{tvm / eager:.2f}" if tvm and eager else "—"
-        ratio_o = f"{tvm / ort:.2f}" if tvm and ort else "—"
-        par = r.get("tvm parity")
-        lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {ratio_e} | {ratio_o} | "
-                     f"{'PASS' if par and par['passed'] else 'FAIL' if par else '—'} |")
-    ratios = [r["timings"]["tvm"]["median_ms"] / r["timings"]["ort"]["median_ms"] for r in results
-              if "tvm" in r.get("timings", {}) and "ort" in r.get("timings", {})]
-    slower = [r["model"] for r in results if "tvm" in r.get("timings", {})
-              and r["timings"]["tvm"]["median_ms"] >= r["timings"]["eager"]["median_ms"]]
-    if ratios:
-        lines.append("")
-        lines.append(f"TVM untuned / ORT: median {statistics.median(ratios):.2f}, worst {max(ratios):.2f}; "
-                     f"slower than eager: {', '.join(slower) or 'none'}")
+        ratios = [f"{t['tvm'] / eager:.2f}" if t.get("tvm") and eager else "—",
+                  f"{t['tvm'] / ort:.2f}" if t.get("tvm") and ort else "—"]
+        if tuned:
+            ratios.append(f"{t['tvm tuned'] / ort:.2f}" if t.get("tvm tuned") and ort else "—")
+        verdicts = [r.get(k) for k in ("tvm parity", "tvm tuned parity") if r.get(k)]
+        par = "—" if not verdicts else "PASS" if all(v["passed"] for v in verdicts) else "FAIL"
+        lines.append(f"| {r['model']} | " + " | ".join(cells + ratios) + f" | {par} |")
+    for engine, label in (("tvm", "TVM untuned"), ("tvm tuned", "TVM tuned")):
+        ratios_ = [r["timings"][engine]["median_ms"] / r["timings"]["ort"]["median_ms"] for r in results
+                   if engine in r.get("timings", {}) and "ort" in r.get("timings", {})]
+        slower = [r["model"] for r in results if engine in r.get("timings", {})
+                  and r["timings"][engine]["median_ms"] >= r["timings"]["eager"]["median_ms"]]
+        if ratios_:
+            lines.append("")
+            lines.append(f"{label} / ORT: median {statistics.median(ratios_):.2f}, worst {max(ratios_):.2f}; "
+                         f"slower than eager: {', '.join(slower) or 'none'}")
+    runs = [r["tuning"] for r in results if r.get("tuning")]
+    if runs:
+        lines.append(f"tuning: {sum(t['trials_run'] for t in runs)} trials in {sum(t['seconds'] for t in runs):.0f} s "
+                     f"over {len(runs)} models; runner workers lost: {sum(t.get('failed_runs') or 0 for t in runs)}, "
+                     f"candidates that did not build: {sum(t.get('failed_builds') or 0 for t in runs)}")
     return "\n".join(lines)
 
 

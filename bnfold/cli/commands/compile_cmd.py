@@ -108,6 +108,10 @@ def _print_summary(out: str, info: dict) -> None:
     if tuning.get("trials_requested"):
         print(f"tuning: {tuning['trials_run']} trials in {tuning['seconds']:.0f} s over {len(tuning['tasks'])} "
               f"kernels (database {tuning['database']})")
+        lost = tuning.get("failed_runs", 0) + tuning.get("failed_builds", 0)
+        if lost:
+            print(f"tuning: {tuning.get('failed_builds', 0)} candidate(s) did not compile and the runner lost "
+                  f"{tuning.get('failed_runs', 0)} (the best of the others is used)")
     if tuning.get("note"):
         print(f"tuning: {tuning['note']}")
     untuned = tuning.get("untuned") or []

@@ -13,6 +13,10 @@
   kernels, whose transforms the stock rules do not know (:func:`_by_space`); before searching, each task's
   default hand schedule is measured and committed, so the database's best is never worse than the untuned
   build and the search starts from it.
+* **Valid inputs**: candidates are measured on random floats and zero integer arguments
+  (:mod:`bnfold.targets.tvm.measure_inputs`): MetaSchedule's random integers made every gather (``take``)
+  candidate read outside its table and crash the measuring subprocess. ``TuningSummary.failed_runs`` counts the
+  candidates the runner lost anyway; ``failed_builds`` those that did not compile.
 * **Fail fast**: when every candidate of a task's first batch fails to build or run, tuning stops with the first
   error instead of spending the rest of the budget on the same failure.
 * **Speed**: MetaSchedule's stock builder starts two fresh Python+TVM worker processes for *every* batch of
@@ -43,6 +47,7 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from bnfold.errors import BnfoldError
 from bnfold.targets.tvm.budget import allocate_trials, group_by_budget
 from bnfold.targets.tvm.cache import TuningCache, latency_costs, model_key, warm_start, workload_key
+from bnfold.targets.tvm.measure_inputs import valid_alloc_argument
 from bnfold.targets.tvm.schedules import default_schedule, has_tile_transforms, params_for, tiled_space
 from bnfold.targets.tvm.target import TargetSpec
 from bnfold.targets.tvm.tasks import TaskInfo
@@ -63,6 +68,7 @@ class TuningProgress:
     total: int
     done: int = 0
     errors: int = 0
+    run_errors: int = 0  # candidates built but not measured: the runner's subprocess raised, crashed or timed out
     succeeded: int = 0
     aborted: bool = False
     first_error: str | None = None
@@ -102,6 +108,7 @@ class _ProgressCallback(PyMeasureCallback):
             if msg is not None:
                 failed += 1
                 p.errors += 1
+                p.run_errors += b.error_msg is None
                 if p.first_error is None:
                     p.first_error = str(msg)
                     log.warning("a tuning trial failed (later failures are only counted): %s", msg[-2000:])
@@ -178,6 +185,8 @@ class TuningSummary:
     database: str | None
     trials_requested: int
     trials_run: int = 0
+    failed_builds: int = 0  # candidates that did not compile (a schedule the target cannot build, a timeout)
+    failed_runs: int = 0  # compiled candidates the runner lost (its subprocess raised, crashed or timed out)
     seconds: float = 0.0
     tasks: list[dict[str, Any]] = field(default_factory=list)
     untuned: list[str] = field(default_factory=list)  # kernels compiled as legalized (no schedule at all)
@@ -237,11 +246,11 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
     builder = PooledBuilder(spec.num_cores, timeout_sec=build_timeout_s())
     try:
         with _tvm_env(spec.num_cores):
-            runner = ms.runner.LocalRunner(timeout_sec=60.0)
+            runner = ms.runner.LocalRunner(timeout_sec=60.0, f_alloc_argument=valid_alloc_argument)
             run_db = ms.database.JSONDatabase(work_dir=str(run_dir), module_equality="structural")
             warm_start(run_db, cache, [tasks[i] for i in todo])
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=spec.num_cores)
-            seeded = seed_defaults([tasks[i] for i in todo], spec, builder, runner, run_db)
+            seeded = seed_defaults([tasks[i] for i in todo], spec, builder, runner, run_db, tracker)
             log.info("default schedules measured and committed for %d of %d task(s)", seeded, len(todo))
             callbacks = [*ms.MeasureCallback.create("default"), _ProgressCallback(tracker, report)]
             for level, idx in group_by_budget([budget.get(i, 0) for i in range(len(tasks))]):
@@ -277,6 +286,8 @@ def tune(tasks: Sequence[TaskInfo], spec: TargetSpec, total_trials: int, cache: 
         ms_log.setLevel(user_level)
     shutil.rmtree(run_dir, ignore_errors=True)
     summary.trials_run = tracker.done
+    summary.failed_runs = tracker.run_errors
+    summary.failed_builds = tracker.errors - tracker.run_errors
     summary.seconds = round(tracker.elapsed_s, 1)
     return summary
 
@@ -315,9 +326,11 @@ def _by_space(group: Sequence[TaskInfo]) -> list[tuple[list[TaskInfo], bool]]:
     return [(subset, only) for subset, only in ((rest, False), (hand, True)) if subset]
 
 
-def seed_defaults(tasks: Sequence[TaskInfo], spec: TargetSpec, builder: Any, runner: Any, db: Any) -> int:
+def seed_defaults(tasks: Sequence[TaskInfo], spec: TargetSpec, builder: Any, runner: Any, db: Any,
+                  progress: TuningProgress | None = None) -> int:
     """Measure each task's default hand schedule and commit it to ``db`` as a tuning record (the search's
-    starting point, and the floor of what tuning can return). Returns how many were committed."""
+    starting point, and the floor of what tuning can return). Returns how many were committed; a measurement
+    the runner lost is counted in ``progress.run_errors``."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
@@ -334,6 +347,9 @@ def seed_defaults(tasks: Sequence[TaskInfo], spec: TargetSpec, builder: Any, run
         res = fut.result()
         if res.error_msg is not None or not res.run_secs:
             log.warning("default schedule of %s could not be measured: %s", t.name, str(res.error_msg)[-500:])
+            if progress is not None and res.error_msg is not None:
+                progress.errors += 1
+                progress.run_errors += 1
             continue
         db.commit_tuning_record(ms.database.TuningRecord(
             s.trace, db.commit_workload(t.workload), [float(v) for v in res.run_secs], spec.target,
