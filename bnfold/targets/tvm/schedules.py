@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 6
+LOWERING_VERSION = 7
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -160,6 +160,11 @@ def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> s_t
     if len(consumers) != 1 or not _reads_pointwise(sch, consumers[0], block):
         return None  # e.g. a Winograd output transform: it reads a whole tile of the product
     while len(consumers) == 1 and sch.get_consumers(consumers[0]):
+        after = sch.get_consumers(consumers[0])
+        if len(after) == 1 and not _reads_pointwise(sch, after[0], consumers[0]):
+            # a broadcast (a squeeze-excite gate times the feature map): the epilogue stops before it, so the
+            # gate is computed once per channel, not once per pixel, and the broadcast runs as its own loop
+            break
         sch.compute_inline(consumers[0])
         consumers = sch.get_consumers(block)
     return consumers[0] if len(consumers) == 1 else None
