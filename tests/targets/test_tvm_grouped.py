@@ -143,3 +143,54 @@ def test_depthwise_net_matches_folded_and_float64(mcpu, tmp_path):
     x = torch.randn(1, 3, 40, 40)
     model, gm = _fold(DepthwiseNet(), x)
     compile_untuned_and_check(model, gm, x, mcpu, tmp_path / "cache")
+
+
+def _scheduled_kernels(gm: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
+    """Each kernel of the untuned CPU build (host ISA) with its hand schedule applied, by name."""
+    from tvm import s_tir
+
+    from bnfold.targets.tvm.build import kernel_tasks
+    from bnfold.targets.tvm.importer import import_torch
+    from bnfold.targets.tvm.schedules import default_schedule, params_for
+    from bnfold.targets.tvm.target import cpu_target
+
+    spec = cpu_target()
+    out = {}
+    for t in kernel_tasks(import_torch(gm, (x,)), spec, prepack=True):
+        sch = default_schedule(t.workload["main"], params_for(spec.target))
+        assert sch is not None, t.name
+        out[t.name] = s_tir.Schedule(sch.mod)
+    return out
+
+
+def _parallel_loops(sch: object) -> int:
+    return str(sch.mod["main"]).count("T.parallel(")
+
+
+def test_silu_epilogue_is_one_loop_nest_and_se_gate_is_per_channel():
+    """A conv + SiLU (the product read twice: x · sigmoid(x)) is one parallel loop nest, its epilogue computed from
+    registers; an SE block's fc2 + sigmoid + broadcast multiply computes the gate once per channel."""
+    from tvm import tirx as tir
+
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 40, 40)
+    _, gm = _fold(DepthwiseNet(), x)
+    kernels = _scheduled_kernels(gm, x)
+    silu = [n for n in kernels if "depthwise" in n and "sigmoid" in n]
+    assert silu, sorted(kernels)
+    for name in silu:
+        assert _parallel_loops(kernels[name]) == 1, (name, kernels[name].mod)
+    gates = 0
+    for name in [n for n in kernels if n.startswith("fused_conv2d") and "sigmoid" in n]:
+        sch = kernels[name]
+        blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if "sigmoid" in sch.get(b).name_hint]
+        if not blocks:  # fc1 + SiLU: pointwise, folded into the epilogue
+            assert _parallel_loops(sch) == 1, (name, sch.mod)
+            continue
+        gates += 1  # fc2 + sigmoid gate, then the broadcast multiply over the feature map
+        iterations = 1
+        for lp in sch.get_loops(blocks[0]):
+            ext = sch.get(lp).extent
+            iterations *= int(ext) if isinstance(ext, tir.IntImm) else 1
+        assert iterations == 32, (name, sch.mod)  # 32 channels, not 32 × H × W
+    assert gates == 1, sorted(kernels)
