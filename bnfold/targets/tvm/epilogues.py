@@ -13,7 +13,9 @@ and a parallel region more, per layer (in ViT-tiny 36 of them per call). Rewritt
     reshape(reshape(x, S₁), S₂)       →  reshape(x, S₂)
     reshape(x, shape(x))              →  x
 
-(``g`` commutative for the swapped operand order.) Every rewrite computes the same values in the same order;
+(``g`` commutative for the swapped operand order; ``x`` computed in the function, not a parameter: a conv's bias
+is imported as ``add(conv, reshape(b, (1, C, 1, 1)))``, and on a 1×1 map — a squeeze-excite conv — moving that
+add to the bias's side took it out of the conv's kernel.) Every rewrite computes the same values in the same order;
 reshapes of a contiguous tensor are views, so the ``reshape(y, …)`` of a residual costs nothing.
 """
 
@@ -98,8 +100,8 @@ def _rewrite(call: relax.Call, bound: Mapping[relax.Var, relax.Expr]) -> relax.E
                 break
             r, other = call.args[i], call.args[1 - i]
             x = _reshape_source(r, bound, widening=True)
-            if x is None:
-                continue
+            if x is None or x not in bound:
+                continue  # a reshaped parameter (a conv's bias): nothing to move towards
             xs, s, os_ = _shape(x), _shape(r), _shape(other)
             if os_ is None or _shape(call) != s:
                 continue

@@ -18,7 +18,8 @@ output block is its consumer's input block and no transform sits between them:
 
 Depthwise convs (``groups = C_in = C_out``) take ``NCHW[b]c`` data and ``OIHW1i[b]o`` weights: ``out[n, C_o, y,
 x, c] = Σ_{i,j} x[n, C_o, y·s + i·d, x·s + j·d, c] · w[C_o, 0, i, j, 0, c]`` — channels stay in their vector
-lanes, the window is the reduction. Other grouped convs stay NCHW.
+lanes, the window is the reduction. Other grouped convs are blocked when their groups are whole blocks or their
+blocks whole groups (:mod:`bnfold.targets.tvm.grouped`), else they stay NCHW.
 
 Relax's stock legalization refuses sub-indexed layouts ("channel chunk cannot be legalized by TOPI"), so
 :func:`legalize_conv2d` legalizes them itself: TOPI's ``conv2d_NCHWc`` compute for ordinary convs, the depthwise
@@ -36,6 +37,7 @@ from collections.abc import Callable, Sequence
 import tvm
 from tvm import relax, te, topi
 
+from bnfold.targets.tvm.grouped import grouped_layouts, legalize_grouped
 from bnfold.targets.tvm.winograd import is_static, winograd_conv2d_nchwc, winograd_tile, winograd_weight_transform
 
 __all__ = ["blocked_conv_passes", "channel_block", "conv_layouts", "legalize_conv2d"]
@@ -80,7 +82,7 @@ def conv_layouts(call: relax.Call, lanes: int) -> list[str]:
         return [_blocked("NCHW", bi), f"OIHW{bi}i{bo}o", _blocked("NCHW", bo)]
     if groups == c_in == c_out and bo % 4 == 0:
         return [_blocked("NCHW", bo), f"OIHW1i{bo}o", _blocked("NCHW", bo)]
-    return own
+    return grouped_layouts(c_in, c_out, groups, bi, bo) or own
 
 
 def _layout_callback(lanes: int) -> Callable[[relax.Call], dict[str, list[str]]]:
@@ -150,6 +152,9 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if kernel_layout.startswith("OIHW1i") and data_layout == out_layout:
         return bb.call_te(depthwise_conv2d_nchwc, call.args[0], call.args[1], a.strides, a.padding,
                           a.dilation, out_dtype, primfunc_name_hint="depthwise_conv2d_NCHWc")
+    grouped = legalize_grouped(bb, call, out_dtype)
+    if grouped is not None:
+        return grouped
 
     def unpacked(data: te.Tensor, kernel: te.Tensor) -> te.Tensor:
         d = topi.layout_transform(data, data_layout, "NCHW")

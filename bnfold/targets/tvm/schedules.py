@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 6
+LOWERING_VERSION = 7
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -155,14 +155,40 @@ def _vector_axis(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, weight_onl
 
 
 def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> s_tir.schedule.SBlockRV | None:
-    """Inline the elementwise chain after ``block`` into its last block; return that block (None: no epilogue)."""
+    """Inline the elementwise blocks after ``block`` into the last one; return that block (None: no epilogue).
+
+    A block is inlined into its consumers when every one of them reads it pointwise, so a diamond — SiLU's
+    ``x · sigmoid(x)`` reads the conv's output twice, through the sigmoid's stages and directly — folds into one
+    expression computed per tile from registers. A block read by a broadcast (a squeeze-excite gate times the
+    feature map) is not: the epilogue stops there, the gate is computed once per channel, not once per pixel,
+    and the broadcast runs as its own loop."""
     consumers = sch.get_consumers(block)
-    if len(consumers) != 1 or not _reads_pointwise(sch, consumers[0], block):
+    if not consumers or not all(_reads_pointwise(sch, c, block) for c in consumers):
         return None  # e.g. a Winograd output transform: it reads a whole tile of the product
-    while len(consumers) == 1 and sch.get_consumers(consumers[0]):
-        sch.compute_inline(consumers[0])
-        consumers = sch.get_consumers(block)
-    return consumers[0] if len(consumers) == 1 else None
+    changed = True
+    while changed:
+        changed = False
+        for b in _downstream(sch, block):
+            after = sch.get_consumers(b)
+            if not after or _is_reduction(sch, b) or not all(_reads_pointwise(sch, a, b) for a in after):
+                continue
+            sch.compute_inline(b)
+            changed = True
+            break
+    consumers = sch.get_consumers(block)
+    return consumers[0] if len(consumers) == 1 and _reads_pointwise(sch, consumers[0], block) else None
+
+
+def _downstream(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[s_tir.schedule.SBlockRV]:
+    """The blocks that read ``block``'s output, directly or through others, in program order."""
+    names, todo = set(), [block]
+    while todo:
+        for c in sch.get_consumers(todo.pop()):
+            name = sch.get(c).name_hint
+            if name not in names:
+                names.add(name)
+                todo.append(c)
+    return [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint in names]
 
 
 def _reads_pointwise(sch: s_tir.Schedule, consumer: s_tir.schedule.SBlockRV,
