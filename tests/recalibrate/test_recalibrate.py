@@ -234,18 +234,19 @@ def test_fused_batch_norm_equals_training_mode_batch_norm_natively_and_in_the_fa
 
 def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
     """Every channel's sums are added in an order fixed by the shape alone: 1 and 2 intra-op threads give the
-    same bits, in each of the three layouts the kernels distinguish."""
+    same bits, in each of the four paths the kernels take."""
     ops = _require_native()
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)  # the autouse fixture restores the setting
-        for x in (torch.randn(16, 96, 28, 28, generator=torch.Generator().manual_seed(0)),  # row by row
-                  torch.randn(32, 40, 7, 7, generator=torch.Generator().manual_seed(2)),  # blocks of channels
+        for x in (torch.randn(4, 8, 128, 128, generator=torch.Generator().manual_seed(0)),  # row by row
+                  torch.randn(16, 96, 28, 28, generator=torch.Generator().manual_seed(3)),  # blocks, long rows
+                  torch.randn(33, 40, 7, 7, generator=torch.Generator().manual_seed(2)),  # blocks, short rows
                   torch.randn(64, 300, generator=torch.Generator().manual_seed(1))):  # rows of C values
             shift = torch.zeros(x.shape[1], dtype=torch.float64)
             y, _ = ops.batch_norm_measured(x, None, None, shift, torch.zeros(2, x.shape[1], dtype=torch.float64), 1e-5)
             results.append((ops.channel_sums(x, shift), y))
-    for (a, y1), (b, y2) in zip(results[:3], results[3:], strict=True):
+    for (a, y1), (b, y2) in zip(results[:4], results[4:], strict=True):
         assert torch.equal(a, b) and torch.equal(y1, y2)
 
 

@@ -22,11 +22,14 @@
 //       (y, the same "how far" as channel_moments_). Needs m ≥ 2.
 //
 // Every value is converted to float64 before it is shifted, squared and added: the sums carry float64 rounding
-// only (~1e-16 per addition, 34 partial sums per channel or row), no float32 accumulation anywhere. Work is split
-// with at::parallel_for (torch's intra-op threads; built with OpenMP against torch's runtime). (N, C, L) inputs
-// with long rows are summed row by row in memory order and normalized in a second pass, both split over threads
-// as torch splits its own kernels (each thread reads what was just written next to it); short rows go in blocks
-// of channels, read sample by sample, each block normalized right after it is summed, while it is in cache.
+// only (~1e-16 per addition; at most 34 partial sums, or L for rows of L < 128 values, per channel or row), no
+// float32 accumulation anywhere. Work is split with at::parallel_for (torch's intra-op threads; built with OpenMP
+// against torch's runtime). (N, C, L) inputs whose channels are too large for a block of several of them to stay
+// in cache (long rows, over kBlockBytes/4 per channel) are summed row by row in memory order and normalized in a
+// second pass, both split over threads as torch splits its own kernels (each thread reads what was just written
+// next to it); every other input goes in blocks of channels, read sample by sample, each block normalized right
+// after it is summed, while it is in cache. Short rows (L < 128) are summed down the samples, one partial sum per
+// position in the row (vectorized across the row, no per-row reduction), long rows into 34 lanes.
 // Every channel's additions happen in an order fixed by the shape alone: the bits do not depend on the number
 // of threads.
 #include <ATen/Dispatch.h>
@@ -50,7 +53,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;               // (N, C, L): partial sums per row or channel, added up at the end
 constexpr int64_t kChannelBlock = 64;        // rows of C values (channels-last, (N, C)): channels one task sums
-constexpr int64_t kBlockBytes = 384 * 1024;  // (N, C, L), short rows: values summed and normalized while in cache
+constexpr int64_t kBlockBytes = 384 * 1024;  // (N, C, L): values summed and normalized while in cache
 
 // Adds one row (L values of one channel) to that channel's partial sums: kLanes of them (two sets on long rows,
 // so that consecutive additions do not wait on each other), plus two for the last L mod kLanes values. The
@@ -99,39 +102,103 @@ inline void add_row(const T* row, int64_t l, double k, double* acc) {
 
 constexpr int64_t kAcc = 2 * kLanes + 2;  // partial sums per channel
 
-// (N, C, L) contiguous with short rows, split into blocks of channels whose values fill about kBlockBytes (at
-// least one channel).
-// A block is read sample by sample — for each n, its channels' rows are contiguous — so that memory is read in
-// long runs, and `done(lo, hi)` runs right after the block is summed, while its values are still in cache.
+// (N, C, L) contiguous, split into blocks of channels whose values fill about kBlockBytes (at least one channel;
+// at most kColumnBytes of partial sums). A block is read sample by sample — for each sample, its channels' rows
+// are contiguous — and `done(lo, hi)` runs right after the block is summed, while its values are still in cache.
+// Short rows (L < kLanesMin): every channel has L partial sums of each kind, one per position in the row
+// ("columns"): position j of every sample goes to partial j, kSampleGroup samples at a time (their values added
+// up first, in a fixed tree), so the loop over a row is vectorized across its positions and needs no per-row
+// reduction or reload of lanes; the L partials are added up once, at the end. Long rows: add_row's lanes.
+constexpr int64_t kSampleGroup = 4;
+constexpr int64_t kColumnBytes = 64 * 1024;
+constexpr int64_t kLanesMin = 128;
+
+template <typename T>
+inline void add_columns(const T* __restrict__ r0, int64_t stride, int64_t l, double k, double* __restrict__ s,
+                        double* __restrict__ q) {
+  const T* __restrict__ r1 = r0 + stride;
+  const T* __restrict__ r2 = r1 + stride;
+  const T* __restrict__ r3 = r2 + stride;
+#pragma omp simd
+  for (int64_t j = 0; j < l; ++j) {
+    const double d0 = static_cast<double>(r0[j]) - k;
+    const double d1 = static_cast<double>(r1[j]) - k;
+    const double d2 = static_cast<double>(r2[j]) - k;
+    const double d3 = static_cast<double>(r3[j]) - k;
+    s[j] += (d0 + d1) + (d2 + d3);
+    q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+  }
+}
+
+template <typename T>
+inline void add_column(const T* __restrict__ r0, int64_t l, double k, double* __restrict__ s,
+                       double* __restrict__ q) {
+#pragma omp simd
+  for (int64_t j = 0; j < l; ++j) {
+    const double d = static_cast<double>(r0[j]) - k;
+    s[j] += d;
+    q[j] += d * d;
+  }
+}
+
 template <typename T, typename Done>
 void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
+  const bool columns = l < kLanesMin;
   const int64_t per_channel = std::max<int64_t>(1, n * l * static_cast<int64_t>(sizeof(T)));
-  int64_t width = kBlockBytes / per_channel;
+  const int64_t acc_width = columns ? 2 * l : kAcc;
+  int64_t width = std::min(kBlockBytes / per_channel, kColumnBytes / (acc_width * static_cast<int64_t>(sizeof(double))));
   const int64_t threads = at::get_num_threads();
   if (threads > 1) {  // at least 4 blocks a thread, so that threads finish together (the bits do not change:
     width = std::min(width, (c + 4 * threads - 1) / (4 * threads));  // every channel is summed on its own)
   }
   width = std::clamp<int64_t>(width, 1, c);
   const int64_t blocks = (c + width - 1) / width;
+  const int64_t stride = c * l;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc(width * kAcc);
+    std::vector<double> acc(width * acc_width);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = b * width, hi = std::min(c, lo + width);
       std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t i = 0; i < n; ++i) {
+      if (columns) {
+        int64_t i = 0;
+        for (; i + kSampleGroup <= n; i += kSampleGroup) {
+          for (int64_t ch = lo; ch < hi; ++ch) {
+            double* cs = acc.data() + (ch - lo) * acc_width;
+            add_columns(x + i * stride + ch * l, stride, l, shift[ch], cs, cs + l);
+          }
+        }
+        for (; i < n; ++i) {
+          for (int64_t ch = lo; ch < hi; ++ch) {
+            double* cs = acc.data() + (ch - lo) * acc_width;
+            add_column(x + i * stride + ch * l, l, shift[ch], cs, cs + l);
+          }
+        }
         for (int64_t ch = lo; ch < hi; ++ch) {
-          add_row(x + (i * c + ch) * l, l, shift[ch], acc.data() + (ch - lo) * kAcc);
+          const double* cs = acc.data() + (ch - lo) * acc_width;
+          double total = 0.0, total_sq = 0.0;
+          for (int64_t j = 0; j < l; ++j) {
+            total += cs[j];
+            total_sq += cs[l + j];
+          }
+          s[ch] = total;
+          q[ch] = total_sq;
         }
-      }
-      for (int64_t ch = lo; ch < hi; ++ch) {
-        const double* a = acc.data() + (ch - lo) * kAcc;
-        double total = a[2 * kLanes], total_sq = a[2 * kLanes + 1];
-        for (int64_t v = 0; v < kLanes; ++v) {
-          total += a[v];
-          total_sq += a[kLanes + v];
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t ch = lo; ch < hi; ++ch) {
+            add_row(x + i * stride + ch * l, l, shift[ch], acc.data() + (ch - lo) * kAcc);
+          }
         }
-        s[ch] = total;
-        q[ch] = total_sq;
+        for (int64_t ch = lo; ch < hi; ++ch) {
+          const double* a = acc.data() + (ch - lo) * kAcc;
+          double total = a[2 * kLanes], total_sq = a[2 * kLanes + 1];
+          for (int64_t v = 0; v < kLanes; ++v) {
+            total += a[v];
+            total_sq += a[kLanes + v];
+          }
+          s[ch] = total;
+          q[ch] = total_sq;
+        }
       }
       done(lo, hi);
     }
@@ -172,17 +239,17 @@ void sums_ncl_rowwise(const T* x, const double* shift, double* s, double* q, int
   done(0, c);
 }
 
-// Rows of at least this many values are summed row by row (sums_ncl_rowwise), shorter ones in blocks of channels
-// (per-row partial sums would cost more than the row). Both orders are fixed by the shape alone.
-constexpr int64_t kRowwiseMin = 128;
-
-inline bool rowwise(int64_t l) {
-  return l >= kRowwiseMin;
+// Channels of more than a quarter of kBlockBytes (long rows: L ≥ kLanesMin) are summed row by row
+// (sums_ncl_rowwise): a block of channels would hold too few channels to stay in cache until it is normalized.
+// Every other input goes in blocks of channels. Both orders are fixed by the shape alone.
+template <typename T>
+inline bool rowwise(int64_t n, int64_t l) {
+  return l >= kLanesMin && 4 * n * l * static_cast<int64_t>(sizeof(T)) > kBlockBytes;
 }
 
 template <typename T, typename Done>
 void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
-  if (rowwise(l)) {
+  if (rowwise<T>(n, l)) {
     sums_ncl_rowwise(x, shift, s, q, n, c, l, done);
   } else {
     sums_ncl_blocked(x, shift, s, q, n, c, l, done);
@@ -377,7 +444,7 @@ void normalize_measured(const Layout& in, const double* k, const double* wp, con
       }
       return;
     }
-    if (rowwise(l)) {
+    if (rowwise<T>(n, l)) {
       return;  // normalized below, in memory order, once every channel's α and β are known
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -386,7 +453,7 @@ void normalize_measured(const Layout& in, const double* k, const double* wp, con
       }
     }
   });
-  if (!rows && rowwise(l)) {
+  if (!rows && rowwise<T>(n, l)) {
     at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / l), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         normalize_row(x + r * l, out + r * l, l, alpha[r % c], beta[r % c]);
