@@ -283,8 +283,8 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
             at += layer.channels
         counts = torch.tensor([layer.channels for layer in done])
         eps = torch.repeat_interleave(torch.tensor([layer.eps for layer in done], dtype=torch.float64), counts)
-        d, r, _ = drift_metrics(torch.cat([layer.stored_mean.double() for layer in done]),
-                                torch.cat([layer.stored_var.double() for layer in done]), mean, var, eps)
+        d, r, _ = drift_metrics(torch.cat([layer.stored_mean.reshape(-1) for layer in done]),
+                                torch.cat([layer.stored_var.reshape(-1) for layer in done]), mean, var, eps)
         segment = torch.repeat_interleave(torch.arange(len(done)), counts)
         squares = torch.zeros(2, len(done), dtype=torch.float64)
         squares[0].index_add_(0, segment, d.square())

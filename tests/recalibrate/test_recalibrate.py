@@ -234,20 +234,32 @@ def test_fused_batch_norm_equals_training_mode_batch_norm_natively_and_in_the_fa
 
 def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
     """Every channel's sums are added in an order fixed by the shape alone: 1 and 2 intra-op threads give the
-    same bits, in each of the four paths the kernels take."""
+    same bits, in each of the paths the kernels take — with 2 threads the blocked path reads by chunks of samples
+    (one thread per half) when there are at least 2 chunks, by channel blocks otherwise; with 1 thread always by
+    channel blocks. The sums are also checked against the float64 reference."""
+    from bnfold.recalibration.native import channel_sums_reference
+
     ops = _require_native()
+    shapes = [((4, 8, 128, 128), torch.float32),  # row by row
+              ((16, 96, 28, 28), torch.float32),  # blocks, long rows: 8 chunks of 2 samples
+              ((33, 40, 7, 7), torch.float32),  # blocks, short rows: 5 chunks of 8 samples, the last of 1
+              ((256, 32, 8, 8), torch.float32),  # DigitsNet's second layer: 8 chunks of 32 samples
+              ((67, 64, 4, 4), torch.float64),  # 5 chunks of 16 samples, the last of 3
+              ((2, 64, 8, 8), torch.float32),  # one chunk: channel blocks with 2 threads too
+              ((64, 300), torch.float32)]  # rows of C values
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)  # the autouse fixture restores the setting
-        for x in (torch.randn(4, 8, 128, 128, generator=torch.Generator().manual_seed(0)),  # row by row
-                  torch.randn(16, 96, 28, 28, generator=torch.Generator().manual_seed(3)),  # blocks, long rows
-                  torch.randn(33, 40, 7, 7, generator=torch.Generator().manual_seed(2)),  # blocks, short rows
-                  torch.randn(64, 300, generator=torch.Generator().manual_seed(1))):  # rows of C values
-            shift = torch.zeros(x.shape[1], dtype=torch.float64)
-            y, _ = ops.batch_norm_measured(x, None, None, shift, torch.zeros(2, x.shape[1], dtype=torch.float64), 1e-5)
-            results.append((ops.channel_sums(x, shift), y))
-    for (a, y1), (b, y2) in zip(results[:4], results[4:], strict=True):
-        assert torch.equal(a, b) and torch.equal(y1, y2)
+        for i, (shape, dtype) in enumerate(shapes):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=dtype) + 3.0
+            shift = torch.full((x.shape[1],), 2.5, dtype=torch.float64)
+            total = torch.zeros(2, x.shape[1], dtype=torch.float64)
+            y, _ = ops.batch_norm_measured(x, None, None, shift, total, 1e-5)
+            sums = ops.channel_sums(x, shift)
+            torch.testing.assert_close(sums, channel_sums_reference(x, shift), rtol=1e-12, atol=1e-9)
+            results.append((sums, total, y))
+    for (a, t1, y1), (b, t2, y2) in zip(results[:len(shapes)], results[len(shapes):], strict=True):
+        assert torch.equal(a, b) and torch.equal(t1, t2) and torch.equal(y1, y2) and torch.equal(a, t1)
 
 
 def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -189,9 +189,10 @@ def batch_norm_measured(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
                         total: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
     """Training-mode BatchNorm of ``x`` that also measures it: ``(y, farthest)`` with ``y`` normalized by the
     batch mean and biased variance, the sums added to ``total`` and ``farthest`` as in :func:`channel_moments_`.
-    The native kernel sums and normalizes in one call (blocks of channels, each normalized while it is still in
-    cache; channels too large for that: two passes in memory order, split over threads as torch's kernels are); the
-    fallback is :func:`channel_moments_` followed by ``F.batch_norm``. ``x`` needs ≥ 2 values per channel."""
+    The native kernel sums and normalizes in one call (one thread: blocks of channels, each normalized while it
+    is still in cache; several threads, or channels too large for blocks: in memory order, split over threads by
+    samples as torch's kernels are); the fallback is :func:`channel_moments_` followed by ``F.batch_norm``.
+    ``weight``/``bias`` may be of any float dtype (read as float64, exactly). ``x`` needs ≥ 2 values per channel."""
     ops = _native_for(x, shift)
     if ops is not None:
         return ops.batch_norm_measured(x, weight, bias, shift, total, eps)

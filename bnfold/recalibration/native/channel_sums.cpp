@@ -22,14 +22,17 @@
 //       (y, the same "how far" as channel_moments_). Needs m ≥ 2.
 //
 // Every value is converted to float64 before it is shifted, squared and added: the sums carry float64 rounding
-// only (~1e-16 per addition; at most 34 partial sums, or L for rows of L < 128 values, per channel or row), no
-// float32 accumulation anywhere. Work is split with at::parallel_for (torch's intra-op threads; built with OpenMP
-// against torch's runtime). (N, C, L) inputs whose channels are too large for a block of several of them to stay
-// in cache (long rows, over kBlockBytes/4 per channel) are summed row by row in memory order and normalized in a
-// second pass, both split over threads as torch splits its own kernels (each thread reads what was just written
-// next to it); every other input goes in blocks of channels, read sample by sample, each block normalized right
-// after it is summed, while it is in cache. Short rows (L < 128) are summed down the samples, one partial sum per
-// position in the row (vectorized across the row, no per-row reduction), long rows into 34 lanes.
+// only (~1e-16 per addition; at most 34 partial sums, or L for rows of L < 128 values, per channel and chunk of
+// samples, and at most 8 chunks), no float32 accumulation anywhere. Work is split with at::parallel_for (torch's
+// intra-op threads; built with OpenMP against torch's runtime). (N, C, L) inputs whose channels are too large for a
+// block of several of them to stay in cache (long rows, over kBlockBytes/4 per channel) are summed row by row in
+// memory order and normalized in a second pass, both split over threads as torch splits its own kernels (each
+// thread reads what was just written next to it). Every other (N, C, L) input is summed per chunk of samples
+// (at most 8 chunks, set by the shape): with several threads each thread sums and then normalizes a contiguous
+// range of samples, as torch splits its kernels, so the next op finds its share in its own core's cache; with one
+// thread (or fewer chunks than threads) in blocks of channels, each block normalized right after it is summed,
+// while it is in cache. Short rows (L < 128) are summed down the samples, one partial sum per position in the row
+// (vectorized across the row, no per-row reduction), long rows into 34 lanes.
 // Every channel's additions happen in an order fixed by the shape alone: the bits do not depend on the number
 // of threads.
 #include <ATen/Dispatch.h>
@@ -102,13 +105,7 @@ inline void add_row(const T* row, int64_t l, double k, double* acc) {
 
 constexpr int64_t kAcc = 2 * kLanes + 2;  // partial sums per channel
 
-// (N, C, L) contiguous, split into blocks of channels whose values fill about kBlockBytes (at least one channel;
-// at most kColumnBytes of partial sums). A block is read sample by sample — for each sample, its channels' rows
-// are contiguous — and `done(lo, hi)` runs right after the block is summed, while its values are still in cache.
-// Short rows (L < kLanesMin): every channel has L partial sums of each kind, one per position in the row
-// ("columns"): position j of every sample goes to partial j, kSampleGroup samples at a time (their values added
-// up first, in a fixed tree), so the loop over a row is vectorized across its positions and needs no per-row
-// reduction or reload of lanes; the L partials are added up once, at the end. Long rows: add_row's lanes.
+// (N, C, L) contiguous: partial sums of short rows (L < kLanesMin), kSampleGroup samples at a time (chunk_sums).
 constexpr int64_t kSampleGroup = 4;
 constexpr int64_t kColumnBytes = 64 * 1024;
 constexpr int64_t kLanesMin = 128;
@@ -141,66 +138,157 @@ inline void add_column(const T* __restrict__ r0, int64_t l, double k, double* __
   }
 }
 
-template <typename T, typename Done>
-void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
-  const bool columns = l < kLanesMin;
-  const int64_t per_channel = std::max<int64_t>(1, n * l * static_cast<int64_t>(sizeof(T)));
-  const int64_t acc_width = columns ? 2 * l : kAcc;
-  int64_t width = std::min(kBlockBytes / per_channel, kColumnBytes / (acc_width * static_cast<int64_t>(sizeof(double))));
+// A fixed-order sum of m values: 8 lanes (lane v adds values v, v + 8, … in order), then a fixed tree. Vectorized,
+// so that adding up a chunk's L column partials costs L/8 additions in flight instead of L in a chain.
+inline double reduce(const double* __restrict__ a, int64_t m) {
+  double lane[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+#pragma omp simd
+    for (int64_t v = 0; v < 8; ++v) {
+      lane[v] += a[j + v];
+    }
+  }
+  for (int64_t v = 0; j + v < m; ++v) {
+    lane[v] += a[j + v];
+  }
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// (N, C, L) contiguous, blocked path: the samples are cut into chunks of `chunk_samples` samples — a number set by
+// the shape alone: at most kChunks chunks, each of at least kChunkMinBytes (rounded up to whole sample groups).
+// Every channel's sums are summed per chunk (chunk_sums) and the chunks' sums added in chunk order (combine):
+// the same additions in the same order whichever thread does them, so the bits do not depend on the number of
+// threads, nor on which of the two orders below reads the tensor.
+constexpr int64_t kChunks = 8;
+constexpr int64_t kChunkMinBytes = 16 * 1024;
+
+inline int64_t chunk_samples(int64_t n, int64_t sample_bytes) {
+  int64_t k = std::max((n + kChunks - 1) / kChunks, (kChunkMinBytes + sample_bytes - 1) / std::max<int64_t>(1, sample_bytes));
+  if (k > kSampleGroup) {
+    k = (k + kSampleGroup - 1) / kSampleGroup * kSampleGroup;
+  }
+  return std::clamp<int64_t>(k, 1, std::max<int64_t>(1, n));
+}
+
+// Sums of channels [lo, hi) over samples [i0, i1) into s[ch] and q[ch]. Short rows (L < kLanesMin): L partial sums
+// of each kind per channel, one per position in the row ("columns"): position j of every sample goes to partial
+// j, kSampleGroup samples at a time (their values added up first, in a fixed tree), so the loop over a row is
+// vectorized across its positions and needs no per-row reduction or reload of lanes; the L partials are added
+// up once per chunk (reduce). Long rows: add_row's lanes. `acc` holds (hi − lo) channels' partials.
+template <typename T>
+void chunk_sums(const T* x, const double* shift, int64_t c, int64_t l, int64_t lo, int64_t hi, int64_t i0,
+                int64_t i1, double* acc, double* s, double* q) {
+  const int64_t stride = c * l;
+  if (l < kLanesMin) {
+    const int64_t w = 2 * l;
+    std::fill(acc, acc + (hi - lo) * w, 0.0);
+    int64_t i = i0;
+    for (; i + kSampleGroup <= i1; i += kSampleGroup) {
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        double* cs = acc + (ch - lo) * w;
+        add_columns(x + i * stride + ch * l, stride, l, shift[ch], cs, cs + l);
+      }
+    }
+    for (; i < i1; ++i) {
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        double* cs = acc + (ch - lo) * w;
+        add_column(x + i * stride + ch * l, l, shift[ch], cs, cs + l);
+      }
+    }
+    for (int64_t ch = lo; ch < hi; ++ch) {
+      const double* cs = acc + (ch - lo) * w;
+      s[ch] = reduce(cs, l);
+      q[ch] = reduce(cs + l, l);
+    }
+    return;
+  }
+  std::fill(acc, acc + (hi - lo) * kAcc, 0.0);
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t ch = lo; ch < hi; ++ch) {
+      add_row(x + i * stride + ch * l, l, shift[ch], acc + (ch - lo) * kAcc);
+    }
+  }
+  for (int64_t ch = lo; ch < hi; ++ch) {
+    const double* a = acc + (ch - lo) * kAcc;
+    double total = a[2 * kLanes], total_sq = a[2 * kLanes + 1];
+    for (int64_t v = 0; v < kLanes; ++v) {
+      total += a[v];
+      total_sq += a[kLanes + v];
+    }
+    s[ch] = total;
+    q[ch] = total_sq;
+  }
+}
+
+// Two orders, the same sums (chunk_samples):
+// * by samples, with more than one thread and at least as many chunks as threads: each thread sums a contiguous
+//   range of chunks (all channels), as torch splits its own kernels — so each thread reads what its share of the
+//   producer just wrote, and the op after the BatchNorm (ReLU, conv), split the same way, finds its share of the
+//   output in its own core's cache; then the chunks are added (one thread), `done(0, C)`, and each thread
+//   normalizes its own samples: `apply(0, C, i0, i1)`.
+// * by channels, otherwise: blocks of channels whose values fill about kBlockBytes (at most kColumnBytes of
+//   partial sums), each read sample by sample, chunk by chunk; `done(lo, hi)` and `apply(lo, hi, 0, N)` run right
+//   after the block is summed, while its values are still in cache.
+template <typename T, typename Done, typename Apply>
+void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l,
+                      Done done, Apply apply) {
+  const int64_t item = static_cast<int64_t>(sizeof(T));
+  const int64_t chunk = chunk_samples(n, c * l * item);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::vector<double> part_(chunks * 2 * c);
+  double* part = part_.data();  // chunk k: C sums, then C sums of squares
+  const int64_t acc_width = l < kLanesMin ? 2 * l : kAcc;
+  const int64_t most = std::max<int64_t>(1, kColumnBytes / (acc_width * static_cast<int64_t>(sizeof(double))));
+  auto combine = [=](int64_t lo, int64_t hi) {
+    std::copy(part + lo, part + hi, s + lo);
+    std::copy(part + c + lo, part + c + hi, q + lo);
+    for (int64_t k = 1; k < chunks; ++k) {
+      const double* p = part + k * 2 * c;
+#pragma omp simd
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        s[ch] += p[ch];
+        q[ch] += p[c + ch];
+      }
+    }
+  };
   const int64_t threads = at::get_num_threads();
-  if (threads > 1) {  // at least 4 blocks a thread, so that threads finish together (the bits do not change:
-    width = std::min(width, (c + 4 * threads - 1) / (4 * threads));  // every channel is summed on its own)
+  if (threads > 1 && chunks >= threads) {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(std::min(most, c) * acc_width);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t i0 = k * chunk, i1 = std::min(n, i0 + chunk);
+        for (int64_t lo = 0; lo < c; lo += most) {
+          chunk_sums(x, shift, c, l, lo, std::min(c, lo + most), i0, i1, acc.data(), part + k * 2 * c,
+                     part + k * 2 * c + c);
+        }
+      }
+    });
+    combine(0, c);
+    done(0, c);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      apply(0, c, begin * chunk, std::min(n, end * chunk));
+    });
+    return;
+  }
+  int64_t width = std::min(kBlockBytes / std::max<int64_t>(1, n * l * item), most);
+  if (threads > 1) {  // at least 4 blocks a thread, so that threads finish together
+    width = std::min(width, (c + 4 * threads - 1) / (4 * threads));
   }
   width = std::clamp<int64_t>(width, 1, c);
   const int64_t blocks = (c + width - 1) / width;
-  const int64_t stride = c * l;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(width * acc_width);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = b * width, hi = std::min(c, lo + width);
-      std::fill(acc.begin(), acc.end(), 0.0);
-      if (columns) {
-        int64_t i = 0;
-        for (; i + kSampleGroup <= n; i += kSampleGroup) {
-          for (int64_t ch = lo; ch < hi; ++ch) {
-            double* cs = acc.data() + (ch - lo) * acc_width;
-            add_columns(x + i * stride + ch * l, stride, l, shift[ch], cs, cs + l);
-          }
-        }
-        for (; i < n; ++i) {
-          for (int64_t ch = lo; ch < hi; ++ch) {
-            double* cs = acc.data() + (ch - lo) * acc_width;
-            add_column(x + i * stride + ch * l, l, shift[ch], cs, cs + l);
-          }
-        }
-        for (int64_t ch = lo; ch < hi; ++ch) {
-          const double* cs = acc.data() + (ch - lo) * acc_width;
-          double total = 0.0, total_sq = 0.0;
-          for (int64_t j = 0; j < l; ++j) {
-            total += cs[j];
-            total_sq += cs[l + j];
-          }
-          s[ch] = total;
-          q[ch] = total_sq;
-        }
-      } else {
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t ch = lo; ch < hi; ++ch) {
-            add_row(x + i * stride + ch * l, l, shift[ch], acc.data() + (ch - lo) * kAcc);
-          }
-        }
-        for (int64_t ch = lo; ch < hi; ++ch) {
-          const double* a = acc.data() + (ch - lo) * kAcc;
-          double total = a[2 * kLanes], total_sq = a[2 * kLanes + 1];
-          for (int64_t v = 0; v < kLanes; ++v) {
-            total += a[v];
-            total_sq += a[kLanes + v];
-          }
-          s[ch] = total;
-          q[ch] = total_sq;
-        }
+      for (int64_t k = 0; k < chunks; ++k) {
+        const int64_t i0 = k * chunk;
+        chunk_sums(x, shift, c, l, lo, hi, i0, std::min(n, i0 + chunk), acc.data(), part + k * 2 * c,
+                   part + k * 2 * c + c);
       }
+      combine(lo, hi);
       done(lo, hi);
+      apply(lo, hi, 0, n);
     }
   });
 }
@@ -247,12 +335,13 @@ inline bool rowwise(int64_t n, int64_t l) {
   return l >= kLanesMin && 4 * n * l * static_cast<int64_t>(sizeof(T)) > kBlockBytes;
 }
 
-template <typename T, typename Done>
-void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done) {
+template <typename T, typename Done, typename Apply>
+void sums_ncl(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l, Done done,
+              Apply apply) {
   if (rowwise<T>(n, l)) {
     sums_ncl_rowwise(x, shift, s, q, n, c, l, done);
   } else {
-    sums_ncl_blocked(x, shift, s, q, n, c, l, done);
+    sums_ncl_blocked(x, shift, s, q, n, c, l, done, apply);
   }
 }
 
@@ -301,14 +390,15 @@ Layout layout_of(const at::Tensor& input, const at::Tensor& shift) {
   return {channels_last ? input : input.contiguous(), n, c, l, channels_last || l == 1};
 }
 
-// Sums of every channel into s[0..C) and s[C..2C), then `done` per channel or block (see sums_ncl, sums_rows).
-template <typename T, typename Done>
-void sums_of(const Layout& in, const double* shift, double* s, Done done) {
+// Sums of every channel into s[0..C) and s[C..2C), then `done` per channel or block (see sums_ncl, sums_rows), and
+// in the blocked (N, C, L) path `apply(lo, hi, i0, i1)` for channels [lo, hi) of samples [i0, i1).
+template <typename T, typename Done, typename Apply>
+void sums_of(const Layout& in, const double* shift, double* s, Done done, Apply apply) {
   const T* x = in.x.const_data_ptr<T>();
   if (in.rows) {
     sums_rows<T>(x, shift, s, s + in.c, in.n * in.l, in.c, done);
   } else {
-    sums_ncl<T>(x, shift, s, s + in.c, in.n, in.c, in.l, done);
+    sums_ncl<T>(x, shift, s, s + in.c, in.n, in.c, in.l, done, apply);
   }
 }
 
@@ -321,7 +411,7 @@ void sums_into(const at::Tensor& input, const at::Tensor& shift, double* s) {
   }
   const double* k = shift.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "bnfold_channel_sums", [&] {
-    sums_of<scalar_t>(in, k, s, [](int64_t, int64_t) {});
+    sums_of<scalar_t>(in, k, s, [](int64_t, int64_t) {}, [](int64_t, int64_t, int64_t, int64_t) {});
   });
 }
 
@@ -442,12 +532,9 @@ void normalize_measured(const Layout& in, const double* k, const double* wp, con
           dst[ch] = static_cast<T>(static_cast<opmath_t>(row[ch]) * alpha[ch] + beta[ch]);
         }
       }
-      return;
     }
-    if (rowwise<T>(n, l)) {
-      return;  // normalized below, in memory order, once every channel's α and β are known
-    }
-    for (int64_t i = 0; i < n; ++i) {
+  }, [=](int64_t lo, int64_t hi, int64_t i0, int64_t i1) {  // the blocked path; row by row: below
+    for (int64_t i = i0; i < i1; ++i) {
       for (int64_t ch = lo; ch < hi; ++ch) {
         normalize_row(x + (i * c + ch) * l, out + (i * c + ch) * l, l, alpha[ch], beta[ch]);
       }
@@ -460,6 +547,24 @@ void normalize_measured(const Layout& in, const double* k, const double* wp, con
       }
     });
   }
+}
+
+// An affine parameter (C values of any float dtype on the CPU) as float64 — exact — without a tensor allocation
+// (a conversion in torch costs more than the whole kernel on a small layer); empty when not given.
+std::vector<double> read_vector(const std::optional<at::Tensor>& t, int64_t c, const char* what) {
+  if (!t.has_value()) {
+    return {};
+  }
+  TORCH_CHECK(t->device().is_cpu() && t->numel() == c, "bnfold: ", what, " must be a CPU tensor of ", c, " values");
+  const at::Tensor v = t->contiguous();
+  std::vector<double> out(c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "bnfold_read_vector", [&] {
+    const scalar_t* p = v.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c; ++i) {
+      out[i] = static_cast<double>(p[i]);
+    }
+  });
+  return out;
 }
 
 // Training-mode BatchNorm in one pass over memory: every channel (block) is summed, its batch mean and biased
@@ -475,13 +580,10 @@ std::tuple<at::Tensor, double> batch_norm_measured(const at::Tensor& input, cons
   check_total(total, in.c);
   const int64_t c = in.c, m = in.n * in.l;
   TORCH_CHECK(m >= 2, "bnfold::batch_norm_measured: needs at least 2 values per channel, got ", m);
-  const at::Tensor w = weight.has_value() ? weight->to(at::kDouble).contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->to(at::kDouble).contiguous() : at::Tensor();
-  TORCH_CHECK(!w.defined() || w.numel() == c, "bnfold: weight must have ", c, " values");
-  TORCH_CHECK(!b.defined() || b.numel() == c, "bnfold: bias must have ", c, " values");
+  const std::vector<double> w = read_vector(weight, c, "weight"), b = read_vector(bias, c, "bias");
   const double* k = shift.const_data_ptr<double>();
-  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
-  const double* bp = b.defined() ? b.const_data_ptr<double>() : nullptr;
+  const double* wp = weight.has_value() ? w.data() : nullptr;
+  const double* bp = bias.has_value() ? b.data() : nullptr;
   at::Tensor y = at::empty_like(in.x);
   std::vector<double> sums(2 * c), mu(c), v(c);
   double* s = sums.data();
