@@ -273,24 +273,24 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
     if done:
         mean = torch.cat([layer.new_mean for layer in done])  # type: ignore[misc]
         var = torch.cat([layer.new_var for layer in done])  # type: ignore[misc]
-        finite = (torch.isfinite(mean) & torch.isfinite(var)).tolist()
-        at = 0
-        for layer in done:
-            if not all(finite[at:at + layer.channels]):
-                raise InputError(f"BatchNorm '{layer.name}' received non-finite values (NaN/Inf) on the calibration "
-                                 "data; nothing was changed",
-                                 hint="check the calibration inputs (NaN/Inf, unnormalized values) and the model")
-            at += layer.channels
+        if not bool((torch.isfinite(mean) & torch.isfinite(var)).all()):  # one check; which layer: only if needed
+            finite = (torch.isfinite(mean) & torch.isfinite(var)).tolist()
+            at = 0
+            for layer in done:
+                if not all(finite[at:at + layer.channels]):
+                    raise InputError(f"BatchNorm '{layer.name}' received non-finite values (NaN/Inf) on the "
+                                     "calibration data; nothing was changed",
+                                     hint="check the calibration inputs (NaN/Inf, unnormalized values) and the model")
+                at += layer.channels
         counts = torch.tensor([layer.channels for layer in done])
-        eps = torch.repeat_interleave(torch.tensor([layer.eps for layer in done], dtype=torch.float64), counts)
+        epsilons = {layer.eps for layer in done}
+        eps: float | torch.Tensor = next(iter(epsilons)) if len(epsilons) == 1 else \
+            torch.repeat_interleave(torch.tensor([layer.eps for layer in done], dtype=torch.float64), counts)
         d, r, _ = drift_metrics(torch.cat([layer.stored_mean.reshape(-1) for layer in done]),
                                 torch.cat([layer.stored_var.reshape(-1) for layer in done]), mean, var, eps)
-        segment = torch.repeat_interleave(torch.arange(len(done)), counts)
-        squares = torch.zeros(2, len(done), dtype=torch.float64)
-        squares[0].index_add_(0, segment, d.square())
-        squares[1].index_add_(0, segment, r.square())
-        rms = squares.div_(counts).sqrt_().tolist()
-        summaries = {layer: (rms[0][i], rms[1][i]) for i, layer in enumerate(done)}
+        squares = torch.segment_reduce(torch.stack((d, r), 1).square_(), "sum", lengths=counts)  # (layers, 2)
+        rms = squares.div_(counts.unsqueeze(1)).sqrt_().tolist()
+        summaries = {layer: (rms[i][0], rms[i][1]) for i, layer in enumerate(done)}
         with torch.no_grad():  # one call for all the copies
             torch._foreach_copy_([t for layer in done for t in (layer.running_mean, layer.running_var)],
                                  [t for layer in done for t in (layer.new_mean, layer.new_var)])  # type: ignore[misc]

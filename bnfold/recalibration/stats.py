@@ -271,8 +271,8 @@ def prepare_layers(layers: list[BatchNormLayer]) -> None:
         for layer, mean, var, shift, total in zip(group, means.split(sizes), variances.split(sizes),
                                                   shifts.split(sizes), sums.split([2 * c for c in sizes]),
                                                   strict=True):
-            layer.stored_mean = mean.view(layer.running_mean.shape)
-            layer.stored_var = var.view(layer.running_var.shape)
+            layer.stored_mean = mean if layer.running_mean.dim() == 1 else mean.view(layer.running_mean.shape)
+            layer.stored_var = var if layer.running_var.dim() == 1 else var.view(layer.running_var.shape)
             layer.shift = shift
             layer.moments = Moments(0, total.view(2, -1))
 
