@@ -28,6 +28,7 @@ from tvm import relax
 
 from bnfold.errors import BnfoldError, InputError
 from bnfold.targets.tvm.cache import TuningCache, default_cache_dir
+from bnfold.targets.tvm.dense import mark_weight_operands
 from bnfold.targets.tvm.epilogues import sink_reshapes
 from bnfold.targets.tvm.importer import Imported
 from bnfold.targets.tvm.layout import blocked_conv_passes
@@ -84,7 +85,7 @@ def _prepare_cpu(mod: tvm.IRModule, spec: TargetSpec, prepack: bool, layout: str
         passes.append(relax.transform.LegalizeOps(vector_math_legalize_map()))
     passes.append(relax.get_pipeline("zero"))
     if prepack:
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+        passes += [relax.transform.AttachAttrLayoutFreeBuffers(), mark_weight_operands]
     with spec.target:
         return tvm.transform.Sequential(passes)(mod)
 

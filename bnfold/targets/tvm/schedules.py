@@ -44,6 +44,7 @@ from tvm import s_tir
 from tvm import tirx as tir
 from tvm.s_tir import meta_schedule as ms
 
+from bnfold.targets.tvm.dense import matmul_axes, tile_matmul
 from bnfold.targets.tvm.winograd import UNROLL
 
 __all__ = ["ScheduleParams", "apply_default_schedules", "has_tile_transforms", "params_for", "schedule_kernel",
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 6
+LOWERING_VERSION = 7
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -638,6 +639,8 @@ def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = N
         _inline_single_use(sch)
     elif not _reads_weights(sch, main):
         window_reduction(sch, main, p)
+    elif matmul_axes(sch, main) is not None:  # a dense layer or attention's products: bnfold.targets.tvm.dense
+        tile_matmul(sch, main, p, _layout_free(sch), sampler)
     elif main is not None:
         try:
             tile_reduction(sch, main, p, sampler)
