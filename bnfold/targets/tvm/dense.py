@@ -125,21 +125,22 @@ def accumulators(registers: int) -> int:
 
 
 def _best_tile(rows: int, vectors: int, units_outer: int, registers: int, cores: int) -> tuple[float, int, int]:
+    """``(score, m, t)`` of :func:`choose_tile`; when no tile has enough accumulators to hide the FMA latency (a
+    classifier's single row over 125 vectors of 8), the best of the others."""
     budget = accumulators(registers)
-    best: tuple[float, int, int] = (0.0, 1, 1)
+    best: tuple[bool, float, int, int] = (False, 0.0, 1, 1)
     for m in _divisors(vectors):
         if m > budget:
             break
         for t in range(1, min(budget // m, rows) + 1):
-            if 2 * m * t < min(budget, vectors * rows):
-                continue
             padded = -(-rows // t) * t
             score = m * t / (m + t) * rows / padded
             units = units_outer * (vectors // m) * (padded // t)
             score *= units / (-(-units // cores) * cores)  # the last round of parallel units partly idle
-            if score > best[0] + 1e-9:
-                best = (score, m, t)
-    return best
+            key = (2 * m * t >= min(budget, vectors * rows), score, m, t)
+            if key[:2] > best[:2] and (key[0] > best[0] or score > best[1] + 1e-9):
+                best = key
+    return best[1:]
 
 
 def _ext(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
