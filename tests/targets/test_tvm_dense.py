@@ -115,3 +115,22 @@ def test_transposed_linear_weight_is_packed_at_load(tmp_path):
     script = "\n".join(f.script() for f in kernels)
     assert "T.Buffer((T.int64(32), T.int64(64))" not in script, script  # not the plain transposed weight
     assert "_global: T.Buffer((T.int64(32), T.int64(" in script, script  # but k × panel columns × lanes
+
+
+def test_dynamic_batch_matmuls_keep_a_schedule(tmp_path):
+    """A symbolic batch extent (matmul_axes declines it: the generic reduction schedule takes it): no kernel
+    left as written, and the artifact computes every batch size of its range."""
+    import warnings
+
+    from bnfold.targets.tvm import UntunedKernelsWarning, compile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 72), nn.GELU(), nn.Linear(72, 40)).eval()
+    x = torch.randn(2, 7, 40)
+    gm = bnfold.fold(model, (x,)).module
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedKernelsWarning)
+        art = compile(gm, (x,), dynamic_batch=(1, 3), cache_dir=tmp_path)
+    for b in (1, 3):
+        xb = torch.randn(b, 7, 40)
+        torch.testing.assert_close(art(xb), gm(xb), rtol=1e-5, atol=1e-5)

@@ -70,8 +70,10 @@ def _used(exprs: Sequence[tir.PrimExpr]) -> set[str]:
 def matmul_axes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> MatmulAxes | None:
     """The axes of ``block`` when it is a matrix product (one reduction axis ``k``; the output's last axis ``j``
     indexes ``B`` and not ``A``; a row axis ``i`` indexes ``A`` and the output and not ``B``; every access a
-    point indexed by plain iter vars), else None."""
+    point indexed by plain iter vars; every loop extent a constant), else None."""
     blk = sch.get(block)
+    if not all(isinstance(sch.get(lp).extent, tir.IntImm) for lp in sch.get_loops(block)):
+        return None  # a symbolic extent (a dynamic batch): left to the generic reduction schedule
     iters = [iv.var.name for iv in blk.iter_vars]
     kinds = [iv.iter_type for iv in blk.iter_vars]
     red = [n for n, kd in zip(iters, kinds, strict=True) if kd == tir.IterVar.CommReduce]
