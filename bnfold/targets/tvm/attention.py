@@ -37,43 +37,39 @@ ROW_PARTIALS = "bnfold_row_partials"
 """Block annotation of :func:`safe_softmax_te`'s stages: the kernel :func:`schedule_safe_softmax` schedules."""
 
 
+def _row_reduce(src: te.Tensor, reducer: object, lanes: int, names: tuple[str, str]) -> te.Tensor:
+    """``reducer`` (``te.max`` / ``te.sum``) of ``src`` along its last axis: ``lanes`` partial results over the
+    whole vectors (``p[l] = reduce_c src[c·lanes + l]``), then the partials and the last ``n mod lanes``
+    elements in one short chain. Both stages are annotated :data:`ROW_PARTIALS`."""
+    *lead, n_expr = src.shape
+    n = int(n_expr)
+    full, tail = n // lanes, n % lanes
+    i64 = str(n_expr.dtype) if hasattr(n_expr, "dtype") else "int32"
+    zero, w, base = tirx.IntImm(i64, 0), tirx.IntImm(i64, lanes), tirx.IntImm(i64, full * lanes)
+    attrs = {ROW_PARTIALS: 1}
+    c = te.reduce_axis((zero, tirx.IntImm(i64, full)), name=f"{names[0]}_c")
+    part = te.compute((*lead, w), lambda *i: reducer(src(*i[:-1], c * w + i[-1]), axis=c), name=names[0],
+                      attrs=attrs)
+    r = te.reduce_axis((zero, tirx.IntImm(i64, lanes + tail)), name=f"{names[1]}_r")
+
+    def finish(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        if not tail:
+            return reducer(part(*i, r), axis=r)
+        return reducer(tirx.if_then_else(r < w, part(*i, tirx.min(r, w - 1)), src(*i, base + tirx.max(r - w, zero))),
+                       axis=r)
+
+    return te.compute(tuple(lead), finish, name=names[1], attrs=attrs)
+
+
 def safe_softmax_te(x: te.Tensor, lanes: int) -> te.Tensor:
     """The module docstring's kernel along the last axis of ``x``, partial reductions ``lanes`` wide."""
-    *lead, n_expr = x.shape
-    n = int(n_expr)
-    w = lanes if n >= lanes else 1
-    full, tail = n // w, n % w
-    i64 = "int64" if any(str(d.dtype) == "int64" for d in x.shape if hasattr(d, "dtype")) else "int32"
-    w_, full_ = tirx.IntImm(i64, w), tirx.IntImm(i64, full)
+    w = lanes if int(x.shape[-1]) >= lanes else 1
     zero = tirx.const(0.0, x.dtype)
-    attrs = {ROW_PARTIALS: 1}
-    c = te.reduce_axis((tirx.IntImm(i64, 0), full_), name="c")
-    pmax = te.compute((*lead, w_), lambda *i: te.max(x(*i[:-1], c * w_ + i[-1]), axis=c), name="pmax", attrs=attrs)
-    r = te.reduce_axis((tirx.IntImm(i64, 0), tirx.IntImm(i64, w + tail)), name="r")
-
-    def finish_max(*i: tirx.PrimExpr) -> tirx.PrimExpr:
-        if not tail:
-            return te.max(pmax(*i, r), axis=r)
-        return te.max(tirx.if_then_else(r < w_, pmax(*i, tirx.min(r, w_ - 1)),
-                                        x(*i, full_ * w_ + tirx.max(r - w_, tirx.IntImm(i64, 0)))), axis=r)
-
-    mx = te.compute(tuple(lead), finish_max, name="rowmax", attrs=attrs)
-    shifted = te.compute(x.shape, lambda *i: x(*i) - mx(*i[:-1]), name="shifted")
-    e = topi.math.fast_exp(shifted)
-    c2 = te.reduce_axis((tirx.IntImm(i64, 0), full_), name="c2")
-    psum = te.compute((*lead, w_), lambda *i: te.sum(e(*i[:-1], c2 * w_ + i[-1]), axis=c2), name="psum",
-                      attrs=attrs)
-    r2 = te.reduce_axis((tirx.IntImm(i64, 0), tirx.IntImm(i64, w + tail)), name="r2")
-
-    def finish_sum(*i: tirx.PrimExpr) -> tirx.PrimExpr:
-        if not tail:
-            return te.sum(psum(*i, r2), axis=r2)
-        return te.sum(tirx.if_then_else(r2 < w_, psum(*i, tirx.min(r2, w_ - 1)),
-                                        e(*i, full_ * w_ + tirx.max(r2 - w_, tirx.IntImm(i64, 0)))), axis=r2)
-
-    total = te.compute(tuple(lead), finish_sum, name="rowsum", attrs=attrs)
+    mx = _row_reduce(x, te.max, w, ("pmax", "rowmax"))
+    e = topi.math.fast_exp(te.compute(x.shape, lambda *i: x(*i) - mx(*i[:-1]), name="shifted"))
+    total = _row_reduce(e, te.sum, w, ("psum", "rowsum"))
     return te.compute(x.shape, lambda *i: tirx.Select(total(*i[:-1]) == zero, zero, e(*i) / total(*i[:-1])),
-                      name="safe_softmax", attrs=attrs)
+                      name="safe_softmax", attrs={ROW_PARTIALS: 1})
 
 
 def _pattern() -> tuple[object, dict[str, object]]:
