@@ -27,7 +27,9 @@ import tvm
 from tvm import relax
 
 from bnfold.errors import BnfoldError, InputError
+from bnfold.targets.tvm.attention import fuse_safe_softmax
 from bnfold.targets.tvm.cache import TuningCache, default_cache_dir
+from bnfold.targets.tvm.dense import mark_weight_operands
 from bnfold.targets.tvm.epilogues import sink_reshapes
 from bnfold.targets.tvm.importer import Imported
 from bnfold.targets.tvm.layout import blocked_conv_passes
@@ -72,7 +74,8 @@ channels-last."""
 
 
 def _prepare_cpu(mod: tvm.IRModule, spec: TargetSpec, prepack: bool, layout: str | None = None) -> tvm.IRModule:
-    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), sink_reshapes]
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), sink_reshapes,
+              fuse_safe_softmax(params_for(spec.target).lanes)]
     layout = layout or "NCHWc"
     if layout == "NCHWc":
         passes += blocked_conv_passes(params_for(spec.target).lanes, vector_math_legalize_map())
@@ -84,7 +87,7 @@ def _prepare_cpu(mod: tvm.IRModule, spec: TargetSpec, prepack: bool, layout: str
         passes.append(relax.transform.LegalizeOps(vector_math_legalize_map()))
     passes.append(relax.get_pipeline("zero"))
     if prepack:
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+        passes += [relax.transform.AttachAttrLayoutFreeBuffers(), mark_weight_operands]
     with spec.target:
         return tvm.transform.Sequential(passes)(mod)
 

@@ -44,6 +44,8 @@ from tvm import s_tir
 from tvm import tirx as tir
 from tvm.s_tir import meta_schedule as ms
 
+from bnfold.targets.tvm.attention import ROW_PARTIALS, schedule_safe_softmax
+from bnfold.targets.tvm.dense import matmul_axes, tile_matmul
 from bnfold.targets.tvm.winograd import UNROLL
 
 __all__ = ["ScheduleParams", "apply_default_schedules", "has_tile_transforms", "params_for", "schedule_kernel",
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 
-LOWERING_VERSION = 7
+LOWERING_VERSION = 8
 """Bumped whenever the CPU lowering (layouts, legalization) or the hand schedules change: part of the tuning
 database's folder name, so records measured against older kernels are not applied over newer defaults."""
 
@@ -653,6 +655,9 @@ def unroll_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Schedule
 def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = None) -> None:
     """Schedule every block of ``sch``'s kernel: the main reduction tiled, tile transforms unrolled
     (:func:`unroll_tile`), the rest parallel + vectorized."""
+    if any(ROW_PARTIALS in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root"))):
+        schedule_safe_softmax(sch, p.lanes)  # attention's softmax: bnfold.targets.tvm.attention
+        return
     for b in [b for b in sch.get_child_blocks(sch.get_sblock("root")) if UNROLL in sch.get(b).annotations]:
         unroll_tile(sch, b, p)  # folds the blocks after it in: the block list is read again below
     main = _main_reduction(sch)
@@ -664,6 +669,8 @@ def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = N
         _inline_single_use(sch)
     elif not _reads_weights(sch, main):
         window_reduction(sch, main, p)
+    elif matmul_axes(sch, main) is not None:  # a dense layer or attention's products: bnfold.targets.tvm.dense
+        tile_matmul(sch, main, p, _layout_free(sch), sampler)
     elif main is not None:
         try:
             tile_reduction(sch, main, p, sampler)
