@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import tvm
 from tvm import relax, te, tirx
 
+from bnfold.targets.tvm.bindings import Bindings, is_op, rewrite_functions
+
 if TYPE_CHECKING:
     from tvm import s_tir
 
@@ -95,10 +97,6 @@ def _blocks(call: relax.Call, block: int) -> bool:
     return all(_maps(im, [0, kk * block + c, 3, 4], [0, kk, 3, 4, c]) for kk, c in ((2, block - 1), (1, 0)))
 
 
-def _is_op(expr: relax.Expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
 def _axes(call: relax.Call) -> list[int]:
     return [int(a) for a in call.attrs.axes]
 
@@ -112,31 +110,24 @@ class _Rewriter(relax.PyExprMutator):  # type: ignore[misc]
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.mod_ = mod
-        self.values: dict[relax.Var, relax.Expr] = {}
-        self.uses: dict[relax.Var, int] = {}
+        self.b = Bindings({}, {})
         self.blocked: dict[relax.Var, tuple[relax.Var, int]] = {}
         self.fused = 0
 
-    def _value(self, expr: relax.Expr) -> relax.Expr | None:
-        return self.values.get(expr) if isinstance(expr, relax.Var) else None
-
-    def _single_use(self, expr: relax.Expr) -> bool:
-        return isinstance(expr, relax.DataflowVar) and self.uses.get(expr, 0) == 1
-
     def _match(self, value: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Expr, float, int] | None:
         """``(blocked source, gamma, beta, epsilon, block)`` of a channel LayerNorm chain ending in ``value``."""
-        if not _is_op(value, "relax.permute_dims") or [int(a) for a in value.attrs.axes] != _NCHW:
+        if not is_op(value, "relax.permute_dims") or [int(a) for a in value.attrs.axes] != _NCHW:
             return None
-        norm = self._value(value.args[0])
-        if not self._single_use(value.args[0]) or not _is_op(norm, "relax.nn.layer_norm") \
+        norm = self.b.value(value.args[0])
+        if not self.b.single_use(value.args[0]) or not is_op(norm, "relax.nn.layer_norm") \
                 or _axes(norm) not in ([3], [-1]):
             return None
-        permute = self._value(norm.args[0])
-        if not self._single_use(norm.args[0]) or not _is_op(permute, "relax.permute_dims") \
+        permute = self.b.value(norm.args[0])
+        if not self.b.single_use(norm.args[0]) or not is_op(permute, "relax.permute_dims") \
                 or [int(a) for a in permute.attrs.axes] != _NHWC:
             return None
-        unblock = self._value(permute.args[0])
-        if not _is_op(unblock, "relax.layout_transform"):
+        unblock = self.b.value(permute.args[0])
+        if not is_op(unblock, "relax.layout_transform"):
             return None
         src = unblock.args[0]
         shape = _static_shape(src)
@@ -159,37 +150,18 @@ class _Rewriter(relax.PyExprMutator):  # type: ignore[misc]
             self.blocked[binding.var] = (out, block)
             self.fused += 1
             return
-        if _is_op(value, "relax.layout_transform") and value.args[0] in self.blocked:
+        if is_op(value, "relax.layout_transform") and value.args[0] in self.blocked:
             out, block = self.blocked[value.args[0]]
             if _blocks(value, block):
                 self.set_var_remap(binding.var, out)
                 return
         super().visit_var_binding_(binding)
 
-    def _index(self, func: relax.Function) -> None:
-        self.values, self.uses = {}, {}
-
-        def visit(e: relax.Expr) -> None:
-            if isinstance(e, relax.Var):
-                self.uses[e] = self.uses.get(e, 0) + 1
-
-        for block in func.body.blocks:
-            for b in block.bindings:
-                if isinstance(b, relax.VarBinding):
-                    self.values[b.var] = b.value
-                    relax.analysis.post_order_visit(b.value, visit)
-        relax.analysis.post_order_visit(func.body.body, visit)
+    def _use(self, bindings: Bindings) -> None:
+        self.b = bindings
 
     def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-                continue
-            self._index(func)
-            before = self.fused
-            updated = self.visit_expr(func)
-            if self.fused != before:
-                self.builder_.update_func(gv, relax.analysis.remove_all_unused(updated))
-        return self.builder_.get()
+        return rewrite_functions(self.mod_, self, self._use, lambda: self.fused)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseChannelNorms")
