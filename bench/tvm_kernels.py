@@ -5,13 +5,14 @@ Winograd kernel's figure is its direct-equivalent rate and may exceed the peak.
 
     .venv/bin/python bench/tvm_kernels.py --models resnet18,mobilenet_v2 --cache-dir /tmp/tvmbench/cache
 
-For each model (torchvision, random weights, randomized BN statistics, folded with :func:`bnfold.fold`, batch 1,
-fp32, 224×224): the kernels :func:`bnfold.compile` would build (blocked NCHWc layout by default), each with the
-schedule the build would use — the tuning database's best record when ``--cache-dir`` has one, else bnfold's
-default hand schedule — compiled alone and timed with TVM's ``time_evaluator`` (best of ``--repeat`` × 20 calls)
-on the usable cores. oneDNN: ``F.conv2d`` on a tensor of the layer's input shape with the same weights' shape,
-stride, padding and groups (PyTorch dispatches fp32 CPU convs to oneDNN), matched to the TVM kernel by its
-channels, kernel size, stride and input size read off the kernel's buffers.
+For each model (torchvision, or timm when torchvision has no such name; random weights, randomized norm statistics,
+folded with :func:`bnfold.fold`, batch 1, fp32, 224×224): the kernels :func:`bnfold.compile` would build (blocked
+NCHWc layout by default), each with the schedule the build would use — the tuning database's best record when
+``--cache-dir`` has one, else bnfold's default hand schedule — compiled alone and timed with TVM's
+``time_evaluator`` (best of ``--repeat`` × 20 calls) on the usable cores. oneDNN: ``F.conv2d`` on a tensor of the
+layer's input shape with the same weights' shape, stride, padding and groups (PyTorch dispatches fp32 CPU convs to
+oneDNN), matched to the TVM kernel by its channels, kernel size, stride and input size read off the kernel's
+buffers.
 Peak: ``torch.mm`` of two 2048×2048 fp32 matrices (MKL/oneDNN sgemm), the practical ceiling for these
 kernels on this host.
 """
@@ -156,7 +157,13 @@ def report(arch: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
     configure_threads(threads)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = randomize_bn(getattr(torchvision.models, arch)()).eval()
+    if hasattr(torchvision.models, arch):
+        model = randomize_bn(getattr(torchvision.models, arch)()).eval()
+    else:  # a timm model (convnext_nano): random norm statistics and affines
+        import timm
+        from zoo_timm import randomize_norms
+
+        model = randomize_norms(timm.create_model(arch, pretrained=False)).eval()
     x = torch.randn(1, 3, 224, 224)
     folded = bnfold.fold(model, (x,)).module
     convs = onednn_convs(model, x, args.repeat)

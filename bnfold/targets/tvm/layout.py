@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 import tvm
 from tvm import relax, te, topi
 
+from bnfold.targets.tvm.channel_norm import fuse_channel_norms
 from bnfold.targets.tvm.grouped import grouped_layouts, legalize_grouped
 from bnfold.targets.tvm.winograd import is_static, winograd_conv2d_nchwc, winograd_tile, winograd_weight_transform
 
@@ -195,4 +196,6 @@ def blocked_conv_passes(lanes: int, legalize: dict[str, Callable] | None = None)
             relax.transform.ConvertLayout({}, _layout_callback(lanes)),
             # one tensor feeding two blocked convs (a residual block's input) is transformed once, not twice
             relax.transform.EliminateCommonSubexpr(),
+            # LayerNorm over the channels (ConvNeXt's LayerNorm2d): one blocked kernel, not five
+            fuse_channel_norms,
             relax.transform.LegalizeOps({**(legalize or {}), "relax.nn.conv2d": legalize_conv2d})]
