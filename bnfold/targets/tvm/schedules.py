@@ -44,12 +44,9 @@ from tvm import s_tir
 from tvm import tirx as tir
 from tvm.s_tir import meta_schedule as ms
 
-<<<<<<< HEAD
 from bnfold.targets.tvm.attention import ROW_PARTIALS, schedule_safe_softmax
-from bnfold.targets.tvm.dense import matmul_axes, tile_matmul
-=======
 from bnfold.targets.tvm.channel_norm import schedule_channel_norm
->>>>>>> i23-dw
+from bnfold.targets.tvm.dense import matmul_axes, tile_matmul
 from bnfold.targets.tvm.winograd import UNROLL
 
 __all__ = ["ScheduleParams", "apply_default_schedules", "has_tile_transforms", "params_for", "schedule_kernel",
@@ -658,15 +655,13 @@ def unroll_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Schedule
 
 def schedule_kernel(sch: s_tir.Schedule, p: ScheduleParams, sampler: Sampler = None) -> None:
     """Schedule every block of ``sch``'s kernel: the main reduction tiled, tile transforms unrolled
-<<<<<<< HEAD
-    (:func:`unroll_tile`), the rest parallel + vectorized."""
+    (:func:`unroll_tile`), the rest parallel + vectorized; attention's guarded softmax and a channel LayerNorm
+    their own schedules (:func:`~bnfold.targets.tvm.attention.schedule_safe_softmax`,
+    :func:`~bnfold.targets.tvm.channel_norm.schedule_channel_norm`)."""
     if any(ROW_PARTIALS in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root"))):
         schedule_safe_softmax(sch, p.lanes)  # attention's softmax: bnfold.targets.tvm.attention
-=======
-    (:func:`unroll_tile`), the rest parallel + vectorized; a channel LayerNorm its own schedule
-    (:func:`~bnfold.targets.tvm.channel_norm.schedule_channel_norm`)."""
+        return
     if schedule_channel_norm(sch, p.lanes):
->>>>>>> i23-dw
         return
     for b in [b for b in sch.get_child_blocks(sch.get_sblock("root")) if UNROLL in sch.get(b).annotations]:
         unroll_tile(sch, b, p)  # folds the blocks after it in: the block list is read again below
