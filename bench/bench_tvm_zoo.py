@@ -13,7 +13,8 @@ For each model: fold it (:func:`bnfold.fold`); export the folded model to ONNX (
 Runtime and OpenVINO (``INFERENCE_PRECISION_HINT=f32``: its default on a bf16/AMX host is bf16); ``torch.compile``
 the folded model (inductor, CPU); ``bnfold.compile(folded, x)`` with no tuning database (what ``optimize`` and
 ``compile`` build by default) and, with ``--trials-per-kernel N``, tuned with ``N`` × kernels trials in a fresh
-database; check each TVM artifact's parity against the folded model (the float64 rule); then time every engine in
+database (``--tune-only A,B``: only those models; the others' tuned column is their untuned build, budget 0, from
+the same run); check each TVM artifact's parity against the folded model (the float64 rule); then time every engine in
 interleaved rounds (``--rounds`` × ``--per-round`` calls after a warm-up, one untimed call at the start of each
 engine's turn) and report the medians. Every engine gets the usable cores as threads. An engine that fails
 (export, compile) is reported as such, the others still run. OpenVINO is optional (``pip install openvino``).
@@ -161,7 +162,10 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, workdir: Path
                                                                  cache_dir=workdir / "empty-cache"))
         info["compile_s"] = round(time.perf_counter() - t0, 1)
         tuned = None
-        if art is not None and args.trials_per_kernel:
+        if art is not None and args.trials_per_kernel and args.tune_only and name not in args.tune_only.split(","):
+            info["kernels"], info["trials"] = None, 0  # budget 0: the tuned build is the untuned one
+            info["tuning"] = {"trials_run": 0, "seconds": 0.0, "failed_runs": 0, "failed_builds": 0}
+        elif art is not None and args.trials_per_kernel:
             kernels = len(tuning_tasks(folded, x))
             info["kernels"], info["trials"] = kernels, kernels * args.trials_per_kernel
             tuned = _try("tvm tuned", errors, lambda: bnfold.compile(
@@ -179,6 +183,9 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, workdir: Path
             info["tuning"] = {"trials_run": t["trials_run"], "seconds": t["seconds"],
                               "failed_runs": t.get("failed_runs"), "failed_builds": t.get("failed_builds")}
     info["timings"] = _time_interleaved(engines, args.rounds, args.per_round, args.warmup)
+    if info.get("trials") == 0 and "tvm" in info["timings"]:  # budget 0: the same artifact, measured once
+        info["timings"]["tvm tuned"] = info["timings"]["tvm"]
+        info["tvm tuned parity"] = info.get("tvm parity")
     return info
 
 
@@ -212,9 +219,11 @@ def table(results: list[dict[str, Any]], engines: list[str]) -> str:
                          f"slower than eager: {', '.join(slower) or 'none'}")
     runs = [r["tuning"] for r in results if r.get("tuning")]
     if runs:
+        budgets = ", ".join(f"{r['model']} {r.get('trials')}" for r in results if r.get("tuning"))
         lines.append(f"tuning: {sum(t['trials_run'] for t in runs)} trials in {sum(t['seconds'] for t in runs):.0f} s "
-                     f"over {len(runs)} models; runner workers lost: {sum(t.get('failed_runs') or 0 for t in runs)}, "
-                     f"candidates that did not build: {sum(t.get('failed_builds') or 0 for t in runs)}")
+                     f"over {len(runs)} models (budget per model: {budgets}; 0 = the untuned build); runner "
+                     f"workers lost: {sum(t.get('failed_runs') or 0 for t in runs)}, candidates that did not build: "
+                     f"{sum(t.get('failed_builds') or 0 for t in runs)}")
     return "\n".join(lines)
 
 
@@ -223,6 +232,8 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(ZOO))
     ap.add_argument("--engines", default="inductor,openvino", help="optional engines to add (default: both)")
     ap.add_argument("--trials-per-kernel", type=int, default=0, help="also tune, with this many trials × kernels")
+    ap.add_argument("--tune-only", default="", help="with --trials-per-kernel: tune only these models (comma-"
+                    "separated); the others' tuned column is their untuned build (budget 0), from the same run")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
