@@ -104,6 +104,21 @@ def tiny_vit() -> nn.Module:
     return m
 
 
+def conv_layouts(mod: Any) -> list[tuple[int, str, str]]:
+    """``(groups, data layout, kernel layout)`` of every ``relax.nn.conv2d`` call in ``mod["main"]``."""
+    import tvm
+    from tvm import relax
+
+    found = []
+
+    def visit(e: relax.Expr) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.nn.conv2d":
+            found.append((int(e.attrs.groups), str(e.attrs.data_layout), str(e.attrs.kernel_layout)))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
 def compile_untuned_and_check(model: nn.Module, gm: torch.fx.GraphModule, x: torch.Tensor, mcpu: str | None,
                               cache_dir: object) -> object:
     """Compile ``gm`` for the CPU with bnfold's hand schedules (``mcpu``: None for the host's ISA; skipped when

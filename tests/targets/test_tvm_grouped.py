@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compile_untuned_and_check, randomize_bn
+from helpers import compile_untuned_and_check, conv_layouts, randomize_bn
 from torch import nn
 
 tvm = pytest.importorskip("tvm")
@@ -92,20 +92,10 @@ class DepthwiseNet(nn.Module):
 
 
 def _conv_layouts(gm: torch.fx.GraphModule, x: torch.Tensor, lanes: int) -> list[tuple[int, str, str]]:
-    from tvm import relax
-
     from bnfold.targets.tvm.importer import import_torch
     from bnfold.targets.tvm.layout import blocked_conv_passes
 
-    mod = tvm.transform.Sequential(blocked_conv_passes(lanes)[:2])(import_torch(gm, (x,)).mod)
-    found = []
-
-    def visit(e: relax.Expr) -> None:
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.nn.conv2d":
-            found.append((int(e.attrs.groups), str(e.attrs.data_layout), str(e.attrs.kernel_layout)))
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return found
+    return conv_layouts(tvm.transform.Sequential(blocked_conv_passes(lanes)[:2])(import_torch(gm, (x,)).mod))
 
 
 def _fold(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.fx.GraphModule]:

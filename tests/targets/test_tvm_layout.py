@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compile_untuned_and_check, randomize_bn
+from helpers import compile_untuned_and_check, conv_layouts, randomize_bn
 from torch import nn
 
 tvm = pytest.importorskip("tvm")
@@ -44,19 +44,6 @@ class MixedNet(nn.Module):
         return self.head(self.odd(y))
 
 
-def _conv_layouts(mod: tvm.IRModule) -> list[tuple[int, str, str]]:
-    from tvm import relax
-
-    found = []
-
-    def visit(e: relax.Expr) -> None:
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.nn.conv2d":
-            found.append((int(e.attrs.groups), str(e.attrs.data_layout), str(e.attrs.kernel_layout)))
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return found
-
-
 @pytest.fixture(scope="module")
 def mixed() -> tuple[torch.nn.Module, torch.fx.GraphModule, torch.Tensor]:
     torch.manual_seed(0)
@@ -73,7 +60,7 @@ def test_each_conv_gets_its_layout_and_clips_stay_blocked(mixed):
     _, gm, x = mixed
     mod = import_torch(gm, (x,)).mod
     converted = tvm.transform.Sequential(blocked_conv_passes(16)[:2])(mod)
-    layouts = _conv_layouts(converted)
+    layouts = conv_layouts(converted)
     assert ((1, "NCHW3c", "OIHW3i8o") in layouts)  # the stem, 24 output channels: blocks of 8
     assert ((24, "NCHW8c", "OIHW1i8o") in layouts)  # depthwise stays in its vector lanes
     assert ((4, "NCHW", "OIHW") in layouts)  # grouped, not depthwise: plain

@@ -45,6 +45,9 @@ import tvm
 from tvm import relax, s_tir
 from tvm import tirx as tir
 
+from bnfold.targets.tvm.tir_queries import is_reduction as _is_reduction
+from bnfold.targets.tvm.tir_queries import loop_extent as _ext
+
 __all__ = ["MatmulAxes", "choose_tile", "mark_weight_operands", "matmul_axes", "tile_matmul"]
 
 Sampler = Callable[[s_tir.Schedule, Sequence[int], int], int] | None
@@ -145,15 +148,6 @@ def _best_tile(rows: int, vectors: int, units_outer: int, registers: int, cores:
     return best[1:]
 
 
-def _ext(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
-    ext = sch.get(loop).extent
-    if not isinstance(ext, tir.IntImm):
-        raise ValueError(f"loop extent {ext} is not a constant")
-    return int(ext)
-
-
-def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
-    return any(iv.iter_type == tir.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
 def _inline_epilogue_chain(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:

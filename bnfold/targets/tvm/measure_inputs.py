@@ -23,27 +23,21 @@ __all__ = ["valid_alloc_argument"]
 
 
 def valid_alloc_argument(device: Any, args_info: Any, alloc_repeat: int) -> list[list[Any]]:
-    """``f_alloc_argument`` of ``ms.runner.LocalRunner``: ``alloc_repeat`` argument lists, each tensor argument
-    allocated on ``device`` — floating point randomly filled (MetaSchedule's ``random_fill_for_measure``),
-    integer and boolean zero-filled (module docstring)."""
+    """``f_alloc_argument`` of ``ms.runner.LocalRunner``: MetaSchedule's own allocation
+    (``alloc_argument_common``) with a fill that leaves floating point to its ``random_fill_for_measure`` and
+    zero-fills integer and boolean tensors (module docstring)."""
     import numpy as np
-    import tvm
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
     from tvm.s_tir.meta_schedule.utils import get_global_func_with_default_on_worker
 
     random_fill = get_global_func_with_default_on_worker(name="tvm.contrib.random.random_fill_for_measure",
                                                          default=None)
-    repeated: list[list[Any]] = []
-    for _ in range(alloc_repeat):
-        args: list[Any] = []
-        for info in args_info:
-            kind, dtype, shape = info[0], str(info[1]), [int(d) for d in info[2]]
-            if kind != "TENSOR":
-                raise NotImplementedError(f"argument kind {kind!r} (only tensors are measured)")
-            if dtype.startswith(("int", "uint", "bool")):
-                arg = tvm.runtime.tensor(np.zeros(shape, dtype=dtype), device=device)
-            else:
-                arg = tvm.runtime.empty(shape=shape, dtype=dtype, device=device)
-                random_fill(arg)
-            args.append(arg)
-        repeated.append(args)
-    return repeated
+
+    def fill(arg: Any) -> None:
+        dtype = str(arg.dtype)
+        if dtype.startswith(("int", "uint", "bool")):
+            arg.copyfrom(np.zeros(tuple(arg.shape), dtype=dtype))
+        else:
+            random_fill(arg)
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)

@@ -47,6 +47,8 @@ from tvm.s_tir import meta_schedule as ms
 from bnfold.targets.tvm.attention import ROW_PARTIALS, schedule_safe_softmax
 from bnfold.targets.tvm.channel_norm import schedule_channel_norm
 from bnfold.targets.tvm.dense import matmul_axes, tile_matmul
+from bnfold.targets.tvm.tir_queries import is_reduction as _is_reduction
+from bnfold.targets.tvm.tir_queries import loop_extent as _ext
 from bnfold.targets.tvm.winograd import UNROLL
 
 __all__ = ["ScheduleParams", "apply_default_schedules", "has_tile_transforms", "params_for", "schedule_kernel",
@@ -86,13 +88,6 @@ def params_for(target: tvm.target.Target) -> ScheduleParams:
     return ScheduleParams(4, 16, cores)  # SSE / NEON
 
 
-def _ext(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
-    """A loop's extent; a symbolic one (a dynamic batch) cannot be tiled: ValueError."""
-    ext = sch.get(loop).extent
-    if not isinstance(ext, tir.IntImm):
-        raise ValueError(f"loop extent {ext} is not a constant")
-    return int(ext)
-
 
 def _ext_or_big(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
     """A loop's extent, a symbolic extent counted as large (it is a batch dimension)."""
@@ -103,9 +98,6 @@ def _ext_or_big(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
-
-def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
-    return any(iv.iter_type == tir.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
 def _main_reduction(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
