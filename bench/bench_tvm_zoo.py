@@ -13,7 +13,8 @@ For each model: fold it (:func:`bnfold.fold`); export the folded model to ONNX (
 Runtime and OpenVINO (``INFERENCE_PRECISION_HINT=f32``: its default on a bf16/AMX host is bf16); ``torch.compile``
 the folded model (inductor, CPU); ``bnfold.compile(folded, x)`` with no tuning database (what ``optimize`` and
 ``compile`` build by default) and, with ``--trials-per-kernel N``, tuned with ``N`` × kernels trials in a fresh
-database (``--tune-only A,B``: only those models; the others' tuned column is their untuned build, budget 0, from
+database (``--db-dir``: kept, and reused by a later run with the same budget; ``--tune-only A,B``: only those
+models; the others' tuned column is their untuned build, budget 0, from
 the same run); check each TVM artifact's parity against the folded model (the float64 rule); then time every engine in
 interleaved rounds (``--rounds`` × ``--per-round`` calls after a warm-up, one untimed call at the start of each
 engine's turn) and report the medians. Every engine gets the usable cores as threads. An engine that fails
@@ -155,6 +156,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, workdir: Path
             if run is not None:
                 engines["openvino"] = run
     info: dict[str, Any] = {"model": name, "errors": errors}
+    db_root = Path(args.db_dir) if args.db_dir else workdir
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UntunedKernelsWarning)
         t0 = time.perf_counter()
@@ -169,7 +171,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, workdir: Path
             kernels = len(tuning_tasks(folded, x))
             info["kernels"], info["trials"] = kernels, kernels * args.trials_per_kernel
             tuned = _try("tvm tuned", errors, lambda: bnfold.compile(
-                folded, x, target="llvm", tune_trials=info["trials"], cache_dir=workdir / f"{name}-db",
+                folded, x, target="llvm", tune_trials=info["trials"], cache_dir=db_root / f"{name}-db",
                 progress=False))
     info["warnings"] = [str(w.message)[:300] for w in caught if issubclass(w.category, UntunedKernelsWarning)]
     for label, a in (("tvm", art), ("tvm tuned", tuned)):
@@ -179,13 +181,24 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, workdir: Path
         info[f"{label} parity"] = {"passed": bool(parity["passed"]), "max_abs": float(parity["max_abs"])}
         engines[label] = (lambda a=a: a(*x))
         if label == "tvm tuned":
-            t = a.build_info["tuning"]
-            info["tuning"] = {"trials_run": t["trials_run"], "seconds": t["seconds"],
-                              "failed_runs": t.get("failed_runs"), "failed_builds": t.get("failed_builds")}
+            info["tuning"] = _tuning_record(a.build_info["tuning"], db_root / f"{name}-tuning.json")
     info["timings"] = _time_interleaved(engines, args.rounds, args.per_round, args.warmup)
     if info.get("trials") == 0 and "tvm" in info["timings"]:  # budget 0: the same artifact, measured once
         info["timings"]["tvm tuned"] = info["timings"]["tvm"]
         info["tvm tuned parity"] = info.get("tvm parity")
+    return info
+
+
+def _tuning_record(t: dict[str, Any], record: Path) -> dict[str, Any]:
+    """What the tuning of this model cost: this run's figures when it tuned, else (``--db-dir``, a database tuned
+    by an earlier run with this budget and reused as is) those of the run that tuned it, marked ``reused``."""
+    if t["trials_run"] == 0 and record.exists():
+        return {**json.loads(record.read_text()), "reused": True}
+    info = {"trials_run": t["trials_run"], "seconds": t["seconds"], "failed_runs": t.get("failed_runs"),
+            "failed_builds": t.get("failed_builds"), "tuned_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": os.getloadavg()}
+    if t["trials_run"] > 0:
+        record.write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -234,6 +247,8 @@ def main() -> int:
     ap.add_argument("--trials-per-kernel", type=int, default=0, help="also tune, with this many trials × kernels")
     ap.add_argument("--tune-only", default="", help="with --trials-per-kernel: tune only these models (comma-"
                     "separated); the others' tuned column is their untuned build (budget 0), from the same run")
+    ap.add_argument("--db-dir", help="keep each model's tuning database here (DIR/<model>-db) instead of a fresh "
+                    "one per run: a later run with the same budget reuses it and reports the tuning run's figures")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)

@@ -510,6 +510,8 @@ def test_tiny_budget_tunes_every_kernel_and_second_compile_reuses_the_database(s
         first = compile(gm, (x,), tune_trials=8, cache_dir=cache, progress=False)
     tuning = first.build_info["tuning"]
     assert tuning["untuned"] == [] and tuning["trials_run"] >= len(tuning["tasks"])
+    e2e = tuning["end_to_end"]  # timed beside the default schedules, the faster kept
+    assert e2e["kept"] == ("tuned" if e2e["tuned_ms"] <= e2e["default_ms"] else "default")
     assert bnfold.compare(gm, first, (x,)).passed
     db = Path(tuning["database"])
     assert db.parent == cache and (db / "database_tuning_record.json").stat().st_size > 0

@@ -112,6 +112,10 @@ def _print_summary(out: str, info: dict) -> None:
         if lost:
             print(f"tuning: {tuning.get('failed_builds', 0)} candidate(s) did not compile and the runner lost "
                   f"{tuning.get('failed_runs', 0)} (the best of the others is used)")
+        e2e = tuning.get("end_to_end")
+        if e2e and e2e["kept"] == "tuned":
+            print(f"tuning: end to end {e2e['tuned_ms']:.3f} ms tuned vs {e2e['default_ms']:.3f} ms on the default "
+                  "schedules: kept the tuned build")
     if tuning.get("note"):
         print(f"tuning: {tuning['note']}")
     untuned = tuning.get("untuned") or []

@@ -131,7 +131,7 @@ def compile(  # the public name: bnfold.compile (shadows the builtin only here)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     configure_threads(num_cores)
     from bnfold.targets.tvm.artifact import TvmArtifact
-    from bnfold.targets.tvm.build import BuildOptions, build
+    from bnfold.targets.tvm.build import BuildOptions, Built, build
     from bnfold.targets.tvm.importer import import_torch
     from bnfold.targets.tvm.package import package, write_manifest
     from bnfold.targets.tvm.target import make_target
@@ -149,28 +149,40 @@ def compile(  # the public name: bnfold.compile (shadows the builtin only here)
         imported = import_torch(module, inputs, batch_range=tuple(dynamic_batch) if dynamic_batch else None)
     t_import = time.monotonic()
     reporter = progress if callable(progress) else _Reporter(bar=bool(progress))
+    opts = BuildOptions(tune_trials=tune_trials, cache_dir=cache_dir, prepack=prepack, layout=layout,
+                        retune=retune, progress=reporter)
     try:
-        built = build(imported, spec, BuildOptions(tune_trials=tune_trials, cache_dir=cache_dir, prepack=prepack,
-                                                   layout=layout, retune=retune, progress=reporter))
+        built = build(imported, spec, opts)
     finally:
         if isinstance(reporter, _Reporter):
             reporter.close()
     t_build = time.monotonic()
-    out = Path(tempfile.mkdtemp(prefix="bnfold-tvm-"))
     options = {"tune_trials": tune_trials, "prepack": prepack, "layout": layout, "dynamic_batch": dynamic_batch,
                "timings_s": {"import": round(t_import - t0, 2), "tune_and_build": round(t_build - t_import, 2)}}
-    try:
-        manifest = package(built, imported, spec, out, options=options)
-        options["timings_s"]["total"] = round(time.monotonic() - t0, 2)
-        write_manifest(out, manifest)
-        artifact = TvmArtifact(out, manifest, temporary=True, strict_isa=False)
-    except BaseException:
-        import shutil
 
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+    def packaged(b: Built) -> TvmArtifact:
+        out = Path(tempfile.mkdtemp(prefix="bnfold-tvm-"))
+        try:
+            manifest = package(b, imported, spec, out,
+                               options={**options, "timings_s": dict(options["timings_s"])})
+            manifest["options"]["timings_s"]["total"] = round(time.monotonic() - t0, 2)
+            write_manifest(out, manifest)
+            return TvmArtifact(out, manifest, temporary=True, strict_isa=False)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    artifact = packaged(built)
+    if tune_trials and spec.kind != "cuda" and any(t.get("best_us") for t in built.summary.tasks):
+        from bnfold.targets.tvm.keep_faster import keep_faster
+
+        default = dataclasses.replace(opts, tune_trials=0, use_database=False)
+        artifact = keep_faster(artifact, lambda: packaged(build(imported, spec, default)), inputs,
+                               write=lambda a: write_manifest(a.directory, a.build_info))
     log.info("compiled for %s in %.1f s", spec.description, time.monotonic() - t0)
-    _warn_untuned(manifest)
+    _warn_untuned(artifact.build_info)
     return artifact
 
 

@@ -238,6 +238,11 @@ class TvmArtifact:
 
     # ------------------------------------------------------------------ running
     @property
+    def directory(self) -> Path:
+        """The folder holding the library, the weights and the manifest."""
+        return self._dir
+
+    @property
     def runnable(self) -> bool:
         """False for a CUDA artifact without a GPU here, or a cross-compiled CPU artifact."""
         return self._unrunnable is None

@@ -50,7 +50,8 @@ TRANSFORM_PARAMS = "main_transform_params"
 class BuildOptions:
     """``tune_trials``: total MetaSchedule trials (0: only apply what the database already has);
     ``cache_dir``: tuning database root (None: :func:`default_cache_dir`); ``prepack``: let tuned convolutions
-    choose their weight layout (weights are re-laid out once at load)."""
+    choose their weight layout (weights are re-laid out once at load); ``use_database=False``: apply no tuning
+    record (every kernel on its default schedule)."""
 
     tune_trials: int = 0
     cache_dir: str | Path | None = None
@@ -58,6 +59,7 @@ class BuildOptions:
     layout: str | None = None  # one of LAYOUTS; None: "NCHWc"
     retune: bool = False
     progress: Callable | None = None
+    use_database: bool = True
 
 
 @dataclass
@@ -160,7 +162,7 @@ def _tune_and_apply(mod: tvm.IRModule, spec: TargetSpec, opts: BuildOptions) -> 
         summary = TuningSummary(str(cache.dir), 0, note="no tuning requested: database applied as is")
         summary.tasks = [{"name": t.name, "flops": t.flops, "weight": t.weight, "trials": 0}
                          for t in tasks]
-    if cache.dir.exists():  # an untuned build never creates a cache folder
+    if opts.use_database and cache.dir.exists():  # an untuned build never creates a cache folder
         with cache.locked():
             db = cache.open()
         with spec.target, db, tvm.transform.PassContext(opt_level=3):
