@@ -100,9 +100,9 @@ class _Recorder:
         """Set the pass; the layers it normalizes with batch statistics are found once here (with whether each is
         recorded), not at every call: a BatchNorm call of a small model costs a few µs."""
         self._plan = plan
-        native_ok = native.native_ops() is not None
-        self._fuse = {layer: layer in plan.record for layer in self.layers
-                      if native_ok and plan.use.get(layer, plan.default) == "batch"}
+        batch = [layer for layer in self.layers if plan.use.get(layer, plan.default) == "batch"]
+        self._fuse = {layer: layer in plan.record for layer in batch} \
+            if batch and native.native_ops() is not None else {}
 
     def begin_forward(self) -> None:
         self._calls = {}
