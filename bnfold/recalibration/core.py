@@ -44,7 +44,7 @@ from torch import nn
 
 from bnfold.batches import Batches, positional_arity
 from bnfold.errors import DataError, InputError
-from bnfold.recalibration.drift import drift_metrics
+from bnfold.recalibration.drift import shift_and_ratio
 from bnfold.recalibration.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
 from bnfold.recalibration.stats import (
     BatchNormLayer,
@@ -286,8 +286,8 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
         epsilons = {layer.eps for layer in done}
         eps: float | torch.Tensor = next(iter(epsilons)) if len(epsilons) == 1 else \
             torch.repeat_interleave(torch.tensor([layer.eps for layer in done], dtype=torch.float64), counts)
-        d, r, _ = drift_metrics(torch.cat([layer.stored_mean.reshape(-1) for layer in done]),
-                                torch.cat([layer.stored_var.reshape(-1) for layer in done]), mean, var, eps)
+        d, r = shift_and_ratio(torch.cat([layer.stored_mean.reshape(-1) for layer in done]),
+                           torch.cat([layer.stored_var.reshape(-1) for layer in done]), mean, var, eps)
         squares = torch.segment_reduce(torch.stack((d, r), 1).square_(), "sum", lengths=counts)  # (layers, 2)
         rms = squares.div_(counts.unsqueeze(1)).sqrt_().tolist()
         summaries = {layer: (rms[i][0], rms[i][1]) for i, layer in enumerate(done)}

@@ -33,7 +33,7 @@ from bnfold.errors import InputError
 from bnfold.recalibration.probe import Pass, Runner, batch_count, eval_mode, limited_calls, progress_bar
 from bnfold.recalibration.stats import all_reduce_layers, find_layers
 
-__all__ = ["DEFAULT_THRESHOLD", "DriftReport", "LayerDrift", "diagnose", "drift_metrics"]
+__all__ = ["DEFAULT_THRESHOLD", "DriftReport", "LayerDrift", "diagnose", "drift_metrics", "shift_and_ratio"]
 
 DEFAULT_THRESHOLD = 0.25
 
@@ -42,12 +42,18 @@ def drift_metrics(stored_mean: torch.Tensor, stored_var: torch.Tensor, mean: tor
                   eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per channel ``(d, r, KL)`` in float64 (formulas in the module docstring); ``eps`` a number or one value per
     channel."""
+    d, r = shift_and_ratio(stored_mean, stored_var, mean, var, eps)
+    kl = 0.5 * (torch.expm1(r) - r + d.square())
+    return d, r, kl
+
+
+def shift_and_ratio(stored_mean: torch.Tensor, stored_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel ``(d, r)`` of :func:`drift_metrics`, without the KL (what a recalibration report needs)."""
     s_var = stored_var.detach().double() + eps
     m_var = var.detach().double() + eps
     d = (mean.detach().double() - stored_mean.detach().double()) / s_var.sqrt()
-    r = (m_var / s_var).log()
-    kl = 0.5 * (torch.expm1(r) - r + d.square())
-    return d, r, kl
+    return d, (m_var / s_var).log()
 
 
 @dataclass(frozen=True)

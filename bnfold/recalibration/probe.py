@@ -86,9 +86,23 @@ class _Recorder:
 
     def __init__(self, layers: list[BatchNormLayer]) -> None:
         self.layers = layers
+        self._fuse: dict[BatchNormLayer, bool] = {}
         self.plan = Pass(default="stored", record=set())
         self._calls: dict[BatchNormLayer, int] = {}
         self._order = 0
+
+    @property
+    def plan(self) -> Pass:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: Pass) -> None:
+        """Set the pass; the layers it normalizes with batch statistics are found once here (with whether each is
+        recorded), not at every call: a BatchNorm call of a small model costs a few µs."""
+        self._plan = plan
+        batch = [layer for layer in self.layers if plan.use.get(layer, plan.default) == "batch"]
+        self._fuse = {layer: layer in plan.record for layer in batch} \
+            if batch and native.native_ops() is not None else {}
 
     def begin_forward(self) -> None:
         self._calls = {}
@@ -156,12 +170,12 @@ class _Recorder:
     def _fused(self, layer: BatchNormLayer, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor | None:
         """Normalized and measured in one native call when the layer uses batch statistics, else ``None``."""
-        plan = self.plan
-        if plan.use.get(layer, plan.default) != "batch" or not _fusable(layer, x):
+        record = self._fuse.get(layer)  # None: not batch statistics in this pass, or no native kernels
+        if record is None or not _fusable(layer, x):
             return None
         calls = self._count(layer)
-        y = layer.normalize(x, weight, bias, record=layer in plan.record)
-        if plan.stop_after == (layer, calls):
+        y = layer.normalize(x, weight, bias, record=record)
+        if self._plan.stop_after is not None and self._plan.stop_after == (layer, calls):
             raise _StopForward
         return y
 
@@ -177,8 +191,9 @@ def _is_stock(module: nn.Module | None) -> bool:
 
 
 def _fusable(layer: BatchNormLayer, x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dim() >= 2 and x.shape[1] == layer.channels and \
-        x.numel() >= 2 * layer.channels and native.native_ops() is not None
+    """Whether the native kernel takes ``x`` (a CPU tensor of ≥ 2 values per channel); the pass checked that the
+    kernels are built."""
+    return x.is_cpu and x.dim() >= 2 and x.shape[1] == layer.channels and x.numel() >= 2 * layer.channels
 
 
 def _probed_graph_module(gm: torch.fx.GraphModule, layers: list[BatchNormLayer], replaced: set[BatchNormLayer],
@@ -284,20 +299,23 @@ class Runner:
         whatever wrote them (a model may run a BatchNorm in training mode itself)."""
         recorder, forward = self._recorder, self._forward
         recorder.plan = plan
+        shown = not getattr(bar, "disable", False)
+        stop = contextlib.suppress(_StopForward)  # made once: it is reusable
         batches = samples = 0
         try:
             for call, size in calls:
                 args, kwargs = call
                 recorder.begin_forward()
-                with contextlib.suppress(_StopForward):
+                with stop:
                     forward(*args, **kwargs)
                 recorder.end_forward()
                 if keep is not None:
                     keep.append((call, size))
                 batches += 1
                 samples += size
-                bar.update(1)
-                bar.set_postfix(samples=samples, refresh=False)
+                if shown:
+                    bar.update(1)
+                    bar.set_postfix(samples=samples, refresh=False)
         finally:
             restore_stats(self._layers)
         return batches, samples

@@ -203,4 +203,4 @@ def batch_norm_measured(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
 
 def _native_for(x: torch.Tensor, shift: torch.Tensor) -> Any | None:
-    return native_ops() if x.device.type == "cpu" and shift.device.type == "cpu" else None
+    return native_ops() if x.is_cpu and shift.is_cpu else None
