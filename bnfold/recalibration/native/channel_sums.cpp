@@ -46,6 +46,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,9 +74,13 @@ typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 template <typename T>
 inline Vec shifted(const T* __restrict__ p, Vec k) {
   if constexpr (std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+    return (Vec)_mm512_cvtps_pd(_mm256_loadu_ps(p)) - k;  // GCC converts a VecF in two halves, 5 instructions
+#else
     VecF f;
     std::memcpy(&f, p, sizeof(f));
     return __builtin_convertvector(f, Vec) - k;
+#endif
   } else if constexpr (std::is_same_v<T, double>) {
     Vec d;
     std::memcpy(&d, p, sizeof(d));
