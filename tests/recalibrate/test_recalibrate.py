@@ -236,16 +236,20 @@ def test_native_results_do_not_depend_on_the_number_of_threads() -> None:
     """Every channel's sums are added in an order fixed by the shape alone: 1 and 2 intra-op threads give the
     same bits, in each of the paths the kernels take — with 2 threads the blocked path reads by chunks of samples
     (one thread per half) when there are at least 2 chunks, by channel blocks otherwise; with 1 thread always by
-    channel blocks. The sums are also checked against the float64 reference."""
+    channel blocks; rows of every length modulo the vector lanes, the last row's tail read without reading past
+    the tensor. The sums are also checked against the float64 reference."""
     from bnfold.recalibration.native import channel_sums_reference
 
     ops = _require_native()
     shapes = [((4, 8, 128, 128), torch.float32),  # row by row
-              ((16, 96, 28, 28), torch.float32),  # blocks, long rows: 8 chunks of 2 samples
-              ((33, 40, 7, 7), torch.float32),  # blocks, short rows: 5 chunks of 8 samples, the last of 1
-              ((256, 32, 8, 8), torch.float32),  # DigitsNet's second layer: 8 chunks of 32 samples
-              ((67, 64, 4, 4), torch.float64),  # 5 chunks of 16 samples, the last of 3
-              ((2, 64, 8, 8), torch.float32),  # one chunk: channel blocks with 2 threads too
+              ((16, 96, 28, 28), torch.float32),  # blocks, long rows: 4 chunks of 4 samples
+              ((33, 40, 7, 7), torch.float32),  # blocks, short rows: 4 chunks of 9 samples, the last of 6
+              ((16, 576, 7, 7), torch.float32),  # mobilenet_v3_small's last layer: 4 chunks of 4 samples
+              ((256, 32, 8, 8), torch.float32),  # DigitsNet's second layer: 4 chunks of 64 samples
+              ((67, 64, 4, 4), torch.float64),  # 4 chunks of 17 samples, the last of 16
+              ((5, 24, 61), torch.float32),  # rows of 32 + 3 · 8 + 5 values: every set of lanes; 2 chunks
+              ((9, 8, 3), torch.float16),  # rows shorter than one vector; one chunk
+              ((2, 16, 8, 8), torch.float32),  # one chunk: channel blocks with 2 threads too
               ((64, 300), torch.float32)]  # rows of C values
     results = []
     for threads in (1, 2):

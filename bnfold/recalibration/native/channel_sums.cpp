@@ -22,19 +22,20 @@
 //       (y, the same "how far" as channel_moments_). Needs m ≥ 2.
 //
 // Every value is converted to float64 before it is shifted, squared and added: the sums carry float64 rounding
-// only (~1e-16 per addition; at most 34 partial sums, or L for rows of L < 128 values, per channel and chunk of
-// samples, and at most 8 chunks), no float32 accumulation anywhere. Work is split with at::parallel_for (torch's
-// intra-op threads; built with OpenMP against torch's runtime). (N, C, L) inputs whose channels are too large for a
-// block of several of them to stay in cache (long rows, over kBlockBytes/4 per channel) are summed row by row in
-// memory order and normalized in a second pass, both split over threads as torch splits its own kernels (each
-// thread reads what was just written next to it). Every other (N, C, L) input is summed per chunk of samples
-// (at most 8 chunks, set by the shape): with several threads each thread sums and then normalizes a contiguous
-// range of samples, as torch splits its kernels, so the next op finds its share in its own core's cache; with one
-// thread (or fewer chunks than threads) in blocks of channels, each block normalized right after it is summed,
-// while it is in cache. Short rows (L < 128) are summed down the samples, one partial sum per position in the row
-// (vectorized across the row, no per-row reduction), long rows into 34 lanes.
+// only (~1e-16 per addition; every channel's rows of one chunk of samples go into 32 lanes, added up in a fixed
+// tree, and at most 4 chunks are added in order), no float32 accumulation anywhere. Work is split with OpenMP
+// (torch's intra-op threads: at::parallel_for, or one parallel region with barriers; built with OpenMP against
+// torch's runtime). (N, C, L) inputs whose channels are too large for a block of several of them to stay in
+// cache (long rows, over kBlockBytes/4 per channel) are summed row by row in memory order and normalized in a
+// second pass, both split over threads as torch splits its own kernels (each thread reads what was just written
+// next to it). Every other (N, C, L) input is summed per chunk of samples (at most 4 chunks, set by the shape):
+// with several threads each thread sums and then normalizes a contiguous range of samples, as torch splits its
+// kernels, so the next op finds its share in its own core's cache; with one thread (or fewer chunks than
+// threads) in blocks of channels, each block normalized right after it is summed, while it is in cache. Rows
+// are read in vectors of 8 float64 values into 4 independent sets of lanes kept in registers across the rows of
+// a chunk, so neither short rows nor long ones pay a reduction per row.
 // Every channel's additions happen in an order fixed by the shape alone: the bits do not depend on the number
-// of threads.
+// of threads. Needs GCC or Clang (vector extensions); elsewhere the build fails and the torch fallback is used.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -45,191 +46,172 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <omp.h>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kLanes = 16;               // (N, C, L): partial sums per row or channel, added up at the end
 constexpr int64_t kChannelBlock = 64;        // rows of C values (channels-last, (N, C)): channels one task sums
 constexpr int64_t kBlockBytes = 384 * 1024;  // (N, C, L): values summed and normalized while in cache
+constexpr int64_t kLanes = 8;                // (N, C, L): partial sums per set (one vector of float64)
+constexpr int64_t kLanesMin = 128;           // (N, C, L): rows of at least this many values are "long"
 
-// Adds one row (L values of one channel) to that channel's partial sums: kLanes of them (two sets on long rows,
-// so that consecutive additions do not wait on each other), plus two for the last L mod kLanes values. The
-// partial sums live in memory between rows and in registers within one.
+// One vector of kLanes float64 values (GCC/Clang vector extension: a register with AVX-512, two or four
+// without), and x[j .. j + 8) − k in it; `rest` < 8 reads only the first `rest` values and sets the others to 0.
+typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
+typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+
 template <typename T>
-inline void add_row(const T* row, int64_t l, double k, double* acc) {
-  double s0[kLanes], q0[kLanes], s1[kLanes] = {}, q1[kLanes] = {};
-  std::copy(acc, acc + kLanes, s0);
-  std::copy(acc + kLanes, acc + 2 * kLanes, q0);
-  int64_t j = 0;
-  if (l >= 8 * kLanes) {
-    for (; j + 2 * kLanes <= l; j += 2 * kLanes) {
-#pragma omp simd
-      for (int64_t v = 0; v < kLanes; ++v) {
-        const double d0 = static_cast<double>(row[j + v]) - k;
-        const double d1 = static_cast<double>(row[j + kLanes + v]) - k;
-        s0[v] += d0;
-        q0[v] += d0 * d0;
-        s1[v] += d1;
-        q1[v] += d1 * d1;
-      }
-    }
-  }
-  for (; j + kLanes <= l; j += kLanes) {
-#pragma omp simd
+inline Vec shifted(const T* __restrict__ p, Vec k) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+    return (Vec)_mm512_cvtps_pd(_mm256_loadu_ps(p)) - k;  // GCC converts a VecF in two halves, 5 instructions
+#else
+    VecF f;
+    std::memcpy(&f, p, sizeof(f));
+    return __builtin_convertvector(f, Vec) - k;
+#endif
+  } else if constexpr (std::is_same_v<T, double>) {
+    Vec d;
+    std::memcpy(&d, p, sizeof(d));
+    return d - k;
+  } else {
+    Vec d;
     for (int64_t v = 0; v < kLanes; ++v) {
-      const double d = static_cast<double>(row[j + v]) - k;
-      s0[v] += d;
-      q0[v] += d * d;
+      d[v] = static_cast<double>(p[v]);
+    }
+    return d - k;
+  }
+}
+
+// The first `rest` (< 8) values of p − k, exact zeros after them. Reads p[0 .. 8) when that is before `limit`
+// (the end of the tensor), and masks out the values after `rest`.
+template <typename T>
+inline Vec shifted_part(const T* __restrict__ p, int64_t rest, Vec k, const T* limit) {
+  if (p + kLanes <= limit) {
+    const Vec d = shifted(p, k);
+    const Vec index = {0, 1, 2, 3, 4, 5, 6, 7};
+    return index < static_cast<double>(rest) ? d : Vec{};
+  }
+  Vec d = k;
+  for (int64_t v = 0; v < rest; ++v) {
+    d[v] = static_cast<double>(p[v]);
+  }
+  return d - k;
+}
+
+// The 8 lanes of s and of q added up, each as ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)): under AVX-512 both
+// at once, three vector additions (a scalar tree costs ~15 instructions per sum, once per channel and chunk).
+inline void lane_sums(Vec s, Vec q, double* out_s, double* out_q) {
+#if defined(__AVX512F__)
+  const __m512d a = (__m512d)s, b = (__m512d)q;
+  const __m512d u = _mm512_add_pd(_mm512_shuffle_f64x2(a, b, 0x44), _mm512_shuffle_f64x2(a, b, 0xEE));
+  const __m512d v = _mm512_add_pd(u, _mm512_shuffle_f64x2(u, u, 0xB1));
+  const Vec w = (Vec)_mm512_add_pd(v, _mm512_permute_pd(v, 0x55));
+  *out_s = w[0];
+  *out_q = w[4];
+#else
+  *out_s = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+  *out_q = ((q[0] + q[4]) + (q[2] + q[6])) + ((q[1] + q[5]) + (q[3] + q[7]));
+#endif
+}
+
+// Sums of `rows` rows of l values (row r at x + r·stride, all of one channel) shifted by k: S = Σ d, Q = Σ d²,
+// d = x − k in float64. Position j of every row is added to lane j mod 8 of set ⌊j/8⌋ mod 4, except that after
+// the last whole 32 positions the remaining whole vectors go to sets 0, 1, 2 and the last l mod 8 positions to
+// set 3 (padded with exact zeros): four independent chains of vector additions, no per-row reduction, partial
+// sums kept in registers across rows. The sets are added ((0 + 1) + (2 + 3)) and their 8 lanes in a fixed tree
+// (lane_sums). The order depends on l and `rows` only.
+template <typename T>
+inline void add_rows(const T* __restrict__ x, int64_t stride, int64_t rows, int64_t l, double shift, const T* limit,
+                     double* out_s, double* out_q) {
+  const Vec k = Vec{} + shift;
+  Vec s0 = {}, s1 = {}, s2 = {}, s3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ row = x + r * stride;
+    int64_t j = 0;
+    for (; j + 4 * kLanes <= l; j += 4 * kLanes) {
+      const Vec d0 = shifted(row + j, k), d1 = shifted(row + j + kLanes, k);
+      const Vec d2 = shifted(row + j + 2 * kLanes, k), d3 = shifted(row + j + 3 * kLanes, k);
+      s0 += d0;
+      q0 += d0 * d0;
+      s1 += d1;
+      q1 += d1 * d1;
+      s2 += d2;
+      q2 += d2 * d2;
+      s3 += d3;
+      q3 += d3 * d3;
+    }
+    if (j + kLanes <= l) {
+      const Vec d = shifted(row + j, k);
+      s0 += d;
+      q0 += d * d;
+      j += kLanes;
+    }
+    if (j + kLanes <= l) {
+      const Vec d = shifted(row + j, k);
+      s1 += d;
+      q1 += d * d;
+      j += kLanes;
+    }
+    if (j + kLanes <= l) {
+      const Vec d = shifted(row + j, k);
+      s2 += d;
+      q2 += d * d;
+      j += kLanes;
+    }
+    if (j < l) {
+      const Vec d = shifted_part(row + j, l - j, k, limit);
+      s3 += d;
+      q3 += d * d;
     }
   }
-  double t = acc[2 * kLanes], t_sq = acc[2 * kLanes + 1];
-  for (; j < l; ++j) {
-    const double d = static_cast<double>(row[j]) - k;
-    t += d;
-    t_sq += d * d;
-  }
-#pragma omp simd
-  for (int64_t v = 0; v < kLanes; ++v) {
-    acc[v] = s0[v] + s1[v];
-    acc[kLanes + v] = q0[v] + q1[v];
-  }
-  acc[2 * kLanes] = t;
-  acc[2 * kLanes + 1] = t_sq;
-}
-
-constexpr int64_t kAcc = 2 * kLanes + 2;  // partial sums per channel
-
-// (N, C, L) contiguous: partial sums of short rows (L < kLanesMin), kSampleGroup samples at a time (chunk_sums).
-constexpr int64_t kSampleGroup = 4;
-constexpr int64_t kColumnBytes = 64 * 1024;
-constexpr int64_t kLanesMin = 128;
-
-template <typename T>
-inline void add_columns(const T* __restrict__ r0, int64_t stride, int64_t l, double k, double* __restrict__ s,
-                        double* __restrict__ q) {
-  const T* __restrict__ r1 = r0 + stride;
-  const T* __restrict__ r2 = r1 + stride;
-  const T* __restrict__ r3 = r2 + stride;
-#pragma omp simd
-  for (int64_t j = 0; j < l; ++j) {
-    const double d0 = static_cast<double>(r0[j]) - k;
-    const double d1 = static_cast<double>(r1[j]) - k;
-    const double d2 = static_cast<double>(r2[j]) - k;
-    const double d3 = static_cast<double>(r3[j]) - k;
-    s[j] += (d0 + d1) + (d2 + d3);
-    q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-  }
-}
-
-template <typename T>
-inline void add_column(const T* __restrict__ r0, int64_t l, double k, double* __restrict__ s,
-                       double* __restrict__ q) {
-#pragma omp simd
-  for (int64_t j = 0; j < l; ++j) {
-    const double d = static_cast<double>(r0[j]) - k;
-    s[j] += d;
-    q[j] += d * d;
-  }
-}
-
-// A fixed-order sum of m values: 8 lanes (lane v adds values v, v + 8, … in order), then a fixed tree. Vectorized,
-// so that adding up a chunk's L column partials costs L/8 additions in flight instead of L in a chain.
-inline double reduce(const double* __restrict__ a, int64_t m) {
-  double lane[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= m; j += 8) {
-#pragma omp simd
-    for (int64_t v = 0; v < 8; ++v) {
-      lane[v] += a[j + v];
-    }
-  }
-  for (int64_t v = 0; j + v < m; ++v) {
-    lane[v] += a[j + v];
-  }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  lane_sums((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3), out_s, out_q);
 }
 
 // (N, C, L) contiguous, blocked path: the samples are cut into chunks of `chunk_samples` samples — a number set by
-// the shape alone: at most kChunks chunks, each of at least kChunkMinBytes (rounded up to whole sample groups).
-// Every channel's sums are summed per chunk (chunk_sums) and the chunks' sums added in chunk order (combine):
-// the same additions in the same order whichever thread does them, so the bits do not depend on the number of
-// threads, nor on which of the two orders below reads the tensor.
-constexpr int64_t kChunks = 8;
+// the shape alone: at most kChunks chunks, each of at least kChunkMinBytes. Every channel's rows are summed per
+// chunk (add_rows) and the chunks' sums added in chunk order (combine): the same additions in the same order
+// whichever thread does them, so the bits do not depend on the number of threads, nor on which of the two
+// orders below reads the tensor.
+constexpr int64_t kChunks = 4;
 constexpr int64_t kChunkMinBytes = 16 * 1024;
 
 inline int64_t chunk_samples(int64_t n, int64_t sample_bytes) {
-  int64_t k = std::max((n + kChunks - 1) / kChunks, (kChunkMinBytes + sample_bytes - 1) / std::max<int64_t>(1, sample_bytes));
-  if (k > kSampleGroup) {
-    k = (k + kSampleGroup - 1) / kSampleGroup * kSampleGroup;
-  }
+  const int64_t k = std::max((n + kChunks - 1) / kChunks,
+                             (kChunkMinBytes + sample_bytes - 1) / std::max<int64_t>(1, sample_bytes));
   return std::clamp<int64_t>(k, 1, std::max<int64_t>(1, n));
 }
 
-// Sums of channels [lo, hi) over samples [i0, i1) into s[ch] and q[ch]. Short rows (L < kLanesMin): L partial sums
-// of each kind per channel, one per position in the row ("columns"): position j of every sample goes to partial
-// j, kSampleGroup samples at a time (their values added up first, in a fixed tree), so the loop over a row is
-// vectorized across its positions and needs no per-row reduction or reload of lanes; the L partials are added
-// up once per chunk (reduce). Long rows: add_row's lanes. `acc` holds (hi − lo) channels' partials.
+// Sums of channels [lo, hi) over samples [i0, i1) into s[ch] and q[ch].
 template <typename T>
-void chunk_sums(const T* x, const double* shift, int64_t c, int64_t l, int64_t lo, int64_t hi, int64_t i0,
-                int64_t i1, double* acc, double* s, double* q) {
-  const int64_t stride = c * l;
-  if (l < kLanesMin) {
-    const int64_t w = 2 * l;
-    std::fill(acc, acc + (hi - lo) * w, 0.0);
-    int64_t i = i0;
-    for (; i + kSampleGroup <= i1; i += kSampleGroup) {
-      for (int64_t ch = lo; ch < hi; ++ch) {
-        double* cs = acc + (ch - lo) * w;
-        add_columns(x + i * stride + ch * l, stride, l, shift[ch], cs, cs + l);
-      }
-    }
-    for (; i < i1; ++i) {
-      for (int64_t ch = lo; ch < hi; ++ch) {
-        double* cs = acc + (ch - lo) * w;
-        add_column(x + i * stride + ch * l, l, shift[ch], cs, cs + l);
-      }
-    }
-    for (int64_t ch = lo; ch < hi; ++ch) {
-      const double* cs = acc + (ch - lo) * w;
-      s[ch] = reduce(cs, l);
-      q[ch] = reduce(cs + l, l);
-    }
-    return;
-  }
-  std::fill(acc, acc + (hi - lo) * kAcc, 0.0);
-  for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t ch = lo; ch < hi; ++ch) {
-      add_row(x + i * stride + ch * l, l, shift[ch], acc + (ch - lo) * kAcc);
-    }
-  }
+void chunk_sums(const T* x, const double* shift, int64_t n, int64_t c, int64_t l, int64_t lo, int64_t hi, int64_t i0,
+                int64_t i1, double* s, double* q) {
   for (int64_t ch = lo; ch < hi; ++ch) {
-    const double* a = acc + (ch - lo) * kAcc;
-    double total = a[2 * kLanes], total_sq = a[2 * kLanes + 1];
-    for (int64_t v = 0; v < kLanes; ++v) {
-      total += a[v];
-      total_sq += a[kLanes + v];
-    }
-    s[ch] = total;
-    q[ch] = total_sq;
+    add_rows(x + (i0 * c + ch) * l, c * l, i1 - i0, l, shift[ch], x + n * c * l, s + ch, q + ch);
   }
 }
 
 // Two orders, the same sums (chunk_samples):
-// * by samples, with more than one thread and at least as many chunks as threads: each thread sums a contiguous
-//   range of chunks (all channels), as torch splits its own kernels — so each thread reads what its share of the
-//   producer just wrote, and the op after the BatchNorm (ReLU, conv), split the same way, finds its share of the
-//   output in its own core's cache; then the chunks are added (one thread), `done(0, C)`, and each thread
-//   normalizes its own samples: `apply(0, C, i0, i1)`.
-// * by channels, otherwise: blocks of channels whose values fill about kBlockBytes (at most kColumnBytes of
-//   partial sums), each read sample by sample, chunk by chunk; `done(lo, hi)` and `apply(lo, hi, 0, N)` run right
-//   after the block is summed, while its values are still in cache.
+// * by samples, with more than one thread and at least as many chunks as threads, in one parallel region: each
+//   thread sums a contiguous range of chunks (all channels), as torch splits its own kernels — so each thread
+//   reads what its share of the producer just wrote, and the op after the BatchNorm (ReLU, conv), split the same
+//   way, finds its share of the output in its own core's cache; after a barrier each thread adds up the chunks
+//   of a range of channels, `done(lo, hi)`, and after another each normalizes its own samples:
+//   `apply(0, C, i0, i1)`.
+// * by channels, otherwise: blocks of channels whose values fill about kBlockBytes, each read channel by
+//   channel, chunk by chunk; `done(lo, hi)` and `apply(lo, hi, 0, N)` run right after the block is summed, while
+//   its values are still in cache.
 template <typename T, typename Done, typename Apply>
 void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int64_t n, int64_t c, int64_t l,
                       Done done, Apply apply) {
@@ -238,8 +220,6 @@ void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<double> part_(chunks * 2 * c);
   double* part = part_.data();  // chunk k: C sums, then C sums of squares
-  const int64_t acc_width = l < kLanesMin ? 2 * l : kAcc;
-  const int64_t most = std::max<int64_t>(1, kColumnBytes / (acc_width * static_cast<int64_t>(sizeof(double))));
   auto combine = [=](int64_t lo, int64_t hi) {
     std::copy(part + lo, part + hi, s + lo);
     std::copy(part + c + lo, part + c + hi, q + lo);
@@ -254,36 +234,40 @@ void sums_ncl_blocked(const T* x, const double* shift, double* s, double* q, int
   };
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && chunks >= threads) {
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> acc(std::min(most, c) * acc_width);
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t i0 = k * chunk, i1 = std::min(n, i0 + chunk);
-        for (int64_t lo = 0; lo < c; lo += most) {
-          chunk_sums(x, shift, c, l, lo, std::min(c, lo + most), i0, i1, acc.data(), part + k * 2 * c,
-                     part + k * 2 * c + c);
-        }
+    at::internal::lazy_init_num_threads();
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t per = (chunks + team - 1) / team, k0 = std::min(chunks, t * per);
+      const int64_t k1 = std::min(chunks, k0 + per);
+      for (int64_t k = k0; k < k1; ++k) {
+        chunk_sums(x, shift, n, c, l, 0, c, k * chunk, std::min(n, (k + 1) * chunk), part + k * 2 * c,
+                   part + k * 2 * c + c);
       }
-    });
-    combine(0, c);
-    done(0, c);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      apply(0, c, begin * chunk, std::min(n, end * chunk));
-    });
+#pragma omp barrier
+      const int64_t width = (c + team - 1) / team, lo = std::min(c, t * width), hi = std::min(c, lo + width);
+      if (lo < hi) {
+        combine(lo, hi);
+        done(lo, hi);
+      }
+#pragma omp barrier
+      if (k0 < k1) {
+        apply(0, c, k0 * chunk, std::min(n, k1 * chunk));
+      }
+    }
     return;
   }
-  int64_t width = std::min(kBlockBytes / std::max<int64_t>(1, n * l * item), most);
+  int64_t width = std::min<int64_t>(kBlockBytes / std::max<int64_t>(1, n * l * item), c);
   if (threads > 1) {  // at least 4 blocks a thread, so that threads finish together
     width = std::min(width, (c + 4 * threads - 1) / (4 * threads));
   }
   width = std::clamp<int64_t>(width, 1, c);
   const int64_t blocks = (c + width - 1) / width;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc(width * acc_width);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = b * width, hi = std::min(c, lo + width);
       for (int64_t k = 0; k < chunks; ++k) {
-        const int64_t i0 = k * chunk;
-        chunk_sums(x, shift, c, l, lo, hi, i0, std::min(n, i0 + chunk), acc.data(), part + k * 2 * c,
+        chunk_sums(x, shift, n, c, l, lo, hi, k * chunk, std::min(n, (k + 1) * chunk), part + k * 2 * c,
                    part + k * 2 * c + c);
       }
       combine(lo, hi);
@@ -304,15 +288,7 @@ void sums_ncl_rowwise(const T* x, const double* shift, double* s, double* q, int
   double* rs = row_sums.data();
   at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / l), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      double acc[kAcc] = {};
-      add_row(x + r * l, l, shift[r % c], acc);
-      double total = acc[2 * kLanes], total_sq = acc[2 * kLanes + 1];
-      for (int64_t v = 0; v < kLanes; ++v) {
-        total += acc[v];
-        total_sq += acc[kLanes + v];
-      }
-      rs[2 * r] = total;
-      rs[2 * r + 1] = total_sq;
+      add_rows(x + r * l, l, 1, l, shift[r % c], x + n * c * l, rs + 2 * r, rs + 2 * r + 1);
     }
   });
   for (int64_t ch = 0; ch < c; ++ch) {
