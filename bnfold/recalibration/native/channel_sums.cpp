@@ -98,7 +98,7 @@ inline Vec shifted(const T* __restrict__ p, Vec k) {
 // (the end of the tensor), and masks out the values after `rest`.
 template <typename T>
 inline Vec shifted_part(const T* __restrict__ p, int64_t rest, Vec k, const T* limit) {
-  if (p + kLanes <= limit) {
+  if (limit - p >= kLanes) {  // not p + kLanes <= limit: that pointer may lie past the end
     const Vec d = shifted(p, k);
     const Vec index = {0, 1, 2, 3, 4, 5, 6, 7};
     return index < static_cast<double>(rest) ? d : Vec{};
