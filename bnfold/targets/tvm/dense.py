@@ -45,6 +45,7 @@ import tvm
 from tvm import relax, s_tir
 from tvm import tirx as tir
 
+from bnfold.targets.tvm.tir_queries import is_einsum as _is_einsum
 from bnfold.targets.tvm.tir_queries import is_reduction as _is_reduction
 from bnfold.targets.tvm.tir_queries import loop_extent as _ext
 
@@ -82,12 +83,8 @@ def matmul_axes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> MatmulAx
     red = [n for n, kd in zip(iters, kinds, strict=True) if kd == tir.IterVar.CommReduce]
     if len(red) != 1 or any(kd not in (tir.IterVar.DataPar, tir.IterVar.CommReduce) for kd in kinds):
         return None
-    for r in [*blk.reads, *blk.writes]:
-        for rg in r.region:
-            if not (isinstance(rg.extent, tir.IntImm) and int(rg.extent) == 1):
-                return None
-            if not (isinstance(rg.min, tir.IntImm) or (isinstance(rg.min, tir.Var) and rg.min.name in iters)):
-                return None
+    if not _is_einsum(sch, block):
+        return None
     out = blk.writes[0]
     out_axes = [str(rg.min.name) if isinstance(rg.min, tir.Var) else None for rg in out.region]
     j_name = out_axes[-1]

@@ -47,6 +47,7 @@ from tvm.s_tir import meta_schedule as ms
 from bnfold.targets.tvm.attention import ROW_PARTIALS, schedule_safe_softmax
 from bnfold.targets.tvm.channel_norm import schedule_channel_norm
 from bnfold.targets.tvm.dense import matmul_axes, tile_matmul
+from bnfold.targets.tvm.tir_queries import is_einsum as _is_einsum
 from bnfold.targets.tvm.tir_queries import is_reduction as _is_reduction
 from bnfold.targets.tvm.tir_queries import loop_extent as _ext
 from bnfold.targets.tvm.winograd import UNROLL
@@ -288,20 +289,6 @@ def _work(sch: s_tir.Schedule, loops: Sequence[s_tir.schedule.LoopRV]) -> int:
     for lp in loops:
         n *= _ext_or_big(sch, lp)
     return n
-
-
-def _is_einsum(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
-    """Every access of ``block`` is a point indexed by plain iter vars or constants (``C[i, j] += A[i, k] ·
-    B[k, j]``: a matmul, not a conv's ``x[y·s + i]``): what ``pad_einsum`` accepts."""
-    blk = sch.get(block)
-    iters = {iv.var.name for iv in blk.iter_vars}
-    for r in [*blk.reads, *blk.writes]:
-        for rg in r.region:
-            if not (isinstance(rg.extent, tir.IntImm) and int(rg.extent) == 1):
-                return False
-            if not (isinstance(rg.min, tir.IntImm) or (isinstance(rg.min, tir.Var) and rg.min.name in iters)):
-                return False
-    return True
 
 
 def _data_param(sch: s_tir.Schedule) -> tir.Var:
