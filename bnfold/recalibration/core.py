@@ -273,8 +273,9 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
     if done:
         mean = torch.cat([layer.new_mean for layer in done])  # type: ignore[misc]
         var = torch.cat([layer.new_var for layer in done])  # type: ignore[misc]
-        if not bool((torch.isfinite(mean) & torch.isfinite(var)).all()):  # one check; which layer: only if needed
-            finite = (torch.isfinite(mean) & torch.isfinite(var)).tolist()
+        finite_t = torch.isfinite(mean) & torch.isfinite(var)
+        if not bool(finite_t.all()):  # one check; which layer: only if needed
+            finite = finite_t.tolist()
             at = 0
             for layer in done:
                 if not all(finite[at:at + layer.channels]):
