@@ -50,6 +50,7 @@ from bnfold.recalibration.stats import (
     BatchNormLayer,
     agree_on_order,
     all_reduce_layers,
+    as_vector,
     finalize_all,
     find_layers,
     restore_stats,
@@ -171,14 +172,15 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
     if isinstance(model, torch.export.ExportedProgram):
         raise InputError("recalibrate needs a module, not an ExportedProgram",
                          hint="pass ep.module() and re-export it afterwards")
-    layers = find_layers(model)
+    named = list(model.named_modules())  # one walk for find_layers and eval_mode
+    layers = find_layers(model, named)
     if not layers:
         raise InputError(f"{type(model).__name__} has no BatchNorm layer with running statistics",
                          hint="recalibration updates running_mean/running_var; models without them have none")
     batches = Batches(batches, positional_arity(model))
     start = time.perf_counter()
     try:
-        with eval_mode(model), torch.no_grad(), Runner(model, layers) as runner:
+        with eval_mode(model, (m for _, m in named)), torch.no_grad(), Runner(model, layers) as runner:
             measure = _measure_batch if mode == "batch" else _measure_sequential
             passes, n_batches, n_samples = measure(runner, layers, batches, num_batches, num_samples, progress)
         entries = _commit(layers)
@@ -287,8 +289,8 @@ def _commit(layers: list[BatchNormLayer]) -> list[LayerRecalibration]:
         epsilons = {layer.eps for layer in done}
         eps: float | torch.Tensor = next(iter(epsilons)) if len(epsilons) == 1 else \
             torch.repeat_interleave(torch.tensor([layer.eps for layer in done], dtype=torch.float64), counts)
-        d, r = shift_and_ratio(torch.cat([layer.stored_mean.reshape(-1) for layer in done]),
-                           torch.cat([layer.stored_var.reshape(-1) for layer in done]), mean, var, eps)
+        d, r = shift_and_ratio(torch.cat([as_vector(layer.stored_mean) for layer in done]),
+                           torch.cat([as_vector(layer.stored_var) for layer in done]), mean, var, eps)
         squares = torch.segment_reduce(torch.stack((d, r), 1).square_(), "sum", lengths=counts)  # (layers, 2)
         rms = squares.div_(counts.unsqueeze(1)).sqrt_().tolist()
         summaries = {layer: (rms[i][0], rms[i][1]) for i, layer in enumerate(done)}

@@ -170,7 +170,8 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, num_batches: int | Non
     stored statistics. The model is not changed. Under ``torch.distributed`` the measurement covers all ranks."""
     if not (threshold > 0 and math.isfinite(threshold)):
         raise InputError(f"threshold must be a positive number, got {threshold!r}")
-    layers = find_layers(model)
+    named = list(model.named_modules())  # one walk for find_layers and eval_mode
+    layers = find_layers(model, named)
     if not layers:
         raise InputError(f"{type(model).__name__} has no BatchNorm layer with running statistics",
                          hint="diagnose needs BatchNorm layers that track running statistics")
@@ -178,7 +179,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, num_batches: int | Non
     start = time.perf_counter()
     bar = progress_bar(progress, total=batch_count(batches, num_batches), desc="diagnose")
     try:
-        with eval_mode(model), torch.no_grad(), Runner(model, layers) as runner:
+        with eval_mode(model, (m for _, m in named)), torch.no_grad(), Runner(model, layers) as runner:
             calls = limited_calls(batches, num_batches=num_batches, num_samples=num_samples)
             n_batches, n_samples = runner.run(Pass(default="stored", record=set(layers)), calls, bar)
     finally:

@@ -416,14 +416,14 @@ class _HiddenBar:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode (dropout off, BN reading its statistics) for the block; flags restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    changed = [(m, training) for m, training in flags if training]
-    for m, _ in changed:  # not model.train(False): torch.export's unlifted module refuses it
+def eval_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Every module in eval mode (dropout off, BN reading its statistics) for the block; flags restored after.
+    ``modules``: all of ``model.modules()``, if the caller has them already."""
+    changed = [m for m in (model.modules() if modules is None else modules) if m.training]
+    for m in changed:  # not model.train(False): torch.export's unlifted module refuses it
         m.training = False
     try:
         yield
     finally:
-        for m, training in changed:
-            m.training = training
+        for m in changed:
+            m.training = True
