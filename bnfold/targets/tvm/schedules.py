@@ -264,8 +264,8 @@ def tile_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, p: Sched
         m_o, v_m = sch.split(loops[m_axis], [None, m])
         v_o, v_i = sch.split(loops[vec], [None, lanes])
         heads = [m_o, v_o]
-    outer = [loops[i] for i in spatial if i not in (vec, t_axis, m_axis)]
     rows = [i for i in spatial if i not in (vec, t_axis, m_axis)]
+    outer = [loops[i] for i in rows]
     first = [*heads, *outer] if _weights_outermost(sch, block, rows) else [*outer, *heads]
     red = _blocked_reduction_order(sch, block, red, p)
     if t_axis is not None:
@@ -309,13 +309,14 @@ def _weights_outermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, rows
     input instead, once per channel block. Chosen when the weights read are more bytes than the data read and no
     row axis (iter vars ``rows``) indexes them: a Winograd product's weights differ per transform point (its
     rows), so there is no panel to reuse."""
-    data, *others = sch.mod[sch.func_working_on].params
     blk = sch.get(block)
-    weights = [r for r in blk.reads if any(r.source.same_as(p) for p in others)]
+    free = _weights(sch)
+    weights = [r for r in blk.reads if _is_weight(r.source, free)]
     row_names = {blk.iter_vars[i].var.name for i in rows}
     if not weights or any(row_names & _loop_vars_used([rg.min for rg in r.region]) for r in weights):
         return False
-    return sum(_size(p) for p in others if any(r.source.same_as(p) for r in weights)) > _size(data)
+    read = [p for p in free if any(r.source.same_as(p) for r in weights)]  # each buffer once
+    return sum(_size(p) for p in read) > _size(_data_param(sch))
 
 
 def _work(sch: s_tir.Schedule, loops: Sequence[s_tir.schedule.LoopRV]) -> int:
