@@ -73,10 +73,9 @@ def _kernels(gm: torch.fx.GraphModule, x: torch.Tensor, p: ScheduleParams) -> di
     return out
 
 
-def _parallel_loop(script: str) -> str:
-    """The name of the kernel's (first) parallel loop: its fused axes, outermost first."""
-    line = next(ln for ln in script.splitlines() if "T.parallel(" in ln)
-    return line.split(" in T.parallel")[0].split("for ")[-1]
+def _parallel_loops(script: str) -> list[str]:
+    """The names of the kernel's parallel loops, in program order: each its fused axes, outermost first."""
+    return [ln.split(" in T.parallel")[0].split("for ")[-1] for ln in script.splitlines() if "T.parallel(" in ln]
 
 
 def test_weights_outermost_only_where_they_outweigh_the_input():
@@ -84,7 +83,8 @@ def test_weights_outermost_only_where_they_outweigh_the_input():
     x = torch.randn(1, 3, 56, 56)
     model = randomize_bn(PointwiseNet().eval())
     gm = bnfold.fold(model, (x,)).module
-    loops = {name: _parallel_loop(s) for name, s in _kernels(gm, x, AVX512).items() if name.startswith("fused_conv")}
+    loops = {name: _parallel_loops(s)[0] for name, s in _kernels(gm, x, AVX512).items()
+             if name.startswith("fused_conv")}
     # 96 → 640 on 7×7 (246 KB of weights, 19 KB of input) and 640 → 64: channel blocks first
     wide = [loop for loop in loops.values() if loop.startswith("oc_chunk")]
     # 16 → 96 on 56×56 (6 KB of weights, 200 KB of input): rows first
@@ -99,3 +99,17 @@ def test_pointwise_net_matches_folded_and_float64(mcpu, tmp_path):
     model = randomize_bn(PointwiseNet().eval())
     gm = bnfold.fold(model, (x,)).module
     compile_untuned_and_check(model, gm, x, mcpu, tmp_path / "cache")
+
+
+def test_winograd_product_keeps_its_transform_points_outermost():
+    """A Winograd product's weights differ per transform point (its rows): no panel to reuse across them, so
+    even where the transformed weights outweigh the input (128 → 128 on 14×14) the points stay outermost."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 128, 14, 14)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU()).eval())
+    gm = bnfold.fold(model, (x,)).module
+    scripts = [s for name, s in _kernels(gm, x, AVX512).items() if "winograd" in name]
+    assert len(scripts) == 1, "expected one Winograd kernel"
+    loops = _parallel_loops(scripts[0])
+    product = [loop for loop in loops if "nu" in loop]
+    assert product and all(loop.startswith("e_nu") for loop in product), loops
